@@ -1,0 +1,116 @@
+//! Command-line interface: argument parsing and human-readable output only; every computation
+//! is a library call. Exit codes: 0 ok, 1 runtime failure, 2 bad usage or bad input.
+
+mod eval;
+mod inspect;
+mod run;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use mudsc::runtime::{BackendKind, BackendOptions};
+
+#[derive(Parser)]
+#[command(
+    name = "mudsc",
+    version,
+    about = "Merge neural networks given as ONNX files, without training (MuDSC)",
+    long_about = None,
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Show a model's IR version, opsets, inputs/outputs, op histogram and parameter count.
+    #[command(
+        after_help = "Example:\n  mudsc inspect fixtures/models/mlp_a.onnx\n  mudsc inspect model.onnx --json"
+    )]
+    Inspect(inspect::InspectArgs),
+    /// Run a model on input data and print (or save) its outputs.
+    #[command(
+        after_help = "Example:\n  mudsc run fixtures/models/mlp_a.onnx --input fixtures/data/calib.npz --output out.npz\n  mudsc run model.onnx --input test_data_set_0 --backend ort"
+    )]
+    Run(run::RunArgs),
+    /// Top-1 accuracy of a classifier on labelled data; joint and per-task with --tasks.
+    #[command(
+        after_help = "Example:\n  mudsc eval fixtures/models/mlp_a.onnx --data fixtures/data/test.npz --tasks 0-4,5-9"
+    )]
+    Eval(eval::EvalArgs),
+}
+
+/// Backend selection shared by every command that runs a model.
+#[derive(Args, Clone, Debug)]
+pub struct BackendArgs {
+    /// Inference engine.
+    #[arg(long, value_enum, default_value_t = Backend::Tract)]
+    pub backend: Backend,
+    /// Path of libonnxruntime.so for --backend ort (default: $ORT_DYLIB_PATH, then the copy
+    /// fetched by scripts/fetch-onnxruntime.sh).
+    #[arg(long, value_name = "PATH")]
+    pub ort_lib: Option<PathBuf>,
+    /// Samples per inference batch.
+    #[arg(long, default_value_t = 256)]
+    pub batch: usize,
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+pub enum Backend {
+    /// Embedded pure-Rust engine.
+    Tract,
+    /// ONNX Runtime (needs the `ort` build feature and the shared library).
+    Ort,
+}
+
+impl BackendArgs {
+    pub fn kind(&self) -> BackendKind {
+        match self.backend {
+            Backend::Tract => BackendKind::Tract,
+            Backend::Ort => BackendKind::Ort,
+        }
+    }
+
+    pub fn options(&self) -> BackendOptions {
+        BackendOptions {
+            ort_library: self.ort_lib.clone(),
+            threads: 0,
+        }
+    }
+}
+
+pub fn main() -> ExitCode {
+    let cli = Cli::parse(); // usage errors exit with code 2
+    let result = match cli.command {
+        Command::Inspect(a) => inspect::run(a),
+        Command::Run(a) => run::run(a),
+        Command::Eval(a) => eval::run(a),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            exit_code(&e)
+        }
+    }
+}
+
+/// 2 when the input was at fault, 1 when the work itself failed.
+fn exit_code(e: &anyhow::Error) -> ExitCode {
+    match e.downcast_ref::<mudsc::Error>() {
+        Some(err) if !err.is_bad_input() => ExitCode::from(1),
+        Some(_) => ExitCode::from(2),
+        None => ExitCode::from(1),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn cli_definition_is_consistent() {
+        use clap::CommandFactory;
+        super::Cli::command().debug_assert();
+    }
+}

@@ -1,0 +1,114 @@
+//! Static shapes: what the file declares, and what tract's type inference derives for a given
+//! input shape. Discovery needs concrete channel counts, head counts and reshape targets.
+
+use std::collections::HashMap;
+
+use tract_onnx::prelude::*;
+
+use crate::error::{Error, Result};
+use crate::onnx::proto::{type_proto, ValueInfoProto};
+use crate::onnx::{DataType, Model};
+use crate::runtime::tract as tract_backend;
+
+/// One declared dimension.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Dim {
+    Known(usize),
+    /// A named symbolic dimension such as a batch size `N`.
+    Param(String),
+    Unknown,
+}
+
+impl std::fmt::Display for Dim {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Dim::Known(d) => write!(f, "{d}"),
+            Dim::Param(p) => write!(f, "{p}"),
+            Dim::Unknown => write!(f, "?"),
+        }
+    }
+}
+
+/// Concrete shapes of values, by name.
+pub type ShapeMap = HashMap<String, Vec<usize>>;
+
+/// Element type and declared shape of a tensor-typed value; `None` for non-tensor types.
+pub fn declared(vi: &ValueInfoProto) -> Option<(i32, Option<Vec<Dim>>)> {
+    let Some(type_proto::Value::TensorType(t)) = vi.r#type.as_ref()?.value.as_ref() else {
+        return None;
+    };
+    let dims = t.shape.as_ref().map(|s| {
+        s.dim
+            .iter()
+            .map(|d| match &d.value {
+                Some(crate::onnx::proto::tensor_shape_proto::dimension::Value::DimValue(v))
+                    if *v >= 0 =>
+                {
+                    Dim::Known(*v as usize)
+                }
+                Some(crate::onnx::proto::tensor_shape_proto::dimension::Value::DimParam(p)) => {
+                    Dim::Param(p.clone())
+                }
+                _ => Dim::Unknown,
+            })
+            .collect()
+    });
+    Some((t.elem_type.unwrap_or(0), dims))
+}
+
+/// Infers the concrete shape of every named value for the given input shapes (graph inputs
+/// not listed must be fully static in the file).
+pub fn infer_shapes(model: &Model, inputs: &HashMap<String, Vec<usize>>) -> Result<ShapeMap> {
+    let err = |reason: String| Error::Backend {
+        backend: "tract",
+        reason: format!("shape inference on {}: {reason}", model.display_name()),
+    };
+    let mut tm = tract_backend::inference_model(model)?;
+    let graph = crate::graph::Graph::new(model)?;
+    for (i, vi) in graph.inputs().iter().enumerate() {
+        let name = vi.name.clone().unwrap_or_default();
+        let (elem, dims) =
+            declared(vi).ok_or_else(|| err(format!("input '{name}' is not a tensor")))?;
+        let shape = match inputs.get(&name) {
+            Some(s) => s.clone(),
+            None => dims
+                .unwrap_or_default()
+                .iter()
+                .map(|d| match d {
+                    Dim::Known(v) => Ok(*v),
+                    _ => Err(Error::Usage(format!(
+                        "input '{name}' has a symbolic dimension; give its shape"
+                    ))),
+                })
+                .collect::<Result<Vec<_>>>()?,
+        };
+        let dt = DataType::from_onnx(elem)
+            .map(tract_backend::datum_type)
+            .transpose()?
+            .ok_or_else(|| err(format!("input '{name}' has an unsupported element type")))?;
+        tm.set_input_fact(i, InferenceFact::dt_shape(dt, shape))
+            .map_err(|e| err(format!("{e:#}")))?;
+    }
+    let typed = tm.into_typed().map_err(|e| err(format!("{e:#}")))?;
+    let mut shapes = ShapeMap::new();
+    for node in typed.nodes() {
+        for slot in 0..node.outputs.len() {
+            let outlet = OutletId::new(node.id, slot);
+            let Some(label) = typed.outlet_label(outlet) else {
+                continue;
+            };
+            if let Some(shape) = node.outputs[slot].fact.shape.as_concrete() {
+                shapes.insert(label.to_string(), shape.to_vec());
+            }
+        }
+    }
+    for t in model.graph().initializer.iter() {
+        if let Some(name) = &t.name {
+            shapes.insert(
+                name.clone(),
+                t.dims.iter().map(|&d| d.max(0) as usize).collect(),
+            );
+        }
+    }
+    Ok(shapes)
+}

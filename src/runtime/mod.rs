@@ -1,0 +1,155 @@
+//! Inference backends behind one small interface: run a model on a batch and get its outputs
+//! plus any named intermediate tensors ("taps", the calibration read points).
+//!
+//! tract is embedded and always available; ONNX Runtime is an optional feature, loaded from a
+//! shared library at run time so that a missing library is an error, never a link failure.
+
+#[cfg(feature = "ort")]
+pub mod ort;
+pub mod tract;
+
+use std::path::PathBuf;
+
+use crate::error::{Error, Result};
+use crate::onnx::{Model, TensorData};
+
+/// Which engine runs the model.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum BackendKind {
+    #[default]
+    Tract,
+    Ort,
+}
+
+impl BackendKind {
+    pub fn name(self) -> &'static str {
+        match self {
+            BackendKind::Tract => "tract",
+            BackendKind::Ort => "ort",
+        }
+    }
+}
+
+/// Settings shared by the backends.
+#[derive(Clone, Debug, Default)]
+pub struct BackendOptions {
+    /// Path of `libonnxruntime.so` (ort backend); else `ORT_DYLIB_PATH`, else the copy that
+    /// `scripts/fetch-onnxruntime.sh` puts under `third_party/`.
+    pub ort_library: Option<PathBuf>,
+    /// Intra-op threads (0 = the backend's default).
+    pub threads: usize,
+}
+
+/// A model prepared for repeated runs.
+pub trait Session {
+    /// Graph inputs, in the order `run` expects them.
+    fn input_names(&self) -> &[String];
+    /// The graph outputs followed by the requested extra outputs, in the order `run` returns.
+    fn output_names(&self) -> &[String];
+    /// Runs one batch.
+    fn run(&mut self, inputs: &[TensorData]) -> Result<Vec<TensorData>>;
+}
+
+/// Prepares `model` on the chosen backend, with `extra_outputs` (names of intermediate values)
+/// returned after the graph outputs.
+pub fn open_session(
+    kind: BackendKind,
+    model: &Model,
+    extra_outputs: &[String],
+    options: &BackendOptions,
+) -> Result<Box<dyn Session>> {
+    match kind {
+        BackendKind::Tract => Ok(Box::new(tract::TractSession::new(model, extra_outputs)?)),
+        BackendKind::Ort => open_ort(model, extra_outputs, options),
+    }
+}
+
+#[cfg(feature = "ort")]
+fn open_ort(
+    model: &Model,
+    extra_outputs: &[String],
+    options: &BackendOptions,
+) -> Result<Box<dyn Session>> {
+    Ok(Box::new(ort::OrtSession::new(
+        model,
+        extra_outputs,
+        options,
+    )?))
+}
+
+#[cfg(not(feature = "ort"))]
+fn open_ort(_: &Model, _: &[String], _: &BackendOptions) -> Result<Box<dyn Session>> {
+    Err(Error::Backend {
+        backend: "ort",
+        reason: "this build of mudsc has no ONNX Runtime backend (rebuild with --features ort)"
+            .into(),
+    })
+}
+
+/// Names of the graph inputs fed at run time, in graph order.
+pub(crate) fn graph_input_names(model: &Model) -> Result<Vec<String>> {
+    let graph = crate::graph::Graph::new(model)?;
+    Ok(graph
+        .inputs()
+        .iter()
+        .map(|vi| vi.name.clone().unwrap_or_default())
+        .collect())
+}
+
+/// Graph output names followed by the extra outputs (duplicates dropped).
+pub(crate) fn all_output_names(model: &Model, extra_outputs: &[String]) -> Vec<String> {
+    let mut names: Vec<String> = model
+        .graph()
+        .output
+        .iter()
+        .map(|vi| vi.name.clone().unwrap_or_default())
+        .collect();
+    for extra in extra_outputs {
+        if !names.contains(extra) {
+            names.push(extra.clone());
+        }
+    }
+    names
+}
+
+/// Checks that a batch matches the session's inputs in count.
+pub(crate) fn check_arity(backend: &'static str, expected: &[String], got: usize) -> Result<()> {
+    if expected.len() != got {
+        return Err(Error::Backend {
+            backend,
+            reason: format!(
+                "model takes {} inputs ({}), {} given",
+                expected.len(),
+                expected.join(", "),
+                got
+            ),
+        });
+    }
+    Ok(())
+}
+
+/// Runs `inputs` through the session in batches of `batch` samples and concatenates each
+/// output along axis 0.
+pub fn run_batched(
+    session: &mut dyn Session,
+    inputs: &[TensorData],
+    batch: usize,
+) -> Result<Vec<TensorData>> {
+    let n = crate::data::sample_count(inputs);
+    let batch = batch.max(1);
+    let mut parts: Vec<Vec<TensorData>> = vec![Vec::new(); session.output_names().len()];
+    let mut start = 0;
+    while start < n {
+        let end = (start + batch).min(n);
+        let slice: Vec<TensorData> = inputs.iter().map(|t| t.slice_rows(start, end)).collect();
+        for (part, out) in parts.iter_mut().zip(session.run(&slice)?) {
+            part.push(out);
+        }
+        start = end;
+    }
+    parts
+        .into_iter()
+        .zip(session.output_names())
+        .map(|(p, name)| TensorData::concat_rows(&p).map_err(|e| Error::tensor(name, e)))
+        .collect()
+}

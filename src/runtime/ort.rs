@@ -1,0 +1,223 @@
+//! The ONNX Runtime backend, through the `ort` crate with `load-dynamic`.
+//!
+//! The library is loaded with `ort::init_from(path)`, which reports a missing or incompatible
+//! library as an error (plain `ort::init()` panics on first use). Extra outputs are added by
+//! appending their names to `graph.output` (ORT infers their types), the technique ORT's own
+//! quantization calibration uses.
+
+use std::path::PathBuf;
+use std::sync::Mutex;
+
+use ort::session::Session as OrtInner;
+use ort::value::{DynValue, Tensor, TensorElementType, ValueType};
+use prost::Message;
+
+use super::{all_output_names, check_arity, graph_input_names, BackendOptions, Session};
+use crate::error::{Error, Result};
+use crate::onnx::proto::ValueInfoProto;
+use crate::onnx::{self, Model, TensorData};
+
+/// Above this protobuf size the session is created from a file with external data.
+const IN_MEMORY_LIMIT: usize = 1 << 30;
+
+fn err(reason: impl Into<String>) -> Error {
+    Error::Backend {
+        backend: "ort",
+        reason: reason.into(),
+    }
+}
+
+/// The library is loaded once per process; later sessions share the environment.
+static ENVIRONMENT: Mutex<Option<ort::environment::Environment>> = Mutex::new(None);
+
+/// Where to find `libonnxruntime.so`: the explicit option, `ORT_DYLIB_PATH`, or the copy the
+/// setup script fetched into this source tree.
+pub fn library_path(options: &BackendOptions) -> PathBuf {
+    if let Some(p) = &options.ort_library {
+        return p.clone();
+    }
+    if let Some(p) = std::env::var_os("ORT_DYLIB_PATH") {
+        return PathBuf::from(p);
+    }
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("third_party/onnxruntime/libonnxruntime.so.1")
+}
+
+fn environment(options: &BackendOptions) -> Result<ort::environment::Environment> {
+    let mut slot = ENVIRONMENT
+        .lock()
+        .map_err(|_| err("environment lock poisoned"))?;
+    if let Some(env) = slot.as_ref() {
+        return Ok(env.clone());
+    }
+    let path = library_path(options);
+    if !path.is_file() {
+        return Err(err(format!(
+            "ONNX Runtime library '{}' not found; run scripts/fetch-onnxruntime.sh, or set \
+             ORT_DYLIB_PATH / --ort-lib",
+            path.display()
+        )));
+    }
+    let env = ort::init_from(&path)
+        .map_err(|e| err(format!("cannot load '{}': {e}", path.display())))?
+        .with_name("mudsc")
+        .build()
+        .map_err(|e| err(format!("cannot start ONNX Runtime: {e}")))?;
+    *slot = Some(env.clone());
+    Ok(env)
+}
+
+pub struct OrtSession {
+    session: OrtInner,
+    display_name: String,
+    inputs: Vec<String>,
+    outputs: Vec<String>,
+    /// Keeps a spilled model file alive while the session may read it.
+    _spill: Option<tempfile::TempDir>,
+}
+
+impl OrtSession {
+    pub fn new(
+        model: &Model,
+        extra_outputs: &[String],
+        options: &BackendOptions,
+    ) -> Result<OrtSession> {
+        let env = environment(options)?;
+        let outputs = all_output_names(model, extra_outputs);
+        let mut proto = model.proto.clone();
+        if let Some(graph) = proto.graph.as_mut() {
+            let declared: Vec<String> = graph
+                .output
+                .iter()
+                .map(|o| o.name.clone().unwrap_or_default())
+                .collect();
+            for name in outputs.iter().filter(|n| !declared.contains(n)) {
+                graph.output.push(ValueInfoProto {
+                    name: Some(name.clone()),
+                    ..Default::default()
+                });
+            }
+        }
+        let mut builder = OrtInner::builder(&env).map_err(|e| err(e.to_string()))?;
+        if options.threads > 0 {
+            builder = builder
+                .with_intra_threads(options.threads)
+                .map_err(|e| err(e.to_string()))?;
+        }
+        let display_name = model.display_name();
+        let load_err = |e: ort::Error| err(format!("cannot load {display_name}: {e}"));
+        let (session, spill) = if proto.encoded_len() > IN_MEMORY_LIMIT {
+            let dir = tempfile::tempdir().map_err(|e| Error::io(std::env::temp_dir(), e))?;
+            let path = dir.path().join("model.onnx");
+            let opts = onnx::SaveOptions {
+                external_data: onnx::ExternalData::Always(None),
+                protect: vec![],
+            };
+            onnx::save(&proto, &path, &opts)?;
+            (
+                builder.commit_from_file(&path).map_err(load_err)?,
+                Some(dir),
+            )
+        } else {
+            let bytes = proto.encode_to_vec();
+            (builder.commit_from_memory(&bytes).map_err(load_err)?, None)
+        };
+        Ok(OrtSession {
+            session,
+            display_name,
+            inputs: graph_input_names(model)?,
+            outputs,
+            _spill: spill,
+        })
+    }
+}
+
+impl Session for OrtSession {
+    fn input_names(&self) -> &[String] {
+        &self.inputs
+    }
+
+    fn output_names(&self) -> &[String] {
+        &self.outputs
+    }
+
+    fn run(&mut self, inputs: &[TensorData]) -> Result<Vec<TensorData>> {
+        check_arity("ort", &self.inputs, inputs.len())?;
+        let feed = self
+            .inputs
+            .iter()
+            .zip(inputs)
+            .map(|(name, t)| Ok((name.clone(), to_ort(t)?)))
+            .collect::<Result<Vec<(String, DynValue)>>>()?;
+        let name = &self.display_name;
+        let outputs = self
+            .session
+            .run(feed)
+            .map_err(|e| err(format!("running {name}: {e}")))?;
+        self.outputs
+            .iter()
+            .map(|o| {
+                let v = outputs
+                    .get(o)
+                    .ok_or_else(|| err(format!("{name}: output '{o}' missing")))?;
+                from_ort(o, v)
+            })
+            .collect()
+    }
+}
+
+fn to_ort(t: &TensorData) -> Result<DynValue> {
+    fn tensor<T: ort::value::PrimitiveTensorElementType + std::fmt::Debug + Clone + 'static>(
+        a: &ndarray::ArrayD<T>,
+    ) -> Result<DynValue> {
+        Ok(Tensor::from_array(a.clone())
+            .map_err(|e| err(e.to_string()))?
+            .into_dyn())
+    }
+    match t {
+        TensorData::F32(a) => tensor(a),
+        TensorData::F64(a) => tensor(a),
+        TensorData::F16(a) => tensor(a),
+        TensorData::BF16(a) => tensor(a),
+        TensorData::I8(a) => tensor(a),
+        TensorData::I16(a) => tensor(a),
+        TensorData::I32(a) => tensor(a),
+        TensorData::I64(a) => tensor(a),
+        TensorData::U8(a) => tensor(a),
+        TensorData::U16(a) => tensor(a),
+        TensorData::U32(a) => tensor(a),
+        TensorData::U64(a) => tensor(a),
+        TensorData::Bool(a) => tensor(a),
+    }
+}
+
+fn from_ort(name: &str, v: &DynValue) -> Result<TensorData> {
+    let e = |x: ort::Error| err(format!("reading output '{name}': {x}"));
+    let ValueType::Tensor { ty, .. } = v.dtype() else {
+        return Err(err(format!("output '{name}' is not a tensor")));
+    };
+    macro_rules! get {
+        ($t:ty, $v:ident) => {
+            TensorData::$v(v.try_extract_array::<$t>().map_err(e)?.to_owned())
+        };
+    }
+    Ok(match ty {
+        TensorElementType::Float32 => get!(f32, F32),
+        TensorElementType::Float64 => get!(f64, F64),
+        TensorElementType::Float16 => get!(half::f16, F16),
+        TensorElementType::Bfloat16 => get!(half::bf16, BF16),
+        TensorElementType::Int8 => get!(i8, I8),
+        TensorElementType::Int16 => get!(i16, I16),
+        TensorElementType::Int32 => get!(i32, I32),
+        TensorElementType::Int64 => get!(i64, I64),
+        TensorElementType::Uint8 => get!(u8, U8),
+        TensorElementType::Uint16 => get!(u16, U16),
+        TensorElementType::Uint32 => get!(u32, U32),
+        TensorElementType::Uint64 => get!(u64, U64),
+        TensorElementType::Bool => get!(bool, Bool),
+        other => {
+            return Err(err(format!(
+                "output '{name}' has unsupported type {other:?}"
+            )))
+        }
+    })
+}

@@ -1,0 +1,186 @@
+//! The embedded tract backend (pure Rust, the default).
+//!
+//! Extra outputs are selected on the `InferenceModel` before optimisation, while the ONNX tensor
+//! names still label the outlets (fusion would otherwise remove them). A plan is optimised for
+//! concrete input shapes and cached per shape, so models with symbolic dimensions of any kind
+//! run, at the cost of one optimisation per distinct batch shape (usually two: full and last).
+
+use std::collections::HashMap;
+
+use prost::Message;
+use tract_onnx::prelude::*;
+
+use super::{all_output_names, check_arity, graph_input_names, Session};
+use crate::error::{Error, Result};
+use crate::onnx::{DataType, Model, TensorData};
+
+type Plan = Arc<TypedSimplePlan>;
+
+fn err(model: &Model, what: &str, e: impl std::fmt::Display) -> Error {
+    Error::Backend {
+        backend: "tract",
+        reason: format!("{what} {}: {e}", model.display_name()),
+    }
+}
+
+/// Parses the model into tract's inference representation.
+///
+/// Declared shapes of intermediate values and outputs are dropped: they are hints written by
+/// the exporter with symbolic batch names (`N`, `s0`, ...), and tract would refuse to unify them
+/// with the concrete batch shape each plan is optimised for.
+pub fn inference_model(model: &Model) -> Result<InferenceModel> {
+    let mut proto = model.proto.clone();
+    if let Some(g) = proto.graph.as_mut() {
+        g.value_info.clear();
+    }
+    let bytes = proto.encode_to_vec();
+    tract_onnx::onnx()
+        .with_ignore_output_shapes(true)
+        .model_for_read(&mut bytes.as_slice())
+        .map_err(|e| err(model, "cannot load", format!("{e:#}")))
+}
+
+/// tract's element type for an ONNX dtype.
+pub fn datum_type(dtype: DataType) -> Result<DatumType> {
+    Ok(match dtype {
+        DataType::F32 => DatumType::F32,
+        DataType::F64 => DatumType::F64,
+        DataType::F16 => DatumType::F16,
+        DataType::I8 => DatumType::I8,
+        DataType::I16 => DatumType::I16,
+        DataType::I32 => DatumType::I32,
+        DataType::I64 => DatumType::I64,
+        DataType::U8 => DatumType::U8,
+        DataType::U16 => DatumType::U16,
+        DataType::U32 => DatumType::U32,
+        DataType::U64 => DatumType::U64,
+        DataType::Bool => DatumType::Bool,
+        DataType::BF16 => return Err(bf16_unsupported()),
+    })
+}
+
+fn bf16_unsupported() -> Error {
+    Error::Backend {
+        backend: "tract",
+        reason: "bfloat16 tensors are not supported by tract; use --backend ort".into(),
+    }
+}
+
+pub struct TractSession {
+    model: InferenceModel,
+    display_name: String,
+    inputs: Vec<String>,
+    outputs: Vec<String>,
+    plans: HashMap<Vec<Vec<usize>>, Plan>,
+}
+
+impl TractSession {
+    pub fn new(model: &Model, extra_outputs: &[String]) -> Result<TractSession> {
+        let mut tm = inference_model(model)?;
+        let outputs = all_output_names(model, extra_outputs);
+        tm.select_outputs_by_name(&outputs)
+            .map_err(|e| err(model, "cannot expose outputs of", format!("{e:#}")))?;
+        Ok(TractSession {
+            model: tm,
+            display_name: model.display_name(),
+            inputs: graph_input_names(model)?,
+            outputs,
+            plans: HashMap::new(),
+        })
+    }
+
+    fn plan(&mut self, inputs: &[TensorData]) -> Result<&Plan> {
+        let key: Vec<Vec<usize>> = inputs.iter().map(|t| t.shape().to_vec()).collect();
+        if !self.plans.contains_key(&key) {
+            let e = |what: &str, x: TractError| Error::Backend {
+                backend: "tract",
+                reason: format!("{what} {}: {x:#}", self.display_name),
+            };
+            let mut tm = self.model.clone();
+            for (i, t) in inputs.iter().enumerate() {
+                let fact = InferenceFact::dt_shape(datum_type(t.dtype())?, t.shape());
+                tm.set_input_fact(i, fact)
+                    .map_err(|x| e("input shape rejected by", x))?;
+            }
+            let plan = tm
+                .into_optimized()
+                .and_then(|m| m.into_runnable())
+                .map_err(|x| e("cannot prepare", x))?;
+            self.plans.insert(key.clone(), plan);
+        }
+        Ok(&self.plans[&key])
+    }
+}
+
+impl Session for TractSession {
+    fn input_names(&self) -> &[String] {
+        &self.inputs
+    }
+
+    fn output_names(&self) -> &[String] {
+        &self.outputs
+    }
+
+    fn run(&mut self, inputs: &[TensorData]) -> Result<Vec<TensorData>> {
+        check_arity("tract", &self.inputs, inputs.len())?;
+        let name = self.display_name.clone();
+        let plan = self.plan(inputs)?;
+        let values: TVec<TValue> = inputs
+            .iter()
+            .map(|t| to_tract(t).map(TValue::from))
+            .collect::<Result<_>>()?;
+        let outputs = plan.run(values).map_err(|e| Error::Backend {
+            backend: "tract",
+            reason: format!("running {name}: {e:#}"),
+        })?;
+        outputs
+            .into_iter()
+            .map(|v| from_tract(v.into_tensor()))
+            .collect()
+    }
+}
+
+fn to_tract(t: &TensorData) -> Result<Tensor> {
+    Ok(match t {
+        TensorData::BF16(_) => return Err(bf16_unsupported()),
+        TensorData::F32(a) => a.clone().into_tensor(),
+        TensorData::F64(a) => a.clone().into_tensor(),
+        TensorData::F16(a) => a.clone().into_tensor(),
+        TensorData::I8(a) => a.clone().into_tensor(),
+        TensorData::I16(a) => a.clone().into_tensor(),
+        TensorData::I32(a) => a.clone().into_tensor(),
+        TensorData::I64(a) => a.clone().into_tensor(),
+        TensorData::U8(a) => a.clone().into_tensor(),
+        TensorData::U16(a) => a.clone().into_tensor(),
+        TensorData::U32(a) => a.clone().into_tensor(),
+        TensorData::U64(a) => a.clone().into_tensor(),
+        TensorData::Bool(a) => a.clone().into_tensor(),
+    })
+}
+
+fn from_tract(t: Tensor) -> Result<TensorData> {
+    let e = |x: TractError| Error::Backend {
+        backend: "tract",
+        reason: format!("reading an output: {x:#}"),
+    };
+    Ok(match t.datum_type() {
+        DatumType::F32 => TensorData::F32(t.into_plain_array().map_err(e)?),
+        DatumType::F64 => TensorData::F64(t.into_plain_array().map_err(e)?),
+        DatumType::F16 => TensorData::F16(t.into_plain_array().map_err(e)?),
+        DatumType::I8 => TensorData::I8(t.into_plain_array().map_err(e)?),
+        DatumType::I16 => TensorData::I16(t.into_plain_array().map_err(e)?),
+        DatumType::I32 => TensorData::I32(t.into_plain_array().map_err(e)?),
+        DatumType::I64 => TensorData::I64(t.into_plain_array().map_err(e)?),
+        DatumType::U8 => TensorData::U8(t.into_plain_array().map_err(e)?),
+        DatumType::U16 => TensorData::U16(t.into_plain_array().map_err(e)?),
+        DatumType::U32 => TensorData::U32(t.into_plain_array().map_err(e)?),
+        DatumType::U64 => TensorData::U64(t.into_plain_array().map_err(e)?),
+        DatumType::Bool => TensorData::Bool(t.into_plain_array().map_err(e)?),
+        other => {
+            return Err(Error::Backend {
+                backend: "tract",
+                reason: format!("output of unsupported type {other:?}"),
+            })
+        }
+    })
+}

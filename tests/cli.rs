@@ -1,0 +1,190 @@
+//! The command line: subcommands, help examples, outputs and exit codes.
+
+mod common;
+
+use std::process::{Command, Output};
+
+use common::model;
+
+fn mudsc(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_mudsc"))
+        .args(args)
+        .output()
+        .expect("run mudsc")
+}
+
+fn stdout(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+#[test]
+fn every_subcommand_has_an_example_in_its_help() {
+    for sub in ["inspect", "run", "eval"] {
+        let o = mudsc(&[sub, "--help"]);
+        assert!(o.status.success());
+        assert!(
+            stdout(&o).contains(&format!("mudsc {sub} ")),
+            "{sub}: {}",
+            stdout(&o)
+        );
+        assert!(stdout(&o).contains("Example"), "{sub}");
+    }
+}
+
+#[test]
+fn inspect_reports_the_model() {
+    let p = model("convnet.onnx");
+    let o = mudsc(&["inspect", p.to_str().unwrap()]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let s = stdout(&o);
+    for want in [
+        "ir_version  8",
+        "ai.onnx 17",
+        "x float32 [N, 3, 8, 8]",
+        "logits float32 [N, 5]",
+        "Conv",
+        "BatchNormalization",
+    ] {
+        assert!(s.contains(want), "missing '{want}' in:\n{s}");
+    }
+    // 432 conv + 4*16 BN + 80 fc parameters.
+    assert!(s.contains("parameters  576 in 6 initializers"), "{s}");
+
+    let o = mudsc(&["inspect", "--json", model("with_if.onnx").to_str().unwrap()]);
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(v["ops"]["If"], 1);
+    assert_eq!(v["subgraphs"].as_array().unwrap().len(), 2);
+}
+
+#[test]
+fn run_writes_outputs_matching_onnxruntime() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("y.npz");
+    for backend in ["tract", "ort"] {
+        let o = mudsc(&[
+            "run",
+            model("two_inputs.onnx").to_str().unwrap(),
+            "--input",
+            model("two_inputs_input.npz").to_str().unwrap(),
+            "--output",
+            out.to_str().unwrap(),
+            "--backend",
+            backend,
+        ]);
+        assert!(o.status.success(), "{backend}: {}", stderr(&o));
+        assert!(stdout(&o).contains("y: float32 [3, 4]"), "{}", stdout(&o));
+        let got = mudsc::data::read_npz(&out).unwrap();
+        let want =
+            common::ort_python_outputs(&model("two_inputs.onnx"), &model("two_inputs_input.npz"));
+        common::assert_close(got.get("y").unwrap(), want.get("y").unwrap(), backend);
+    }
+}
+
+#[test]
+fn exit_codes() {
+    // Bad usage: unknown flag → 2.
+    assert_eq!(mudsc(&["run", "--bogus"]).status.code(), Some(2));
+    // Bad input: not an ONNX file → 2, with the file named.
+    let dir = tempfile::tempdir().unwrap();
+    let junk = dir.path().join("junk.onnx");
+    std::fs::write(&junk, b"\x08\x96\x01junk").unwrap();
+    let o = mudsc(&["inspect", junk.to_str().unwrap()]);
+    assert_eq!(o.status.code(), Some(2));
+    assert!(stderr(&o).contains("junk.onnx"), "{}", stderr(&o));
+    assert!(!stderr(&o).contains("panicked"));
+    // Input data that does not fit the model → 2, naming the input.
+    let o = mudsc(&[
+        "run",
+        model("two_inputs.onnx").to_str().unwrap(),
+        "--input",
+        model("mlp_input.npz").to_str().unwrap(),
+    ]);
+    assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
+    assert!(stderr(&o).contains("'a'"), "{}", stderr(&o));
+    // Output over the input → refused, input untouched.
+    let input = model("mlp_input.npz");
+    let before = std::fs::read(&input).unwrap();
+    let o = mudsc(&[
+        "run",
+        model("mlp.onnx").to_str().unwrap(),
+        "--input",
+        input.to_str().unwrap(),
+        "--output",
+        input.to_str().unwrap(),
+    ]);
+    assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
+    assert_eq!(std::fs::read(&input).unwrap(), before);
+    // Data of the wrong shape → 2, naming the input and both shapes.
+    let wrong = dir.path().join("wrong.npz");
+    common::python(&[
+        "-c",
+        &format!(
+            "import numpy as np; np.savez('{}', x=np.zeros((2,5), np.float32))",
+            wrong.display()
+        ),
+    ]);
+    let o = mudsc(&[
+        "run",
+        model("mlp.onnx").to_str().unwrap(),
+        "--input",
+        wrong.to_str().unwrap(),
+    ]);
+    assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("input 'x' must have shape [N, 8]"),
+        "{}",
+        stderr(&o)
+    );
+}
+
+#[test]
+fn eval_prints_joint_and_per_task_accuracy() {
+    // A labelled set for the 4-class MLP: labels = the ONNX Runtime argmax for half the rows,
+    // a wrong class for the other half, so the expected accuracy is known independently.
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("labelled.npz");
+    let script = format!(
+        r#"
+import numpy as np, onnxruntime as ort
+x = np.load('{inp}')['x']
+s = ort.InferenceSession('{m}', providers=['CPUExecutionProvider'])
+y = s.run(None, {{'x': x}})[0]
+lab = y.argmax(1)
+lab[5:] = (lab[5:] + 1) % 4
+np.savez('{out}', x=x, labels=lab.astype(np.int64))
+"#,
+        inp = model("mlp_input.npz").display(),
+        m = model("mlp.onnx").display(),
+        out = data.display()
+    );
+    common::python(&["-c", &script]);
+    let o = mudsc(&[
+        "eval",
+        model("mlp.onnx").to_str().unwrap(),
+        "--data",
+        data.to_str().unwrap(),
+        "--tasks",
+        "0-1,2-3",
+        "--json",
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(v["top1"]["correct"], 5);
+    assert_eq!(v["top1"]["total"], 10);
+    assert_eq!(v["tasks"].as_array().unwrap().len(), 2);
+
+    let o = mudsc(&[
+        "eval",
+        model("mlp.onnx").to_str().unwrap(),
+        "--data",
+        data.to_str().unwrap(),
+        "--labels",
+        "nope",
+    ]);
+    assert_eq!(o.status.code(), Some(2));
+    assert!(stderr(&o).contains("nope"));
+}

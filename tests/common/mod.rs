@@ -1,0 +1,110 @@
+//! Shared helpers for the integration tests: reference models built by the Python `onnx`
+//! package, the ONNX Runtime Python package as an independent reference, and comparisons.
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::OnceLock;
+
+use mudsc::onnx::TensorData;
+
+pub fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// Directory of reference models built once per test binary by `tests/py/make_models.py`.
+/// Python and its packages are installed by `scripts/setup.sh`; without them this panics with
+/// the reason (a test that cannot check must fail, not pass silently).
+pub fn models() -> &'static Path {
+    static DIR: OnceLock<PathBuf> = OnceLock::new();
+    DIR.get_or_init(|| {
+        let dir = std::env::temp_dir().join(format!("mudsc-test-models-{}", std::process::id()));
+        python(&[
+            root().join("tests/py/make_models.py").to_str().unwrap(),
+            dir.to_str().unwrap(),
+        ]);
+        dir
+    })
+}
+
+pub fn model(name: &str) -> PathBuf {
+    models().join(name)
+}
+
+/// Runs a Python script; panics with its stderr on failure.
+pub fn python(args: &[&str]) {
+    let out = Command::new("python3")
+        .args(args)
+        .output()
+        .expect("python3 must be installed (scripts/setup.sh)");
+    assert!(
+        out.status.success(),
+        "python3 {:?} failed:\n{}",
+        args,
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// Outputs of ONNX Runtime's Python package for `model` on `input_npz`.
+pub fn ort_python_outputs(model: &Path, input_npz: &Path) -> mudsc::data::NamedArrays {
+    let out = tempfile::Builder::new().suffix(".npz").tempfile().unwrap();
+    python(&[
+        root().join("tests/py/ort_run.py").to_str().unwrap(),
+        model.to_str().unwrap(),
+        input_npz.to_str().unwrap(),
+        out.path().to_str().unwrap(),
+    ]);
+    mudsc::data::read_npz(out.path()).unwrap()
+}
+
+/// Largest |a-b| - (atol + rtol*|b|) over the elements; `<= 0` means within tolerance.
+pub fn excess(a: &TensorData, b: &TensorData, rtol: f32, atol: f32) -> f32 {
+    assert_eq!(a.shape(), b.shape(), "shapes differ");
+    let (a, b) = (a.to_f32(), b.to_f32());
+    a.iter()
+        .zip(b.iter())
+        .map(|(x, y)| {
+            if x.is_nan() && y.is_nan() {
+                f32::NEG_INFINITY
+            } else {
+                (x - y).abs() - (atol + rtol * y.abs())
+            }
+        })
+        .fold(f32::NEG_INFINITY, f32::max)
+}
+
+/// The project's tolerance for "same outputs": rtol 1e-4, atol 1e-5 (onnxsim's check).
+pub fn assert_close(a: &TensorData, b: &TensorData, what: &str) {
+    assert_within(a, b, 1e-4, 1e-5, what);
+}
+
+pub fn assert_within(a: &TensorData, b: &TensorData, rtol: f32, atol: f32, what: &str) {
+    let e = excess(a, b, rtol, atol);
+    assert!(e <= 0.0, "{what}: outside rtol {rtol} / atol {atol} by {e}");
+}
+
+/// Every `.onnx` file under `fixtures/` (trained pairs and the zoo), with its input npz when
+/// there is one: `<dir>/<stem>.input.npz`, else the shared test set for the trained pairs.
+pub fn fixture_models() -> Vec<(PathBuf, PathBuf)> {
+    let mut out = Vec::new();
+    for dir in ["fixtures/models", "fixtures/zoo"] {
+        let Ok(entries) = std::fs::read_dir(root().join(dir)) else {
+            continue;
+        };
+        let mut paths: Vec<PathBuf> = entries.filter_map(|e| Some(e.ok()?.path())).collect();
+        paths.sort();
+        for p in paths {
+            if p.extension().and_then(|e| e.to_str()) != Some("onnx") {
+                continue;
+            }
+            let own = p.with_extension("input.npz");
+            let input = if own.exists() {
+                own
+            } else {
+                root().join("fixtures/data/calib.npz")
+            };
+            out.push((p, input));
+        }
+    }
+    out
+}

@@ -1,0 +1,108 @@
+//! The graph view: producers, consumers, constants, order, subgraphs, shapes, and structural
+//! errors.
+
+mod common;
+
+use std::collections::HashMap;
+
+use common::model;
+use mudsc::graph::{infer_shapes, Graph, Source};
+use mudsc::onnx;
+
+#[test]
+fn producers_consumers_and_order() {
+    let m = onnx::load(model("convnet.onnx")).unwrap();
+    let g = Graph::new(&m).unwrap();
+    assert_eq!(g.nodes().len(), 7);
+    assert_eq!(g.producer("bn").unwrap().name.as_deref(), Some("bn"));
+    assert_eq!(g.source("x"), Some(Source::Input));
+    assert_eq!(g.source("w"), Some(Source::Initializer));
+    assert!(matches!(
+        g.source("feat"),
+        Some(Source::Node { slot: 0, .. })
+    ));
+    let consumers: Vec<&str> = g
+        .consumers("feat")
+        .iter()
+        .map(|&(n, _)| g.node(n).op_type.as_deref().unwrap())
+        .collect();
+    assert_eq!(consumers, vec!["GlobalAveragePool"]);
+    assert!(g.initializer("fc").is_some());
+    // A Constant node's value is a constant but not an initializer.
+    assert!(g.initializer("fcb").is_none());
+    assert_eq!(g.constant("fcb").unwrap().dims, vec![5]);
+    // Topological: every node after the producers of its inputs.
+    let order = g.topological_order();
+    let pos: HashMap<usize, usize> = order.iter().enumerate().map(|(i, &n)| (n, i)).collect();
+    for &n in order {
+        for input in &g.node(n).input {
+            if let Some(Source::Node { node, .. }) = g.source(input) {
+                assert!(pos[&node] < pos[&n]);
+            }
+        }
+    }
+    assert_eq!(g.dag().edge_count(), 6);
+    assert!(g.subgraphs().is_empty());
+}
+
+#[test]
+fn initializers_listed_as_inputs_are_not_runtime_inputs() {
+    let m = onnx::load(model("two_inputs.onnx")).unwrap();
+    let g = Graph::new(&m).unwrap();
+    let names: Vec<&str> = g
+        .inputs()
+        .iter()
+        .map(|v| v.name.as_deref().unwrap())
+        .collect();
+    assert_eq!(names, vec!["a", "b"]);
+    assert_eq!(g.source("c"), Some(Source::Initializer));
+}
+
+#[test]
+fn subgraphs_are_detected() {
+    let m = onnx::load(model("with_if.onnx")).unwrap();
+    let g = Graph::new(&m).unwrap();
+    let mut attrs: Vec<&str> = g.subgraphs().iter().map(|s| s.attribute.as_str()).collect();
+    attrs.sort();
+    assert_eq!(attrs, vec!["else_branch", "then_branch"]);
+    assert_eq!(g.subgraphs()[0].node_name, "branch");
+}
+
+#[test]
+fn cycles_and_double_producers_are_errors_naming_the_node() {
+    let mut m = onnx::load(model("mlp.onnx")).unwrap();
+    // fc1 reads the output of relu: a cycle.
+    m.proto.graph.as_mut().unwrap().node[0].input[0] = "r".into();
+    let e = Graph::new(&m).err().expect("cycle must fail");
+    assert!(e.to_string().contains("cycle"), "{e}");
+
+    let mut m = onnx::load(model("mlp.onnx")).unwrap();
+    m.proto.graph.as_mut().unwrap().node[1].output[0] = "h".into();
+    let e = Graph::new(&m).err().expect("double producer must fail");
+    assert!(
+        e.to_string().contains("'h'") && e.to_string().contains("relu"),
+        "{e}"
+    );
+
+    let mut m = onnx::load(model("mlp.onnx")).unwrap();
+    m.proto.graph.as_mut().unwrap().node[1].input[0] = "nowhere".into();
+    let e = Graph::new(&m).err().expect("dangling input must fail");
+    assert!(
+        e.to_string().contains("nowhere") && e.to_string().contains("Relu"),
+        "{e}"
+    );
+}
+
+#[test]
+fn static_shapes_for_a_given_input_shape() {
+    let m = onnx::load(model("convnet.onnx")).unwrap();
+    let shapes = infer_shapes(&m, &HashMap::from([("x".to_string(), vec![7, 3, 8, 8])])).unwrap();
+    assert_eq!(shapes["c"], vec![7, 16, 8, 8]);
+    assert_eq!(shapes["feat"], vec![7, 16, 8, 8]);
+    assert_eq!(shapes["gp"], vec![7, 16, 1, 1]);
+    assert_eq!(shapes["flat"], vec![7, 16]);
+    assert_eq!(shapes["logits"], vec![7, 5]);
+    assert_eq!(shapes["w"], vec![16, 3, 3, 3]);
+    // A symbolic dimension with no shape given is a usage error, not a guess.
+    assert!(infer_shapes(&m, &HashMap::new()).is_err());
+}
