@@ -12,5 +12,6 @@ pub mod graph;
 pub mod inspect;
 pub mod onnx;
 pub mod runtime;
+pub mod symmetry;
 
 pub use error::{Error, Result};

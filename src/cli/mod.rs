@@ -1,7 +1,9 @@
 //! Command-line interface: argument parsing and human-readable output only; every computation
 //! is a library call. Exit codes: 0 ok, 1 runtime failure, 2 bad usage or bad input.
 
+mod check;
 mod eval;
+mod groups;
 mod inspect;
 mod run;
 
@@ -40,14 +42,24 @@ enum Command {
         after_help = "Example:\n  mudsc eval fixtures/models/mlp_a.onnx --data fixtures/data/test.npz --tasks 0-4,5-9"
     )]
     Eval(eval::EvalArgs),
+    /// Discover the permutation-coupled unit groups of a model (and the axes that stay fixed).
+    #[command(
+        after_help = "Example:\n  mudsc groups fixtures/models/resnet20_gn_a.onnx\n  mudsc groups model.onnx --shape input=1,3,224,224 --json > spec.json"
+    )]
+    Groups(groups::GroupsArgs),
+    /// Prove discovery on a model: permute every group at random and compare outputs.
+    #[command(
+        after_help = "Example:\n  mudsc check fixtures/models/vit_a.onnx --data fixtures/data/calib.npz --trials 3"
+    )]
+    Check(check::CheckArgs),
 }
 
 /// Backend selection shared by every command that runs a model.
 #[derive(Args, Clone, Debug)]
 pub struct BackendArgs {
-    /// Inference engine.
-    #[arg(long, value_enum, default_value_t = Backend::Tract)]
-    pub backend: Backend,
+    /// Inference engine [default: tract; for `check`: ort when built in].
+    #[arg(long, value_enum)]
+    pub backend: Option<Backend>,
     /// Path of libonnxruntime.so for --backend ort (default: $ORT_DYLIB_PATH, then the copy
     /// fetched by scripts/fetch-onnxruntime.sh).
     #[arg(long, value_name = "PATH")]
@@ -67,9 +79,15 @@ pub enum Backend {
 
 impl BackendArgs {
     pub fn kind(&self) -> BackendKind {
+        self.kind_or(BackendKind::Tract)
+    }
+
+    /// The chosen backend, or `default` when none was asked for.
+    pub fn kind_or(&self, default: BackendKind) -> BackendKind {
         match self.backend {
-            Backend::Tract => BackendKind::Tract,
-            Backend::Ort => BackendKind::Ort,
+            Some(Backend::Tract) => BackendKind::Tract,
+            Some(Backend::Ort) => BackendKind::Ort,
+            None => default,
         }
     }
 
@@ -87,6 +105,8 @@ pub fn main() -> ExitCode {
         Command::Inspect(a) => inspect::run(a),
         Command::Run(a) => run::run(a),
         Command::Eval(a) => eval::run(a),
+        Command::Groups(a) => groups::run(a),
+        Command::Check(a) => check::run(a),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -165,3 +165,103 @@ pub fn sample_count(inputs: &[TensorData]) -> usize {
         .and_then(|t| t.shape().first().copied())
         .unwrap_or(0)
 }
+
+/// Deterministic pseudo-random inputs for a model (for `check` without data): standard normal
+/// floats, integers in 0..4, random booleans. `shapes` gives every input's concrete shape.
+pub fn random_inputs(
+    model: &Model,
+    shapes: &std::collections::HashMap<String, Vec<usize>>,
+    seed: u64,
+) -> Result<Vec<TensorData>> {
+    let graph = Graph::new(model)?;
+    let mut state = seed ^ 0x5DEE_CE66_D1CE_5EED;
+    let mut next = move || {
+        // xorshift64*: test inputs only, no quality needed beyond variety.
+        state ^= state >> 12;
+        state ^= state << 25;
+        state ^= state >> 27;
+        state.wrapping_mul(0x2545_F491_4F6C_DD1D)
+    };
+    let mut uniform = move || (next() >> 11) as f64 / (1u64 << 53) as f64;
+    let mut out = Vec::new();
+    for vi in graph.inputs() {
+        let name = vi.name.clone().unwrap_or_default();
+        let shape = shapes
+            .get(&name)
+            .ok_or_else(|| Error::Usage(format!("no shape for input '{name}'")))?;
+        let n: usize = shape.iter().product();
+        let elem = shapes_declared(vi).map(|d| d.0).unwrap_or(1);
+        let dim = ndarray::IxDyn(shape);
+        let t = match DataType::from_onnx(elem) {
+            Some(DataType::I64) => TensorData::I64(ndarray::ArrayD::from_shape_fn(dim, |_| {
+                (uniform() * 4.0) as i64
+            })),
+            Some(DataType::I32) => TensorData::I32(ndarray::ArrayD::from_shape_fn(dim, |_| {
+                (uniform() * 4.0) as i32
+            })),
+            Some(DataType::Bool) => {
+                TensorData::Bool(ndarray::ArrayD::from_shape_fn(dim, |_| uniform() < 0.5))
+            }
+            Some(DataType::F32) | None => {
+                // Box–Muller.
+                let v: Vec<f32> = (0..n)
+                    .map(|_| {
+                        let (u1, u2) = (uniform().max(1e-12), uniform());
+                        ((-2.0 * u1.ln()).sqrt() * (std::f64::consts::TAU * u2).cos()) as f32
+                    })
+                    .collect();
+                TensorData::F32(
+                    ndarray::ArrayD::from_shape_vec(dim, v)
+                        .map_err(|e| Error::tensor(&name, e.to_string()))?,
+                )
+            }
+            Some(other) => {
+                return Err(Error::Usage(format!(
+                    "cannot make random {} data for input '{name}'; pass --data",
+                    other.name()
+                )))
+            }
+        };
+        out.push(t);
+    }
+    Ok(out)
+}
+
+/// Concrete input shapes: from bound data if given, else the declared shapes with every
+/// symbolic dimension set to `default_dim`, then `overrides` (name → shape) on top.
+pub fn input_shapes(
+    model: &Model,
+    bound: Option<&[TensorData]>,
+    overrides: &[(String, Vec<usize>)],
+    default_dim: usize,
+) -> Result<std::collections::HashMap<String, Vec<usize>>> {
+    let graph = Graph::new(model)?;
+    let mut shapes = std::collections::HashMap::new();
+    for (i, vi) in graph.inputs().iter().enumerate() {
+        let name = vi.name.clone().unwrap_or_default();
+        let shape = match bound.and_then(|b| b.get(i)) {
+            Some(t) => t.shape().to_vec(),
+            None => shapes_declared(vi)
+                .and_then(|d| d.1)
+                .ok_or_else(|| {
+                    Error::Usage(format!("input '{name}' declares no shape; give --shape"))
+                })?
+                .iter()
+                .map(|d| match d {
+                    Dim::Known(k) => *k,
+                    _ => default_dim,
+                })
+                .collect(),
+        };
+        shapes.insert(name, shape);
+    }
+    for (name, shape) in overrides {
+        if !shapes.contains_key(name) {
+            return Err(Error::Usage(format!(
+                "--shape: the model has no input '{name}'"
+            )));
+        }
+        shapes.insert(name.clone(), shape.clone());
+    }
+    Ok(shapes)
+}

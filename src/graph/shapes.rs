@@ -65,6 +65,7 @@ pub fn infer_shapes(model: &Model, inputs: &HashMap<String, Vec<usize>>) -> Resu
     };
     let mut tm = tract_backend::inference_model(model)?;
     let graph = crate::graph::Graph::new(model)?;
+    let mut input_shapes = ShapeMap::new();
     for (i, vi) in graph.inputs().iter().enumerate() {
         let name = vi.name.clone().unwrap_or_default();
         let (elem, dims) =
@@ -86,11 +87,12 @@ pub fn infer_shapes(model: &Model, inputs: &HashMap<String, Vec<usize>>) -> Resu
             .map(tract_backend::datum_type)
             .transpose()?
             .ok_or_else(|| err(format!("input '{name}' has an unsupported element type")))?;
-        tm.set_input_fact(i, InferenceFact::dt_shape(dt, shape))
+        tm.set_input_fact(i, InferenceFact::dt_shape(dt, &shape))
             .map_err(|e| err(format!("{e:#}")))?;
+        input_shapes.insert(name, shape);
     }
     let typed = tm.into_typed().map_err(|e| err(format!("{e:#}")))?;
-    let mut shapes = ShapeMap::new();
+    let mut shapes = input_shapes;
     for node in typed.nodes() {
         for slot in 0..node.outputs.len() {
             let outlet = OutletId::new(node.id, slot);
@@ -99,6 +101,20 @@ pub fn infer_shapes(model: &Model, inputs: &HashMap<String, Vec<usize>>) -> Resu
             };
             if let Some(shape) = node.outputs[slot].fact.shape.as_concrete() {
                 shapes.insert(label.to_string(), shape.to_vec());
+            }
+        }
+    }
+    // Constant nodes are folded away by tract, their labels with them: read their dims.
+    for node in &model.graph().node {
+        if node.op_type.as_deref() == Some("Constant") {
+            if let (Some(out), Some(t)) = (
+                node.output.first(),
+                node.attribute.iter().find_map(|a| a.t.as_ref()),
+            ) {
+                shapes.insert(
+                    out.clone(),
+                    t.dims.iter().map(|&d| d.max(0) as usize).collect(),
+                );
             }
         }
     }
