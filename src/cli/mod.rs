@@ -100,6 +100,7 @@ impl BackendArgs {
 }
 
 pub fn main() -> ExitCode {
+    reset_sigpipe();
     let cli = Cli::parse(); // usage errors exit with code 2
     let result = match cli.command {
         Command::Inspect(a) => inspect::run(a),
@@ -114,6 +115,16 @@ pub fn main() -> ExitCode {
             eprintln!("error: {e:#}");
             exit_code(&e)
         }
+    }
+}
+
+/// Rust ignores SIGPIPE, so `println!` into a closed pipe (`mudsc groups m.onnx | head`)
+/// panics; the default action ends the process quietly, as every Unix filter does.
+fn reset_sigpipe() {
+    #[cfg(unix)]
+    // SAFETY: called first thing in main, before any thread exists; only restores the default.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
     }
 }
 

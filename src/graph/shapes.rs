@@ -91,16 +91,33 @@ pub fn infer_shapes(model: &Model, inputs: &HashMap<String, Vec<usize>>) -> Resu
             .map_err(|e| err(format!("{e:#}")))?;
         input_shapes.insert(name, shape);
     }
-    let typed = tm.into_typed().map_err(|e| err(format!("{e:#}")))?;
     let mut shapes = input_shapes;
-    for node in typed.nodes() {
-        for slot in 0..node.outputs.len() {
-            let outlet = OutletId::new(node.id, slot);
-            let Some(label) = typed.outlet_label(outlet) else {
-                continue;
-            };
-            if let Some(shape) = node.outputs[slot].fact.shape.as_concrete() {
-                shapes.insert(label.to_string(), shape.to_vec());
+    match tm.clone().into_typed() {
+        Ok(typed) => {
+            for node in typed.nodes() {
+                for slot in 0..node.outputs.len() {
+                    let outlet = OutletId::new(node.id, slot);
+                    if let (Some(label), Some(shape)) = (
+                        typed.outlet_label(outlet),
+                        node.outputs[slot].fact.shape.as_concrete(),
+                    ) {
+                        shapes.insert(label.to_string(), shape.to_vec());
+                    }
+                }
+            }
+        }
+        // An op tract cannot type (a custom op, say): keep what the analysis alone derives.
+        // Values downstream of it stay without a shape, and discovery fixes what touches them.
+        Err(_) => {
+            let _ = tm.analyse(true);
+            for node in tm.nodes() {
+                for slot in 0..node.outputs.len() {
+                    let outlet = OutletId::new(node.id, slot);
+                    let shape = node.outputs[slot].fact.shape.as_concrete_finite();
+                    if let (Some(label), Ok(Some(shape))) = (tm.outlet_label(outlet), shape) {
+                        shapes.insert(label.to_string(), shape.to_vec());
+                    }
+                }
             }
         }
     }

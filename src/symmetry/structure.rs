@@ -73,7 +73,13 @@ pub fn resolve(slots: &mut Slots) -> Structure {
                         }
                     }
                 } else {
-                    conflicts.push((*w, "axis is reshaped in incompatible ways".into()));
+                    // Every factor of every reading must stay: fixing only the whole would
+                    // leave the factors of the readings not kept as its definition free.
+                    let reason = "axis is reshaped in incompatible ways";
+                    conflicts.push((*w, reason.into()));
+                    for p in splits.iter().flatten() {
+                        conflicts.push((*p, format!("factor of an {reason}")));
+                    }
                 }
             }
         }
@@ -92,6 +98,10 @@ pub fn resolve(slots: &mut Slots) -> Structure {
                     // A dropped slice range may span kept ones; a kept range may not.
                     if slots.slots[s].kind != SlotKind::Fresh {
                         conflicts.push((*w, "axis is cut in incompatible ranges".into()));
+                        for p in pieces {
+                            conflicts
+                                .push((p.2, "range of an axis cut in incompatible ways".into()));
+                        }
                     }
                     continue;
                 }
@@ -133,22 +143,17 @@ pub fn resolve(slots: &mut Slots) -> Structure {
     }
     let c = |s: SlotId| comp_of[s];
 
-    // Definitions.
+    // Definitions: every reading of each component.
+    let mut defs: BTreeMap<CompId, Vec<Def>> = BTreeMap::new();
     for (w, parts) in &slots.factors {
-        let whole = c(*w);
         let def = Def::Factor(parts.iter().map(|&p| c(p)).collect());
-        set_def(&mut comps[whole], def);
+        defs.entry(c(*w)).or_default().push(def);
     }
     let mut ranges: BTreeMap<CompId, BTreeMap<(usize, usize), CompId>> = BTreeMap::new();
-    let mut spans: BTreeMap<CompId, Vec<(usize, usize)>> = BTreeMap::new();
     for (w, pieces) in &slots.concats {
         for p in pieces {
-            ranges
-                .entry(c(*w))
-                .or_default()
-                .entry((p.offset, p.size))
-                .or_insert(c(p.slot));
-            spans.entry(c(*w)).or_default().push((p.offset, p.size));
+            let e = ranges.entry(c(*w)).or_default();
+            e.entry((p.offset, p.size)).or_insert(c(p.slot));
         }
     }
     for (whole, by_range) in ranges {
@@ -161,13 +166,22 @@ pub fn resolve(slots: &mut Slots) -> Structure {
             .collect();
         let covered: usize = pieces.iter().map(|p| p.1).sum();
         if covered != comps[whole].size {
-            comps[whole]
-                .fixed
-                .push("ranges of a cut axis are not all accounted for".into());
+            let reason = "ranges of a cut axis are not all accounted for";
+            comps[whole].fixed.push(reason.into());
         }
-        set_def(&mut comps[whole], Def::Concat(pieces));
+        defs.entry(whole).or_default().push(Def::Concat(pieces));
     }
-    let _ = spans;
+    for (comp, readings) in defs {
+        if readings.iter().all(|d| *d == readings[0]) {
+            comps[comp].def = readings[0].clone();
+        } else {
+            let reason = "axis is both split and cut, or split two ways";
+            comps[comp].fixed.push(reason.into());
+            for p in readings.iter().flat_map(parts) {
+                comps[p].fixed.push(format!("part of an {reason}"));
+            }
+        }
+    }
 
     // Fixed: rules' reasons and conflicts.
     for (s, reason) in &slots.fixed {
@@ -194,16 +208,6 @@ fn interior_cuts(bounds: &BTreeSet<usize>, offset: usize, size: usize) -> usize 
         return 0;
     }
     bounds.range(offset + 1..offset + size).count()
-}
-
-fn set_def(comp: &mut Comp, def: Def) {
-    match (&comp.def, &def) {
-        (Def::Leaf, _) => comp.def = def,
-        (a, b) if a == b => {}
-        _ => comp
-            .fixed
-            .push("axis is both split and cut, or split two ways".into()),
-    }
 }
 
 fn parts(def: &Def) -> Vec<CompId> {

@@ -108,3 +108,28 @@ pub fn fixture_models() -> Vec<(PathBuf, PathBuf)> {
     }
     out
 }
+
+/// Directory of the per-rule models built once per test binary by
+/// `tests/py/make_rule_models.py`, with their `expected.json`.
+pub fn rule_models() -> &'static Path {
+    static DIR: OnceLock<PathBuf> = OnceLock::new();
+    DIR.get_or_init(|| {
+        let dir = std::env::temp_dir().join(format!("mudsc-rule-models-{}", std::process::id()));
+        python(&[
+            root()
+                .join("tests/py/make_rule_models.py")
+                .to_str()
+                .unwrap(),
+            dir.to_str().unwrap(),
+        ]);
+        dir
+    })
+}
+
+/// The first `n` rows of every array (a smaller calibration set for slow checks).
+pub fn head_rows(arrays: &[TensorData], n: usize) -> Vec<TensorData> {
+    arrays
+        .iter()
+        .map(|t| t.slice_rows(0, n.min(t.shape()[0])))
+        .collect()
+}
