@@ -41,6 +41,15 @@ pub enum Error {
         reason: String,
     },
 
+    /// Two models that should share an architecture do not.
+    #[error("{} and {} differ in structure at node '{node}': {reason}", a.display(), b.display())]
+    Mismatch {
+        a: PathBuf,
+        b: PathBuf,
+        node: String,
+        reason: String,
+    },
+
     /// A tensor's contents are inconsistent with its declared type or shape.
     #[error("tensor '{name}': {reason}")]
     Tensor { name: String, reason: String },

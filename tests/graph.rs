@@ -106,3 +106,47 @@ fn static_shapes_for_a_given_input_shape() {
     // A symbolic dimension with no shape given is a usage error, not a guess.
     assert!(infer_shapes(&m, &HashMap::new()).is_err());
 }
+
+#[test]
+fn fixture_pairs_share_an_architecture_and_different_ones_are_named() {
+    use mudsc::graph::same_architecture;
+    let dir = common::root().join("fixtures/models");
+    for pair in [
+        "mlp",
+        "resnet20_bn_folded",
+        "resnet20_gn",
+        "vit",
+        "vit_mha",
+        "dwcnn",
+        "flax_cnn",
+    ] {
+        let a = onnx::load(dir.join(format!("{pair}_a.onnx"))).unwrap();
+        let b = onnx::load(dir.join(format!("{pair}_b.onnx"))).unwrap();
+        same_architecture(&a, &b).unwrap_or_else(|e| panic!("{pair}: {e}"));
+    }
+    let mlp = onnx::load(dir.join("mlp_a.onnx")).unwrap();
+    let resnet = onnx::load(dir.join("resnet20_bn_folded_a.onnx")).unwrap();
+    let e = same_architecture(&mlp, &resnet).unwrap_err().to_string();
+    assert!(
+        e.contains("mlp_a.onnx") && e.contains("resnet20_bn_folded_a.onnx"),
+        "{e}"
+    );
+    // A changed attribute is found and its node named.
+    let mut changed = onnx::load(dir.join("resnet20_bn_folded_b.onnx")).unwrap();
+    let graph = changed.proto.graph.as_mut().unwrap();
+    let conv = graph
+        .node
+        .iter_mut()
+        .position(|n| n.op_type.as_deref() == Some("Conv"))
+        .unwrap();
+    let name = graph.node[conv].name.clone().unwrap();
+    for attr in &mut graph.node[conv].attribute {
+        if attr.name.as_deref() == Some("pads") {
+            attr.ints = vec![0, 0, 0, 0];
+        }
+    }
+    let e = same_architecture(&resnet, &changed)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains(&name) && e.contains("attributes"), "{e}");
+}

@@ -2,6 +2,7 @@
 //! and consumer lookup, initializers, `Constant` values, graph inputs and outputs, a topological
 //! order, and the subgraphs (If/Loop/Scan bodies) that discovery must treat with care.
 
+mod compare;
 mod shapes;
 
 use std::collections::HashMap;
@@ -12,6 +13,7 @@ use crate::error::{Error, Result};
 use crate::onnx::proto::{GraphProto, NodeProto, TensorProto, ValueInfoProto};
 use crate::onnx::Model;
 
+pub use compare::same_architecture;
 pub use shapes::{declared as shapes_declared, infer_shapes, Dim, ShapeMap};
 
 /// Where a value comes from.

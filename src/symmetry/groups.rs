@@ -56,8 +56,8 @@ pub struct Group {
 
 /// Builds the groups: every free leaf with at least one weight axis depending on it.
 pub fn build(st: &Structure, slots: &Slots, graph: &Graph) -> Vec<Group> {
-    // Which leaves each weight axis depends on.
-    let mut weight_axes: Vec<(usize, BTreeSet<CompId>)> = Vec::new();
+    // Weight axes by the leaves they depend on.
+    let mut weights_of: BTreeMap<CompId, Vec<usize>> = BTreeMap::new();
     for (s, slot) in slots.slots.iter().enumerate() {
         if slot.kind == SlotKind::Weight {
             let leaves: BTreeSet<CompId> = st
@@ -66,7 +66,9 @@ pub fn build(st: &Structure, slots: &Slots, graph: &Graph) -> Vec<Group> {
                 .into_iter()
                 .flatten()
                 .collect();
-            weight_axes.push((s, leaves));
+            for leaf in leaves {
+                weights_of.entry(leaf).or_default().push(s);
+            }
         }
     }
     let is_block_of: BTreeSet<CompId> = st.comps.iter().filter_map(|c| c.block_of).collect();
@@ -94,11 +96,15 @@ pub fn build(st: &Structure, slots: &Slots, graph: &Graph) -> Vec<Group> {
     let mut groups = Vec::new();
     for leaf in leaves {
         let block = st.comps[leaf].block_of;
-        let involved: BTreeSet<CompId> = std::iter::once(leaf).chain(block).collect();
-        let members: Vec<Member> = weight_axes
-            .iter()
-            .filter(|(_, l)| l.iter().any(|c| involved.contains(c)))
-            .map(|&(s, _)| {
+        let mut axes: Vec<usize> = std::iter::once(leaf)
+            .chain(block)
+            .flat_map(|c| weights_of.get(&c).cloned().unwrap_or_default())
+            .collect();
+        axes.sort_unstable();
+        axes.dedup();
+        let members: Vec<Member> = axes
+            .into_iter()
+            .map(|s| {
                 let slot = &slots.slots[s];
                 Member {
                     tensor: slot.tensor.clone(),
@@ -227,21 +233,40 @@ fn choose_taps(groups: &mut [Group], st: &Structure, slots: &Slots, graph: &Grap
             order.insert(o.clone(), pos);
         }
     }
+    // Activation tensors by the component of each of their axes, and by product components.
+    let mut by_comp: BTreeMap<CompId, BTreeSet<&String>> = BTreeMap::new();
+    for (name, axes) in slots.tensors() {
+        if !order.contains_key(name) {
+            continue;
+        }
+        for &s in axes.iter().flatten() {
+            if slots.slots[s].kind == SlotKind::Activation {
+                by_comp.entry(st.comp_of[s]).or_default().insert(name);
+            }
+        }
+    }
+    let mut products: BTreeMap<(CompId, CompId), Vec<CompId>> = BTreeMap::new();
+    for (c, comp) in st.comps.iter().enumerate() {
+        if let Def::Factor(parts) = &comp.def {
+            if let [b, l] = parts[..] {
+                products.entry((b, l)).or_default().push(c);
+            }
+        }
+    }
     for g in groups.iter_mut() {
-        let target = |c: CompId| {
-            c == g.leaf
-                || g.block
-                    .is_some_and(|b| st.comps[c].def == Def::Factor(vec![b, g.leaf]))
-        };
-        let mut taps: Vec<(usize, String, bool)> = slots
-            .tensors()
-            .filter(|(name, axes)| {
-                order.contains_key(*name)
-                    && axes.iter().flatten().any(|&s| {
-                        slots.slots[s].kind == SlotKind::Activation && target(st.comp_of[s])
-                    })
-            })
-            .map(|(name, _)| {
+        let mut comps = vec![g.leaf];
+        if let Some(b) = g.block {
+            comps.extend(products.get(&(b, g.leaf)).cloned().unwrap_or_default());
+        }
+        let names: BTreeSet<&String> = comps
+            .iter()
+            .filter_map(|c| by_comp.get(c))
+            .flatten()
+            .copied()
+            .collect();
+        let mut taps: Vec<(usize, String, bool)> = names
+            .into_iter()
+            .map(|name| {
                 let read_by_layer = graph.consumers(name).iter().any(|&(n, slot)| {
                     let node = graph.node(n);
                     slot == 0
