@@ -10,8 +10,10 @@ pub mod error;
 pub mod eval;
 pub mod graph;
 pub mod inspect;
+pub mod merge;
 pub mod onnx;
 pub mod runtime;
+pub mod stats;
 pub mod symmetry;
 
 pub use error::{Error, Result};

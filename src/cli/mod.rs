@@ -5,6 +5,7 @@ mod check;
 mod eval;
 mod groups;
 mod inspect;
+mod merge;
 mod run;
 
 use std::path::PathBuf;
@@ -52,6 +53,11 @@ enum Command {
         after_help = "Example:\n  mudsc check fixtures/models/vit_a.onnx --data fixtures/data/calib.npz --trials 3"
     )]
     Check(check::CheckArgs),
+    /// Merge two or more models of one architecture into one (MuDSC and its baselines).
+    #[command(
+        after_help = "Example:\n  mudsc merge fixtures/models/mlp_a.onnx fixtures/models/mlp_b.onnx -o merged.onnx --calib fixtures/data/calib.npz\n  mudsc merge a.onnx b.onnx -o m.onnx --calib c.npz --method zipit --report merge.json"
+    )]
+    Merge(merge::MergeArgs),
 }
 
 /// Backend selection shared by every command that runs a model.
@@ -108,6 +114,7 @@ pub fn main() -> ExitCode {
         Command::Eval(a) => eval::run(a),
         Command::Groups(a) => groups::run(a),
         Command::Check(a) => check::run(a),
+        Command::Merge(a) => merge::run(a),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -136,3 +136,30 @@ fn origin(g: &Graph, value: &str) -> String {
         None => "an outer scope".into(),
     }
 }
+
+/// For models of the same architecture: each value name of `a` → the name of the value in the
+/// same place of `b` (node inputs and outputs by position, graph inputs and outputs by order).
+pub fn value_map(a: &Model, b: &Model) -> std::collections::HashMap<String, String> {
+    let (ga, gb) = (a.graph(), b.graph());
+    let mut map = std::collections::HashMap::new();
+    let pairs = ga
+        .input
+        .iter()
+        .zip(&gb.input)
+        .chain(ga.output.iter().zip(&gb.output))
+        .filter_map(|(x, y)| Some((x.name.clone()?, y.name.clone()?)));
+    map.extend(pairs);
+    for (x, y) in ga.node.iter().zip(&gb.node) {
+        for (p, q) in x
+            .input
+            .iter()
+            .zip(&y.input)
+            .chain(x.output.iter().zip(&y.output))
+        {
+            if !p.is_empty() {
+                map.entry(p.clone()).or_insert_with(|| q.clone());
+            }
+        }
+    }
+    map
+}

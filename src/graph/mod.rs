@@ -13,7 +13,7 @@ use crate::error::{Error, Result};
 use crate::onnx::proto::{GraphProto, NodeProto, TensorProto, ValueInfoProto};
 use crate::onnx::Model;
 
-pub use compare::same_architecture;
+pub use compare::{same_architecture, value_map};
 pub use shapes::{declared as shapes_declared, infer_shapes, Dim, ShapeMap};
 
 /// Where a value comes from.

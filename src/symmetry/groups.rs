@@ -47,6 +47,8 @@ pub struct Group {
     pub taps: Vec<String>,
     /// The tap calibration reads (the input of the last weight layer that consumes the units).
     pub tap: Option<String>,
+    /// The axis of `tap` that holds the units.
+    pub tap_axis: Option<usize>,
     /// Internal: the leaf component and, for blocked groups, the block component.
     #[serde(skip)]
     pub leaf: CompId,
@@ -133,6 +135,7 @@ pub fn build(st: &Structure, slots: &Slots, graph: &Graph) -> Vec<Group> {
             members,
             taps: vec![],
             tap: None,
+            tap_axis: None,
             leaf,
             block,
         });
@@ -254,10 +257,11 @@ fn choose_taps(groups: &mut [Group], st: &Structure, slots: &Slots, graph: &Grap
         }
     }
     for g in groups.iter_mut() {
-        let mut comps = vec![g.leaf];
-        if let Some(b) = g.block {
-            comps.extend(products.get(&(b, g.leaf)).cloned().unwrap_or_default());
-        }
+        // A blocked group's units are whole only where block × leaf is one axis.
+        let comps = match g.block {
+            None => vec![g.leaf],
+            Some(b) => products.get(&(b, g.leaf)).cloned().unwrap_or_default(),
+        };
         let names: BTreeSet<&String> = comps
             .iter()
             .filter_map(|c| by_comp.get(c))
@@ -287,5 +291,10 @@ fn choose_taps(groups: &mut [Group], st: &Structure, slots: &Slots, graph: &Grap
             .or_else(|| taps.last())
             .map(|t| t.1.clone());
         g.taps = taps.into_iter().map(|t| t.1).collect();
+        g.tap_axis = g.tap.as_ref().and_then(|t| {
+            let axes = slots.of(t)?;
+            axes.iter()
+                .position(|s| s.is_some_and(|s| comps.contains(&st.comp_of[s])))
+        });
     }
 }

@@ -31,6 +31,11 @@ impl Assignment {
 type Context = Vec<(CompId, usize)>;
 
 impl Structure {
+    /// The leaf indices an index of component `c` decomposes into (one path of ranges).
+    pub fn collect_leaves(&self, c: CompId, index: usize, ctx: &mut Vec<(CompId, usize)>) {
+        self.collect(c, index, ctx)
+    }
+
     fn collect(&self, c: CompId, index: usize, ctx: &mut Context) {
         match &self.comps[c].def {
             Def::Leaf => ctx.push((c, index)),
@@ -169,7 +174,7 @@ pub fn random_assignment(
 /// SplitMix64, written out because its output is fixed forever: `rand`'s `StdRng` may change
 /// its stream between versions, and a seed must give the same permutations (and so the same
 /// merged bytes) on every build.
-struct SplitMix(u64);
+pub(crate) struct SplitMix(pub(crate) u64);
 
 impl SplitMix {
     fn next(&mut self) -> u64 {
@@ -178,6 +183,14 @@ impl SplitMix {
         z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
         z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
         z ^ (z >> 31)
+    }
+
+    /// Fisher–Yates shuffle in place.
+    pub(crate) fn shuffle(&mut self, v: &mut [usize]) {
+        for i in (1..v.len()).rev() {
+            let j = (self.next() % (i as u64 + 1)) as usize;
+            v.swap(i, j);
+        }
     }
 
     /// Fisher–Yates, never the identity when n > 1 (so every check really moves units).

@@ -1,0 +1,326 @@
+//! Matchers: from a similarity matrix over all models' units (model-major, `[N·W, N·W]`) to
+//! the unmerge matrix P (`[N·W, W]`) and the merge value (mean similarity of what was matched),
+//! following `shared/docs/algorithm.md` §4 and §5.
+
+use ndarray::{s, Array2, ArrayView2};
+
+use crate::error::{Error, Result};
+
+#[derive(Clone, Debug)]
+pub struct Matched {
+    pub p: Array2<f64>,
+    pub value: f64,
+}
+
+/// Exact linear assignment maximising the total (the `lsap` crate, a port of scipy's solver).
+/// Returns `col[r]` for every row.
+pub fn lap(m: ArrayView2<f64>) -> Result<Vec<usize>> {
+    let (nr, nc) = m.dim();
+    let cost: Vec<f64> = m
+        .iter()
+        .map(|&v| if v.is_finite() { v } else { -1e9 })
+        .collect();
+    let (rows, cols) = lsap::solve(nr, nc, &cost, true)
+        .map_err(|e| Error::Usage(format!("assignment failed: {e:?}")))?;
+    let mut out = vec![0; nr];
+    for (r, c) in rows.into_iter().zip(cols) {
+        out[r] = c;
+    }
+    Ok(out)
+}
+
+/// Alignment (§4a): every model i > 0 is matched to model 0 by LAP on the (0, i) block;
+/// merged unit r = model 0's unit r and model i's unit σ_i(r).
+pub fn align(sim: ArrayView2<f64>, models: usize) -> Result<Matched> {
+    let w = sim.nrows() / models;
+    let mut p = Array2::zeros((models * w, w));
+    for r in 0..w {
+        p[[r, r]] = 1.0;
+    }
+    let mut total = 0.0;
+    for i in 1..models {
+        let block = sim.slice(s![0..w, i * w..(i + 1) * w]);
+        let sigma = lap(block)?;
+        for (r, &c) in sigma.iter().enumerate() {
+            p[[i * w + c, r]] = 1.0;
+            total += block[[r, c]];
+        }
+    }
+    let value = if models > 1 {
+        total / (w * (models - 1)).max(1) as f64
+    } else {
+        0.0
+    };
+    Ok(Matched { p, value })
+}
+
+/// Group alignment (§5a): for every pair of blocks (model 0's j, model i's k) an inner LAP
+/// gives their unit matching and its mean similarity G[j,k]; an outer LAP on G (plus
+/// `extra_g`, the G of groups that share this block order) pairs the blocks.
+pub fn group_align(
+    sim: ArrayView2<f64>,
+    models: usize,
+    blocks: usize,
+    block_size: usize,
+    shared: &[Array2<f64>],
+) -> Result<(Matched, Array2<f64>)> {
+    let w = blocks * block_size;
+    let mut p = Array2::zeros((models * w, w));
+    let mut bp = Array2::zeros((models * blocks, blocks));
+    for j in 0..blocks {
+        bp[[j, j]] = 1.0;
+        for u in 0..block_size {
+            p[[j * block_size + u, j * block_size + u]] = 1.0;
+        }
+    }
+    let mut total = 0.0;
+    for i in 1..models {
+        let (g, inner) = block_scores(sim, i, w, blocks, block_size)?;
+        let mut outer = g.clone();
+        for extra in shared {
+            outer += extra;
+        }
+        let tau = lap(outer.view())?;
+        for (j, &k) in tau.iter().enumerate() {
+            bp[[i * blocks + k, j]] = 1.0;
+            total += g[[j, k]];
+            for (u, &v) in inner[j * blocks + k].iter().enumerate() {
+                p[[i * w + k * block_size + v, j * block_size + u]] = 1.0;
+            }
+        }
+    }
+    let value = if models > 1 {
+        total / (blocks * (models - 1)) as f64
+    } else {
+        0.0
+    };
+    Ok((Matched { p, value }, bp))
+}
+
+/// Block-pair scores G (model 0 vs model i) and the inner matchings, `inner[j·blocks + k]`.
+pub fn block_scores(
+    sim: ArrayView2<f64>,
+    i: usize,
+    w: usize,
+    blocks: usize,
+    block_size: usize,
+) -> Result<(Array2<f64>, Vec<Vec<usize>>)> {
+    let mut g = Array2::zeros((blocks, blocks));
+    let mut inner = Vec::with_capacity(blocks * blocks);
+    for j in 0..blocks {
+        for k in 0..blocks {
+            let sub = sim.slice(s![
+                j * block_size..(j + 1) * block_size,
+                i * w + k * block_size..i * w + (k + 1) * block_size
+            ]);
+            let c = lap(sub)?;
+            g[[j, k]] =
+                c.iter().enumerate().map(|(r, &c)| sub[[r, c]]).sum::<f64>() / block_size as f64;
+            inner.push(c);
+        }
+    }
+    Ok((g, inner))
+}
+
+/// ZipIt's greedy zip (§4b) with MuDSC's defaults: repeatedly merge the most similar pair
+/// (same-model pairs allowed up to a budget of W/2 per model; `a` scales a merged cluster's
+/// similarities so that it merges again less eagerly) until W clusters remain. Rows and
+/// columns are dropped from an active list instead of being deleted.
+pub fn zip(sim: ArrayView2<f64>, models: usize, a: f64, b: f64) -> Matched {
+    let o = sim.nrows();
+    let w = o / models;
+    let target = w;
+    let mut s = sim.to_owned();
+    for k in 0..o {
+        s[[k, k]] = f64::NEG_INFINITY;
+    }
+    let mut clusters: Vec<Vec<usize>> = (0..o).map(|k| vec![k]).collect();
+    let model: Vec<usize> = (0..o).map(|k| k / w).collect();
+    let mut active: Vec<usize> = (0..o).collect();
+    let mut budget = vec![(((o - target) / models) as f64 * b + 1e-4).floor() as i64; models];
+    let mut values = Vec::new();
+    while active.len() > target {
+        let mut best = (f64::NEG_INFINITY, usize::MAX, usize::MAX);
+        for (xi, &x) in active.iter().enumerate() {
+            for &y in &active[xi + 1..] {
+                if s[[x, y]] > best.0 {
+                    best = (s[[x, y]], x, y);
+                }
+            }
+        }
+        let (v, i, j) = best;
+        if i == usize::MAX {
+            // Only −inf left (cannot happen with a > 0 and b = 1, guarded all the same):
+            // merge the two first active units rather than corrupting the clusters.
+            let (i, j) = (active[0], active[1]);
+            merge_into(&mut s, &mut clusters, &mut active, i, j, a);
+            continue;
+        }
+        values.push(v);
+        let (mi, mj) = (model[i], model[j]);
+        merge_into(&mut s, &mut clusters, &mut active, i, j, a);
+        if mi == mj {
+            budget[mi] -= 1;
+            if budget[mi] <= 0 {
+                for &x in &active {
+                    for &y in &active {
+                        if model[x] == mi && model[y] == mi {
+                            s[[x, y]] = f64::NEG_INFINITY;
+                        }
+                    }
+                }
+            }
+        }
+    }
+    let mut p = Array2::zeros((o, target));
+    for (col, &k) in active.iter().enumerate() {
+        for &unit in &clusters[k] {
+            p[[unit, col]] = 1.0;
+        }
+    }
+    let value = if values.is_empty() {
+        0.0
+    } else {
+        values.iter().sum::<f64>() / values.len() as f64
+    };
+    Matched { p, value }
+}
+
+/// Merges cluster `j` into `i` (i < j keeps the lower index, as the reference does).
+fn merge_into(
+    s: &mut Array2<f64>,
+    clusters: &mut [Vec<usize>],
+    active: &mut Vec<usize>,
+    i: usize,
+    j: usize,
+    a: f64,
+) {
+    let (i, j) = (i.min(j), i.max(j));
+    let moved = std::mem::take(&mut clusters[j]);
+    clusters[i].extend(moved);
+    active.retain(|&k| k != j);
+    for &k in active.iter() {
+        if k == i {
+            continue;
+        }
+        let col = s[[k, i]].min(s[[k, j]]) * a;
+        let row = s[[i, k]].min(s[[j, k]]) * a;
+        s[[k, i]] = col;
+        s[[i, k]] = row;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Brute force over all permutations: the exact optimum.
+    fn best_by_brute_force(m: &Array2<f64>) -> f64 {
+        fn go(m: &Array2<f64>, r: usize, used: &mut Vec<bool>) -> f64 {
+            if r == m.nrows() {
+                return 0.0;
+            }
+            let mut best = f64::NEG_INFINITY;
+            for c in 0..m.ncols() {
+                if !used[c] {
+                    used[c] = true;
+                    best = best.max(m[[r, c]] + go(m, r + 1, used));
+                    used[c] = false;
+                }
+            }
+            best
+        }
+        go(m, 0, &mut vec![false; m.ncols()])
+    }
+
+    #[test]
+    fn lap_agrees_with_an_exact_solver_on_random_and_tie_heavy_matrices() {
+        let mut state = 42u64;
+        let mut next = || {
+            state = state
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            (state >> 33) as f64 / (1u64 << 31) as f64
+        };
+        for trial in 0..60 {
+            let n = 2 + trial % 6;
+            let ties = trial % 2 == 0;
+            let m = Array2::from_shape_fn((n, n), |_| {
+                let v = next();
+                if ties {
+                    (v * 3.0).floor()
+                } else {
+                    v
+                }
+            });
+            let cols = lap(m.view()).unwrap();
+            let mut seen = cols.clone();
+            seen.sort();
+            assert_eq!(seen, (0..n).collect::<Vec<_>>(), "not a permutation");
+            let got: f64 = cols.iter().enumerate().map(|(r, &c)| m[[r, c]]).sum();
+            assert!(
+                (got - best_by_brute_force(&m)).abs() < 1e-9,
+                "trial {trial}"
+            );
+        }
+    }
+
+    #[test]
+    fn align_recovers_a_hidden_permutation() {
+        let w = 5;
+        let sigma = [3, 0, 4, 1, 2];
+        let mut sim = Array2::from_elem((2 * w, 2 * w), 0.1);
+        for (r, &c) in sigma.iter().enumerate() {
+            sim[[r, w + c]] = 0.9;
+            sim[[w + c, r]] = 0.9;
+        }
+        let m = align(sim.view(), 2).unwrap();
+        for (r, &c) in sigma.iter().enumerate() {
+            assert_eq!(m.p[[w + c, r]], 1.0);
+            assert_eq!(m.p[[r, r]], 1.0);
+        }
+        assert!((m.value - 0.9).abs() < 1e-12);
+    }
+
+    #[test]
+    fn zip_pairs_the_most_similar_units_and_keeps_the_width() {
+        let w = 4;
+        let mut sim = Array2::from_elem((2 * w, 2 * w), 0.0);
+        for r in 0..w {
+            sim[[r, w + (r + 1) % w]] = 1.0;
+            sim[[w + (r + 1) % w, r]] = 1.0;
+        }
+        let m = zip(sim.view(), 2, 0.5, 1.0);
+        assert_eq!(m.p.ncols(), w);
+        for r in 0..w {
+            let col = (0..w).find(|&c| m.p[[r, c]] == 1.0).unwrap();
+            assert_eq!(
+                m.p[[w + (r + 1) % w, col]],
+                1.0,
+                "unit {r} not zipped with its twin"
+            );
+        }
+        // Every unit in exactly one cluster.
+        assert!(m.p.rows().into_iter().all(|row| row.sum() == 1.0));
+    }
+
+    #[test]
+    fn group_align_pairs_blocks_then_units() {
+        // Two blocks of 2; B's blocks are swapped and units inside reversed.
+        let (blocks, bs) = (2, 2);
+        let w = blocks * bs;
+        let mut sim = Array2::from_elem((2 * w, 2 * w), 0.0);
+        let b_of = |u: usize| {
+            let (j, k) = (u / bs, u % bs);
+            (1 - j) * bs + (bs - 1 - k)
+        };
+        for u in 0..w {
+            sim[[u, w + b_of(u)]] = 1.0;
+        }
+        let (m, bp) = group_align(sim.view(), 2, blocks, bs, &[]).unwrap();
+        for u in 0..w {
+            assert_eq!(m.p[[w + b_of(u), u]], 1.0);
+        }
+        assert_eq!(bp[[2 + 1, 0]], 1.0);
+    }
+}

@@ -1,0 +1,543 @@
+//! The merge: calibration statistics, dual-space similarity, matching, and the merged
+//! initializers, for any number of models of one architecture (`shared/docs/algorithm.md`).
+//!
+//! Deviations from the reference, each a fix of a defect it documents (§9):
+//! - P2: the groups of one attention layer share one head assignment (their head-level
+//!   scores are summed before the outer assignment), so alignment stays function-preserving.
+//! - P1: the Q/K group reads Q's projection output (the reference reads K twice).
+//! - P9: statistics in f64 with variances clamped at 0; dead units correlate 0.
+//! - P10: moments weight every sample equally (exact for any batch sizes).
+//! - Weight vectors map neighbour axes with the unmerge P on every axis (the reference swaps
+//!   merge and unmerge, P4); identical for alignment.
+//! - Blocked groups under zip methods are group-aligned (group zip is not implemented yet).
+
+mod calib;
+mod matching;
+mod units;
+mod weights;
+
+use std::collections::{BTreeMap, HashMap};
+use std::time::Instant;
+
+use ndarray::Array2;
+use serde::Serialize;
+
+use crate::error::{Error, Result};
+use crate::graph::{infer_shapes, same_architecture, value_map, Graph};
+use crate::onnx::proto::StringStringEntryProto;
+use crate::onnx::{Model, TensorData};
+use crate::runtime::{BackendKind, BackendOptions};
+use crate::symmetry::permute::SplitMix;
+use crate::symmetry::{self, GroupKind};
+
+pub use matching::{align, group_align, lap, zip, Matched};
+pub use units::{Layout, Matchings, Role};
+
+/// The merge methods of the MuDSC paper's comparison.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Method {
+    /// Plain weight averaging (P = [I; I]).
+    Avg,
+    /// Git Re-Basin weight matching: weight similarity, alignment, iterated.
+    Rebasin,
+    /// Activation alignment.
+    ActAlign,
+    /// ZipIt without partial zip: activation zip.
+    Zipit,
+    /// Weight zip, iterated.
+    WeightZip,
+    /// Alignment-based MuDSC: activation start, iterated on α·weight + (1−α)·activation.
+    MudscAlign,
+    /// Zip-based MuDSC (the default).
+    MudscZip,
+}
+
+impl Method {
+    pub const ALL: [Method; 7] = [
+        Method::Avg,
+        Method::Rebasin,
+        Method::ActAlign,
+        Method::Zipit,
+        Method::WeightZip,
+        Method::MudscAlign,
+        Method::MudscZip,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Method::Avg => "avg",
+            Method::Rebasin => "rebasin",
+            Method::ActAlign => "act-align",
+            Method::Zipit => "zipit",
+            Method::WeightZip => "weight-zip",
+            Method::MudscAlign => "mudsc-align",
+            Method::MudscZip => "mudsc-zip",
+        }
+    }
+
+    fn uses_activations(self) -> bool {
+        matches!(
+            self,
+            Method::ActAlign | Method::Zipit | Method::MudscAlign | Method::MudscZip
+        )
+    }
+
+    fn iterates(self) -> bool {
+        matches!(
+            self,
+            Method::Rebasin | Method::WeightZip | Method::MudscAlign | Method::MudscZip
+        )
+    }
+
+    fn zips(self) -> bool {
+        matches!(self, Method::Zipit | Method::WeightZip | Method::MudscZip)
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct MergeOptions {
+    pub method: Method,
+    /// Weight-space share of the dual similarity.
+    pub alpha: f64,
+    /// Zip: similarity decay of a merged cluster (`a`) and same-model budget factor (`b`).
+    pub zip_a: f64,
+    pub zip_b: f64,
+    pub seed: u64,
+    pub backend: BackendKind,
+    pub backend_options: BackendOptions,
+    pub batch: usize,
+    pub max_sweeps: usize,
+    pub patience: usize,
+}
+
+impl Default for MergeOptions {
+    fn default() -> Self {
+        MergeOptions {
+            method: Method::MudscZip,
+            alpha: 0.5,
+            zip_a: 0.5,
+            zip_b: 1.0,
+            seed: 0,
+            backend: BackendKind::Tract,
+            backend_options: BackendOptions::default(),
+            batch: 64,
+            max_sweeps: 100,
+            patience: 5,
+        }
+    }
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct GroupReport {
+    pub id: usize,
+    pub width: usize,
+    pub kind: String,
+    /// What the final matching was computed from.
+    pub similarity: String,
+    /// Mean similarity of the matched units (blocks, for blocked groups).
+    pub merge_value: f64,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct MergeReport {
+    pub method: Method,
+    pub alpha: f64,
+    pub models: Vec<String>,
+    pub calibration_samples: usize,
+    pub groups: Vec<GroupReport>,
+    pub sweeps: usize,
+    pub fixed_weight_axes: usize,
+    pub unknown_ops: BTreeMap<String, usize>,
+    /// Seconds per phase.
+    pub seconds: BTreeMap<String, f64>,
+}
+
+/// Merges `models` (same architecture) into one with model 0's graph, names and opsets.
+/// `calib` holds calibration inputs bound to model 0's graph inputs.
+pub fn merge(
+    models: &[Model],
+    calib: &[TensorData],
+    opts: &MergeOptions,
+    progress: &mut dyn FnMut(&str, usize, usize),
+) -> Result<(Model, MergeReport)> {
+    if models.len() < 2 {
+        return Err(Error::Usage("merging needs at least two models".into()));
+    }
+    let mut seconds = BTreeMap::new();
+    let mut clock = Instant::now();
+    let mut lap_time = |name: &str, clock: &mut Instant| {
+        seconds.insert(name.to_string(), clock.elapsed().as_secs_f64());
+        *clock = Instant::now();
+    };
+    let base = &models[0];
+    for other in &models[1..] {
+        same_architecture(base, other)?;
+    }
+    let names: Vec<HashMap<String, String>> = models.iter().map(|m| value_map(base, m)).collect();
+
+    // Discovery on model 0, for the calibration batch shape.
+    let first = crate::data::input_shapes(base, Some(calib), &[], 1)?;
+    let first: HashMap<String, Vec<usize>> = first
+        .into_iter()
+        .map(|(k, mut v)| {
+            if let Some(d) = v.first_mut() {
+                *d = (*d).min(opts.batch.max(1));
+            }
+            (k, v)
+        })
+        .collect();
+    let disc = symmetry::discover(base, &infer_shapes(base, &first)?)?;
+    lap_time("discovery", &mut clock);
+
+    // Weights of every model, by model-0 name.
+    let weights: weights::Weights = models
+        .iter()
+        .zip(&names)
+        .map(|(m, map)| {
+            let by_name: HashMap<&str, &crate::onnx::proto::TensorProto> = m
+                .graph()
+                .initializer
+                .iter()
+                .filter_map(|t| Some((t.name.as_deref()?, t)))
+                .collect();
+            let mut out = HashMap::new();
+            for t in &base.graph().initializer {
+                let name = t.name.clone().unwrap_or_default();
+                let other = map.get(&name).map_or(name.as_str(), String::as_str);
+                if let Some(tp) = by_name.get(other) {
+                    if let Some(a) = weights::as_f64(&TensorData::from_proto(tp)?) {
+                        out.insert(name, a);
+                    }
+                }
+            }
+            Ok(out)
+        })
+        .collect::<Result<_>>()?;
+    lap_time("load", &mut clock);
+
+    // Activation statistics.
+    let mut act: HashMap<usize, Array2<f64>> = HashMap::new();
+    if opts.method.uses_activations() {
+        let taps: Vec<calib::Tap> = disc
+            .groups
+            .iter()
+            .filter_map(|g| {
+                let (tap, axis) = (g.tap.clone()?, g.tap_axis?);
+                let tap_names = names
+                    .iter()
+                    .map(|m| m.get(&tap).cloned().unwrap_or(tap.clone()))
+                    .collect();
+                Some(calib::Tap {
+                    group: g.id,
+                    names: tap_names,
+                    axis,
+                    width: g.width,
+                })
+            })
+            .collect();
+        let moments = calib::collect(
+            models,
+            &taps,
+            calib,
+            opts.batch,
+            opts.backend,
+            &opts.backend_options,
+            &mut |done, total| progress("calibration", done, total),
+        )?;
+        lap_time("calibration", &mut clock);
+        act = moments
+            .into_iter()
+            .map(|(g, m)| (g, m.correlation()))
+            .collect();
+        lap_time("statistics", &mut clock);
+    }
+
+    // Matching.
+    let layout = Layout::new(&disc.structure, &disc.groups);
+    let n = models.len();
+    let mut m = Matchings {
+        models: n,
+        ..Default::default()
+    };
+    let units = matching_units(&disc.groups);
+    let mut values: Values = HashMap::new();
+    let mut sweeps = 0;
+    if opts.method == Method::Avg {
+        for g in &disc.groups {
+            let (p, bp) = identity(g, n);
+            m.p.insert(g.id, p);
+            if let Some(bp) = bp {
+                m.blocks.insert(g.id, bp);
+            }
+            values.insert(g.id, (f64::NAN, "identity".into()));
+        }
+    } else {
+        let weight_sim = |g: &symmetry::Group, m: &Matchings| {
+            weights::unit_vectors(g, &layout, &disc.slots, &weights, m)
+                .map(|z| crate::stats::row_correlation(z.view()))
+        };
+        // Start: activations where the method uses them.
+        if opts.method.uses_activations() {
+            for unit in &units {
+                let sims: Vec<(usize, Array2<f64>, String)> = unit
+                    .iter()
+                    .map(|&g| match act.get(&g) {
+                        Some(a) => (g, a.clone(), "activation".to_string()),
+                        None => {
+                            let s = weight_sim(&disc.groups[g], &m)
+                                .unwrap_or_else(|| Array2::eye(n * disc.groups[g].width));
+                            (g, s, "weight (no tap)".to_string())
+                        }
+                    })
+                    .collect();
+                match_unit(&disc.groups, &sims, opts, &mut m, &mut values)?;
+            }
+        }
+        if opts.method.iterates() {
+            let mut rng = SplitMix(opts.seed ^ 0x9E37_79B9_7F4A_7C15);
+            let mut best: Option<(Matchings, Values)> = None;
+            let (mut best_value, mut stall) = (f64::NEG_INFINITY, 0);
+            for sweep in 0..opts.max_sweeps {
+                sweeps = sweep + 1;
+                let mut order: Vec<usize> = (0..units.len()).collect();
+                rng.shuffle(&mut order);
+                for &u in &order {
+                    let sims: Vec<(usize, Array2<f64>, String)> = units[u]
+                        .iter()
+                        .map(|&g| {
+                            let w = weight_sim(&disc.groups[g], &m);
+                            let a = act.get(&g);
+                            match (w, a, opts.method.uses_activations()) {
+                                (Some(w), Some(a), true) => {
+                                    (g, w * opts.alpha + a * (1.0 - opts.alpha), "dual".into())
+                                }
+                                (Some(w), _, _) => (g, w, "weight".into()),
+                                (None, Some(a), _) => {
+                                    (g, a.clone(), "activation (no weights)".into())
+                                }
+                                (None, None, _) => {
+                                    (g, Array2::eye(n * disc.groups[g].width), "none".into())
+                                }
+                            }
+                        })
+                        .collect();
+                    match_unit(&disc.groups, &sims, opts, &mut m, &mut values)?;
+                }
+                let mean = values
+                    .values()
+                    .map(|v| v.0)
+                    .filter(|v| v.is_finite())
+                    .sum::<f64>()
+                    / values.len().max(1) as f64;
+                progress("matching", sweep + 1, opts.max_sweeps);
+                if best.is_some() && best_value >= mean {
+                    stall += 1;
+                    if let Some((bm, bv)) = &best {
+                        m = bm.clone();
+                        values = bv.clone();
+                    }
+                    if stall >= opts.patience {
+                        break;
+                    }
+                } else {
+                    stall = 0;
+                    best_value = mean;
+                    best = Some((m.clone(), values.clone()));
+                }
+            }
+            if let Some((bm, bv)) = best {
+                m = bm;
+                values = bv;
+            }
+        }
+    }
+    lap_time("matching", &mut clock);
+
+    // Rewrite.
+    let graph = Graph::new(base)?;
+    let inputs = weights::input_axes(&graph);
+    let mut merged = base.clone();
+    if let Some(g) = merged.proto.graph.as_mut() {
+        for t in &mut g.initializer {
+            let name = t.name.clone().unwrap_or_default();
+            if !weights[0].contains_key(&name) || weights.iter().any(|w| !w.contains_key(&name)) {
+                continue;
+            }
+            let value = weights::merged_tensor(&name, &layout, &disc.slots, &weights, &m, &inputs)?;
+            let data = match TensorData::from_proto(t)? {
+                TensorData::F64(_) => TensorData::F64(value),
+                _ => TensorData::F32(value.mapv(|v| v as f32)),
+            };
+            let data = match TensorData::from_proto(t)?.dtype() {
+                crate::onnx::DataType::F16 => {
+                    TensorData::F16(data.to_f32().mapv(half::f16::from_f32))
+                }
+                crate::onnx::DataType::BF16 => {
+                    TensorData::BF16(data.to_f32().mapv(half::bf16::from_f32))
+                }
+                _ => data,
+            };
+            *t = crate::onnx::proto::TensorProto {
+                doc_string: t.doc_string.take(),
+                ..data.to_proto(&name)
+            };
+        }
+    }
+    lap_time("rewrite", &mut clock);
+
+    let report = MergeReport {
+        method: opts.method,
+        alpha: opts.alpha,
+        models: models.iter().map(Model::display_name).collect(),
+        calibration_samples: crate::data::sample_count(calib),
+        groups: disc
+            .groups
+            .iter()
+            .map(|g| {
+                let (v, how) = values
+                    .get(&g.id)
+                    .cloned()
+                    .unwrap_or((f64::NAN, "none".into()));
+                GroupReport {
+                    id: g.id,
+                    width: g.width,
+                    kind: match &g.kind {
+                        GroupKind::Plain => "plain".into(),
+                        GroupKind::Blocked {
+                            blocks, block_size, ..
+                        } => format!("{blocks}x{block_size}"),
+                    },
+                    similarity: how,
+                    merge_value: v,
+                }
+            })
+            .collect(),
+        sweeps,
+        fixed_weight_axes: disc.fixed.len(),
+        unknown_ops: disc.unknown_ops.clone(),
+        seconds,
+    };
+    provenance(&mut merged, &report);
+    Ok((merged, report))
+}
+
+/// Per group: merge value, and what the similarity was made of.
+type Values = HashMap<usize, (f64, String)>;
+
+/// Groups matched together: a plain group alone; blocked groups sharing a block order together.
+fn matching_units(groups: &[symmetry::Group]) -> Vec<Vec<usize>> {
+    let mut by_block: BTreeMap<usize, Vec<usize>> = BTreeMap::new();
+    let mut units = Vec::new();
+    for g in groups {
+        match g.block {
+            None => units.push(vec![g.id]),
+            Some(b) => by_block.entry(b).or_default().push(g.id),
+        }
+    }
+    units.extend(by_block.into_values());
+    units
+}
+
+/// Matches one unit (a plain group, or blocked groups sharing their block order).
+fn match_unit(
+    groups: &[symmetry::Group],
+    sims: &[(usize, Array2<f64>, String)],
+    opts: &MergeOptions,
+    m: &mut Matchings,
+    values: &mut Values,
+) -> Result<()> {
+    let n = m.models;
+    match sims {
+        [(g, s, how)] if groups[*g].block.is_none() => {
+            let matched = if opts.method.zips() {
+                zip(s.view(), n, opts.zip_a, opts.zip_b)
+            } else {
+                align(s.view(), n)?
+            };
+            m.p.insert(*g, matched.p);
+            values.insert(*g, (matched.value, how.clone()));
+        }
+        _ => {
+            // Blocked: sum every group's head-level scores so that they share one block order.
+            let mut shared: Vec<Array2<f64>> = Vec::new();
+            for (g, s, _) in sims {
+                if let GroupKind::Blocked {
+                    blocks, block_size, ..
+                } = groups[*g].kind
+                {
+                    for i in 1..n {
+                        let (gs, _) = matching::block_scores(
+                            s.view(),
+                            i,
+                            groups[*g].width,
+                            blocks,
+                            block_size,
+                        )?;
+                        if i == 1 {
+                            shared.push(gs);
+                        }
+                    }
+                }
+            }
+            for (k, (g, s, how)) in sims.iter().enumerate() {
+                let GroupKind::Blocked {
+                    blocks, block_size, ..
+                } = groups[*g].kind
+                else {
+                    continue;
+                };
+                let others: Vec<Array2<f64>> = shared
+                    .iter()
+                    .enumerate()
+                    .filter(|(j, _)| *j != k)
+                    .map(|x| x.1.clone())
+                    .collect();
+                let (matched, bp) = group_align(s.view(), n, blocks, block_size, &others)?;
+                m.p.insert(*g, matched.p);
+                m.blocks.insert(*g, bp);
+                let how = if opts.method.zips() {
+                    format!("{how}, group-aligned")
+                } else {
+                    how.clone()
+                };
+                values.insert(*g, (matched.value, how));
+            }
+        }
+    }
+    Ok(())
+}
+
+fn identity(g: &symmetry::Group, n: usize) -> (Array2<f64>, Option<Array2<f64>>) {
+    let stack =
+        |w: usize| Array2::from_shape_fn((n * w, w), |(r, c)| if r % w == c { 1.0 } else { 0.0 });
+    let bp = match g.kind {
+        GroupKind::Blocked { blocks, .. } => Some(stack(blocks)),
+        GroupKind::Plain => None,
+    };
+    (stack(g.width), bp)
+}
+
+/// Records how the model was made, in its metadata.
+fn provenance(model: &mut Model, report: &MergeReport) {
+    model.proto.producer_name = Some("mudsc".into());
+    model.proto.producer_version = Some(env!("CARGO_PKG_VERSION").into());
+    let mut put = |k: &str, v: String| {
+        model
+            .proto
+            .metadata_props
+            .retain(|e| e.key.as_deref() != Some(k));
+        model.proto.metadata_props.push(StringStringEntryProto {
+            key: Some(k.into()),
+            value: Some(v),
+        });
+    };
+    put("mudsc.method", report.method.name().into());
+    put("mudsc.alpha", report.alpha.to_string());
+    put(
+        "mudsc.calibration_samples",
+        report.calibration_samples.to_string(),
+    );
+    put("mudsc.models", report.models.join(", "));
+    put("mudsc.version", env!("CARGO_PKG_VERSION").into());
+}

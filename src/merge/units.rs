@@ -1,0 +1,219 @@
+//! How a group's units sit on a tensor axis, and the per-model linear maps that merging applies
+//! to every axis.
+//!
+//! A group's units are numbered `0..width`: for a plain group, the leaf's index; for a blocked
+//! group, `block · block_size + index in block`. A matching gives, per group, the unmerge
+//! matrix P ([models·width, width], 0/1): row `i·width + u` (unit u of model i) has a 1 in the
+//! merged unit it joins. Every axis's map is built from these through the axis structure: a
+//! product of factors maps as the Kronecker product of its factors' maps, a concatenation as
+//! the block-diagonal of its ranges' maps, and fixed or ungrouped parts as the identity.
+
+use std::collections::HashMap;
+
+use ndarray::{Array2, ArrayD, Axis};
+
+use crate::symmetry::structure::{CompId, Def, Structure};
+use crate::symmetry::{Group, GroupKind};
+
+/// Matchings of all groups: `p[g]` is group g's unmerge matrix, `blocks[g]` (blocked groups
+/// only) the block-level one.
+#[derive(Clone, Debug, Default)]
+pub struct Matchings {
+    pub models: usize,
+    pub p: HashMap<usize, Array2<f64>>,
+    pub blocks: HashMap<usize, Array2<f64>>,
+}
+
+/// Which matrix an axis takes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Role {
+    /// Rows of merged units are the mean of their cluster (outputs, biases, norm parameters).
+    Out,
+    /// Columns are summed over the cluster (the input axis of a consumer).
+    In,
+    /// Plain unmerge P for both (weight vectors, where only the alignment matters).
+    Unmerge,
+}
+
+/// Where each group is anchored in the structure.
+pub struct Layout<'a> {
+    pub st: &'a Structure,
+    by_leaf: HashMap<CompId, usize>,
+    by_block: HashMap<CompId, usize>,
+    groups: &'a [Group],
+}
+
+impl<'a> Layout<'a> {
+    pub fn new(st: &'a Structure, groups: &'a [Group]) -> Layout<'a> {
+        let mut by_leaf = HashMap::new();
+        let mut by_block = HashMap::new();
+        for g in groups {
+            by_leaf.insert(g.leaf, g.id);
+            if let Some(b) = g.block {
+                by_block.entry(b).or_insert(g.id);
+            }
+        }
+        Layout {
+            st,
+            by_leaf,
+            by_block,
+            groups,
+        }
+    }
+
+    /// The map of model `model` for an axis of component `c`; `None` means identity.
+    pub fn axis_map(
+        &self,
+        c: CompId,
+        m: &Matchings,
+        model: usize,
+        role: Role,
+    ) -> Option<Array2<f64>> {
+        let comp = &self.st.comps[c];
+        if comp.is_fixed() {
+            return None;
+        }
+        if let Some(&g) = self.by_leaf.get(&c) {
+            if self.groups[g].block.is_none() {
+                return m.p.get(&g).map(|p| model_map(p, model, m.models, role));
+            }
+        }
+        if let Some(&g) = self.by_block.get(&c) {
+            return m
+                .blocks
+                .get(&g)
+                .map(|p| model_map(p, model, m.models, role));
+        }
+        match &comp.def {
+            Def::Leaf => None,
+            Def::Factor(parts) => {
+                let mut maps: Vec<(usize, Option<Array2<f64>>)> = Vec::new();
+                let mut k = 0;
+                while k < parts.len() {
+                    if let Some(g) = self.blocked_pair(parts, k) {
+                        let size = self.groups[g].width;
+                        maps.push((
+                            size,
+                            m.p.get(&g).map(|p| model_map(p, model, m.models, role)),
+                        ));
+                        k += 2;
+                    } else {
+                        let p = parts[k];
+                        maps.push((self.st.comps[p].size, self.axis_map(p, m, model, role)));
+                        k += 1;
+                    }
+                }
+                if maps.iter().all(|x| x.1.is_none()) {
+                    return None;
+                }
+                Some(maps.into_iter().fold(Array2::eye(1), |acc, (n, x)| {
+                    kron(&acc, &x.unwrap_or_else(|| Array2::eye(n)))
+                }))
+            }
+            Def::Concat(pieces) => {
+                let maps: Vec<(usize, Option<Array2<f64>>)> = pieces
+                    .iter()
+                    .map(|&(_, size, p)| (size, self.axis_map(p, m, model, role)))
+                    .collect();
+                if maps.iter().all(|x| x.1.is_none()) {
+                    return None;
+                }
+                let mut out = Array2::zeros((comp.size, comp.size));
+                let mut o = 0;
+                for (n, x) in maps {
+                    let x = x.unwrap_or_else(|| Array2::eye(n));
+                    out.slice_mut(ndarray::s![o..o + n, o..o + n]).assign(&x);
+                    o += n;
+                }
+                Some(out)
+            }
+        }
+    }
+
+    /// The blocked group whose (block, leaf) pair starts at `parts[k]`.
+    fn blocked_pair(&self, parts: &[CompId], k: usize) -> Option<usize> {
+        let (&b, &l) = (parts.get(k)?, parts.get(k + 1)?);
+        let &g = self.by_leaf.get(&l)?;
+        (self.groups[g].block == Some(b)).then_some(g)
+    }
+
+    /// For each index along an axis of component `c`, the unit of group `g` it holds (if any).
+    pub fn units_along(&self, c: CompId, g: &Group) -> Vec<Option<usize>> {
+        let size = self.st.comps[c].size;
+        (0..size)
+            .map(|i| {
+                let mut ctx = Vec::new();
+                self.st.collect_leaves(c, i, &mut ctx);
+                let digit = |x: CompId| ctx.iter().find(|(k, _)| *k == x).map(|d| d.1);
+                match (g.block, &g.kind) {
+                    (None, _) => digit(g.leaf),
+                    (Some(b), GroupKind::Blocked { block_size, .. }) => {
+                        Some(digit(b)? * block_size + digit(g.leaf)?)
+                    }
+                    _ => None,
+                }
+            })
+            .collect()
+    }
+}
+
+/// Model `model`'s rows of P, as the matrix applied to its axis: P_i (In / Unmerge) or the
+/// merge matrix N·P_i / (colsum(P) + 1e-5) (Out), the reference's storage convention.
+fn model_map(p: &Array2<f64>, model: usize, models: usize, role: Role) -> Array2<f64> {
+    let w = p.nrows() / models;
+    let rows = p
+        .slice(ndarray::s![model * w..(model + 1) * w, ..])
+        .to_owned();
+    match role {
+        Role::In | Role::Unmerge => rows,
+        Role::Out => {
+            let colsum = p.sum_axis(Axis(0));
+            let mut out = rows;
+            for (j, mut col) in out.axis_iter_mut(Axis(1)).enumerate() {
+                col.mapv_inplace(|v| v * models as f64 / (colsum[j] + 1e-5));
+            }
+            out
+        }
+    }
+}
+
+fn kron(a: &Array2<f64>, b: &Array2<f64>) -> Array2<f64> {
+    let (ar, ac) = a.dim();
+    let (br, bc) = b.dim();
+    Array2::from_shape_fn((ar * br, ac * bc), |(i, j)| {
+        a[[i / br, j / bc]] * b[[i % br, j % bc]]
+    })
+}
+
+/// `x` with axis `axis` mapped through `r` ([old, new]): x'[.., j, ..] = Σ_k x[.., k, ..] r[k, j].
+pub fn apply_axis(x: &ArrayD<f64>, axis: usize, r: &Array2<f64>) -> ArrayD<f64> {
+    let moved = x.view().permuted_axes(move_last(x.ndim(), axis));
+    let shape = moved.shape().to_vec();
+    let rows: usize = shape[..shape.len() - 1].iter().product();
+    let flat = moved
+        .as_standard_layout()
+        .into_owned()
+        .into_shape_with_order((rows, shape[shape.len() - 1]))
+        .expect("contiguous");
+    let out = flat.dot(r);
+    let mut new_shape = shape.clone();
+    *new_shape.last_mut().expect("rank ≥ 1") = r.ncols();
+    let back = out
+        .into_shape_with_order(new_shape)
+        .expect("same size")
+        .into_dyn();
+    let inv = invert(&move_last(x.ndim(), axis));
+    back.permuted_axes(inv).as_standard_layout().into_owned()
+}
+
+fn move_last(rank: usize, axis: usize) -> Vec<usize> {
+    (0..rank).filter(|&a| a != axis).chain([axis]).collect()
+}
+
+fn invert(p: &[usize]) -> Vec<usize> {
+    let mut inv = vec![0; p.len()];
+    for (i, &v) in p.iter().enumerate() {
+        inv[v] = i;
+    }
+    inv
+}

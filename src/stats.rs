@@ -1,0 +1,123 @@
+//! Streaming first and second moments of unit activations, in f64, and the Pearson correlation
+//! they give. Memory is the statistics (units²), never the data: each batch is folded in and
+//! dropped.
+
+use ndarray::{Array1, Array2, ArrayView2, Axis};
+
+/// Σx and Σxxᵀ over samples, for `units` units.
+#[derive(Clone, Debug)]
+pub struct Moments {
+    pub count: u64,
+    pub sum: Array1<f64>,
+    pub outer: Array2<f64>,
+}
+
+impl Moments {
+    pub fn new(units: usize) -> Moments {
+        Moments {
+            count: 0,
+            sum: Array1::zeros(units),
+            outer: Array2::zeros((units, units)),
+        }
+    }
+
+    /// Folds in a batch `x` of shape [samples, units]. NaN and ±inf count as 0 (the reference's
+    /// `nan_to_num`), so one bad activation cannot poison a whole group.
+    pub fn add(&mut self, x: ArrayView2<f32>) {
+        let clean = x.mapv(|v| if v.is_finite() { v as f64 } else { 0.0 });
+        self.add_f64(clean.view());
+    }
+
+    /// `add` for f64 samples (already finite).
+    pub fn add_f64(&mut self, clean: ArrayView2<f64>) {
+        self.count += clean.nrows() as u64;
+        self.sum += &clean.sum_axis(Axis(0));
+        // Σxxᵀ += XᵀX: the dominant cost, a GEMM over the batch.
+        ndarray::linalg::general_mat_mul(1.0, &clean.t(), &clean, 1.0, &mut self.outer);
+    }
+
+    /// Pearson correlation: Cov ⊘ max(σσᵀ, 1e-7), as the reference computes it. Variances are
+    /// clamped at 0 (E[x²]−μ² can round below it); a dead unit (σ = 0) correlates 0 with all.
+    pub fn correlation(&self) -> Array2<f64> {
+        let n = self.count.max(1) as f64;
+        let mean = &self.sum / n;
+        let mut cov = &self.outer / n;
+        let units = mean.len();
+        for i in 0..units {
+            for j in 0..units {
+                cov[[i, j]] -= mean[i] * mean[j];
+            }
+        }
+        // A unit whose variance is rounding noise relative to its second moment is dead:
+        // E[x²]−μ² of a constant is ~1e-16·x², not 0, and dividing by the 1e-7 clamp would
+        // turn that noise into spurious correlations.
+        let dead: Vec<bool> = (0..units)
+            .map(|i| cov[[i, i]] <= 1e-12 * (self.outer[[i, i]] / n).max(f64::MIN_POSITIVE))
+            .collect();
+        let sd: Vec<f64> = (0..units).map(|i| cov[[i, i]].max(0.0).sqrt()).collect();
+        Array2::from_shape_fn((units, units), |(i, j)| {
+            if dead[i] || dead[j] {
+                return 0.0;
+            }
+            let c = cov[[i, j]] / (sd[i] * sd[j]).max(1e-7);
+            if c.is_finite() {
+                c
+            } else {
+                0.0
+            }
+        })
+    }
+
+    /// Mean and standard deviation per unit (for statistics repair).
+    pub fn mean_std(&self) -> (Array1<f64>, Array1<f64>) {
+        let n = self.count.max(1) as f64;
+        let mean = &self.sum / n;
+        let sd = Array1::from_shape_fn(mean.len(), |i| {
+            (self.outer[[i, i]] / n - mean[i] * mean[i]).max(0.0).sqrt()
+        });
+        (mean, sd)
+    }
+}
+
+/// Pearson correlation between the rows of `z` ([units, features]), each row a sample of its
+/// unit's values (weight vectors).
+pub fn row_correlation(z: ArrayView2<f64>) -> Array2<f64> {
+    let mut m = Moments::new(z.nrows());
+    m.add_f64(z.t().mapv(|v| if v.is_finite() { v } else { 0.0 }).view());
+    m.correlation()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ndarray::array;
+
+    #[test]
+    fn correlation_matches_a_direct_computation() {
+        // Unit 1 = 2·unit 0 + 1 (corr 1), unit 2 = −unit 0 (corr −1), unit 3 dead.
+        let x = array![
+            [1.0f32, 3.0, -1.0, 5.0],
+            [2.0, 5.0, -2.0, 5.0],
+            [4.0, 9.0, -4.0, 5.0]
+        ];
+        let mut m = Moments::new(4);
+        m.add(x.slice(ndarray::s![..2, ..]));
+        m.add(x.slice(ndarray::s![2.., ..]));
+        let c = m.correlation();
+        assert!((c[[0, 1]] - 1.0).abs() < 1e-9);
+        assert!((c[[0, 2]] + 1.0).abs() < 1e-9);
+        assert_eq!(c[[3, 0]], 0.0);
+        assert_eq!(c[[3, 3]], 0.0);
+        let (mean, sd) = m.mean_std();
+        assert!((mean[0] - 7.0 / 3.0).abs() < 1e-12);
+        assert!(sd[3] == 0.0);
+    }
+
+    #[test]
+    fn nan_and_inf_do_not_poison_the_statistics() {
+        let x = array![[1.0f32, f32::NAN], [2.0, f32::INFINITY], [3.0, 1.0]];
+        let mut m = Moments::new(2);
+        m.add(x.view());
+        assert!(m.correlation().iter().all(|v| v.is_finite()));
+    }
+}
