@@ -161,3 +161,241 @@ fn merging_with_a_permuted_copy_gives_the_model_back() {
         }
     }
 }
+
+fn mudsc(args: &[&str]) -> std::process::Output {
+    std::process::Command::new(env!("CARGO_BIN_EXE_mudsc"))
+        .args(args)
+        .output()
+        .unwrap()
+}
+
+fn s(p: &Path) -> &str {
+    p.to_str().unwrap()
+}
+
+/// The merged file passes `onnx.checker`, ONNX Runtime (Python) runs it with tract's outputs,
+/// it carries its provenance, and the same seed gives the same bytes.
+#[test]
+fn merged_file_is_valid_deterministic_and_runs_in_onnxruntime() {
+    let dir = tempfile::tempdir().unwrap();
+    let (a, b) = (fixture("mlp_a.onnx"), fixture("mlp_b.onnx"));
+    let calib = common::root().join("fixtures/data/calib.npz");
+    let (out1, out2, report) = (
+        dir.path().join("m1.onnx"),
+        dir.path().join("m2.onnx"),
+        dir.path().join("r.json"),
+    );
+    for (out, extra) in [(&out1, vec!["--report", s(&report)]), (&out2, vec![])] {
+        let mut args = vec![
+            "merge",
+            s(&a),
+            s(&b),
+            "-o",
+            s(out),
+            "--calib",
+            s(&calib),
+            "--samples",
+            "300",
+        ];
+        args.extend(extra);
+        let o = mudsc(&args);
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    }
+    assert_eq!(
+        std::fs::read(&out1).unwrap(),
+        std::fs::read(&out2).unwrap(),
+        "same seed, different bytes"
+    );
+    let r: serde_json::Value = serde_json::from_slice(&std::fs::read(&report).unwrap()).unwrap();
+    assert_eq!(r["method"], "mudsc-zip");
+    assert_eq!(r["groups"].as_array().unwrap().len(), 3);
+    let merged = onnx::load(&out1).unwrap();
+    let meta: Vec<(String, String)> = merged
+        .proto
+        .metadata_props
+        .iter()
+        .map(|e| (e.key.clone().unwrap(), e.value.clone().unwrap()))
+        .collect();
+    assert!(
+        meta.contains(&("mudsc.method".into(), "mudsc-zip".into())),
+        "{meta:?}"
+    );
+    // Opsets, IR version and names are model A's.
+    let orig = onnx::load(&a).unwrap();
+    assert_eq!(merged.proto.opset_import, orig.proto.opset_import);
+    assert_eq!(merged.proto.ir_version, orig.proto.ir_version);
+    let names = |m: &Model| {
+        m.graph()
+            .initializer
+            .iter()
+            .map(|t| t.name.clone())
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(names(&merged), names(&orig));
+    // ONNX Runtime (Python, after onnx.checker) agrees with tract.
+    let input = dir.path().join("x.npz");
+    common::python(&[
+        "-c",
+        &format!(
+            "import numpy as np; d=np.load('{}'); np.savez('{}', input=d['input'][:50])",
+            calib.display(),
+            input.display()
+        ),
+    ]);
+    let want = common::ort_python_outputs(&out1, &input);
+    let inputs = data::bind_inputs(&data::read(&input).unwrap(), &merged, &input).unwrap();
+    let got = outputs(&merged, &inputs);
+    common::assert_close(&got[0], &want.0[0].1, "merged: tract vs onnxruntime");
+}
+
+#[test]
+fn every_method_runs_on_every_pair_of_the_same_architecture() {
+    let pairs = [
+        "mlp",
+        "resnet20_bn_folded",
+        "resnet20_bn_kept",
+        "resnet20_gn",
+        "vit",
+        "vit_mha",
+        "dwcnn",
+        "flax_cnn",
+        "resnet20_bn_dynamo",
+    ];
+    for pair in pairs {
+        let a = onnx::load(fixture(&format!("{pair}_a.onnx"))).unwrap();
+        let b = onnx::load(fixture(&format!("{pair}_b.onnx"))).unwrap();
+        let inputs = calib(&a, 64);
+        let methods: &[Method] = if pair == "mlp" {
+            &Method::ALL
+        } else {
+            &[Method::Avg, Method::MudscZip]
+        };
+        for &method in methods {
+            let opts = MergeOptions {
+                method,
+                max_sweeps: 3,
+                ..Default::default()
+            };
+            let (merged, _) = merge(&[a.clone(), b.clone()], &inputs, &opts, &mut |_, _, _| {})
+                .unwrap_or_else(|e| panic!("{pair} {}: {e}", method.name()));
+            let out = outputs(&merged, &inputs);
+            assert!(
+                out[0].to_f32().iter().all(|v| v.is_finite()),
+                "{pair} {}: NaN",
+                method.name()
+            );
+        }
+    }
+}
+
+#[test]
+fn bad_merge_inputs_are_refused_without_touching_anything() {
+    let dir = tempfile::tempdir().unwrap();
+    let calib = common::root().join("fixtures/data/calib.npz");
+    let (a, b) = (fixture("mlp_a.onnx"), fixture("mlp_b.onnx"));
+    // Output over an input.
+    let before = std::fs::read(&a).unwrap();
+    let o = mudsc(&[
+        "merge",
+        s(&a),
+        s(&b),
+        "-o",
+        s(&a),
+        "--calib",
+        s(&calib),
+        "--method",
+        "avg",
+    ]);
+    assert_eq!(
+        o.status.code(),
+        Some(2),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    assert_eq!(std::fs::read(&a).unwrap(), before);
+    // Different architectures: the first differing node is named.
+    let out = dir.path().join("x.onnx");
+    let o = mudsc(&[
+        "merge",
+        s(&a),
+        s(&fixture("resnet20_bn_folded_b.onnx")),
+        "-o",
+        s(&out),
+        "--calib",
+        s(&calib),
+    ]);
+    assert_eq!(o.status.code(), Some(2));
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("differ in structure at node"),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    // Calibration data of the wrong shape.
+    let wrong = dir.path().join("wrong.npz");
+    common::python(&[
+        "-c",
+        &format!(
+            "import numpy as np; np.savez('{}', input=np.zeros((4,3,28,28), np.float32))",
+            wrong.display()
+        ),
+    ]);
+    let o = mudsc(&["merge", s(&a), s(&b), "-o", s(&out), "--calib", s(&wrong)]);
+    assert_eq!(o.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("input 'input' must have shape"));
+    // A single model, a bad alpha.
+    assert_eq!(
+        mudsc(&["merge", s(&a), "-o", s(&out), "--calib", s(&calib)])
+            .status
+            .code(),
+        Some(2)
+    );
+    assert_eq!(
+        mudsc(&[
+            "merge",
+            s(&a),
+            s(&b),
+            "-o",
+            s(&out),
+            "--calib",
+            s(&calib),
+            "--alpha",
+            "1.5"
+        ])
+        .status
+        .code(),
+        Some(2)
+    );
+    assert!(!out.exists(), "a failed merge left an output file");
+}
+
+/// NaN in the calibration data does not produce NaN weights.
+#[test]
+fn nan_calibration_data_gives_finite_weights() {
+    let a = onnx::load(fixture("mlp_a.onnx")).unwrap();
+    let b = onnx::load(fixture("mlp_b.onnx")).unwrap();
+    let mut inputs = calib(&a, 64);
+    if let TensorData::F32(x) = &mut inputs[0] {
+        x.slice_mut(ndarray::s![0..8, .., .., ..]).fill(f32::NAN);
+        x.slice_mut(ndarray::s![8..16, .., .., ..])
+            .fill(f32::INFINITY);
+    }
+    let (merged, _) = merge(
+        &[a, b],
+        &inputs,
+        &MergeOptions {
+            method: Method::MudscZip,
+            max_sweeps: 3,
+            ..Default::default()
+        },
+        &mut |_, _, _| {},
+    )
+    .unwrap();
+    for t in &merged.graph().initializer {
+        let v = TensorData::from_proto(t).unwrap().to_f32();
+        assert!(
+            v.iter().all(|x| x.is_finite()),
+            "{:?} has non-finite values",
+            t.name
+        );
+    }
+}
