@@ -94,6 +94,7 @@ fn merging_with_a_permuted_copy_gives_the_model_back() {
             &inputs,
             &MergeOptions {
                 method: Method::Avg,
+                repair_samples: 0,
                 ..Default::default()
             },
             &mut |_, _, _| {},
@@ -119,6 +120,7 @@ fn merging_with_a_permuted_copy_gives_the_model_back() {
             let opts = MergeOptions {
                 method,
                 max_sweeps: 30,
+                repair_samples: 0,
                 ..Default::default()
             };
             let (merged, report) =
@@ -274,6 +276,7 @@ fn every_method_runs_on_every_pair_of_the_same_architecture() {
             let opts = MergeOptions {
                 method,
                 max_sweeps: 3,
+                repair_samples: 16,
                 ..Default::default()
             };
             let (merged, _) = merge(&[a.clone(), b.clone()], &inputs, &opts, &mut |_, _, _| {})
@@ -398,4 +401,58 @@ fn nan_calibration_data_gives_finite_weights() {
             t.name
         );
     }
+}
+
+/// REPAIR keeps an exact merge exact (the goal statistics are the model's own), and lifts a
+/// real BN-folded ResNet merge far above chance (measured on held-out test images).
+#[test]
+fn statistics_repair_is_neutral_when_exact_and_helps_a_real_merge() {
+    let a = onnx::load(fixture("resnet20_bn_folded_a.onnx")).unwrap();
+    let inputs = calib(&a, 128);
+    let b = permuted_copy(&a, &inputs);
+    let opts = MergeOptions {
+        method: Method::ActAlign,
+        repair_samples: 64,
+        ..Default::default()
+    };
+    let (merged, report) = merge(&[a.clone(), b], &inputs, &opts, &mut |_, _, _| {}).unwrap();
+    assert!(
+        report.repaired_layers >= 19,
+        "{} layers repaired",
+        report.repaired_layers
+    );
+    let diff = max_diff(&outputs(&merged, &inputs), &outputs(&a, &inputs));
+    assert!(diff < 1e-2, "repair changed an exact merge by {diff}");
+
+    let b = onnx::load(fixture("resnet20_bn_folded_b.onnx")).unwrap();
+    let test = common::root().join("fixtures/data/test.npz");
+    let arrays = data::read(&test).unwrap();
+    let labels = arrays.get("labels").unwrap().to_labels().unwrap();
+    let x = data::bind_inputs(
+        &data::NamedArrays(vec![("input".into(), arrays.get("input").unwrap().clone())]),
+        &a,
+        &test,
+    )
+    .unwrap();
+    let tasks = mudsc::eval::ClassRange::parse_list("0-4,5-9").unwrap();
+    let task_mean = |repair_samples: usize| {
+        let opts = MergeOptions {
+            method: Method::MudscZip,
+            max_sweeps: 3,
+            repair_samples,
+            ..Default::default()
+        };
+        let (m, _) = merge(&[a.clone(), b.clone()], &inputs, &opts, &mut |_, _, _| {}).unwrap();
+        let logits = outputs(&m, &x)[0]
+            .to_f32()
+            .into_dimensionality::<ndarray::Ix2>()
+            .unwrap();
+        mudsc::eval::evaluate(logits.view(), &labels, &tasks, None)
+            .unwrap()
+            .task_mean
+            .unwrap()
+    };
+    let (without, with) = (task_mean(0), task_mean(128));
+    assert!(without < 0.35, "without repair: {without}");
+    assert!(with > without + 0.2, "repair: {without} → {with}");
 }

@@ -64,6 +64,10 @@ pub struct MergeArgs {
     /// Store the initializers in one external data file beside the output.
     #[arg(long)]
     external_data: bool,
+    /// Statistics repair (REPAIR folded into Conv/Gemm weights, BatchNorm reset) on this many
+    /// calibration samples; 0 turns it off.
+    #[arg(long, default_value_t = 256)]
+    repair_samples: usize,
     /// Only use the first N calibration samples.
     #[arg(long)]
     samples: Option<usize>,
@@ -96,6 +100,7 @@ pub fn run(args: MergeArgs) -> Result<()> {
         backend: args.backend.kind(),
         backend_options: args.backend.options(),
         batch: args.backend.batch.min(256),
+        repair_samples: args.repair_samples,
         ..Default::default()
     };
     let mut last = String::new();

@@ -13,6 +13,7 @@
 
 mod calib;
 mod matching;
+mod repair;
 mod units;
 mod weights;
 
@@ -109,6 +110,9 @@ pub struct MergeOptions {
     pub batch: usize,
     pub max_sweeps: usize,
     pub patience: usize,
+    /// Statistics repair (REPAIR folded into Conv/Gemm, BatchNorm reset) on this many
+    /// calibration samples; 0 turns it off.
+    pub repair_samples: usize,
 }
 
 impl Default for MergeOptions {
@@ -124,6 +128,7 @@ impl Default for MergeOptions {
             batch: 64,
             max_sweeps: 100,
             patience: 5,
+            repair_samples: 256,
         }
     }
 }
@@ -148,6 +153,9 @@ pub struct MergeReport {
     pub groups: Vec<GroupReport>,
     pub sweeps: usize,
     pub fixed_weight_axes: usize,
+    /// Layers whose output statistics were repaired, and BatchNorms whose statistics were reset.
+    pub repaired_layers: usize,
+    pub reset_batch_norms: usize,
     pub unknown_ops: BTreeMap<String, usize>,
     /// Seconds per phase.
     pub seconds: BTreeMap<String, f64>,
@@ -386,6 +394,29 @@ pub fn merge(
     }
     lap_time("rewrite", &mut clock);
 
+    let (mut repaired_layers, mut reset_batch_norms) = (0, 0);
+    if opts.repair_samples > 0 {
+        let subset: Vec<TensorData> = calib
+            .iter()
+            .map(|t| t.slice_rows(0, opts.repair_samples.min(t.shape()[0])))
+            .collect();
+        let r = repair::repair(
+            models,
+            &names,
+            &mut merged,
+            &layout,
+            &disc.slots,
+            &disc.groups,
+            &m,
+            &subset,
+            opts.backend,
+            &opts.backend_options,
+        )?;
+        repaired_layers = r.layers;
+        reset_batch_norms = r.batch_norms;
+        lap_time("repair", &mut clock);
+    }
+
     let report = MergeReport {
         method: opts.method,
         alpha: opts.alpha,
@@ -415,6 +446,8 @@ pub fn merge(
             .collect(),
         sweeps,
         fixed_weight_axes: disc.fixed.len(),
+        repaired_layers,
+        reset_batch_norms,
         unknown_ops: disc.unknown_ops.clone(),
         seconds,
     };

@@ -1,0 +1,305 @@
+//! Statistics repair after merging. Merged units drift from the statistics the next layer
+//! expects (variance collapses when unlike units are averaged), which drives ResNets to
+//! chance. Two corrections, both folded into existing initializers (no new nodes):
+//! - REPAIR: every Conv/Gemm/MatMul whose output units are one group gets, per unit, an affine
+//!   correction of its weight row and bias so that the merged pre-activation has the mean and
+//!   standard deviation interpolated from the endpoints' matched units.
+//! - BatchNormalization reset: running mean and variance are measured on the calibration data
+//!   in the merged model (what the reference does by a pass in training mode).
+//!
+//! Layers are corrected in graph order, each measured after the ones before it were fixed.
+
+use std::collections::HashMap;
+
+use ndarray::{Array1, ArrayD, Axis};
+
+use super::units::{Layout, Matchings};
+use crate::error::Result;
+use crate::graph::Graph;
+use crate::onnx::proto::TensorProto;
+use crate::onnx::{Model, TensorData};
+use crate::runtime::{open_session, run_batched, BackendKind, BackendOptions};
+use crate::stats::Moments;
+use crate::symmetry::slots::Slots;
+use crate::symmetry::Group;
+
+/// A layer whose output units are one group: its weight (and the axis holding the units) and
+/// its bias (an initializer, or `None` when it has to be created).
+struct Producer {
+    node: usize,
+    output: String,
+    group: usize,
+    weight: String,
+    weight_axis: usize,
+    bias: Option<String>,
+    width: usize,
+}
+
+pub struct RepairReport {
+    pub layers: usize,
+    pub batch_norms: usize,
+}
+
+#[allow(clippy::too_many_arguments)]
+pub fn repair(
+    models: &[Model],
+    names: &[HashMap<String, String>],
+    merged: &mut Model,
+    layout: &Layout,
+    slots: &Slots,
+    groups: &[Group],
+    m: &Matchings,
+    calib: &[TensorData],
+    backend: BackendKind,
+    options: &BackendOptions,
+) -> Result<RepairReport> {
+    let graph = Graph::new(&models[0])?;
+    let producers = find_producers(&graph, layout, slots, groups);
+    let mut report = RepairReport {
+        layers: 0,
+        batch_norms: 0,
+    };
+    let tap_stats = |model: &Model, taps: &[String]| -> Result<Vec<Moments>> {
+        let mut s = open_session(backend, model, taps, options)?;
+        let outs = run_batched(s.as_mut(), calib, 64)?;
+        let names = s.output_names().to_vec();
+        Ok(taps
+            .iter()
+            .filter_map(|t| names.iter().position(|n| n == t))
+            .map(|i| channel_moments(&outs[i]))
+            .collect())
+    };
+    // Endpoint statistics of every producer, model by model.
+    let taps: Vec<String> = producers.iter().map(|p| p.output.clone()).collect();
+    let mut endpoint: Vec<Vec<Moments>> = Vec::new();
+    for (model, map) in models.iter().zip(names) {
+        let mapped: Vec<String> = taps
+            .iter()
+            .map(|t| map.get(t).cloned().unwrap_or(t.clone()))
+            .collect();
+        endpoint.push(tap_stats(model, &mapped)?);
+    }
+    for (k, p) in producers.iter().enumerate() {
+        let Some(pm) = m.p.get(&p.group) else {
+            continue;
+        };
+        // Goal: the merge-weighted average of the cluster's endpoint statistics.
+        let n = models.len();
+        let colsum = pm.sum_axis(Axis(0));
+        let (mut goal_mean, mut goal_sd) =
+            (Array1::<f64>::zeros(p.width), Array1::<f64>::zeros(p.width));
+        for i in 0..n {
+            let (mean, sd) = endpoint[i][k].mean_std();
+            for u in 0..p.width {
+                for j in 0..p.width {
+                    let w = pm[[i * p.width + u, j]] / (colsum[j] + 1e-12);
+                    goal_mean[j] += w * mean[u];
+                    goal_sd[j] += w * sd[u];
+                }
+            }
+        }
+        let now = tap_stats(merged, std::slice::from_ref(&p.output))?;
+        let (mean, sd) = now[0].mean_std();
+        let scale: Vec<f64> = (0..p.width)
+            .map(|j| {
+                if sd[j] > 1e-8 && goal_sd[j] > 0.0 {
+                    goal_sd[j] / sd[j]
+                } else {
+                    1.0
+                }
+            })
+            .collect();
+        apply(merged, p, &scale, &mean, &goal_mean)?;
+        report.layers += 1;
+    }
+    report.batch_norms = reset_batch_norms(merged, calib, backend, options)?;
+    Ok(report)
+}
+
+/// Per-channel moments of a tap [N, C, ...] or [..., C] (channels on axis 1 for rank ≥ 3).
+fn channel_moments(t: &TensorData) -> Moments {
+    let v = t.to_f32();
+    let axis = if v.ndim() >= 3 { 1 } else { v.ndim() - 1 };
+    let c = v.shape()[axis];
+    let order: Vec<usize> = (0..v.ndim()).filter(|&a| a != axis).chain([axis]).collect();
+    let moved = v
+        .view()
+        .permuted_axes(order)
+        .as_standard_layout()
+        .into_owned();
+    let rows = moved.len() / c.max(1);
+    let flat = moved.into_shape_with_order((rows, c)).expect("contiguous");
+    let mut m = Moments::new(c);
+    m.add(flat.view());
+    m
+}
+
+fn find_producers(
+    graph: &Graph,
+    layout: &Layout,
+    slots: &Slots,
+    groups: &[Group],
+) -> Vec<Producer> {
+    let mut out = Vec::new();
+    let uses = |name: &str| graph.consumers(name).len();
+    for &n in graph.topological_order() {
+        let node = graph.node(n);
+        let op = node.op_type.as_deref().unwrap_or("");
+        let Some(w) = node.input.get(1).filter(|w| graph.initializer(w).is_some()) else {
+            continue;
+        };
+        if uses(w) != 1 {
+            continue; // tied weights: one correction cannot serve two layers
+        }
+        let Some(y) = node.output.first() else {
+            continue;
+        };
+        let trans_b = node
+            .attribute
+            .iter()
+            .any(|a| a.name.as_deref() == Some("transB") && a.i == Some(1));
+        let (weight_axis, out_axis, bias) = match op {
+            "Conv" => (0, 1, node.input.get(2).cloned()),
+            "Gemm" => (if trans_b { 0 } else { 1 }, 1, node.input.get(2).cloned()),
+            _ => continue,
+        };
+        // Next layer a BatchNormalization: its reset handles the statistics.
+        if graph
+            .consumers(y)
+            .iter()
+            .any(|&(c, _)| graph.node(c).op_type.as_deref() == Some("BatchNormalization"))
+        {
+            continue;
+        }
+        let Some(s) = slots.slot(y, out_axis) else {
+            continue;
+        };
+        let comp = layout.st.comp_of[s];
+        let Some(g) = groups.iter().find(|g| {
+            let units = layout.units_along(comp, g);
+            units.len() == g.width && units.iter().enumerate().all(|(i, u)| *u == Some(i))
+        }) else {
+            continue;
+        };
+        let bias = bias.filter(|b| !b.is_empty() && graph.initializer(b).is_some() && uses(b) == 1);
+        out.push(Producer {
+            node: n,
+            output: y.clone(),
+            group: g.id,
+            weight: w.clone(),
+            weight_axis,
+            bias,
+            width: g.width,
+        });
+    }
+    out
+}
+
+/// y' = s·(y − μ) + goal: weight rows scaled by s, bias b' = s·(b − μ) + goal.
+fn apply(
+    model: &mut Model,
+    p: &Producer,
+    s: &[f64],
+    mean: &Array1<f64>,
+    goal: &Array1<f64>,
+) -> Result<()> {
+    let Some(graph) = model.proto.graph.as_mut() else {
+        return Ok(());
+    };
+    let find = |g: &crate::onnx::proto::GraphProto, name: &str| {
+        g.initializer
+            .iter()
+            .position(|t| t.name.as_deref() == Some(name))
+    };
+    if let Some(i) = find(graph, &p.weight) {
+        let mut w = TensorData::from_proto(&graph.initializer[i])?.to_f32();
+        for (c, mut lane) in w.axis_iter_mut(Axis(p.weight_axis)).enumerate() {
+            lane.mapv_inplace(|v| (v as f64 * s[c]) as f32);
+        }
+        replace(&mut graph.initializer[i], w);
+    }
+    let new_bias = |b: &[f32]| -> Vec<f32> {
+        (0..s.len())
+            .map(|c| (s[c] * (b[c] as f64 - mean[c]) + goal[c]) as f32)
+            .collect()
+    };
+    match p.bias.as_ref().and_then(|b| find(graph, b)) {
+        Some(i) => {
+            let b = TensorData::from_proto(&graph.initializer[i])?.to_f32();
+            let v = new_bias(b.as_slice().unwrap_or(&[]));
+            if v.len() == b.len() {
+                replace(
+                    &mut graph.initializer[i],
+                    ArrayD::from_shape_vec(b.shape(), v).expect("same size"),
+                );
+            }
+        }
+        None => {
+            // No bias yet: give the layer one (an optional input of Conv and Gemm).
+            let name = format!("{}.mudsc_repair_bias", p.weight);
+            let v = new_bias(&vec![0.0; s.len()]);
+            let t = TensorData::F32(ArrayD::from_shape_vec(vec![s.len()], v).expect("1-D"))
+                .to_proto(&name);
+            graph.initializer.push(t);
+            let node = &mut graph.node[p.node];
+            node.input.resize(3, String::new());
+            node.input[2] = name;
+        }
+    }
+    Ok(())
+}
+
+fn replace(t: &mut TensorProto, v: ArrayD<f32>) {
+    let name = t.name.clone().unwrap_or_default();
+    let data = match TensorData::from_proto(t) {
+        Ok(TensorData::F64(_)) => TensorData::F64(v.mapv(f64::from)),
+        _ => TensorData::F32(v),
+    };
+    *t = TensorProto {
+        doc_string: t.doc_string.take(),
+        ..data.to_proto(&name)
+    };
+}
+
+/// Sets every BatchNormalization's running mean and variance to the statistics of its input
+/// in the merged model, in graph order.
+fn reset_batch_norms(
+    model: &mut Model,
+    calib: &[TensorData],
+    backend: BackendKind,
+    options: &BackendOptions,
+) -> Result<usize> {
+    let bns: Vec<(String, String, String)> = {
+        let graph = Graph::new(model)?;
+        graph
+            .topological_order()
+            .iter()
+            .map(|&n| graph.node(n))
+            .filter(|n| n.op_type.as_deref() == Some("BatchNormalization") && n.input.len() >= 5)
+            .filter(|n| {
+                graph.initializer(&n.input[3]).is_some() && graph.initializer(&n.input[4]).is_some()
+            })
+            .map(|n| (n.input[0].clone(), n.input[3].clone(), n.input[4].clone()))
+            .collect()
+    };
+    for (x, mean_name, var_name) in &bns {
+        let mut s = open_session(backend, model, std::slice::from_ref(x), options)?;
+        let outs = run_batched(s.as_mut(), calib, 64)?;
+        let Some(i) = s.output_names().iter().position(|n| n == x) else {
+            continue;
+        };
+        let stats = channel_moments(&outs[i]);
+        let (mean, sd) = stats.mean_std();
+        let Some(graph) = model.proto.graph.as_mut() else {
+            break;
+        };
+        for t in &mut graph.initializer {
+            if t.name.as_deref() == Some(mean_name) {
+                replace(t, mean.mapv(|v| v as f32).into_dyn());
+            } else if t.name.as_deref() == Some(var_name) {
+                replace(t, sd.mapv(|v| (v * v) as f32).into_dyn());
+            }
+        }
+    }
+    Ok(bns.len())
+}
