@@ -268,8 +268,31 @@ pub fn merge(
         models: n,
         ..Default::default()
     };
-    let units = matching_units(&disc.groups);
     let mut values: Values = HashMap::new();
+    // A tensor that every model holds identically (a frozen class-embedding matrix, a shared
+    // lookup table) already puts its groups in one coordinate system: those stay as they are.
+    let pinned = pinned_groups(&disc.groups, &weights);
+    let mut units = matching_units(&disc.groups);
+    units.retain(|u| {
+        let shared = u.iter().find_map(|g| pinned.get(g));
+        if let Some(tensor) = shared {
+            for &g in u {
+                let (p, bp) = identity(&disc.groups[g], n);
+                m.p.insert(g, p);
+                if let Some(bp) = bp {
+                    m.blocks.insert(g, bp);
+                }
+                values.insert(
+                    g,
+                    (
+                        f64::NAN,
+                        format!("pinned: '{tensor}' is the same in every model"),
+                    ),
+                );
+            }
+        }
+        shared.is_none()
+    });
     let mut sweeps = 0;
     if opts.method == Method::Avg {
         for g in &disc.groups {
@@ -453,6 +476,31 @@ pub fn merge(
     };
     provenance(&mut merged, &report);
     Ok((merged, report))
+}
+
+/// Groups with a member tensor that is bit-identical in every model and not constant along
+/// the group's axis, with that tensor's name.
+fn pinned_groups(groups: &[symmetry::Group], weights: &weights::Weights) -> HashMap<usize, String> {
+    let mut out = HashMap::new();
+    for g in groups {
+        for member in &g.members {
+            let Some(first) = weights[0].get(&member.tensor) else {
+                continue;
+            };
+            let same = weights[1..]
+                .iter()
+                .all(|w| w.get(&member.tensor) == Some(first));
+            let varies = first
+                .axis_iter(ndarray::Axis(member.axis))
+                .skip(1)
+                .any(|lane| lane != first.index_axis(ndarray::Axis(member.axis), 0));
+            if same && varies {
+                out.insert(g.id, member.tensor.clone());
+                break;
+            }
+        }
+    }
+    out
 }
 
 /// Per group: merge value, and what the similarity was made of.
