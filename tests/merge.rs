@@ -456,3 +456,45 @@ fn statistics_repair_is_neutral_when_exact_and_helps_a_real_merge() {
     assert!(without < 0.35, "without repair: {without}");
     assert!(with > without + 0.2, "repair: {without} → {with}");
 }
+
+/// `--alpha auto`: every grid point is scored on held-out data and the best one is kept.
+#[test]
+fn alpha_auto_scores_the_grid_and_keeps_the_best() {
+    let a = onnx::load(fixture("mlp_a.onnx")).unwrap();
+    let b = onnx::load(fixture("mlp_b.onnx")).unwrap();
+    let p = common::root().join("fixtures/data/calib.npz");
+    let arrays = data::read(&p).unwrap();
+    let labels = arrays.get("labels").unwrap().to_labels().unwrap();
+    let inputs = data::bind_inputs(&arrays, &a, &p).unwrap();
+    let opts = MergeOptions {
+        method: Method::MudscZip,
+        max_sweeps: 3,
+        repair_samples: 64,
+        ..Default::default()
+    };
+    let grid = [0.1, 0.5, 0.9];
+    for labels in [Some(labels.as_slice()), None] {
+        let c = mudsc::merge::choose_alpha(&[a.clone(), b.clone()], &inputs, labels, &opts, &grid)
+            .unwrap();
+        assert_eq!(c.curve.len(), 3);
+        assert_eq!(c.held_out, 200);
+        assert!(c.curve.iter().all(|p| (0.0..=1.0).contains(&p.score)));
+        let best = c.curve.iter().map(|p| p.score).fold(f64::MIN, f64::max);
+        assert_eq!(
+            c.curve.iter().find(|p| p.alpha == c.alpha).unwrap().score,
+            best
+        );
+        assert_eq!(
+            c.criterion,
+            if labels.is_some() {
+                "accuracy"
+            } else {
+                "agreement"
+            }
+        );
+        // Accuracy on two 5-class tasks merged: well above chance for a sensible merge.
+        if labels.is_some() {
+            assert!(best > 0.4, "best held-out accuracy {best}");
+        }
+    }
+}

@@ -11,6 +11,7 @@
 //!   merge and unmerge, P4); identical for alignment.
 //! - Blocked groups under zip methods are group-aligned (group zip is not implemented yet).
 
+mod alpha;
 mod calib;
 mod matching;
 mod repair;
@@ -31,6 +32,7 @@ use crate::runtime::{BackendKind, BackendOptions};
 use crate::symmetry::permute::SplitMix;
 use crate::symmetry::{self, GroupKind};
 
+pub use alpha::{choose_alpha, AlphaChoice, AlphaPoint};
 pub use matching::{align, group_align, lap, zip, Matched};
 pub use units::{Layout, Matchings, Role};
 
