@@ -31,6 +31,17 @@ impl Assignment {
 type Context = Vec<(CompId, usize)>;
 
 impl Structure {
+    /// The index of each factor in `index` of their row-major product (slowest first).
+    fn digits(&self, parts: &[CompId], index: usize) -> Vec<usize> {
+        let mut rest = index;
+        let mut digits = vec![0; parts.len()];
+        for (k, &p) in parts.iter().enumerate().rev() {
+            digits[k] = rest % self.comps[p].size;
+            rest /= self.comps[p].size;
+        }
+        digits
+    }
+
     /// The leaf indices an index of component `c` decomposes into (one path of ranges).
     pub fn collect_leaves(&self, c: CompId, index: usize, ctx: &mut Vec<(CompId, usize)>) {
         self.collect(c, index, ctx)
@@ -40,13 +51,7 @@ impl Structure {
         match &self.comps[c].def {
             Def::Leaf => ctx.push((c, index)),
             Def::Factor(parts) => {
-                let mut rest = index;
-                let mut digits = vec![0; parts.len()];
-                for (k, &p) in parts.iter().enumerate().rev() {
-                    digits[k] = rest % self.comps[p].size;
-                    rest /= self.comps[p].size;
-                }
-                for (&p, d) in parts.iter().zip(digits) {
+                for (&p, d) in parts.iter().zip(self.digits(parts, index)) {
                     self.collect(p, d, ctx);
                 }
             }
@@ -76,17 +81,12 @@ impl Structure {
                 }
                 a.uniform.get(&c).map_or(index, |p| p[index])
             }
-            Def::Factor(parts) => {
-                let mut rest = index;
-                let mut digits = vec![0; parts.len()];
-                for (k, &p) in parts.iter().enumerate().rev() {
-                    digits[k] = rest % self.comps[p].size;
-                    rest /= self.comps[p].size;
-                }
-                parts.iter().zip(digits).fold(0, |acc, (&p, d)| {
+            Def::Factor(parts) => parts
+                .iter()
+                .zip(self.digits(parts, index))
+                .fold(0, |acc, (&p, d)| {
                     acc * self.comps[p].size + self.map(p, d, a, ctx)
-                })
-            }
+                }),
             Def::Concat(pieces) => pieces
                 .iter()
                 .find(|(o, s, _)| index >= *o && index < o + s)

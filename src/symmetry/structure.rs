@@ -297,23 +297,7 @@ impl Structure {
     pub fn leaf_paths(&self, c: CompId, limit: usize) -> Option<Vec<Vec<CompId>>> {
         match &self.comps[c].def {
             Def::Leaf => Some(vec![vec![c]]),
-            Def::Factor(parts) => {
-                let mut acc: Vec<Vec<CompId>> = vec![vec![]];
-                for &p in parts {
-                    let sub = self.leaf_paths(p, limit)?;
-                    let mut next = Vec::new();
-                    for a in &acc {
-                        for b in &sub {
-                            next.push(a.iter().chain(b).copied().collect());
-                            if next.len() > limit {
-                                return None;
-                            }
-                        }
-                    }
-                    acc = next;
-                }
-                Some(acc)
-            }
+            Def::Factor(parts) => self.product_paths(parts.iter().copied(), limit),
             Def::Concat(pieces) => {
                 let mut out = Vec::new();
                 for &(_, _, p) in pieces {
@@ -329,9 +313,19 @@ impl Structure {
 
     /// Leaf paths of a whole tensor (all its axes).
     pub fn tensor_paths(&self, axes: &[Option<SlotId>], limit: usize) -> Option<Vec<Vec<CompId>>> {
+        self.product_paths(axes.iter().flatten().map(|&s| self.comp_of[s]), limit)
+    }
+
+    /// Paths of a row-major product: every path of the first part followed by every path of
+    /// the next, and so on.
+    fn product_paths(
+        &self,
+        parts: impl Iterator<Item = CompId>,
+        limit: usize,
+    ) -> Option<Vec<Vec<CompId>>> {
         let mut acc: Vec<Vec<CompId>> = vec![vec![]];
-        for s in axes.iter().flatten() {
-            let sub = self.leaf_paths(self.comp_of[*s], limit)?;
+        for p in parts {
+            let sub = self.leaf_paths(p, limit)?;
             let mut next = Vec::new();
             for a in &acc {
                 for b in &sub {
