@@ -97,6 +97,59 @@ pub fn group_align(
     Ok((Matched { p, value }, bp))
 }
 
+/// Group zip (§5b): blocks are paired across models by the outer assignment of group
+/// alignment (`shared` adds the scores of groups with the same block order), then each tuple
+/// of paired blocks is zipped on its own down to one block. A merged block only ever holds
+/// units of its paired blocks, so the block structure (heads, GroupNorm groups) survives.
+/// Within a pair, same-model merges are bounded by half a block, the reference's group budget.
+pub fn group_zip(
+    sim: ArrayView2<f64>,
+    models: usize,
+    blocks: usize,
+    block_size: usize,
+    shared: &[Array2<f64>],
+    a: f64,
+    b: f64,
+) -> Result<(Matched, Array2<f64>)> {
+    let w = blocks * block_size;
+    let mut partner = vec![(0..blocks).collect::<Vec<usize>>(); models];
+    for (i, row) in partner.iter_mut().enumerate().skip(1) {
+        let (g, _) = block_scores(sim, i, w, blocks, block_size)?;
+        let mut outer = g;
+        for extra in shared {
+            outer += extra;
+        }
+        *row = lap(outer.view())?;
+    }
+    let mut p = Array2::zeros((models * w, w));
+    let mut bp = Array2::zeros((models * blocks, blocks));
+    let mut values = Vec::new();
+    for j in 0..blocks {
+        // Units of the paired blocks, model-major, and their similarities.
+        let units: Vec<usize> = (0..models)
+            .flat_map(|i| {
+                let k = partner[i][j];
+                (0..block_size).map(move |u| i * w + k * block_size + u)
+            })
+            .collect();
+        let sub = Array2::from_shape_fn((units.len(), units.len()), |(r, c)| {
+            sim[[units[r], units[c]]]
+        });
+        let m = zip(sub.view(), models, a, b);
+        values.push(m.value);
+        for (r, &unit) in units.iter().enumerate() {
+            for c in 0..block_size {
+                p[[unit, j * block_size + c]] = m.p[[r, c]];
+            }
+        }
+        for (i, row) in partner.iter().enumerate() {
+            bp[[i * blocks + row[j], j]] = 1.0;
+        }
+    }
+    let value = values.iter().sum::<f64>() / values.len().max(1) as f64;
+    Ok((Matched { p, value }, bp))
+}
+
 /// Block-pair scores G (model 0 vs model i) and the inner matchings, `inner[j·blocks + k]`.
 pub fn block_scores(
     sim: ArrayView2<f64>,
@@ -302,6 +355,30 @@ mod tests {
         }
         // Every unit in exactly one cluster.
         assert!(m.p.rows().into_iter().all(|row| row.sum() == 1.0));
+    }
+
+    #[test]
+    fn group_zip_keeps_blocks_whole() {
+        // Two blocks of 2; B's blocks are swapped and units inside reversed.
+        let (blocks, bs) = (2, 2);
+        let w = blocks * bs;
+        let mut sim = Array2::from_elem((2 * w, 2 * w), 0.0);
+        let b_of = |u: usize| (1 - u / bs) * bs + (bs - 1 - u % bs);
+        for u in 0..w {
+            sim[[u, w + b_of(u)]] = 1.0;
+            sim[[w + b_of(u), u]] = 1.0;
+        }
+        let (m, bp) = group_zip(sim.view(), 2, blocks, bs, &[], 0.5, 1.0).unwrap();
+        for u in 0..w {
+            let col = (0..w).find(|&c| m.p[[u, c]] == 1.0).unwrap();
+            assert_eq!(
+                m.p[[w + b_of(u), col]],
+                1.0,
+                "unit {u} not zipped with its twin"
+            );
+            assert_eq!(col / bs, u / bs, "unit {u} left its block");
+        }
+        assert_eq!(bp[[2 + 1, 0]], 1.0);
     }
 
     #[test]

@@ -9,7 +9,6 @@
 //! - P10: moments weight every sample equally (exact for any batch sizes).
 //! - Weight vectors map neighbour axes with the unmerge P on every axis (the reference swaps
 //!   merge and unmerge, P4); identical for alignment.
-//! - Blocked groups under zip methods are group-aligned (group zip is not implemented yet).
 
 mod alpha;
 mod calib;
@@ -33,7 +32,7 @@ use crate::symmetry::permute::SplitMix;
 use crate::symmetry::{self, GroupKind};
 
 pub use alpha::{choose_alpha, AlphaChoice, AlphaPoint};
-pub use matching::{align, group_align, lap, zip, Matched};
+pub use matching::{align, group_align, group_zip, lap, zip, Matched};
 pub use units::{Layout, Matchings, Role};
 
 /// The merge methods of the MuDSC paper's comparison.
@@ -576,15 +575,22 @@ fn match_unit(
                     .filter(|(j, _)| *j != k)
                     .map(|x| x.1.clone())
                     .collect();
-                let (matched, bp) = group_align(s.view(), n, blocks, block_size, &others)?;
+                let (matched, bp) = if opts.method.zips() {
+                    group_zip(
+                        s.view(),
+                        n,
+                        blocks,
+                        block_size,
+                        &others,
+                        opts.zip_a,
+                        opts.zip_b,
+                    )?
+                } else {
+                    group_align(s.view(), n, blocks, block_size, &others)?
+                };
                 m.p.insert(*g, matched.p);
                 m.blocks.insert(*g, bp);
-                let how = if opts.method.zips() {
-                    format!("{how}, group-aligned")
-                } else {
-                    how.clone()
-                };
-                values.insert(*g, (matched.value, how));
+                values.insert(*g, (matched.value, how.clone()));
             }
         }
     }
