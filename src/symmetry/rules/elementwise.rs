@@ -1,7 +1,7 @@
 //! Elementwise ops: every axis passes through; with broadcasting, each input axis of the
 //! output's size joins the output axis it is aligned with (numpy rules: right-aligned).
 
-use super::{fix_extra_outputs, input, need, output, Ctx, RuleResult};
+use super::{fix_extra_outputs, input, need, output, present_inputs, Ctx, RuleResult};
 use crate::onnx::proto::NodeProto;
 
 pub fn unary(ctx: &mut Ctx, node: &NodeProto) -> RuleResult {
@@ -15,12 +15,7 @@ pub fn unary(ctx: &mut Ctx, node: &NodeProto) -> RuleResult {
 /// Every non-empty input is broadcast against the output.
 pub fn broadcast(ctx: &mut Ctx, node: &NodeProto) -> RuleResult {
     let y = need(output(node, 0), "output")?;
-    let inputs: Vec<String> = node
-        .input
-        .iter()
-        .filter(|s| !s.is_empty())
-        .cloned()
-        .collect();
+    let inputs: Vec<String> = present_inputs(node);
     for x in &inputs {
         broadcast_one(ctx, x, y)?;
     }

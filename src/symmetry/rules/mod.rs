@@ -151,6 +151,15 @@ pub fn input(node: &NodeProto, i: usize) -> Option<&str> {
         .filter(|s| !s.is_empty())
 }
 
+/// Every input that is present (ONNX leaves optional inputs as empty names).
+pub fn present_inputs(node: &NodeProto) -> Vec<String> {
+    node.input
+        .iter()
+        .filter(|s| !s.is_empty())
+        .cloned()
+        .collect()
+}
+
 pub fn output(node: &NodeProto, i: usize) -> Option<&str> {
     node.output
         .get(i)

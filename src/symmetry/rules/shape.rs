@@ -1,7 +1,7 @@
 //! Ops that move data between axes without computing: Reshape and its kin, Transpose, Concat,
 //! Split, Slice, Pad, Tile, and the shape-computing ops whose outputs are never data units.
 
-use super::{attr_int, attr_ints, input, need, norm_axis, output, Ctx, RuleResult};
+use super::{attr_int, attr_ints, input, need, norm_axis, output, present_inputs, Ctx, RuleResult};
 use crate::onnx::proto::NodeProto;
 use crate::symmetry::slots::{Piece, SlotId};
 
@@ -128,12 +128,7 @@ pub fn concat(ctx: &mut Ctx, node: &NodeProto) -> RuleResult {
     let y = need(output(node, 0), "output")?;
     let rank = ctx.axes(y)?.len();
     let axis = norm_axis(attr_int(node, "axis").ok_or("axis")?, rank)?;
-    let inputs: Vec<String> = node
-        .input
-        .iter()
-        .filter(|s| !s.is_empty())
-        .cloned()
-        .collect();
+    let inputs: Vec<String> = present_inputs(node);
     for x in &inputs {
         equal_except(ctx, x, y, axis)?;
     }
