@@ -115,6 +115,9 @@ pub fn discover(model: &Model, shapes: &ShapeMap) -> Result<Discovery> {
 
     fix_unrewritable_constants(&graph, &mut slots);
     let structure = structure::resolve(&mut slots);
+    // Developer aid: MUDSC_DEBUG_STRUCTURE=1 prints every component (size, definition,
+    // block, fixed reasons, first slots) to stderr, the quickest way to see why an axis is
+    // fixed or two axes are (not) grouped.
     if std::env::var_os("MUDSC_DEBUG_STRUCTURE").is_some() {
         for (i, c) in structure.comps.iter().enumerate() {
             let names: Vec<String> = c
