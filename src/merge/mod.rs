@@ -397,18 +397,16 @@ pub fn merge(
                 continue;
             }
             let value = weights::merged_tensor(&name, &layout, &disc.slots, &weights, &m, &inputs)?;
-            let data = match TensorData::from_proto(t)? {
-                TensorData::F64(_) => TensorData::F64(value),
+            // Back to the initializer's own float type (read from its header, not its data).
+            let data = match crate::onnx::DataType::from_onnx(t.data_type.unwrap_or(0)) {
+                Some(crate::onnx::DataType::F64) => TensorData::F64(value),
+                Some(crate::onnx::DataType::F16) => {
+                    TensorData::F16(value.mapv(|v| half::f16::from_f32(v as f32)))
+                }
+                Some(crate::onnx::DataType::BF16) => {
+                    TensorData::BF16(value.mapv(|v| half::bf16::from_f32(v as f32)))
+                }
                 _ => TensorData::F32(value.mapv(|v| v as f32)),
-            };
-            let data = match TensorData::from_proto(t)?.dtype() {
-                crate::onnx::DataType::F16 => {
-                    TensorData::F16(data.to_f32().mapv(half::f16::from_f32))
-                }
-                crate::onnx::DataType::BF16 => {
-                    TensorData::BF16(data.to_f32().mapv(half::bf16::from_f32))
-                }
-                _ => data,
             };
             *t = crate::onnx::proto::TensorProto {
                 doc_string: t.doc_string.take(),
