@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 
 use mudsc::data;
 use mudsc::graph::infer_shapes;
-use mudsc::merge::{merge, MergeOptions, Method};
+use mudsc::merge::{align_to_first, merge, MergeOptions, Method};
 use mudsc::onnx::{self, Model, TensorData};
 use mudsc::runtime::{open_session, run_batched, BackendKind, BackendOptions};
 use mudsc::symmetry::check::permuted_model;
@@ -162,6 +162,52 @@ fn merging_with_a_permuted_copy_gives_the_model_back() {
             }
         }
     }
+}
+
+/// Largest difference between the float initializers of two models of one graph.
+fn weight_diff(a: &Model, b: &Model) -> f32 {
+    let mut worst = 0.0f32;
+    for (x, y) in a.graph().initializer.iter().zip(&b.graph().initializer) {
+        assert_eq!(x.name, y.name);
+        let (x, y) = (
+            TensorData::from_proto(x).unwrap(),
+            TensorData::from_proto(y).unwrap(),
+        );
+        if let (TensorData::F32(x), TensorData::F32(y)) = (&x, &y) {
+            worst = x
+                .iter()
+                .zip(y)
+                .fold(worst, |m, (p, q)| m.max((p - q).abs()));
+        }
+    }
+    worst
+}
+
+#[test]
+fn aligning_puts_a_permuted_copy_back_and_keeps_every_function() {
+    let a = onnx::load(fixture("resnet20_gn_a.onnx")).unwrap();
+    let inputs = calib(&a, 128);
+    let b = permuted_copy(&a, &inputs);
+    assert!(weight_diff(&a, &b) > 1e-2, "the copy is permuted");
+    let opts = MergeOptions {
+        method: Method::MudscZip,
+        max_sweeps: 10,
+        ..Default::default()
+    };
+    let aligned = align_to_first(&[a.clone(), b], &inputs, &opts, &mut |_, _, _| {}).unwrap();
+    assert_eq!(weight_diff(&aligned[0], &a), 0.0, "model 0 stays as it is");
+    assert!(weight_diff(&aligned[1], &a) < 1e-6, "the copy is A again");
+
+    // A real pair: B moves into A's coordinates and computes what it computed.
+    let (a, b) = (
+        onnx::load(fixture("mlp_a.onnx")).unwrap(),
+        onnx::load(fixture("mlp_b.onnx")).unwrap(),
+    );
+    let inputs = calib(&a, 128);
+    let aligned = align_to_first(&[a, b.clone()], &inputs, &opts, &mut |_, _, _| {}).unwrap();
+    assert!(weight_diff(&aligned[1], &b) > 1e-2, "B's units moved");
+    let diff = max_diff(&outputs(&aligned[1], &inputs), &outputs(&b, &inputs));
+    assert!(diff < 1e-4, "aligned B differs from B by {diff}");
 }
 
 fn mudsc(args: &[&str]) -> std::process::Output {

@@ -78,6 +78,16 @@ impl Method {
         }
     }
 
+    /// The alignment method on the same similarity (zip methods map to theirs).
+    pub fn alignment(self) -> Method {
+        match self {
+            Method::Zipit => Method::ActAlign,
+            Method::WeightZip => Method::Rebasin,
+            Method::MudscZip => Method::MudscAlign,
+            other => other,
+        }
+    }
+
     fn uses_activations(self) -> bool {
         matches!(
             self,
@@ -162,6 +172,41 @@ pub struct MergeReport {
     pub seconds: BTreeMap<String, f64>,
 }
 
+/// Wall-clock seconds per pipeline phase.
+struct Timer {
+    seconds: BTreeMap<String, f64>,
+    clock: Instant,
+}
+
+impl Timer {
+    fn new() -> Timer {
+        Timer {
+            seconds: BTreeMap::new(),
+            clock: Instant::now(),
+        }
+    }
+
+    fn lap(&mut self, phase: &str) {
+        *self.seconds.entry(phase.to_string()).or_default() += self.clock.elapsed().as_secs_f64();
+        self.clock = Instant::now();
+    }
+}
+
+/// What every phase after discovery reads: model 0's groups, each model's value names by
+/// model-0 name, and each model's float initializers.
+struct Prepared {
+    disc: symmetry::Discovery,
+    names: Vec<HashMap<String, String>>,
+    weights: weights::Weights,
+}
+
+/// The outcome of matching: per-group matrices, merge values, and the sweeps it took.
+struct Matching {
+    m: Matchings,
+    values: Values,
+    sweeps: usize,
+}
+
 /// Merges `models` (same architecture) into one with model 0's graph, names and opsets.
 /// `calib` holds calibration inputs bound to model 0's graph inputs.
 pub fn merge(
@@ -170,22 +215,175 @@ pub fn merge(
     opts: &MergeOptions,
     progress: &mut dyn FnMut(&str, usize, usize),
 ) -> Result<(Model, MergeReport)> {
+    let mut timer = Timer::new();
+    let prep = prepare(models, calib, opts, &mut timer)?;
+    let matching = find_matchings(&prep, models, calib, opts, progress, &mut timer)?;
+    let Prepared {
+        disc,
+        names,
+        weights,
+    } = &prep;
+    let Matching { m, values, sweeps } = &matching;
+    let layout = Layout::new(&disc.structure, &disc.groups);
+
+    // Rewrite.
+    let graph = Graph::new(&models[0])?;
+    let inputs = weights::input_axes(&graph);
+    let mut merged = models[0].clone();
+    if let Some(g) = merged.proto.graph.as_mut() {
+        for t in &mut g.initializer {
+            let name = t.name.clone().unwrap_or_default();
+            if !weights[0].contains_key(&name) || weights.iter().any(|w| !w.contains_key(&name)) {
+                continue;
+            }
+            let value = weights::merged_tensor(&name, &layout, &disc.slots, weights, m, &inputs)?;
+            store_float(t, value);
+        }
+    }
+    timer.lap("rewrite");
+
+    let (mut repaired_layers, mut reset_batch_norms) = (0, 0);
+    if opts.repair_samples > 0 {
+        let subset: Vec<TensorData> = calib
+            .iter()
+            .map(|t| t.slice_rows(0, opts.repair_samples.min(t.shape()[0])))
+            .collect();
+        let r = repair::repair(
+            models,
+            names,
+            &mut merged,
+            &layout,
+            &disc.slots,
+            &disc.groups,
+            m,
+            &subset,
+            opts.backend,
+            &opts.backend_options,
+        )?;
+        repaired_layers = r.layers;
+        reset_batch_norms = r.batch_norms;
+        timer.lap("repair");
+    }
+
+    let report = MergeReport {
+        method: opts.method,
+        alpha: opts.alpha,
+        models: models.iter().map(Model::display_name).collect(),
+        calibration_samples: crate::data::sample_count(calib),
+        groups: disc
+            .groups
+            .iter()
+            .map(|g| {
+                let (v, how) = values
+                    .get(&g.id)
+                    .cloned()
+                    .unwrap_or((f64::NAN, "none".into()));
+                GroupReport {
+                    id: g.id,
+                    width: g.width,
+                    kind: match &g.kind {
+                        GroupKind::Plain => "plain".into(),
+                        GroupKind::Blocked {
+                            blocks, block_size, ..
+                        } => format!("{blocks}x{block_size}"),
+                    },
+                    similarity: how,
+                    merge_value: v,
+                }
+            })
+            .collect(),
+        sweeps: *sweeps,
+        fixed_weight_axes: disc.fixed.len(),
+        repaired_layers,
+        reset_batch_norms,
+        unknown_ops: disc.unknown_ops.clone(),
+        seconds: timer.seconds,
+    };
+    provenance(&mut merged, &report);
+    Ok((merged, report))
+}
+
+/// Every model's units permuted into model 0's coordinates: the alignment that `opts.method`
+/// (or, for a zip method, its alignment counterpart) finds, applied to each model alone. Model
+/// 0 comes back unchanged; every model keeps its own function. This puts N models in one
+/// weight coordinate system, e.g. to draw the plane through them.
+pub fn align_to_first(
+    models: &[Model],
+    calib: &[TensorData],
+    opts: &MergeOptions,
+    progress: &mut dyn FnMut(&str, usize, usize),
+) -> Result<Vec<Model>> {
+    let opts = MergeOptions {
+        method: opts.method.alignment(),
+        ..opts.clone()
+    };
+    let mut timer = Timer::new();
+    let prep = prepare(models, calib, &opts, &mut timer)?;
+    let matching = find_matchings(&prep, models, calib, &opts, progress, &mut timer)?;
+    let layout = Layout::new(&prep.disc.structure, &prep.disc.groups);
+    (0..models.len())
+        .map(|i| {
+            let mut out = models[0].clone();
+            if let Some(g) = out.proto.graph.as_mut() {
+                for t in &mut g.initializer {
+                    let name = t.name.clone().unwrap_or_default();
+                    let Some(mut value) = prep.weights[i].get(&name).cloned() else {
+                        continue;
+                    };
+                    if let Some(axes) = prep.disc.slots.of(&name) {
+                        for (a, s) in axes.iter().enumerate() {
+                            let Some(s) = s else { continue };
+                            let comp = layout.st.comp_of[*s];
+                            if let Some(r) = layout.axis_map(comp, &matching.m, i, Role::Unmerge) {
+                                value = units::apply_axis(&value, a, &r);
+                            }
+                        }
+                    }
+                    store_float(t, value);
+                }
+            }
+            Ok(out)
+        })
+        .collect()
+}
+
+/// Writes `value` into initializer `t`, in the float type its header names (not re-read from
+/// its data).
+fn store_float(t: &mut crate::onnx::proto::TensorProto, value: ndarray::ArrayD<f64>) {
+    let name = t.name.clone().unwrap_or_default();
+    let data = match crate::onnx::DataType::from_onnx(t.data_type.unwrap_or(0)) {
+        Some(crate::onnx::DataType::F64) => TensorData::F64(value),
+        Some(crate::onnx::DataType::F16) => {
+            TensorData::F16(value.mapv(|v| half::f16::from_f32(v as f32)))
+        }
+        Some(crate::onnx::DataType::BF16) => {
+            TensorData::BF16(value.mapv(|v| half::bf16::from_f32(v as f32)))
+        }
+        _ => TensorData::F32(value.mapv(|v| v as f32)),
+    };
+    *t = crate::onnx::proto::TensorProto {
+        doc_string: t.doc_string.take(),
+        ..data.to_proto(&name)
+    };
+}
+
+/// Checks the architectures, discovers model 0's groups at the calibration batch shape, and
+/// reads every model's float initializers.
+fn prepare(
+    models: &[Model],
+    calib: &[TensorData],
+    opts: &MergeOptions,
+    timer: &mut Timer,
+) -> Result<Prepared> {
     if models.len() < 2 {
         return Err(Error::Usage("merging needs at least two models".into()));
     }
-    let mut seconds = BTreeMap::new();
-    let mut clock = Instant::now();
-    let mut lap_time = |name: &str, clock: &mut Instant| {
-        seconds.insert(name.to_string(), clock.elapsed().as_secs_f64());
-        *clock = Instant::now();
-    };
     let base = &models[0];
     for other in &models[1..] {
         same_architecture(base, other)?;
     }
     let names: Vec<HashMap<String, String>> = models.iter().map(|m| value_map(base, m)).collect();
 
-    // Discovery on model 0, for the calibration batch shape.
     let first = crate::data::input_shapes(base, Some(calib), &[], 1)?;
     let first: HashMap<String, Vec<usize>> = first
         .into_iter()
@@ -197,9 +395,8 @@ pub fn merge(
         })
         .collect();
     let disc = symmetry::discover(base, &infer_shapes(base, &first)?)?;
-    lap_time("discovery", &mut clock);
+    timer.lap("discovery");
 
-    // Weights of every model, by model-0 name.
     let weights: weights::Weights = models
         .iter()
         .zip(&names)
@@ -223,8 +420,29 @@ pub fn merge(
             Ok(out)
         })
         .collect::<Result<_>>()?;
-    lap_time("load", &mut clock);
+    timer.lap("load");
+    Ok(Prepared {
+        disc,
+        names,
+        weights,
+    })
+}
 
+/// Calibration statistics (where the method uses activations), then the matchings: the
+/// start, and the iterative dual-space loop for the methods that iterate.
+fn find_matchings(
+    prep: &Prepared,
+    models: &[Model],
+    calib: &[TensorData],
+    opts: &MergeOptions,
+    progress: &mut dyn FnMut(&str, usize, usize),
+    timer: &mut Timer,
+) -> Result<Matching> {
+    let Prepared {
+        disc,
+        names,
+        weights,
+    } = prep;
     // Activation statistics.
     let mut act: HashMap<usize, Array2<f64>> = HashMap::new();
     if opts.method.uses_activations() {
@@ -254,12 +472,12 @@ pub fn merge(
             &opts.backend_options,
             &mut |done, total| progress("calibration", done, total),
         )?;
-        lap_time("calibration", &mut clock);
+        timer.lap("calibration");
         act = moments
             .into_iter()
             .map(|(g, m)| (g, m.correlation()))
             .collect();
-        lap_time("statistics", &mut clock);
+        timer.lap("statistics");
     }
 
     // Matching.
@@ -306,7 +524,7 @@ pub fn merge(
         }
     } else {
         let weight_sim = |g: &symmetry::Group, m: &Matchings| {
-            weights::unit_vectors(g, &layout, &disc.slots, &weights, m)
+            weights::unit_vectors(g, &layout, &disc.slots, weights, m)
                 .map(|z| crate::stats::row_correlation(z.view()))
         };
         // Start: activations where the method uses them.
@@ -384,97 +602,8 @@ pub fn merge(
             }
         }
     }
-    lap_time("matching", &mut clock);
-
-    // Rewrite.
-    let graph = Graph::new(base)?;
-    let inputs = weights::input_axes(&graph);
-    let mut merged = base.clone();
-    if let Some(g) = merged.proto.graph.as_mut() {
-        for t in &mut g.initializer {
-            let name = t.name.clone().unwrap_or_default();
-            if !weights[0].contains_key(&name) || weights.iter().any(|w| !w.contains_key(&name)) {
-                continue;
-            }
-            let value = weights::merged_tensor(&name, &layout, &disc.slots, &weights, &m, &inputs)?;
-            // Back to the initializer's own float type (read from its header, not its data).
-            let data = match crate::onnx::DataType::from_onnx(t.data_type.unwrap_or(0)) {
-                Some(crate::onnx::DataType::F64) => TensorData::F64(value),
-                Some(crate::onnx::DataType::F16) => {
-                    TensorData::F16(value.mapv(|v| half::f16::from_f32(v as f32)))
-                }
-                Some(crate::onnx::DataType::BF16) => {
-                    TensorData::BF16(value.mapv(|v| half::bf16::from_f32(v as f32)))
-                }
-                _ => TensorData::F32(value.mapv(|v| v as f32)),
-            };
-            *t = crate::onnx::proto::TensorProto {
-                doc_string: t.doc_string.take(),
-                ..data.to_proto(&name)
-            };
-        }
-    }
-    lap_time("rewrite", &mut clock);
-
-    let (mut repaired_layers, mut reset_batch_norms) = (0, 0);
-    if opts.repair_samples > 0 {
-        let subset: Vec<TensorData> = calib
-            .iter()
-            .map(|t| t.slice_rows(0, opts.repair_samples.min(t.shape()[0])))
-            .collect();
-        let r = repair::repair(
-            models,
-            &names,
-            &mut merged,
-            &layout,
-            &disc.slots,
-            &disc.groups,
-            &m,
-            &subset,
-            opts.backend,
-            &opts.backend_options,
-        )?;
-        repaired_layers = r.layers;
-        reset_batch_norms = r.batch_norms;
-        lap_time("repair", &mut clock);
-    }
-
-    let report = MergeReport {
-        method: opts.method,
-        alpha: opts.alpha,
-        models: models.iter().map(Model::display_name).collect(),
-        calibration_samples: crate::data::sample_count(calib),
-        groups: disc
-            .groups
-            .iter()
-            .map(|g| {
-                let (v, how) = values
-                    .get(&g.id)
-                    .cloned()
-                    .unwrap_or((f64::NAN, "none".into()));
-                GroupReport {
-                    id: g.id,
-                    width: g.width,
-                    kind: match &g.kind {
-                        GroupKind::Plain => "plain".into(),
-                        GroupKind::Blocked {
-                            blocks, block_size, ..
-                        } => format!("{blocks}x{block_size}"),
-                    },
-                    similarity: how,
-                    merge_value: v,
-                }
-            })
-            .collect(),
-        sweeps,
-        fixed_weight_axes: disc.fixed.len(),
-        repaired_layers,
-        reset_batch_norms,
-        unknown_ops: disc.unknown_ops.clone(),
-        seconds,
-    };
-    provenance(&mut merged, &report);
-    Ok((merged, report))
+    timer.lap("matching");
+    Ok(Matching { m, values, sweeps })
 }
 
 /// Groups with a member tensor that is bit-identical in every model and not constant along
