@@ -73,6 +73,12 @@ pub struct MergeArgs {
     /// calibration samples; 0 turns it off.
     #[arg(long, default_value_t = 256)]
     repair_samples: usize,
+    /// Partial zip: merge only up to a node (a node name, or the name of the value it makes)
+    /// or a depth (the first K weight layers; -K: all but the last K), and keep each model's
+    /// own layers after it, fed through its unmerge. The merged model then has one copy of
+    /// every output per model, `<output>.m0`, `<output>.m1`, …
+    #[arg(long, allow_hyphen_values = true, value_name = "NODE|DEPTH")]
+    zip_until: Option<String>,
     /// Only use the first N calibration samples.
     #[arg(long)]
     samples: Option<usize>,
@@ -92,6 +98,11 @@ pub fn run(args: MergeArgs) -> Result<()> {
             }
         },
     };
+    let zip_until = args
+        .zip_until
+        .as_deref()
+        .map(str::parse::<mudsc::merge::Cut>)
+        .transpose()?;
     let models = args
         .models
         .iter()
@@ -130,6 +141,7 @@ pub fn run(args: MergeArgs) -> Result<()> {
         backend_options: args.backend.options(),
         batch: args.backend.batch.min(256),
         repair_samples: args.repair_samples,
+        zip_until,
         ..Default::default()
     };
     let mut opts = opts;
@@ -185,6 +197,16 @@ pub fn run(args: MergeArgs) -> Result<()> {
         report.calibration_samples,
         args.output.display()
     );
+    if let Some(t) = &report.partial {
+        println!(
+            "partial zip: {} trunk nodes merged up to '{}', {} remainder nodes kept per model, \
+             {} values unmerged",
+            t.trunk_nodes,
+            t.cut_node,
+            t.remainder_nodes,
+            t.cut_values.len()
+        );
+    }
     let total: f64 = report.seconds.values().sum();
     let phases: Vec<String> = report
         .seconds

@@ -13,6 +13,7 @@
 mod alpha;
 mod calib;
 mod matching;
+mod partial;
 mod repair;
 mod units;
 mod weights;
@@ -33,6 +34,7 @@ use crate::symmetry::{self, GroupKind};
 
 pub use alpha::{choose_alpha, AlphaChoice, AlphaPoint};
 pub use matching::{align, group_align, group_zip, lap, zip, Matched};
+pub use partial::{Cut, Trunk};
 pub use units::{Layout, Matchings, Role};
 
 /// The merge methods of the MuDSC paper's comparison.
@@ -124,6 +126,8 @@ pub struct MergeOptions {
     /// Statistics repair (REPAIR folded into Conv/Gemm, BatchNorm reset) on this many
     /// calibration samples; 0 turns it off.
     pub repair_samples: usize,
+    /// Partial zip: merge only up to this cut and keep each model's remainder.
+    pub zip_until: Option<Cut>,
 }
 
 impl Default for MergeOptions {
@@ -140,6 +144,7 @@ impl Default for MergeOptions {
             max_sweeps: 100,
             patience: 5,
             repair_samples: 256,
+            zip_until: None,
         }
     }
 }
@@ -168,6 +173,8 @@ pub struct MergeReport {
     pub repaired_layers: usize,
     pub reset_batch_norms: usize,
     pub unknown_ops: BTreeMap<String, usize>,
+    /// The merged trunk, for a partial zip.
+    pub partial: Option<Trunk>,
     /// Seconds per phase.
     pub seconds: BTreeMap<String, f64>,
 }
@@ -240,14 +247,18 @@ pub fn merge(
             store_float(t, value);
         }
     }
+    let trunk = match &opts.zip_until {
+        Some(cut) => Some(partial::trunk(&graph, cut)?),
+        None => None,
+    };
     timer.lap("rewrite");
 
     let (mut repaired_layers, mut reset_batch_norms) = (0, 0);
+    let subset: Vec<TensorData> = calib
+        .iter()
+        .map(|t| t.slice_rows(0, opts.repair_samples.min(t.shape()[0])))
+        .collect();
     if opts.repair_samples > 0 {
-        let subset: Vec<TensorData> = calib
-            .iter()
-            .map(|t| t.slice_rows(0, opts.repair_samples.min(t.shape()[0])))
-            .collect();
         let r = repair::repair(
             models,
             names,
@@ -257,12 +268,39 @@ pub fn merge(
             &disc.groups,
             m,
             &subset,
+            trunk.as_ref().map(|t| &t.nodes),
             opts.backend,
             &opts.backend_options,
         )?;
         repaired_layers = r.layers;
         reset_batch_norms = r.batch_norms;
         timer.lap("repair");
+    }
+    if let Some(t) = &trunk {
+        let unmerge = partial::Unmerge {
+            layout: &layout,
+            slots: &disc.slots,
+            m,
+        };
+        partial::split(&mut merged, models, names, t, &unmerge)?;
+        timer.lap("partial");
+        if opts.repair_samples > 0 && t.remainder_nodes > 0 {
+            let remainder: std::collections::HashSet<usize> = (0..graph.nodes().len())
+                .filter(|n| !t.nodes.contains(n))
+                .collect();
+            let r = repair::repair_remainders(
+                models,
+                names,
+                &mut merged,
+                &remainder,
+                &subset,
+                opts.backend,
+                &opts.backend_options,
+            )?;
+            repaired_layers += r.layers;
+            reset_batch_norms += r.batch_norms;
+            timer.lap("repair");
+        }
     }
 
     let report = MergeReport {
@@ -297,6 +335,7 @@ pub fn merge(
         repaired_layers,
         reset_batch_norms,
         unknown_ops: disc.unknown_ops.clone(),
+        partial: trunk,
         seconds: timer.seconds,
     };
     provenance(&mut merged, &report);
@@ -490,7 +529,7 @@ fn find_matchings(
     let mut values: Values = HashMap::new();
     // A tensor that every model holds identically (a frozen class-embedding matrix, a shared
     // lookup table) already puts its groups in one coordinate system: those stay as they are.
-    let pinned = pinned_groups(&disc.groups, &weights);
+    let pinned = pinned_groups(&disc.groups, weights);
     let mut units = matching_units(&disc.groups);
     units.retain(|u| {
         let shared = u.iter().find_map(|g| pinned.get(g));
@@ -756,4 +795,7 @@ fn provenance(model: &mut Model, report: &MergeReport) {
     );
     put("mudsc.models", report.models.join(", "));
     put("mudsc.version", env!("CARGO_PKG_VERSION").into());
+    if let Some(t) = &report.partial {
+        put("mudsc.zip_until", t.cut_node.clone());
+    }
 }
