@@ -159,14 +159,11 @@ pub fn run(args: MergeArgs) -> Result<()> {
         opts.alpha = c.alpha;
         choice = Some(c);
     }
-    let mut last = String::new();
+    let mut progress = super::progress::Progress::default();
     let (merged, report) = merge(&models, &calib, &opts, &mut |phase, done, total| {
-        let line = format!("{phase}: {done}/{total}");
-        if line != last && std::io::IsTerminal::is_terminal(&std::io::stderr()) {
-            eprint!("\r{line}   ");
-            last = line;
-        }
+        progress.update(phase, done, total)
     })?;
+    progress.finish();
     let mut protect: Vec<PathBuf> = models.iter().flat_map(|m| m.source_files()).collect();
     protect.push(args.calib.clone());
     let save = SaveOptions {
@@ -187,7 +184,6 @@ pub fn run(args: MergeArgs) -> Result<()> {
         mudsc::atomic::write_atomic(path, &protect, &json)
             .with_context(|| format!("writing {}", path.display()))?;
     }
-    eprintln!();
     println!(
         "merged {} models with {} (α {}) over {} groups, {} calibration samples → {}",
         models.len(),

@@ -6,6 +6,7 @@ mod eval;
 mod groups;
 mod inspect;
 mod merge;
+mod progress;
 mod run;
 
 use std::path::PathBuf;
