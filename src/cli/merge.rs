@@ -98,6 +98,7 @@ pub fn run(args: MergeArgs) -> Result<()> {
             }
         },
     };
+    let started = std::time::Instant::now();
     let zip_until = args
         .zip_until
         .as_deref()
@@ -131,6 +132,7 @@ pub fn run(args: MergeArgs) -> Result<()> {
             l.truncate(n);
         }
     }
+    let read_seconds = started.elapsed().as_secs_f64();
     let opts = MergeOptions {
         method: args.method.into(),
         alpha: alpha.unwrap_or(0.5),
@@ -160,7 +162,7 @@ pub fn run(args: MergeArgs) -> Result<()> {
         choice = Some(c);
     }
     let mut progress = super::progress::Progress::default();
-    let (merged, report) = merge(&models, &calib, &opts, &mut |phase, done, total| {
+    let (merged, mut report) = merge(&models, &calib, &opts, &mut |phase, done, total| {
         progress.update(phase, done, total)
     })?;
     progress.finish();
@@ -174,7 +176,13 @@ pub fn run(args: MergeArgs) -> Result<()> {
         },
         protect: protect.clone(),
     };
+    let clock = std::time::Instant::now();
     mudsc::onnx::save(&merged.proto, &args.output, &save)?;
+    report
+        .seconds
+        .insert("write".into(), clock.elapsed().as_secs_f64());
+    report.seconds.insert("read".into(), read_seconds);
+    report.peak_rss_mib = mudsc::merge::peak_rss_mib();
     if let Some(path) = &args.report {
         let mut json = serde_json::to_value(&report)?;
         if let Some(c) = &choice {
@@ -209,6 +217,10 @@ pub fn run(args: MergeArgs) -> Result<()> {
         .iter()
         .map(|(k, v)| format!("{k} {v:.2}s"))
         .collect();
-    println!("time {total:.2}s ({})", phases.join(", "));
+    println!(
+        "time {total:.2}s ({}), peak memory {:.0} MiB",
+        phases.join(", "),
+        report.peak_rss_mib
+    );
     Ok(())
 }

@@ -177,6 +177,21 @@ pub struct MergeReport {
     pub partial: Option<Trunk>,
     /// Seconds per phase.
     pub seconds: BTreeMap<String, f64>,
+    /// Peak resident memory of the process so far, MiB (Linux; 0 where unknown).
+    pub peak_rss_mib: f64,
+}
+
+/// Peak resident set size of this process in MiB, from `getrusage` (kilobytes on Linux).
+pub fn peak_rss_mib() -> f64 {
+    let mut usage = std::mem::MaybeUninit::<libc::rusage>::zeroed();
+    // SAFETY: getrusage fills the struct it is given; RUSAGE_SELF is always valid.
+    let rc = unsafe { libc::getrusage(libc::RUSAGE_SELF, usage.as_mut_ptr()) };
+    if rc != 0 {
+        return 0.0;
+    }
+    // SAFETY: rc == 0 means the struct was written.
+    let usage = unsafe { usage.assume_init() };
+    usage.ru_maxrss as f64 / 1024.0
 }
 
 /// Wall-clock seconds per pipeline phase.
@@ -337,6 +352,7 @@ pub fn merge(
         unknown_ops: disc.unknown_ops.clone(),
         partial: trunk,
         seconds: timer.seconds,
+        peak_rss_mib: peak_rss_mib(),
     };
     provenance(&mut merged, &report);
     Ok((merged, report))
