@@ -60,6 +60,9 @@ pub struct MergeArgs {
     /// Zip: same-model merge budget factor.
     #[arg(long, default_value_t = 1.0)]
     zip_b: f64,
+    /// Most sweeps of the iterative loop (it also stops after 5 sweeps without improvement).
+    #[arg(long, default_value_t = 100)]
+    max_sweeps: usize,
     /// Seed of the group order in the iterative loop.
     #[arg(long, default_value_t = 0)]
     seed: u64,
@@ -144,6 +147,7 @@ pub fn run(args: MergeArgs) -> Result<()> {
         batch: args.backend.batch.min(256),
         repair_samples: args.repair_samples,
         zip_until,
+        max_sweeps: args.max_sweeps.max(1),
         ..Default::default()
     };
     let mut opts = opts;
