@@ -38,33 +38,36 @@ impl Moments {
     /// Pearson correlation: Cov ⊘ max(σσᵀ, 1e-7), as the reference computes it. Variances are
     /// clamped at 0 (E[x²]−μ² can round below it); a dead unit (σ = 0) correlates 0 with all.
     pub fn correlation(&self) -> Array2<f64> {
+        self.clone().into_correlation()
+    }
+
+    /// `correlation` computed in the Σxxᵀ buffer itself: on wide groups the statistics are
+    /// the merge's largest allocation, and this way they are never held twice.
+    pub fn into_correlation(self) -> Array2<f64> {
         let n = self.count.max(1) as f64;
         let mean = &self.sum / n;
-        let mut cov = &self.outer / n;
+        let mut cov = self.outer;
         let units = mean.len();
-        for i in 0..units {
-            for j in 0..units {
-                cov[[i, j]] -= mean[i] * mean[j];
-            }
+        let second: Vec<f64> = (0..units).map(|i| cov[[i, i]] / n).collect();
+        for ((i, j), c) in cov.indexed_iter_mut() {
+            *c = *c / n - mean[i] * mean[j];
         }
         // A unit whose variance is rounding noise relative to its second moment is dead:
         // E[x²]−μ² of a constant is ~1e-16·x², not 0, and dividing by the 1e-7 clamp would
         // turn that noise into spurious correlations.
         let dead: Vec<bool> = (0..units)
-            .map(|i| cov[[i, i]] <= 1e-12 * (self.outer[[i, i]] / n).max(f64::MIN_POSITIVE))
+            .map(|i| cov[[i, i]] <= 1e-12 * second[i].max(f64::MIN_POSITIVE))
             .collect();
         let sd: Vec<f64> = (0..units).map(|i| cov[[i, i]].max(0.0).sqrt()).collect();
-        Array2::from_shape_fn((units, units), |(i, j)| {
-            if dead[i] || dead[j] {
-                return 0.0;
-            }
-            let c = cov[[i, j]] / (sd[i] * sd[j]).max(1e-7);
-            if c.is_finite() {
-                c
-            } else {
+        for ((i, j), c) in cov.indexed_iter_mut() {
+            let r = *c / (sd[i] * sd[j]).max(1e-7);
+            *c = if dead[i] || dead[j] || !r.is_finite() {
                 0.0
-            }
-        })
+            } else {
+                r
+            };
+        }
+        cov
     }
 
     /// Mean and standard deviation per unit (for statistics repair).
@@ -83,7 +86,7 @@ impl Moments {
 pub fn row_correlation(z: ArrayView2<f64>) -> Array2<f64> {
     let mut m = Moments::new(z.nrows());
     m.add_f64(z.t().mapv(|v| if v.is_finite() { v } else { 0.0 }).view());
-    m.correlation()
+    m.into_correlation()
 }
 
 /// `outer += XᵀX` for a batch X [samples, units]: the dominant cost of calibration (a GEMM

@@ -35,7 +35,7 @@ use crate::symmetry::{self, GroupKind};
 pub use alpha::{choose_alpha, AlphaChoice, AlphaPoint};
 pub use matching::{align, group_align, group_zip, lap, zip, Matched};
 pub use partial::{Cut, Trunk};
-pub use units::{Layout, Matchings, Role};
+pub use units::{Layout, Matchings, Role, Unmerge};
 
 /// The merge methods of the MuDSC paper's comparison.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
@@ -530,7 +530,7 @@ fn find_matchings(
         timer.lap("calibration");
         act = moments
             .into_iter()
-            .map(|(g, m)| (g, m.correlation()))
+            .map(|(g, m)| (g, m.into_correlation()))
             .collect();
         timer.lap("statistics");
     }
@@ -552,9 +552,9 @@ fn find_matchings(
         if let Some(tensor) = shared {
             for &g in u {
                 let (p, bp) = identity(&disc.groups[g], n);
-                m.p.insert(g, p);
+                m.p.insert(g, Unmerge::from_dense(&p));
                 if let Some(bp) = bp {
-                    m.blocks.insert(g, bp);
+                    m.blocks.insert(g, Unmerge::from_dense(&bp));
                 }
                 values.insert(
                     g,
@@ -571,9 +571,9 @@ fn find_matchings(
     if opts.method == Method::Avg {
         for g in &disc.groups {
             let (p, bp) = identity(g, n);
-            m.p.insert(g.id, p);
+            m.p.insert(g.id, Unmerge::from_dense(&p));
             if let Some(bp) = bp {
-                m.blocks.insert(g.id, bp);
+                m.blocks.insert(g.id, Unmerge::from_dense(&bp));
             }
             values.insert(g.id, (f64::NAN, "identity".into()));
         }
@@ -719,7 +719,7 @@ fn match_unit(
             } else {
                 align(s.view(), n)?
             };
-            m.p.insert(*g, matched.p);
+            m.p.insert(*g, Unmerge::from_dense(&matched.p));
             values.insert(*g, (matched.value, how.clone()));
         }
         _ => {
@@ -770,8 +770,8 @@ fn match_unit(
                 } else {
                     group_align(s.view(), n, blocks, block_size, &others)?
                 };
-                m.p.insert(*g, matched.p);
-                m.blocks.insert(*g, bp);
+                m.p.insert(*g, Unmerge::from_dense(&matched.p));
+                m.blocks.insert(*g, Unmerge::from_dense(&bp));
                 values.insert(*g, (matched.value, how.clone()));
             }
         }

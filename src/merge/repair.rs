@@ -87,19 +87,18 @@ pub fn repair(
         let Some(pm) = m.p.get(&p.group) else {
             continue;
         };
-        // Goal: the merge-weighted average of the cluster's endpoint statistics.
+        // Goal: the average of the cluster's endpoint statistics.
         let n = models.len();
-        let colsum = pm.sum_axis(Axis(0));
+        let sizes = pm.cluster_sizes();
         let (mut goal_mean, mut goal_sd) =
             (Array1::<f64>::zeros(p.width), Array1::<f64>::zeros(p.width));
         for i in 0..n {
             let (mean, sd) = endpoint[i][k].mean_std();
             for u in 0..p.width {
-                for j in 0..p.width {
-                    let w = pm[[i * p.width + u, j]] / (colsum[j] + 1e-12);
-                    goal_mean[j] += w * mean[u];
-                    goal_sd[j] += w * sd[u];
-                }
+                let j = pm.target[i * p.width + u] as usize;
+                let w = 1.0 / (sizes[j] as f64 + 1e-12);
+                goal_mean[j] += w * mean[u];
+                goal_sd[j] += w * sd[u];
             }
         }
         let now = tap_stats(merged, std::slice::from_ref(&p.output))?;
