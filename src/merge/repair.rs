@@ -88,12 +88,11 @@ pub fn repair(
             continue;
         };
         // Goal: the average of the cluster's endpoint statistics.
-        let n = models.len();
         let sizes = pm.cluster_sizes();
         let (mut goal_mean, mut goal_sd) =
             (Array1::<f64>::zeros(p.width), Array1::<f64>::zeros(p.width));
-        for i in 0..n {
-            let (mean, sd) = endpoint[i][k].mean_std();
+        for (i, stats) in endpoint.iter().enumerate() {
+            let (mean, sd) = stats[k].mean_std();
             for u in 0..p.width {
                 let j = pm.target[i * p.width + u] as usize;
                 let w = 1.0 / (sizes[j] as f64 + 1e-12);
