@@ -4,6 +4,7 @@
 //!   merge's peak memory stays within twice the models' bytes plus the statistics.
 //! - A model over 2 GiB (external data) loads, merges and saves (external data again), and
 //!   the merged file loads and runs.
+//!
 //! Both pairs are generated at test time by `tests/py/make_large.py` (random weights).
 
 mod common;
