@@ -94,12 +94,14 @@ fn vit_b_sized_pair_merges_with_bounded_memory() {
     let peak = report["peak_rss_mib"].as_f64().unwrap() * 1024.0 * 1024.0;
     let bound = 2.0 * models + stats;
     eprintln!(
-        "vit-b: models {:.0} MiB, statistics {:.0} MiB, peak {:.0} MiB, bound {:.0} MiB, seconds {}",
+        "vit-b: models {:.0} MiB, statistics {:.0} MiB, peak {:.0} MiB, bound {:.0} MiB, \
+         seconds {}, peak MiB by phase {}",
         models / 1048576.0,
         stats / 1048576.0,
         peak / 1048576.0,
         bound / 1048576.0,
-        report["seconds"]
+        report["seconds"],
+        report["peak_rss_mib_by_phase"]
     );
     assert!(peak <= bound, "peak memory over 2 × models + statistics");
 }

@@ -179,6 +179,8 @@ pub struct MergeReport {
     pub seconds: BTreeMap<String, f64>,
     /// Peak resident memory of the process so far, MiB (Linux; 0 where unknown).
     pub peak_rss_mib: f64,
+    /// The same at the end of each phase (the process's high-water mark as it went).
+    pub peak_rss_mib_by_phase: BTreeMap<String, f64>,
 }
 
 /// Peak resident set size of this process in MiB, from `getrusage` (kilobytes on Linux).
@@ -197,6 +199,8 @@ pub fn peak_rss_mib() -> f64 {
 /// Wall-clock seconds per pipeline phase.
 struct Timer {
     seconds: BTreeMap<String, f64>,
+    /// Peak resident memory at the end of each phase: a memory profile by phase.
+    peaks: BTreeMap<String, f64>,
     clock: Instant,
 }
 
@@ -204,12 +208,14 @@ impl Timer {
     fn new() -> Timer {
         Timer {
             seconds: BTreeMap::new(),
+            peaks: BTreeMap::new(),
             clock: Instant::now(),
         }
     }
 
     fn lap(&mut self, phase: &str) {
         *self.seconds.entry(phase.to_string()).or_default() += self.clock.elapsed().as_secs_f64();
+        self.peaks.insert(phase.to_string(), peak_rss_mib());
         self.clock = Instant::now();
     }
 }
@@ -353,6 +359,7 @@ pub fn merge(
         partial: trunk,
         seconds: timer.seconds,
         peak_rss_mib: peak_rss_mib(),
+        peak_rss_mib_by_phase: timer.peaks,
     };
     provenance(&mut merged, &report);
     Ok((merged, report))
