@@ -255,21 +255,27 @@ pub fn run(args: LandscapeArgs) -> Result<()> {
     protect.push(args.data.clone());
     protect.extend(args.calib.clone());
     let panels = landscape.names.len() as u32;
+    let aligns = align_method != mudsc::merge::Method::Avg;
     let (w, h) = args.size.unwrap_or((500 * panels.max(1) + 90, 520));
     let plot = PlotOptions {
         width: w,
         height: h,
         title: format!(
-            "Loss landscape on the plane through A = {}, B = {} (aligned to A) and merged = {}",
+            "Loss landscape on the plane through A = {}, B = {}{} and merged = {}",
             file_name(a_path),
             file_name(b_path),
+            if aligns { " (aligned to A)" } else { "" },
             file_name(m_path)
         ),
         subtitle: format!(
-            "merged by {} (α {}); B aligned by {}; mean cross-entropy on {} samples of {}{}",
+            "merged by {} (α {}); {}; mean cross-entropy on {} samples of {}{}",
             settings.method.name(),
             settings.alpha,
-            align_method.name(),
+            if aligns {
+                format!("B aligned by {}", align_method.name())
+            } else {
+                "B as given (plain averaging matches no units)".into()
+            },
             labels.len(),
             file_name(&args.data),
             if plane.note.is_some() {

@@ -44,6 +44,13 @@ pub struct PlotOptions {
     pub y_desc: String,
 }
 
+/// A font size rounded to an even number of pixels: plotters places each glyph at
+/// `size / 2 + its top`, truncated, so at odd sizes glyphs of different heights round in
+/// different directions and a decimal point floats a pixel above the baseline.
+fn even(size: f64) -> f64 {
+    (size / 2.0).round() * 2.0
+}
+
 fn plot_err(e: impl std::fmt::Display) -> Error {
     Error::Plot(e.to_string())
 }
@@ -184,8 +191,8 @@ pub fn render_png(l: &Landscape, o: &PlotOptions) -> Result<Vec<u8>> {
 fn draw(root: &DrawingArea<BitMapBackend, Shift>, l: &Landscape, o: &PlotOptions) -> Result<()> {
     let scale = Scale::new(l);
     let (w, h) = root.dim_in_pixel();
-    let big = (h as f64 / 28.0).clamp(14.0, 26.0);
-    let small = (big * 0.72).max(11.0);
+    let big = even((h as f64 / 28.0).clamp(14.0, 26.0));
+    let small = even((big * 0.72).max(12.0));
     let (header, body) = root.split_vertically((big * 2.9) as u32);
     header
         .draw(&Text::new(
@@ -237,7 +244,7 @@ fn panel(
     let (x0, x1) = (l.xs[0], l.xs[l.xs.len() - 1]);
     let (y0, y1) = (l.ys[0], l.ys[l.ys.len() - 1]);
     let mut chart = ChartBuilder::on(area)
-        .caption(panel_title(&l.names[k]), (FAMILY, big * 0.8))
+        .caption(panel_title(&l.names[k]), (FAMILY, even(big * 0.8)))
         .margin_left(6)
         .margin_right(14)
         .margin_top(4)
@@ -343,12 +350,24 @@ fn panel(
                     EmptyElement::at(at) + Rectangle::new([(-r, -r), (r, r)], line),
                 ])
                 .map(|_| ()),
-            _ => chart
-                .draw_series([
-                    TriangleMarker::new(at, r + 3, fill),
-                    TriangleMarker::new(at, r + 3, line),
-                ])
-                .map(|_| ()),
+            _ => {
+                // TriangleMarker is always filled with its colour: draw the outline as a path.
+                let t = r + 3;
+                let corners = vec![(0, -t), (t, t * 3 / 4), (-t, t * 3 / 4)];
+                let mut closed = corners.clone();
+                closed.push(corners[0]);
+                chart
+                    .draw_series(std::iter::once(
+                        EmptyElement::at(at) + Polygon::new(corners, fill),
+                    ))
+                    .map(|_| ())
+                    .map_err(plot_err)?;
+                chart
+                    .draw_series(std::iter::once(
+                        EmptyElement::at(at) + PathElement::new(closed, line),
+                    ))
+                    .map(|_| ())
+            }
         }
         .map_err(plot_err)?;
     }
@@ -378,7 +397,7 @@ fn colour_bar(area: &DrawingArea<BitMapBackend, Shift>, scale: &Scale, small: f6
         BLACK.stroke_width(1),
     ))
     .map_err(plot_err)?;
-    let font = (FAMILY, small * 0.9).into_font().color(&BLACK);
+    let font = (FAMILY, even(small * 0.9)).into_font().color(&BLACK);
     // Label every other boundary when the bar is short.
     let every = if step < small * 1.2 { 2 } else { 1 };
     for k in (0..=LEVELS).step_by(every) {
