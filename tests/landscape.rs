@@ -179,14 +179,13 @@ fn marker(run: &Run, label: &str) -> HashMap<String, f64> {
 /// task's classes, on its samples) and joint, computed here from the runtime's logits.
 fn direct_losses(model: &Path) -> HashMap<String, f64> {
     let model = onnx::load(model).unwrap();
-    let mut arrays = data::read(&test_npz()).unwrap();
-    let labels = arrays.take("labels").unwrap().to_labels().unwrap();
-    let inputs = common::head_rows(
-        &data::bind_inputs(&arrays, &model, &test_npz()).unwrap(),
-        SAMPLES,
-    );
-    let mut s = open_session(BackendKind::Tract, &model, &[], &BackendOptions::default()).unwrap();
-    let logits = run_batched(s.as_mut(), &inputs, 64).unwrap()[0].to_f32();
+    let labels = data::read(&test_npz())
+        .unwrap()
+        .take("labels")
+        .unwrap()
+        .to_labels()
+        .unwrap();
+    let logits = logits(&model, &test_rows(&model, SAMPLES)).to_f32();
     let logits = logits.into_dimensionality::<ndarray::Ix2>().unwrap();
     let ce = |row: &[f32], cols: std::ops::Range<usize>, target: usize| -> f64 {
         let max = cols.clone().map(|c| row[c] as f64).fold(f64::MIN, f64::max);
@@ -309,4 +308,75 @@ fn a_merged_model_of_another_architecture_is_refused_by_name() {
         "{err}"
     );
     assert!(!out_png.exists());
+}
+
+/// First rows of the test set bound to `model`'s inputs.
+fn test_rows(model: &Model, rows: usize) -> Vec<TensorData> {
+    common::head_rows(
+        &data::bind_inputs(&data::read(&test_npz()).unwrap(), model, &test_npz()).unwrap(),
+        rows,
+    )
+}
+
+fn logits(model: &Model, inputs: &[TensorData]) -> TensorData {
+    let mut s = open_session(BackendKind::Tract, model, &[], &BackendOptions::default()).unwrap();
+    run_batched(s.as_mut(), inputs, 64).unwrap().remove(0)
+}
+
+#[test]
+fn a_bias_added_by_repair_is_a_zero_bias_of_the_models_without_one() {
+    use mudsc::landscape::ParamSpace;
+    // "merged" has fc2's bias; "a" is the same graph with that Gemm's bias input removed, as
+    // a layer looks before statistics repair gives it one.
+    let merged = onnx::load(fixture("mlp_a.onnx")).unwrap();
+    let mut a = merged.clone();
+    let g = a.proto.graph.as_mut().unwrap();
+    g.initializer
+        .retain(|t| t.name.as_deref() != Some("fc2.bias"));
+    for n in &mut g.node {
+        if n.input.iter().any(|i| i == "fc2.bias") {
+            n.input.truncate(2);
+        }
+    }
+    let inputs = test_rows(&merged, 50);
+    let space = ParamSpace::new(&a, &merged).unwrap();
+    let rebuilt_a = space.model_at(&space.flatten(&a).unwrap()).unwrap();
+    let rebuilt_m = space.model_at(&space.flatten(&merged).unwrap()).unwrap();
+    assert!(space.names().any(|n| n == "fc2.bias"));
+    common::assert_within(
+        &logits(&rebuilt_a, &inputs),
+        &logits(&a, &inputs),
+        0.0,
+        1e-6,
+        "A with a zero bias",
+    );
+    common::assert_within(
+        &logits(&rebuilt_m, &inputs),
+        &logits(&merged, &inputs),
+        0.0,
+        1e-6,
+        "merged rebuilt from θ",
+    );
+    // The same bias seen the other way round is an initializer the merged model lacks.
+    let err = ParamSpace::new(&merged, &a).unwrap_err().to_string();
+    assert!(err.contains("fc2.bias"), "{err}");
+    // An extra initializer that is no bias, and a changed shape, are refused by name.
+    let mut extra = merged.clone();
+    extra
+        .proto
+        .graph
+        .as_mut()
+        .unwrap()
+        .initializer
+        .push(TensorData::F32(ndarray::ArrayD::zeros(vec![3])).to_proto("stray"));
+    let err = ParamSpace::new(&merged, &extra).unwrap_err().to_string();
+    assert!(err.contains("stray"), "{err}");
+    let mut reshaped = merged.clone();
+    for t in &mut reshaped.proto.graph.as_mut().unwrap().initializer {
+        if t.name.as_deref() == Some("fc1.bias") {
+            *t = TensorData::F32(ndarray::ArrayD::zeros(vec![255])).to_proto("fc1.bias");
+        }
+    }
+    let err = ParamSpace::new(&merged, &reshaped).unwrap_err().to_string();
+    assert!(err.contains("fc1.bias") && err.contains("255"), "{err}");
 }

@@ -18,9 +18,15 @@ use super::BackendArgs;
 
 #[derive(Args)]
 pub struct LandscapeArgs {
-    /// Model A, model B, and the model merged from them (with A's names, e.g. by `mudsc merge`).
-    #[arg(num_args = 3, required = true, value_names = ["A", "B", "MERGED"])]
-    models: Vec<PathBuf>,
+    /// Model A (the picture's origin).
+    #[arg(value_name = "A")]
+    a: PathBuf,
+    /// Model B (aligned to A before drawing).
+    #[arg(value_name = "B")]
+    b: PathBuf,
+    /// The model merged from A and B, with A's initializer names (as `mudsc merge` writes it).
+    #[arg(value_name = "MERGED")]
+    merged: PathBuf,
     /// Labelled data the losses are measured on: inputs under the graph input names, labels
     /// under --labels.
     #[arg(long)]
@@ -84,9 +90,7 @@ fn file_name(p: &Path) -> String {
 
 pub fn run(args: LandscapeArgs) -> Result<()> {
     let started = Instant::now();
-    let [a_path, b_path, m_path] = &args.models[..] else {
-        bail!("landscape takes three models: A, B and the merged model");
-    };
+    let (a_path, b_path, m_path) = (&args.a, &args.b, &args.merged);
     if args.grid < 2 || args.grid > 401 {
         return Err(mudsc::Error::Usage(format!(
             "--grid {} must be between 2 and 401 points per side",
@@ -283,7 +287,11 @@ pub fn run(args: LandscapeArgs) -> Result<()> {
             } else {
                 ""
             }
-        ),
+        ) + &if spec.head == mudsc::landscape::Head::PerTask {
+            format!("; separate heads: each task reads the {outputs} outputs as its classes")
+        } else {
+            String::new()
+        },
         x_desc: "direction A → B (parameter-space distance)".into(),
         y_desc: if plane.note.is_some() {
             "an orthogonal direction".into()

@@ -9,6 +9,7 @@
 //! and the grid, [`grid`] evaluates each task's cross-entropy ([`loss`]) at every grid point,
 //! and [`plot`] draws one filled-contour panel per task plus the joint loss.
 
+mod canvas;
 pub mod grid;
 pub mod loss;
 pub mod params;

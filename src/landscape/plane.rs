@@ -107,12 +107,6 @@ impl Plane {
             .map(|(o, (u, v))| o + x * u + y * v)
             .collect()
     }
-
-    /// Plane coordinates of the projection of θ.
-    pub fn project(&self, theta: &[f64]) -> (f64, f64) {
-        let d: Vec<f64> = theta.iter().zip(&self.origin).map(|(t, o)| t - o).collect();
-        (dot(&d, &self.u), dot(&d, &self.v))
-    }
 }
 
 /// A unit direction orthogonal to `u`, fixed for a given `u`: every entry of u flipped in sign

@@ -12,20 +12,18 @@
 //! span orders of magnitude (0.1 at a trained model, 10+ at the far corners): linear levels
 //! would spend every colour on the corners.
 //!
-//! Text uses DejaVu Sans, embedded (its licence, `assets/fonts/LICENSE-DejaVu.txt`, allows
-//! redistribution), so the picture renders the same without any system font.
-
-use std::sync::OnceLock;
+//! Text is DejaVu Sans, embedded and laid out by [`super::canvas`], so the picture renders the
+//! same without any system font.
 
 use plotters::coord::Shift;
 use plotters::prelude::*;
 use plotters::style::text_anchor::{HPos, Pos, VPos};
 use plotters::style::FontTransform;
 
+use super::canvas::Canvas;
 use super::Landscape;
 use crate::error::{Error, Result};
 
-static FONT: &[u8] = include_bytes!("../../assets/fonts/DejaVuSans.ttf");
 const FAMILY: &str = "sans-serif";
 /// Number of filled levels.
 const LEVELS: usize = 14;
@@ -44,26 +42,8 @@ pub struct PlotOptions {
     pub y_desc: String,
 }
 
-/// A font size rounded to an even number of pixels: plotters places each glyph at
-/// `size / 2 + its top`, truncated, so at odd sizes glyphs of different heights round in
-/// different directions and a decimal point floats a pixel above the baseline.
-fn even(size: f64) -> f64 {
-    (size / 2.0).round() * 2.0
-}
-
 fn plot_err(e: impl std::fmt::Display) -> Error {
     Error::Plot(e.to_string())
-}
-
-fn register_font() -> Result<()> {
-    static DONE: OnceLock<bool> = OnceLock::new();
-    let ok = *DONE
-        .get_or_init(|| plotters::style::register_font(FAMILY, FontStyle::Normal, FONT).is_ok());
-    if ok {
-        Ok(())
-    } else {
-        Err(Error::Plot("the embedded font could not be read".into()))
-    }
 }
 
 /// The shared colour scale: `LEVELS` bands evenly spaced in log10(loss).
@@ -169,7 +149,6 @@ fn interpolate(l: &Landscape, logs: &[f64], x: f64, y: f64) -> f64 {
 
 /// Renders the picture and returns the PNG bytes.
 pub fn render_png(l: &Landscape, o: &PlotOptions) -> Result<Vec<u8>> {
-    register_font()?;
     let (w, h) = (o.width, o.height);
     if w < 200 || h < 150 || l.xs.len() < 2 || l.ys.len() < 2 {
         return Err(Error::Usage(format!(
@@ -180,7 +159,7 @@ pub fn render_png(l: &Landscape, o: &PlotOptions) -> Result<Vec<u8>> {
     }
     let mut buf = vec![0u8; w as usize * h as usize * 3];
     {
-        let root = BitMapBackend::with_buffer(&mut buf, (w, h)).into_drawing_area();
+        let root = Canvas::new(BitMapBackend::with_buffer(&mut buf, (w, h))).into_drawing_area();
         root.fill(&WHITE).map_err(plot_err)?;
         draw(&root, l, o)?;
         root.present().map_err(plot_err)?;
@@ -188,27 +167,29 @@ pub fn render_png(l: &Landscape, o: &PlotOptions) -> Result<Vec<u8>> {
     encode(&buf, w, h)
 }
 
-fn draw(root: &DrawingArea<BitMapBackend, Shift>, l: &Landscape, o: &PlotOptions) -> Result<()> {
+fn draw(root: &DrawingArea<Canvas, Shift>, l: &Landscape, o: &PlotOptions) -> Result<()> {
     let scale = Scale::new(l);
     let (w, h) = root.dim_in_pixel();
-    let big = even((h as f64 / 28.0).clamp(14.0, 26.0));
-    let small = even((big * 0.72).max(12.0));
+    let big = (h as f64 / 28.0).clamp(14.0, 26.0).round();
+    let small = (big * 0.72).max(12.0).round();
     let (header, body) = root.split_vertically((big * 2.9) as u32);
+    let title_size = fit(&header, &o.title, big, w)?;
     header
         .draw(&Text::new(
             o.title.clone(),
             (w as i32 / 2, (big * 0.35) as i32),
-            (FAMILY, big)
+            (FAMILY, title_size)
                 .into_font()
                 .color(&BLACK)
                 .pos(Pos::new(HPos::Center, VPos::Top)),
         ))
         .map_err(plot_err)?;
+    let subtitle_size = fit(&header, &o.subtitle, small, w)?;
     header
         .draw(&Text::new(
             o.subtitle.clone(),
             (w as i32 / 2, (big * 1.65) as i32),
-            (FAMILY, small)
+            (FAMILY, subtitle_size)
                 .into_font()
                 .color(&RGBColor(70, 70, 70))
                 .pos(Pos::new(HPos::Center, VPos::Top)),
@@ -223,6 +204,21 @@ fn draw(root: &DrawingArea<BitMapBackend, Shift>, l: &Landscape, o: &PlotOptions
     colour_bar(&bar, &scale, small)
 }
 
+/// The largest size up to `size` at which `text` fits in `width` pixels (less a margin).
+fn fit(area: &DrawingArea<Canvas, Shift>, text: &str, size: f64, width: u32) -> Result<f64> {
+    let mut size = size;
+    while size > 8.0 {
+        let (tw, _) = area
+            .estimate_text_size(text, &(FAMILY, size).into_font().color(&BLACK))
+            .map_err(plot_err)?;
+        if tw + 16 <= width {
+            break;
+        }
+        size -= 1.0;
+    }
+    Ok(size)
+}
+
 fn panel_title(name: &str) -> String {
     if name == "joint" {
         "joint loss (all classes, all samples)".into()
@@ -231,9 +227,8 @@ fn panel_title(name: &str) -> String {
     }
 }
 
-#[allow(clippy::too_many_arguments)]
 fn panel(
-    area: &DrawingArea<BitMapBackend, Shift>,
+    area: &DrawingArea<Canvas, Shift>,
     l: &Landscape,
     k: usize,
     scale: &Scale,
@@ -244,7 +239,7 @@ fn panel(
     let (x0, x1) = (l.xs[0], l.xs[l.xs.len() - 1]);
     let (y0, y1) = (l.ys[0], l.ys[l.ys.len() - 1]);
     let mut chart = ChartBuilder::on(area)
-        .caption(panel_title(&l.names[k]), (FAMILY, even(big * 0.8)))
+        .caption(panel_title(&l.names[k]), (FAMILY, (big * 0.8).round()))
         .margin_left(6)
         .margin_right(14)
         .margin_top(4)
@@ -374,7 +369,7 @@ fn panel(
     Ok(())
 }
 
-fn colour_bar(area: &DrawingArea<BitMapBackend, Shift>, scale: &Scale, small: f64) -> Result<()> {
+fn colour_bar(area: &DrawingArea<Canvas, Shift>, scale: &Scale, small: f64) -> Result<()> {
     let (w, h) = area.dim_in_pixel();
     let (w, h) = (w as i32, h as i32);
     let top = (small * 2.6) as i32;
@@ -397,7 +392,7 @@ fn colour_bar(area: &DrawingArea<BitMapBackend, Shift>, scale: &Scale, small: f6
         BLACK.stroke_width(1),
     ))
     .map_err(plot_err)?;
-    let font = (FAMILY, even(small * 0.9)).into_font().color(&BLACK);
+    let font = (FAMILY, (small * 0.9).round()).into_font().color(&BLACK);
     // Label every other boundary when the bar is short.
     let every = if step < small * 1.2 { 2 } else { 1 };
     for k in (0..=LEVELS).step_by(every) {
