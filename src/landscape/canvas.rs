@@ -46,9 +46,16 @@ impl<'a> Canvas<'a> {
     }
 }
 
-/// Width and height of `text`'s box, and every glyph pixel in it as (x, y, coverage) with
-/// (0, 0) the box's top-left corner and the baseline at the font's ascent.
-fn layout(text: &str, size: f64) -> Option<((i32, i32), Vec<(i32, i32, f32)>)> {
+/// Laid-out text.
+struct Layout {
+    /// Width and height of the text's box.
+    size: (i32, i32),
+    /// Every glyph pixel as (x, y, coverage), (0, 0) the box's top-left corner, the baseline at
+    /// the font's ascent.
+    pixels: Vec<(i32, i32, f32)>,
+}
+
+fn layout(text: &str, size: f64) -> Option<Layout> {
     let font = font()?;
     let scale = PxScale::from(size as f32);
     let scaled = font.as_scaled(scale);
@@ -71,7 +78,10 @@ fn layout(text: &str, size: f64) -> Option<((i32, i32), Vec<(i32, i32, f32)>)> {
         }
         x += scaled.h_advance(id);
     }
-    Some(((x.ceil() as i32, height), pixels))
+    Some(Layout {
+        size: (x.ceil() as i32, height),
+        pixels,
+    })
 }
 
 impl DrawingBackend for Canvas<'_> {
@@ -157,7 +167,10 @@ impl DrawingBackend for Canvas<'_> {
         if color.alpha == 0.0 {
             return Ok(());
         }
-        let ((w, h), pixels) = layout(text, style.size()).ok_or_else(font_error)?;
+        let Layout {
+            size: (w, h),
+            pixels,
+        } = layout(text, style.size()).ok_or_else(font_error)?;
         let anchor = style.anchor();
         let dx = match anchor.h_pos {
             HPos::Left => 0,
@@ -186,7 +199,7 @@ impl DrawingBackend for Canvas<'_> {
         text: &str,
         style: &S,
     ) -> Result<(u32, u32), Failure> {
-        let ((w, h), _) = layout(text, style.size()).ok_or_else(font_error)?;
+        let (w, h) = layout(text, style.size()).ok_or_else(font_error)?.size;
         Ok((w.max(0) as u32, h.max(0) as u32))
     }
 }
@@ -201,7 +214,7 @@ mod tests {
         // layout that drops bearings draws "10" with a gap; here the ink of "1" and "0" are
         // as far apart as in "00".
         let ink_cols = |t: &str| {
-            let (_, px) = layout(t, 40.0).unwrap();
+            let px = layout(t, 40.0).unwrap().pixels;
             let mut cols: Vec<i32> = px.iter().filter(|p| p.2 > 0.5).map(|p| p.0).collect();
             cols.sort_unstable();
             cols.dedup();
@@ -214,11 +227,11 @@ mod tests {
         );
         // A period's ink bottom is on the digits' baseline.
         let bottom = |t: &str| {
-            let (_, px) = layout(t, 13.0).unwrap();
+            let px = layout(t, 13.0).unwrap().pixels;
             px.iter().filter(|p| p.2 > 0.5).map(|p| p.1).max().unwrap()
         };
         assert_eq!(bottom("."), bottom("0"));
-        let ((w, h), _) = layout("0.5", 20.0).unwrap();
+        let (w, h) = layout("0.5", 20.0).unwrap().size;
         assert!(w > 20 && h == 20, "{w}x{h}");
     }
 }

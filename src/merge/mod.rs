@@ -490,7 +490,7 @@ fn find_matchings(
     let mut values: Values = HashMap::new();
     // A tensor that every model holds identically (a frozen class-embedding matrix, a shared
     // lookup table) already puts its groups in one coordinate system: those stay as they are.
-    let pinned = pinned_groups(&disc.groups, &weights);
+    let pinned = pinned_groups(&disc.groups, weights);
     let mut units = matching_units(&disc.groups);
     units.retain(|u| {
         let shared = u.iter().find_map(|g| pinned.get(g));
