@@ -310,6 +310,29 @@ fn a_merged_model_of_another_architecture_is_refused_by_name() {
     assert!(!out_png.exists());
 }
 
+#[test]
+fn an_output_over_an_input_is_refused() {
+    let merged = &setup().zip;
+    let before = std::fs::read(merged).unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_mudsc"))
+        .args([
+            "landscape",
+            fixture("mlp_a.onnx").to_str().unwrap(),
+            fixture("mlp_b.onnx").to_str().unwrap(),
+            merged.to_str().unwrap(),
+            "--data",
+            test_npz().to_str().unwrap(),
+            "-o",
+            merged.to_str().unwrap(),
+        ])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(err.contains("refusing to overwrite"), "{err}");
+    assert_eq!(std::fs::read(merged).unwrap(), before);
+}
+
 /// First rows of the test set bound to `model`'s inputs.
 fn test_rows(model: &Model, rows: usize) -> Vec<TensorData> {
     common::head_rows(

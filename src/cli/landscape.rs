@@ -101,6 +101,23 @@ pub fn run(args: LandscapeArgs) -> Result<()> {
     let a = mudsc::onnx::load(a_path)?;
     let b = mudsc::onnx::load(b_path)?;
     let merged = mudsc::onnx::load(m_path)?;
+    let mut protect: Vec<PathBuf> = [&a, &b, &merged]
+        .iter()
+        .flat_map(|m| m.source_files())
+        .collect();
+    protect.push(args.data.clone());
+    protect.extend(args.calib.clone());
+    // Refused now rather than after minutes of evaluation.
+    if args.csv.as_ref() == Some(&args.output) {
+        return Err(mudsc::Error::Usage(format!(
+            "--csv and -o name the same file '{}'",
+            args.output.display()
+        ))
+        .into());
+    }
+    for out in std::iter::once(&args.output).chain(&args.csv) {
+        mudsc::atomic::refuse_protected(out, &protect)?;
+    }
 
     // Data and labels.
     let mut arrays = data::read(&args.data)?;
@@ -252,12 +269,6 @@ pub fn run(args: LandscapeArgs) -> Result<()> {
     let landscape = Landscape::new(spec.names(), &grid, at_grid, markers)?;
 
     // Outputs.
-    let mut protect: Vec<PathBuf> = [&a, &b, &merged]
-        .iter()
-        .flat_map(|m| m.source_files())
-        .collect();
-    protect.push(args.data.clone());
-    protect.extend(args.calib.clone());
     let panels = landscape.names.len() as u32;
     let aligns = align_method != mudsc::merge::Method::Avg;
     let (w, h) = args.size.unwrap_or((500 * panels.max(1) + 90, 520));
