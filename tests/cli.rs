@@ -85,6 +85,49 @@ fn run_writes_outputs_matching_onnxruntime() {
 }
 
 #[test]
+fn cuda_device_runs_or_falls_back_to_the_cpu_with_a_warning() {
+    let fixture = common::root().join("fixtures/models/mlp_a.onnx");
+    let data = common::root().join("fixtures/data/test.npz");
+    let eval = |extra: &[&str]| {
+        let mut args = vec![
+            "eval",
+            fixture.to_str().unwrap(),
+            "--data",
+            data.to_str().unwrap(),
+            "--json",
+        ];
+        args.extend_from_slice(extra);
+        mudsc(&args)
+    };
+    let cpu = eval(&["--backend", "ort"]);
+    assert!(cpu.status.success(), "{}", stderr(&cpu));
+    for extra in [
+        &["--backend", "ort", "--device", "cuda"][..],
+        &["--device", "cuda:0"],
+    ] {
+        let o = eval(extra);
+        assert!(o.status.success(), "{extra:?}: {}", stderr(&o));
+        // Same predictions wherever it ran; without a usable GPU, a warning says so.
+        assert_eq!(stdout(&o), stdout(&cpu), "{extra:?}");
+        let gpu_library = std::env::var_os("ORT_DYLIB_PATH").is_some();
+        if !gpu_library || extra[1] != "ort" {
+            assert!(
+                stderr(&o).contains("warning:") && stderr(&o).contains("CPU"),
+                "{extra:?}: {}",
+                stderr(&o)
+            );
+        }
+    }
+    let bad = eval(&["--device", "gpu"]);
+    assert_eq!(bad.status.code(), Some(2));
+    assert!(
+        stderr(&bad).contains("cpu, cuda or cuda:N"),
+        "{}",
+        stderr(&bad)
+    );
+}
+
+#[test]
 fn exit_codes() {
     // Bad usage: unknown flag → 2.
     assert_eq!(mudsc(&["run", "--bogus"]).status.code(), Some(2));

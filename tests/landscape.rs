@@ -311,6 +311,47 @@ fn a_merged_model_of_another_architecture_is_refused_by_name() {
 }
 
 #[test]
+fn a_partial_zip_is_refused_with_the_reason() {
+    let a = onnx::load(fixture("mlp_a.onnx")).unwrap();
+    let b = onnx::load(fixture("mlp_b.onnx")).unwrap();
+    let opts = MergeOptions {
+        zip_until: Some("1".parse().unwrap()),
+        repair_samples: 0,
+        ..Default::default()
+    };
+    let (partial, _) = merge(
+        &[a.clone(), b],
+        &test_rows(&a, 100),
+        &opts,
+        &mut |_, _, _| {},
+    )
+    .unwrap();
+    let path = setup().dir.path().join("partial.onnx");
+    onnx::save(&partial.proto, &path, &SaveOptions::default()).unwrap();
+    let out_png = setup().dir.path().join("partial.png");
+    let out = Command::new(env!("CARGO_BIN_EXE_mudsc"))
+        .args([
+            "landscape",
+            fixture("mlp_a.onnx").to_str().unwrap(),
+            fixture("mlp_b.onnx").to_str().unwrap(),
+            path.to_str().unwrap(),
+            "--data",
+            test_npz().to_str().unwrap(),
+            "-o",
+            out_png.to_str().unwrap(),
+        ])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(
+        err.contains("partial zip") && err.contains("partial.onnx"),
+        "{err}"
+    );
+    assert!(!out_png.exists());
+}
+
+#[test]
 fn an_output_over_an_input_is_refused() {
     let merged = &setup().zip;
     let before = std::fs::read(merged).unwrap();

@@ -210,6 +210,52 @@ fn aligning_puts_a_permuted_copy_back_and_keeps_every_function() {
     assert!(diff < 1e-4, "aligned B differs from B by {diff}");
 }
 
+#[test]
+fn partial_zip_of_a_permuted_copy_gives_the_model_back_once_per_model() {
+    for (name, cuts) in [
+        ("resnet20_bn_folded_a.onnx", &["3", "13", "-1"][..]),
+        ("vit_a.onnx", &["5", "-2"][..]),
+        ("mlp_sephead_a.onnx", &["-1"][..]),
+    ] {
+        let a = onnx::load(fixture(name)).unwrap();
+        let inputs = calib(&a, 128);
+        let b = permuted_copy(&a, &inputs);
+        let want = outputs(&a, &inputs);
+        for cut in cuts {
+            let opts = MergeOptions {
+                method: Method::MudscAlign,
+                max_sweeps: 10,
+                zip_until: Some(cut.parse().unwrap()),
+                ..Default::default()
+            };
+            let (merged, report) =
+                merge(&[a.clone(), b.clone()], &inputs, &opts, &mut |_, _, _| {}).unwrap();
+            let trunk = report.partial.expect("a partial report");
+            assert!(trunk.remainder_nodes > 0, "{name} {cut}: nothing kept");
+            let got = outputs(&merged, &inputs);
+            assert_eq!(got.len(), 2, "{name} {cut}: one output per model");
+            for (i, out) in got.iter().enumerate() {
+                let diff = max_diff(std::slice::from_ref(out), &want);
+                assert!(
+                    diff < 1e-3,
+                    "{name} cut {cut}: output {i} differs by {diff}"
+                );
+            }
+            // The remainders are the models' own: model 1's holds B's (permuted) weights.
+            let names: Vec<&str> = merged
+                .graph()
+                .output
+                .iter()
+                .filter_map(|o| o.name.as_deref())
+                .collect();
+            assert!(
+                names[0].ends_with(".m0") && names[1].ends_with(".m1"),
+                "{names:?}"
+            );
+        }
+    }
+}
+
 fn mudsc(args: &[&str]) -> std::process::Output {
     std::process::Command::new(env!("CARGO_BIN_EXE_mudsc"))
         .args(args)

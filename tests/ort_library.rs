@@ -11,7 +11,7 @@ fn missing_ort_library_is_an_error_not_a_panic() {
     let m = onnx::load(common::model("mlp.onnx")).unwrap();
     let options = BackendOptions {
         ort_library: Some("/nonexistent/libonnxruntime.so".into()),
-        threads: 0,
+        ..Default::default()
     };
     let e = open_session(BackendKind::Ort, &m, &[], &options)
         .err()

@@ -4,13 +4,15 @@ use anyhow::{bail, Context, Result};
 use clap::Args;
 use mudsc::data;
 use mudsc::eval::{evaluate, ClassRange};
-use ndarray::Ix2;
+use ndarray::{Array2, Axis, Ix2};
 
 use super::BackendArgs;
 
 #[derive(Args)]
 pub struct EvalArgs {
-    /// The ONNX classifiers (output 0 holds the logits, [N, classes]); each is scored.
+    /// The ONNX classifiers (outputs shaped [N, classes] are logits heads); each is scored. A
+    /// model with several heads (a partial zip) is scored on the heads summed, or side by
+    /// side when --classes gives each head its own classes.
     #[arg(required = true)]
     models: Vec<PathBuf>,
     /// Also score the ensemble: the models' logits summed (same classes), or concatenated
@@ -26,9 +28,9 @@ pub struct EvalArgs {
     /// Tasks as class ranges, e.g. 0-4,5-9: adds per-task accuracy and their mean.
     #[arg(long, value_parser = parse_tasks)]
     tasks: Option<Tasks>,
-    /// The classes each model's outputs stand for (default 0..outputs-1), e.g. 5-9 for a head
-    /// trained on classes 5-9 only; samples of other classes are skipped. One range for all
-    /// models, or one per model, comma-separated.
+    /// The classes each head stands for (default 0..outputs-1), e.g. 5-9 for a head trained on
+    /// classes 5-9 only; samples of other classes are skipped. One range for all heads, or one
+    /// per head (models in order), comma-separated.
     #[arg(long, value_parser = parse_tasks)]
     classes: Option<Tasks>,
     /// Print the report as JSON.
@@ -66,57 +68,64 @@ pub fn run(args: EvalArgs) -> Result<()> {
             reason: format!("labels '{}' must be integers", args.labels),
         })?;
     let tasks = args.tasks.clone().map(|t| t.0).unwrap_or_default();
-    let classes: Vec<Option<ClassRange>> = match &args.classes {
-        None => vec![None; args.models.len()],
-        Some(Tasks(c)) if c.len() == 1 => vec![Some(c[0].clone()); args.models.len()],
-        Some(Tasks(c)) if c.len() == args.models.len() => c.iter().cloned().map(Some).collect(),
-        Some(_) => bail!("--classes needs one range, or one per model"),
+    let heads: Vec<Vec<Array2<f32>>> = args
+        .models
+        .iter()
+        .map(|path| heads_of(path, &arrays, &args))
+        .collect::<Result<_>>()?;
+    let total_heads: usize = heads.iter().map(Vec::len).sum();
+    let head_classes: Vec<Option<ClassRange>> = match &args.classes {
+        None => vec![None; total_heads],
+        Some(Tasks(c)) if c.len() == 1 => vec![Some(c[0].clone()); total_heads],
+        Some(Tasks(c)) if c.len() == total_heads => c.iter().cloned().map(Some).collect(),
+        Some(Tasks(c)) => bail!(
+            "--classes has {} ranges: give one for all, or one per output head ({} in all: {})",
+            c.len(),
+            total_heads,
+            heads
+                .iter()
+                .zip(&args.models)
+                .map(|(h, p)| format!("{} in {}", h.len(), p.display()))
+                .collect::<Vec<_>>()
+                .join(", ")
+        ),
     };
+    let mut head_classes = head_classes.into_iter();
     let mut all_logits = Vec::new();
+    let mut classes = Vec::new();
     let mut reports = Vec::new();
-    for (path, classes) in args.models.iter().zip(&classes) {
-        let logits = logits_of(path, &arrays, &args)?;
+    for (path, model_heads) in args.models.iter().zip(heads) {
+        let own: Vec<Option<ClassRange>> = head_classes.by_ref().take(model_heads.len()).collect();
+        let (logits, model_classes) = combine_heads(model_heads, &own)
+            .with_context(|| format!("combining the output heads of {}", path.display()))?;
         // A head for some classes is scored on the tasks it covers.
-        let own: Vec<ClassRange> = tasks
+        let covered: Vec<ClassRange> = tasks
             .iter()
             .filter(|t| {
-                classes
+                model_classes
                     .as_ref()
                     .is_none_or(|c| c.first <= t.first && t.last <= c.last)
             })
             .cloned()
             .collect();
-        let report = evaluate(logits.view(), &labels, &own, classes.as_ref())?;
+        let report = evaluate(logits.view(), &labels, &covered, model_classes.as_ref())?;
         reports.push((path.display().to_string(), report));
         all_logits.push(logits);
+        classes.push(model_classes);
     }
     if args.ensemble && all_logits.len() > 1 {
-        let logits = if classes.iter().all(Option::is_some)
-            && args.classes.as_ref().is_some_and(|c| c.0.len() > 1)
-        {
+        let separate =
+            classes.iter().all(Option::is_some) && classes.windows(2).any(|w| w[0] != w[1]);
+        let (logits, span) = if separate {
             // Separate heads: concatenate, the classes laid out in model order.
             let views: Vec<_> = all_logits.iter().map(|l| l.view()).collect();
-            ndarray::concatenate(ndarray::Axis(1), &views)?
+            (ndarray::concatenate(Axis(1), &views)?, span_of(&classes)?)
         } else {
-            all_logits
+            let sum = all_logits
                 .iter()
                 .skip(1)
-                .fold(all_logits[0].clone(), |acc, l| acc + l)
-        };
-        let span = classes
-            .iter()
-            .flatten()
-            .fold(None::<ClassRange>, |acc, c| match acc {
-                None => Some(c.clone()),
-                Some(a) => Some(ClassRange {
-                    first: a.first.min(c.first),
-                    last: a.last.max(c.last),
-                }),
-            });
-        let span = if args.classes.as_ref().is_some_and(|c| c.0.len() > 1) {
-            span
-        } else {
-            classes[0].clone()
+                .fold(all_logits[0].clone(), |acc, l| acc + l);
+            (sum, classes[0].clone())
         };
         reports.push((
             "ensemble".into(),
@@ -150,12 +159,13 @@ pub fn run(args: EvalArgs) -> Result<()> {
     Ok(())
 }
 
-/// Runs one model over the data and returns its first output as [samples, classes].
-fn logits_of(
+/// Runs one model over the data and returns its logits heads: every output shaped
+/// [samples, classes] (a partially zipped model has one per merged model).
+fn heads_of(
     path: &std::path::Path,
     arrays: &data::NamedArrays,
     args: &EvalArgs,
-) -> Result<ndarray::Array2<f32>> {
+) -> Result<Vec<Array2<f32>>> {
     let model = mudsc::onnx::load(path)?;
     let mut session =
         mudsc::runtime::open_session(args.backend.kind(), &model, &[], &args.backend.options())?;
@@ -164,14 +174,66 @@ fn logits_of(
     let Some(first) = outputs.first() else {
         bail!("{} has no outputs", path.display());
     };
-    first
-        .to_f32()
-        .into_dimensionality::<Ix2>()
-        .with_context(|| {
-            format!(
-                "output '{}' has shape {:?}; eval needs logits [samples, classes]",
-                session.output_names()[0],
-                first.shape()
-            )
-        })
+    let heads: Vec<Array2<f32>> = outputs
+        .iter()
+        .filter_map(|o| o.to_f32().into_dimensionality::<Ix2>().ok())
+        .filter(|o| o.nrows() == first.shape()[0])
+        .collect();
+    if heads.is_empty() {
+        bail!(
+            "{}: output '{}' has shape {:?}; eval needs logits [samples, classes]",
+            path.display(),
+            session.output_names()[0],
+            first.shape()
+        );
+    }
+    Ok(heads)
+}
+
+/// One model's heads as one logits matrix: heads for different classes side by side (their
+/// ranges must follow each other), heads for the same classes summed (an ensemble over a
+/// shared trunk).
+fn combine_heads(
+    heads: Vec<Array2<f32>>,
+    classes: &[Option<ClassRange>],
+) -> Result<(Array2<f32>, Option<ClassRange>)> {
+    let distinct = classes.iter().all(Option::is_some) && classes.windows(2).any(|w| w[0] != w[1]);
+    if distinct {
+        let views: Vec<_> = heads.iter().map(|h| h.view()).collect();
+        return Ok((ndarray::concatenate(Axis(1), &views)?, span_of(classes)?));
+    }
+    let width = heads[0].ncols();
+    if heads.iter().any(|h| h.ncols() != width) {
+        bail!(
+            "heads of different widths ({:?}): give each its --classes range",
+            heads.iter().map(|h| h.ncols()).collect::<Vec<_>>()
+        );
+    }
+    let sum = heads
+        .iter()
+        .skip(1)
+        .fold(heads[0].clone(), |acc, h| acc + h);
+    Ok((sum, classes.first().cloned().flatten()))
+}
+
+/// The classes of heads laid side by side, which must follow each other.
+fn span_of(classes: &[Option<ClassRange>]) -> Result<Option<ClassRange>> {
+    let ranges: Vec<&ClassRange> = classes.iter().flatten().collect();
+    for w in ranges.windows(2) {
+        if w[1].first != w[0].last + 1 {
+            bail!(
+                "class ranges {} and {} do not follow each other; heads side by side need \
+                 consecutive classes",
+                w[0],
+                w[1]
+            );
+        }
+    }
+    Ok(match (ranges.first(), ranges.last()) {
+        (Some(f), Some(l)) => Some(ClassRange {
+            first: f.first,
+            last: l.last,
+        }),
+        _ => None,
+    })
 }

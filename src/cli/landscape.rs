@@ -1,9 +1,9 @@
 use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
 use clap::Args;
-use indicatif::{ProgressBar, ProgressStyle};
+use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use mudsc::data;
 use mudsc::landscape::plot::{render_png, PlotOptions};
 use mudsc::landscape::{
@@ -162,13 +162,13 @@ pub fn run(args: LandscapeArgs) -> Result<()> {
     };
 
     // Checked before the (slower) alignment: the merged model must be a point of A's space.
-    let space = ParamSpace::new(&a, &merged)?;
-
-    // B in A's coordinates, with the matching the merge used.
     let settings = merge_settings(&merged)?;
     if let Some(note) = &settings.note {
         eprintln!("note: {note}");
     }
+    let space = ParamSpace::new(&a, &merged)?;
+
+    // B in A's coordinates, with the matching the merge used.
     let align_method = settings.method.alignment();
     let opts = MergeOptions {
         method: settings.method,
@@ -179,26 +179,20 @@ pub fn run(args: LandscapeArgs) -> Result<()> {
         repair_samples: 0,
         ..Default::default()
     };
-    let spinner = ProgressBar::new_spinner().with_message(format!(
-        "aligning B to A ({}, α {})",
+    eprintln!(
+        "aligning B to A with {} (α {})",
         align_method.name(),
         settings.alpha
-    ));
-    spinner.enable_steady_tick(Duration::from_millis(120));
+    );
+    let mut progress = super::progress::Progress::default();
     let aligned = align_to_first(
         &[a.clone(), b.clone()],
         &calib,
         &opts,
-        &mut |phase, done, total| {
-            spinner.set_message(format!(
-                "aligning B to A ({}, α {}): {phase} {done}/{total}",
-                align_method.name(),
-                settings.alpha
-            ))
-        },
+        &mut |phase, done, total| progress.update(phase, done, total),
     )
     .with_context(|| format!("aligning {} to {}", b_path.display(), a_path.display()))?;
-    spinner.finish_and_clear();
+    progress.finish();
     let Some(b_aligned) = aligned.get(1) else {
         bail!("the alignment returned no model B");
     };
@@ -240,14 +234,16 @@ pub fn run(args: LandscapeArgs) -> Result<()> {
     };
     let at_models = evaluate(&space, &plane, &plane.coords, &data, &eval_opts, &|| {})?;
     let points = grid.points();
-    let bar = ProgressBar::new(points.len() as u64).with_style(
-        ProgressStyle::with_template(
-            "{prefix} [{bar:32}] {pos}/{len} points, {elapsed} elapsed, about {eta} left",
-        )
-        .map_err(|e| anyhow::anyhow!("progress bar template: {e}"))?
-        .progress_chars("=> "),
-    );
-    bar.set_prefix("landscape");
+    // One bar shared by the worker threads (indicatif's bar is thread-safe), in the style of
+    // the other phases' bars, drawn only when stderr is a terminal.
+    let bar =
+        ProgressBar::with_draw_target(Some(points.len() as u64), ProgressDrawTarget::stderr());
+    if let Ok(style) = ProgressStyle::with_template(
+        "{msg:>12} [{bar:32}] {pos}/{len} {elapsed_precise} (eta {eta})",
+    ) {
+        bar.set_style(style.progress_chars("=> "));
+    }
+    bar.set_message("grid points");
     let grid_started = Instant::now();
     let at_grid = evaluate(&space, &plane, &points, &data, &eval_opts, &|| bar.inc(1))?;
     bar.finish_and_clear();

@@ -60,6 +60,9 @@ pub struct MergeArgs {
     /// Zip: same-model merge budget factor.
     #[arg(long, default_value_t = 1.0)]
     zip_b: f64,
+    /// Most sweeps of the iterative loop (it also stops after 5 sweeps without improvement).
+    #[arg(long, default_value_t = 100)]
+    max_sweeps: usize,
     /// Seed of the group order in the iterative loop.
     #[arg(long, default_value_t = 0)]
     seed: u64,
@@ -73,6 +76,12 @@ pub struct MergeArgs {
     /// calibration samples; 0 turns it off.
     #[arg(long, default_value_t = 256)]
     repair_samples: usize,
+    /// Partial zip: merge only up to a node (a node name, or the name of the value it makes)
+    /// or a depth (the first K weight layers; -K: all but the last K), and keep each model's
+    /// own layers after it, fed through its unmerge. The merged model then has one copy of
+    /// every output per model, `<output>.m0`, `<output>.m1`, …
+    #[arg(long, allow_hyphen_values = true, value_name = "NODE|DEPTH")]
+    zip_until: Option<String>,
     /// Only use the first N calibration samples.
     #[arg(long)]
     samples: Option<usize>,
@@ -92,6 +101,12 @@ pub fn run(args: MergeArgs) -> Result<()> {
             }
         },
     };
+    let started = std::time::Instant::now();
+    let zip_until = args
+        .zip_until
+        .as_deref()
+        .map(str::parse::<mudsc::merge::Cut>)
+        .transpose()?;
     let models = args
         .models
         .iter()
@@ -120,6 +135,7 @@ pub fn run(args: MergeArgs) -> Result<()> {
             l.truncate(n);
         }
     }
+    let read_seconds = started.elapsed().as_secs_f64();
     let opts = MergeOptions {
         method: args.method.into(),
         alpha: alpha.unwrap_or(0.5),
@@ -130,6 +146,8 @@ pub fn run(args: MergeArgs) -> Result<()> {
         backend_options: args.backend.options(),
         batch: args.backend.batch.min(256),
         repair_samples: args.repair_samples,
+        zip_until,
+        max_sweeps: args.max_sweeps.max(1),
         ..Default::default()
     };
     let mut opts = opts;
@@ -147,14 +165,11 @@ pub fn run(args: MergeArgs) -> Result<()> {
         opts.alpha = c.alpha;
         choice = Some(c);
     }
-    let mut last = String::new();
-    let (merged, report) = merge(&models, &calib, &opts, &mut |phase, done, total| {
-        let line = format!("{phase}: {done}/{total}");
-        if line != last && std::io::IsTerminal::is_terminal(&std::io::stderr()) {
-            eprint!("\r{line}   ");
-            last = line;
-        }
+    let mut progress = super::progress::Progress::default();
+    let (merged, mut report) = merge(&models, &calib, &opts, &mut |phase, done, total| {
+        progress.update(phase, done, total)
     })?;
+    progress.finish();
     let mut protect: Vec<PathBuf> = models.iter().flat_map(|m| m.source_files()).collect();
     protect.push(args.calib.clone());
     let save = SaveOptions {
@@ -165,7 +180,13 @@ pub fn run(args: MergeArgs) -> Result<()> {
         },
         protect: protect.clone(),
     };
+    let clock = std::time::Instant::now();
     mudsc::onnx::save(&merged.proto, &args.output, &save)?;
+    report
+        .seconds
+        .insert("write".into(), clock.elapsed().as_secs_f64());
+    report.seconds.insert("read".into(), read_seconds);
+    report.peak_rss_mib = mudsc::merge::peak_rss_mib();
     if let Some(path) = &args.report {
         let mut json = serde_json::to_value(&report)?;
         if let Some(c) = &choice {
@@ -175,7 +196,6 @@ pub fn run(args: MergeArgs) -> Result<()> {
         mudsc::atomic::write_atomic(path, &protect, &json)
             .with_context(|| format!("writing {}", path.display()))?;
     }
-    eprintln!();
     println!(
         "merged {} models with {} (α {}) over {} groups, {} calibration samples → {}",
         models.len(),
@@ -185,12 +205,26 @@ pub fn run(args: MergeArgs) -> Result<()> {
         report.calibration_samples,
         args.output.display()
     );
+    if let Some(t) = &report.partial {
+        println!(
+            "partial zip: {} trunk nodes merged up to '{}', {} remainder nodes kept per model, \
+             {} values unmerged",
+            t.trunk_nodes,
+            t.cut_node,
+            t.remainder_nodes,
+            t.cut_values.len()
+        );
+    }
     let total: f64 = report.seconds.values().sum();
     let phases: Vec<String> = report
         .seconds
         .iter()
         .map(|(k, v)| format!("{k} {v:.2}s"))
         .collect();
-    println!("time {total:.2}s ({})", phases.join(", "));
+    println!(
+        "time {total:.2}s ({}), peak memory {:.0} MiB",
+        phases.join(", "),
+        report.peak_rss_mib
+    );
     Ok(())
 }

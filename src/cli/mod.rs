@@ -7,13 +7,14 @@ mod groups;
 mod inspect;
 mod landscape;
 mod merge;
+mod progress;
 mod run;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
-use mudsc::runtime::{BackendKind, BackendOptions};
+use mudsc::runtime::{BackendKind, BackendOptions, Device};
 
 #[derive(Parser)]
 #[command(
@@ -79,6 +80,14 @@ pub struct BackendArgs {
     /// Samples per inference batch.
     #[arg(long, default_value_t = 256)]
     pub batch: usize,
+    /// Device: cpu, cuda or cuda:N (ONNX Runtime's CUDA execution provider; where it cannot
+    /// start, a warning and the CPU).
+    #[arg(long, default_value = "cpu", value_parser = parse_device)]
+    pub device: Device,
+}
+
+fn parse_device(s: &str) -> Result<Device, String> {
+    s.parse().map_err(|e: mudsc::Error| e.to_string())
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
@@ -107,6 +116,7 @@ impl BackendArgs {
         BackendOptions {
             ort_library: self.ort_lib.clone(),
             threads: 0,
+            device: self.device,
         }
     }
 }

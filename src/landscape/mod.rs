@@ -39,7 +39,8 @@ pub struct MergeSettings {
 }
 
 /// Reads `mudsc.method` and `mudsc.alpha` from the merged model; a missing key falls back to
-/// mudsc-zip / 0.5 (the merge defaults) with a note, an unreadable value is an error.
+/// mudsc-zip / 0.5 (the merge defaults) with a note, an unreadable value is an error, and so
+/// is a partial zip (`mudsc.zip_until`), whose graph is not A's.
 pub fn merge_settings(merged: &Model) -> Result<MergeSettings> {
     let get = |k: &str| {
         merged
@@ -50,6 +51,13 @@ pub fn merge_settings(merged: &Model) -> Result<MergeSettings> {
             .and_then(|e| e.value.clone())
     };
     let name = merged.display_name();
+    if let Some(cut) = get("mudsc.zip_until") {
+        return Err(Error::Usage(format!(
+            "{name} is a partial zip (mudsc.zip_until = {cut}): it keeps each model's own layers \
+             after the cut, so it is not a point of model A's parameter space; draw the \
+             landscape of a full merge"
+        )));
+    }
     let mut missing = Vec::new();
     let method = match get("mudsc.method") {
         Some(m) => *Method::ALL

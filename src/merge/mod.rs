@@ -13,6 +13,7 @@
 mod alpha;
 mod calib;
 mod matching;
+mod partial;
 mod repair;
 mod units;
 mod weights;
@@ -33,7 +34,8 @@ use crate::symmetry::{self, GroupKind};
 
 pub use alpha::{choose_alpha, AlphaChoice, AlphaPoint};
 pub use matching::{align, group_align, group_zip, lap, zip, Matched};
-pub use units::{Layout, Matchings, Role};
+pub use partial::{Cut, Trunk};
+pub use units::{Layout, Matchings, Role, Unmerge};
 
 /// The merge methods of the MuDSC paper's comparison.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
@@ -124,6 +126,8 @@ pub struct MergeOptions {
     /// Statistics repair (REPAIR folded into Conv/Gemm, BatchNorm reset) on this many
     /// calibration samples; 0 turns it off.
     pub repair_samples: usize,
+    /// Partial zip: merge only up to this cut and keep each model's remainder.
+    pub zip_until: Option<Cut>,
 }
 
 impl Default for MergeOptions {
@@ -140,6 +144,7 @@ impl Default for MergeOptions {
             max_sweeps: 100,
             patience: 5,
             repair_samples: 256,
+            zip_until: None,
         }
     }
 }
@@ -168,8 +173,25 @@ pub struct MergeReport {
     pub repaired_layers: usize,
     pub reset_batch_norms: usize,
     pub unknown_ops: BTreeMap<String, usize>,
+    /// The merged trunk, for a partial zip.
+    pub partial: Option<Trunk>,
     /// Seconds per phase.
     pub seconds: BTreeMap<String, f64>,
+    /// Peak resident memory of the process so far, MiB (Linux; 0 where unknown).
+    pub peak_rss_mib: f64,
+}
+
+/// Peak resident set size of this process in MiB, from `getrusage` (kilobytes on Linux).
+pub fn peak_rss_mib() -> f64 {
+    let mut usage = std::mem::MaybeUninit::<libc::rusage>::zeroed();
+    // SAFETY: getrusage fills the struct it is given; RUSAGE_SELF is always valid.
+    let rc = unsafe { libc::getrusage(libc::RUSAGE_SELF, usage.as_mut_ptr()) };
+    if rc != 0 {
+        return 0.0;
+    }
+    // SAFETY: rc == 0 means the struct was written.
+    let usage = unsafe { usage.assume_init() };
+    usage.ru_maxrss as f64 / 1024.0
 }
 
 /// Wall-clock seconds per pipeline phase.
@@ -240,14 +262,18 @@ pub fn merge(
             store_float(t, value);
         }
     }
+    let trunk = match &opts.zip_until {
+        Some(cut) => Some(partial::trunk(&graph, cut)?),
+        None => None,
+    };
     timer.lap("rewrite");
 
     let (mut repaired_layers, mut reset_batch_norms) = (0, 0);
+    let subset: Vec<TensorData> = calib
+        .iter()
+        .map(|t| t.slice_rows(0, opts.repair_samples.min(t.shape()[0])))
+        .collect();
     if opts.repair_samples > 0 {
-        let subset: Vec<TensorData> = calib
-            .iter()
-            .map(|t| t.slice_rows(0, opts.repair_samples.min(t.shape()[0])))
-            .collect();
         let r = repair::repair(
             models,
             names,
@@ -257,12 +283,39 @@ pub fn merge(
             &disc.groups,
             m,
             &subset,
+            trunk.as_ref().map(|t| &t.nodes),
             opts.backend,
             &opts.backend_options,
         )?;
         repaired_layers = r.layers;
         reset_batch_norms = r.batch_norms;
         timer.lap("repair");
+    }
+    if let Some(t) = &trunk {
+        let unmerge = partial::Unmerge {
+            layout: &layout,
+            slots: &disc.slots,
+            m,
+        };
+        partial::split(&mut merged, models, names, t, &unmerge)?;
+        timer.lap("partial");
+        if opts.repair_samples > 0 && t.remainder_nodes > 0 {
+            let remainder: std::collections::HashSet<usize> = (0..graph.nodes().len())
+                .filter(|n| !t.nodes.contains(n))
+                .collect();
+            let r = repair::repair_remainders(
+                models,
+                names,
+                &mut merged,
+                &remainder,
+                &subset,
+                opts.backend,
+                &opts.backend_options,
+            )?;
+            repaired_layers += r.layers;
+            reset_batch_norms += r.batch_norms;
+            timer.lap("repair");
+        }
     }
 
     let report = MergeReport {
@@ -297,7 +350,9 @@ pub fn merge(
         repaired_layers,
         reset_batch_norms,
         unknown_ops: disc.unknown_ops.clone(),
+        partial: trunk,
         seconds: timer.seconds,
+        peak_rss_mib: peak_rss_mib(),
     };
     provenance(&mut merged, &report);
     Ok((merged, report))
@@ -475,7 +530,7 @@ fn find_matchings(
         timer.lap("calibration");
         act = moments
             .into_iter()
-            .map(|(g, m)| (g, m.correlation()))
+            .map(|(g, m)| (g, m.into_correlation()))
             .collect();
         timer.lap("statistics");
     }
@@ -497,9 +552,9 @@ fn find_matchings(
         if let Some(tensor) = shared {
             for &g in u {
                 let (p, bp) = identity(&disc.groups[g], n);
-                m.p.insert(g, p);
+                m.p.insert(g, Unmerge::from_dense(&p));
                 if let Some(bp) = bp {
-                    m.blocks.insert(g, bp);
+                    m.blocks.insert(g, Unmerge::from_dense(&bp));
                 }
                 values.insert(
                     g,
@@ -516,9 +571,9 @@ fn find_matchings(
     if opts.method == Method::Avg {
         for g in &disc.groups {
             let (p, bp) = identity(g, n);
-            m.p.insert(g.id, p);
+            m.p.insert(g.id, Unmerge::from_dense(&p));
             if let Some(bp) = bp {
-                m.blocks.insert(g.id, bp);
+                m.blocks.insert(g.id, Unmerge::from_dense(&bp));
             }
             values.insert(g.id, (f64::NAN, "identity".into()));
         }
@@ -664,7 +719,7 @@ fn match_unit(
             } else {
                 align(s.view(), n)?
             };
-            m.p.insert(*g, matched.p);
+            m.p.insert(*g, Unmerge::from_dense(&matched.p));
             values.insert(*g, (matched.value, how.clone()));
         }
         _ => {
@@ -715,8 +770,8 @@ fn match_unit(
                 } else {
                     group_align(s.view(), n, blocks, block_size, &others)?
                 };
-                m.p.insert(*g, matched.p);
-                m.blocks.insert(*g, bp);
+                m.p.insert(*g, Unmerge::from_dense(&matched.p));
+                m.blocks.insert(*g, Unmerge::from_dense(&bp));
                 values.insert(*g, (matched.value, how.clone()));
             }
         }
@@ -756,4 +811,7 @@ fn provenance(model: &mut Model, report: &MergeReport) {
     );
     put("mudsc.models", report.models.join(", "));
     put("mudsc.version", env!("CARGO_PKG_VERSION").into());
+    if let Some(t) = &report.partial {
+        put("mudsc.zip_until", t.cut_node.clone());
+    }
 }

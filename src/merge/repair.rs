@@ -8,8 +8,9 @@
 //!   in the merged model (what the reference does by a pass in training mode).
 //!
 //! Layers are corrected in graph order, each measured after the ones before it were fixed.
+//! With a partial zip only the merged trunk is corrected: the remainders are the models' own.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 
 use ndarray::{Array1, ArrayD, Axis};
 
@@ -50,11 +51,14 @@ pub fn repair(
     groups: &[Group],
     m: &Matchings,
     calib: &[TensorData],
+    scope: Option<&HashSet<usize>>,
     backend: BackendKind,
     options: &BackendOptions,
 ) -> Result<RepairReport> {
     let graph = Graph::new(&models[0])?;
-    let producers = find_producers(&graph, layout, slots, groups);
+    let in_scope = |n: usize| scope.is_none_or(|s| s.contains(&n));
+    let mut producers = find_producers(&graph, layout, slots, groups);
+    producers.retain(|p| in_scope(p.node));
     let mut report = RepairReport {
         layers: 0,
         batch_norms: 0,
@@ -83,19 +87,17 @@ pub fn repair(
         let Some(pm) = m.p.get(&p.group) else {
             continue;
         };
-        // Goal: the merge-weighted average of the cluster's endpoint statistics.
-        let n = models.len();
-        let colsum = pm.sum_axis(Axis(0));
+        // Goal: the average of the cluster's endpoint statistics.
+        let sizes = pm.cluster_sizes();
         let (mut goal_mean, mut goal_sd) =
             (Array1::<f64>::zeros(p.width), Array1::<f64>::zeros(p.width));
-        for i in 0..n {
-            let (mean, sd) = endpoint[i][k].mean_std();
+        for (i, stats) in endpoint.iter().enumerate() {
+            let (mean, sd) = stats[k].mean_std();
             for u in 0..p.width {
-                for j in 0..p.width {
-                    let w = pm[[i * p.width + u, j]] / (colsum[j] + 1e-12);
-                    goal_mean[j] += w * mean[u];
-                    goal_sd[j] += w * sd[u];
-                }
+                let j = pm.target[i * p.width + u] as usize;
+                let w = 1.0 / (sizes[j] as f64 + 1e-12);
+                goal_mean[j] += w * mean[u];
+                goal_sd[j] += w * sd[u];
             }
         }
         let now = tap_stats(merged, std::slice::from_ref(&p.output))?;
@@ -112,8 +114,148 @@ pub fn repair(
         apply(merged, p, &scale, &mean, &goal_mean)?;
         report.layers += 1;
     }
-    report.batch_norms = reset_batch_norms(merged, calib, backend, options)?;
+    report.batch_norms = reset_batch_norms(merged, calib, &in_scope, backend, options)?;
     Ok(report)
+}
+
+/// After a partial zip every model's remainder reads merged trunk values, whose statistics
+/// are the merge's, not the model's. Each Conv/Gemm of a model's remainder copy is corrected
+/// to the statistics that layer has in the model itself (REPAIR with the endpoint as its own
+/// goal), and the copies' BatchNorms are reset, so each remainder sees inputs shaped like
+/// those it was trained on. `remainder` holds model-0 node indices; the copies are found by
+/// the partial zip's naming (`<value>.m<i>`).
+pub fn repair_remainders(
+    models: &[Model],
+    names: &[HashMap<String, String>],
+    merged: &mut Model,
+    remainder: &HashSet<usize>,
+    calib: &[TensorData],
+    backend: BackendKind,
+    options: &BackendOptions,
+) -> Result<RepairReport> {
+    let graph = Graph::new(&models[0])?;
+    let uses = |name: &str| graph.consumers(name).len();
+    let layers: Vec<(usize, usize, String, Option<String>)> = graph
+        .topological_order()
+        .iter()
+        .filter(|n| remainder.contains(n))
+        .filter_map(|&n| {
+            let node = graph.node(n);
+            let (weight_axis, _, bias) = layer_axes(node)?;
+            let y = node.output.first()?;
+            let w = node
+                .input
+                .get(1)
+                .filter(|w| graph.initializer(w).is_some())?;
+            let followed_by_bn = graph
+                .consumers(y)
+                .iter()
+                .any(|&(c, _)| graph.node(c).op_type.as_deref() == Some("BatchNormalization"));
+            if uses(w) != 1 || followed_by_bn {
+                return None;
+            }
+            let bias = bias.filter(|b| !b.is_empty() && graph.initializer(b).is_some());
+            Some((n, weight_axis, w.clone(), bias))
+        })
+        .collect();
+    let stats = |model: &Model, taps: &[String]| -> Result<Vec<Moments>> {
+        let mut s = open_session(backend, model, taps, options)?;
+        let outs = run_batched(s.as_mut(), calib, 64)?;
+        let names = s.output_names().to_vec();
+        Ok(taps
+            .iter()
+            .filter_map(|t| names.iter().position(|n| n == t))
+            .map(|i| channel_moments(&outs[i]))
+            .collect())
+    };
+    let output_of = |n: usize| graph.node(n).output[0].clone();
+    // Each model's own statistics at its remainder layers.
+    let mut goals: Vec<Vec<Moments>> = Vec::new();
+    for (model, map) in models.iter().zip(names) {
+        let taps: Vec<String> = layers
+            .iter()
+            .map(|l| output_of(l.0))
+            .map(|y| map.get(&y).cloned().unwrap_or(y))
+            .collect();
+        goals.push(stats(model, &taps)?);
+    }
+    let mut report = RepairReport {
+        layers: 0,
+        batch_norms: 0,
+    };
+    for (k, (_, weight_axis, weight, bias)) in layers.iter().enumerate() {
+        // The copies of one layer sit on parallel branches: one pass measures them all.
+        let y = output_of(layers[k].0);
+        let taps: Vec<String> = (0..models.len()).map(|i| format!("{y}.m{i}")).collect();
+        let now = stats(merged, &taps)?;
+        for (i, current) in now.iter().enumerate() {
+            let Some(node) = merged
+                .graph()
+                .node
+                .iter()
+                .position(|n| n.output.first() == Some(&taps[i]))
+            else {
+                continue;
+            };
+            let (mean, sd) = current.mean_std();
+            let (goal_mean, goal_sd) = goals[i][k].mean_std();
+            let scale: Vec<f64> = (0..mean.len())
+                .map(|j| {
+                    if sd[j] > 1e-8 && goal_sd[j] > 0.0 {
+                        goal_sd[j] / sd[j]
+                    } else {
+                        1.0
+                    }
+                })
+                .collect();
+            let p = Producer {
+                node,
+                output: taps[i].clone(),
+                group: usize::MAX,
+                weight: format!("{weight}.m{i}"),
+                weight_axis: *weight_axis,
+                bias: bias.as_ref().map(|b| format!("{b}.m{i}")),
+                width: mean.len(),
+            };
+            apply(merged, &p, &scale, &mean, &goal_mean)?;
+            report.layers += 1;
+        }
+    }
+    let copies: HashSet<String> = remainder
+        .iter()
+        .flat_map(|&n| graph.node(n).output.clone())
+        .flat_map(|y| (0..models.len()).map(move |i| format!("{y}.m{i}")))
+        .collect();
+    let in_copies = {
+        let merged_graph = Graph::new(merged)?;
+        let inside: HashSet<usize> = (0..merged_graph.nodes().len())
+            .filter(|&n| {
+                merged_graph
+                    .node(n)
+                    .output
+                    .first()
+                    .is_some_and(|y| copies.contains(y))
+            })
+            .collect();
+        inside
+    };
+    report.batch_norms =
+        reset_batch_norms(merged, calib, &|n| in_copies.contains(&n), backend, options)?;
+    Ok(report)
+}
+
+/// For a layer REPAIR can correct: the weight axis holding its output units, the output's
+/// channel axis, and its bias input.
+fn layer_axes(node: &crate::onnx::proto::NodeProto) -> Option<(usize, usize, Option<String>)> {
+    let trans_b = node
+        .attribute
+        .iter()
+        .any(|a| a.name.as_deref() == Some("transB") && a.i == Some(1));
+    match node.op_type.as_deref()? {
+        "Conv" => Some((0, 1, node.input.get(2).cloned())),
+        "Gemm" => Some((if trans_b { 0 } else { 1 }, 1, node.input.get(2).cloned())),
+        _ => None,
+    }
 }
 
 /// Per-channel moments of a tap [N, C, ...] or [..., C] (channels on axis 1 for rank ≥ 3).
@@ -144,7 +286,6 @@ fn find_producers(
     let uses = |name: &str| graph.consumers(name).len();
     for &n in graph.topological_order() {
         let node = graph.node(n);
-        let op = node.op_type.as_deref().unwrap_or("");
         let Some(w) = node.input.get(1).filter(|w| graph.initializer(w).is_some()) else {
             continue;
         };
@@ -154,14 +295,8 @@ fn find_producers(
         let Some(y) = node.output.first() else {
             continue;
         };
-        let trans_b = node
-            .attribute
-            .iter()
-            .any(|a| a.name.as_deref() == Some("transB") && a.i == Some(1));
-        let (weight_axis, out_axis, bias) = match op {
-            "Conv" => (0, 1, node.input.get(2).cloned()),
-            "Gemm" => (if trans_b { 0 } else { 1 }, 1, node.input.get(2).cloned()),
-            _ => continue,
+        let Some((weight_axis, out_axis, bias)) = layer_axes(node) else {
+            continue;
         };
         // Next layer a BatchNormalization: its reset handles the statistics.
         if graph
@@ -266,6 +401,7 @@ fn replace(t: &mut TensorProto, v: ArrayD<f32>) {
 fn reset_batch_norms(
     model: &mut Model,
     calib: &[TensorData],
+    in_scope: &dyn Fn(usize) -> bool,
     backend: BackendKind,
     options: &BackendOptions,
 ) -> Result<usize> {
@@ -274,6 +410,7 @@ fn reset_batch_norms(
         graph
             .topological_order()
             .iter()
+            .filter(|&&n| in_scope(n))
             .map(|&n| graph.node(n))
             .filter(|n| n.op_type.as_deref() == Some("BatchNormalization") && n.input.len() >= 5)
             .filter(|n| {

@@ -15,13 +15,54 @@ use ndarray::{Array2, ArrayD, Axis};
 use crate::symmetry::structure::{CompId, Def, Structure};
 use crate::symmetry::{Group, GroupKind};
 
-/// Matchings of all groups: `p[g]` is group g's unmerge matrix, `blocks[g]` (blocked groups
-/// only) the block-level one.
+/// Matchings of all groups: `p[g]` is group g's unmerge, `blocks[g]` (blocked groups only)
+/// the block-level one.
 #[derive(Clone, Debug, Default)]
 pub struct Matchings {
     pub models: usize,
-    pub p: HashMap<usize, Array2<f64>>,
-    pub blocks: HashMap<usize, Array2<f64>>,
+    pub p: HashMap<usize, Unmerge>,
+    pub blocks: HashMap<usize, Unmerge>,
+}
+
+/// An unmerge matrix P ([models·width, merged], 0/1, one 1 per row) stored as the merged unit
+/// of each row. Dense, P costs 8·N·W² bytes per group (1.8 GB for a ViT-B's MLPs, twice over
+/// with the iterative loop's best copy); stored this way it costs 4·N·W.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Unmerge {
+    pub target: Vec<u32>,
+    pub merged: usize,
+}
+
+impl Unmerge {
+    /// From a dense 0/1 matrix with one 1 per row (what the matchers produce).
+    pub fn from_dense(p: &Array2<f64>) -> Unmerge {
+        let target = p
+            .rows()
+            .into_iter()
+            .map(|row| row.iter().position(|&v| v > 0.5).unwrap_or(0) as u32)
+            .collect();
+        Unmerge {
+            target,
+            merged: p.ncols(),
+        }
+    }
+
+    pub fn dense(&self) -> Array2<f64> {
+        let mut p = Array2::zeros((self.target.len(), self.merged));
+        for (r, &c) in self.target.iter().enumerate() {
+            p[[r, c as usize]] = 1.0;
+        }
+        p
+    }
+
+    /// How many units (of all models) each merged unit gathers.
+    pub fn cluster_sizes(&self) -> Vec<usize> {
+        let mut n = vec![0; self.merged];
+        for &c in &self.target {
+            n[c as usize] += 1;
+        }
+        n
+    }
 }
 
 /// Which matrix an axis takes.
@@ -159,22 +200,18 @@ impl<'a> Layout<'a> {
 
 /// Model `model`'s rows of P, as the matrix applied to its axis: P_i (In / Unmerge) or the
 /// merge matrix N·P_i / (colsum(P) + 1e-5) (Out), the reference's storage convention.
-fn model_map(p: &Array2<f64>, model: usize, models: usize, role: Role) -> Array2<f64> {
-    let w = p.nrows() / models;
-    let rows = p
-        .slice(ndarray::s![model * w..(model + 1) * w, ..])
-        .to_owned();
-    match role {
-        Role::In | Role::Unmerge => rows,
-        Role::Out => {
-            let colsum = p.sum_axis(Axis(0));
-            let mut out = rows;
-            for (j, mut col) in out.axis_iter_mut(Axis(1)).enumerate() {
-                col.mapv_inplace(|v| v * models as f64 / (colsum[j] + 1e-5));
-            }
-            out
-        }
+fn model_map(p: &Unmerge, model: usize, models: usize, role: Role) -> Array2<f64> {
+    let w = p.target.len() / models;
+    let sizes = p.cluster_sizes();
+    let mut out = Array2::zeros((w, p.merged));
+    for u in 0..w {
+        let j = p.target[model * w + u] as usize;
+        out[[u, j]] = match role {
+            Role::In | Role::Unmerge => 1.0,
+            Role::Out => models as f64 / (sizes[j] as f64 + 1e-5),
+        };
     }
+    out
 }
 
 fn kron(a: &Array2<f64>, b: &Array2<f64>) -> Array2<f64> {
@@ -187,6 +224,9 @@ fn kron(a: &Array2<f64>, b: &Array2<f64>) -> Array2<f64> {
 
 /// `x` with axis `axis` mapped through `r` ([old, new]): x'[.., j, ..] = Σ_k x[.., k, ..] r[k, j].
 pub fn apply_axis(x: &ArrayD<f64>, axis: usize, r: &Array2<f64>) -> ArrayD<f64> {
+    if let Some(single) = one_per_row(r) {
+        return scatter_axis(x, axis, &single, r.ncols());
+    }
     let moved = x.view().permuted_axes(move_last(x.ndim(), axis));
     let shape = moved.shape().to_vec();
     let rows: usize = shape[..shape.len() - 1].iter().product();
@@ -204,6 +244,48 @@ pub fn apply_axis(x: &ArrayD<f64>, axis: usize, r: &Array2<f64>) -> ArrayD<f64> 
         .into_dyn();
     let inv = invert(&move_last(x.ndim(), axis));
     back.permuted_axes(inv).as_standard_layout().into_owned()
+}
+
+/// For a map whose every row has at most one non-zero (every unmerge and merge matrix, and
+/// their Kronecker products and block-diagonals): that entry per row.
+fn one_per_row(r: &Array2<f64>) -> Option<Vec<Option<(usize, f64)>>> {
+    r.rows()
+        .into_iter()
+        .map(|row| {
+            let mut hit = None;
+            for (j, &v) in row.iter().enumerate() {
+                if v != 0.0 {
+                    if hit.is_some() {
+                        return None;
+                    }
+                    hit = Some((j, v));
+                }
+            }
+            Some(hit)
+        })
+        .collect()
+}
+
+/// `apply_axis` for a map with one entry per row: each old lane is added, scaled, into its
+/// new lane. The same sums as the matrix product without its O(old·new) work per element, which
+/// dominated rewriting and weight matching on wide layers.
+fn scatter_axis(
+    x: &ArrayD<f64>,
+    axis: usize,
+    single: &[Option<(usize, f64)>],
+    new: usize,
+) -> ArrayD<f64> {
+    let mut shape = x.shape().to_vec();
+    shape[axis] = new;
+    let mut out = ArrayD::<f64>::zeros(shape);
+    for (k, hit) in single.iter().enumerate() {
+        if let Some((j, v)) = *hit {
+            let src = x.index_axis(Axis(axis), k);
+            let mut dst = out.index_axis_mut(Axis(axis), j);
+            dst.scaled_add(v, &src);
+        }
+    }
+    out
 }
 
 fn move_last(rank: usize, axis: usize) -> Vec<usize> {

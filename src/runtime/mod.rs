@@ -38,6 +38,45 @@ pub struct BackendOptions {
     pub ort_library: Option<PathBuf>,
     /// Intra-op threads (0 = the backend's default).
     pub threads: usize,
+    /// Where the model runs. Only ONNX Runtime can use a GPU; where it cannot, models run on
+    /// the CPU after a warning on stderr (a merge should not fail for want of a GPU).
+    pub device: Device,
+}
+
+/// Compute device for inference.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Device {
+    #[default]
+    Cpu,
+    /// A CUDA GPU by index (ONNX Runtime's CUDA execution provider).
+    Cuda(i32),
+}
+
+impl std::str::FromStr for Device {
+    type Err = Error;
+
+    fn from_str(s: &str) -> Result<Device> {
+        match s {
+            "cpu" => Ok(Device::Cpu),
+            "cuda" => Ok(Device::Cuda(0)),
+            _ => s
+                .strip_prefix("cuda:")
+                .and_then(|n| n.parse().ok())
+                .map(Device::Cuda)
+                .ok_or_else(|| Error::Usage(format!("device '{s}': use cpu, cuda or cuda:N"))),
+        }
+    }
+}
+
+/// Prints `message` on stderr once per process (device fallbacks would repeat per session).
+pub(crate) fn warn_once(message: &str) {
+    static SAID: std::sync::Mutex<Vec<String>> = std::sync::Mutex::new(Vec::new());
+    if let Ok(mut said) = SAID.lock() {
+        if !said.iter().any(|m| m == message) {
+            eprintln!("warning: {message}");
+            said.push(message.to_string());
+        }
+    }
 }
 
 /// A model prepared for repeated runs.
@@ -59,7 +98,12 @@ pub fn open_session(
     options: &BackendOptions,
 ) -> Result<Box<dyn Session>> {
     match kind {
-        BackendKind::Tract => Ok(Box::new(tract::TractSession::new(model, extra_outputs)?)),
+        BackendKind::Tract => {
+            if options.device != Device::Cpu {
+                warn_once("tract runs on the CPU only (--device cuda needs --backend ort)");
+            }
+            Ok(Box::new(tract::TractSession::new(model, extra_outputs)?))
+        }
         BackendKind::Ort => open_ort(model, extra_outputs, options),
     }
 }

@@ -66,6 +66,37 @@ fn environment(options: &BackendOptions) -> Result<ort::environment::Environment
     Ok(env)
 }
 
+/// Registers ONNX Runtime's CUDA execution provider on GPU `id`. A library built without it
+/// (the CPU wheel's), or a machine without a usable GPU or CUDA libraries, leaves the session
+/// on the CPU after a warning: the merge's result does not depend on the device.
+fn with_cuda(
+    mut builder: ort::session::builder::SessionBuilder,
+    id: i32,
+    options: &BackendOptions,
+) -> Result<ort::session::builder::SessionBuilder> {
+    use ort::ep::ExecutionProvider;
+    let fallback = |why: String| {
+        super::warn_once(&format!(
+            "--device cuda:{id}: {why}; running on the CPU (use the onnxruntime-gpu wheel's \
+             library with --ort-lib, and CUDA 12/cuDNN 9 libraries on the loader path)"
+        ))
+    };
+    let cuda = ort::ep::CUDA::default().with_device_id(id);
+    match ort::ep::CUDA::is_available() {
+        Ok(true) => {
+            if let Err(e) = cuda.register(&mut builder) {
+                fallback(format!("the CUDA execution provider failed to start: {e}"));
+            }
+        }
+        Ok(false) => fallback(format!(
+            "the ONNX Runtime library '{}' has no CUDA execution provider",
+            library_path(options).display()
+        )),
+        Err(e) => fallback(format!("cannot query execution providers: {e}")),
+    }
+    Ok(builder)
+}
+
 pub struct OrtSession {
     session: OrtInner,
     display_name: String,
@@ -102,6 +133,9 @@ impl OrtSession {
             builder = builder
                 .with_intra_threads(options.threads)
                 .map_err(|e| err(e.to_string()))?;
+        }
+        if let super::Device::Cuda(id) = options.device {
+            builder = with_cuda(builder, id, options)?;
         }
         let display_name = model.display_name();
         let load_err = |e: ort::Error| err(format!("cannot load {display_name}: {e}"));

@@ -1,0 +1,139 @@
+//! Scale, opt-in (minutes and gigabytes each, so not in CI's default run):
+//! `cargo test --release --test large -- --ignored --nocapture`.
+//! - A ViT-B-sized pair (86 M parameters, 12 heads, MLP 3072) merges end to end, and the
+//!   merge's peak memory stays within twice the models' bytes plus the statistics.
+//! - A model over 2 GiB (external data) loads, merges and saves (external data again), and
+//!   the merged file loads and runs.
+//!
+//! Both pairs are generated at test time by `tests/py/make_large.py` (random weights).
+
+mod common;
+
+use std::path::Path;
+use std::process::Command;
+
+use mudsc::onnx;
+use mudsc::runtime::{open_session, run_batched, BackendKind, BackendOptions};
+
+fn generate(kind: &str, dir: &Path) {
+    let status = Command::new("python3")
+        .arg(common::root().join("tests/py/make_large.py"))
+        .args([kind, dir.to_str().unwrap()])
+        .status()
+        .expect("python3");
+    assert!(status.success(), "make_large.py {kind}");
+}
+
+fn merge(dir: &Path, kind: &str, extra: &[&str]) -> serde_json::Value {
+    let out = dir.join(format!("{kind}_merged.onnx"));
+    let report = dir.join(format!("{kind}_report.json"));
+    let o = Command::new(env!("CARGO_BIN_EXE_mudsc"))
+        .arg("merge")
+        .arg(dir.join(format!("{kind}_a.onnx")))
+        .arg(dir.join(format!("{kind}_b.onnx")))
+        .arg("-o")
+        .arg(&out)
+        .arg("--calib")
+        .arg(dir.join(format!("{kind}_calib.npz")))
+        .arg("--report")
+        .arg(&report)
+        .args(extra)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&o.stdout);
+    eprintln!("{stdout}{}", String::from_utf8_lossy(&o.stderr));
+    assert!(o.status.success(), "merge of {kind} failed");
+    serde_json::from_slice(&std::fs::read(report).unwrap()).unwrap()
+}
+
+/// The merged model loads and gives finite logits for two calibration samples.
+fn runs(dir: &Path, kind: &str) {
+    let model = onnx::load(dir.join(format!("{kind}_merged.onnx"))).unwrap();
+    let data = dir.join(format!("{kind}_calib.npz"));
+    let inputs = mudsc::data::bind_inputs(&mudsc::data::read(&data).unwrap(), &model, &data)
+        .unwrap()
+        .iter()
+        .map(|t| t.slice_rows(0, 2))
+        .collect::<Vec<_>>();
+    let mut s = open_session(BackendKind::Tract, &model, &[], &BackendOptions::default()).unwrap();
+    let out = run_batched(s.as_mut(), &inputs, 2).unwrap();
+    assert!(out[0].to_f32().iter().all(|v| v.is_finite()));
+}
+
+fn file_bytes(dir: &Path, kind: &str) -> f64 {
+    std::fs::read_dir(dir)
+        .unwrap()
+        .flatten()
+        .filter(|e| {
+            let n = e.file_name().to_string_lossy().to_string();
+            n.starts_with(&format!("{kind}_a.onnx")) || n.starts_with(&format!("{kind}_b.onnx"))
+        })
+        .map(|e| e.metadata().unwrap().len() as f64)
+        .sum()
+}
+
+#[test]
+#[ignore = "opt-in scale test: a ViT-B-sized pair, several minutes and ~8 GB"]
+fn vit_b_sized_pair_merges_with_bounded_memory() {
+    let dir = tempfile::tempdir().unwrap();
+    generate("vit-b", dir.path());
+    let report = merge(
+        dir.path(),
+        "vit-b",
+        &["--samples", "8", "--batch", "4", "--max-sweeps", "2"],
+    );
+    runs(dir.path(), "vit-b");
+    let models = file_bytes(dir.path(), "vit-b");
+    // Σxxᵀ of every tapped group over both models' units, f64.
+    let stats: f64 = report["groups"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|g| (2.0 * g["width"].as_f64().unwrap()).powi(2) * 8.0)
+        .sum();
+    let peak = report["peak_rss_mib"].as_f64().unwrap() * 1024.0 * 1024.0;
+    let bound = 2.0 * models + stats;
+    eprintln!(
+        "vit-b: models {:.0} MiB, statistics {:.0} MiB, peak {:.0} MiB, bound {:.0} MiB, seconds {}",
+        models / 1048576.0,
+        stats / 1048576.0,
+        peak / 1048576.0,
+        bound / 1048576.0,
+        report["seconds"]
+    );
+    assert!(peak <= bound, "peak memory over 2 × models + statistics");
+}
+
+#[test]
+#[ignore = "opt-in scale test: two models over 2 GiB each, ~10 minutes and ~20 GB"]
+fn model_over_two_gib_loads_merges_and_saves() {
+    let dir = tempfile::tempdir().unwrap();
+    generate("wide-conv", dir.path());
+    let models = file_bytes(dir.path(), "wide-conv");
+    assert!(
+        models / 2.0 > 2.0 * 1024.0 * 1024.0 * 1024.0,
+        "each model is over 2 GiB"
+    );
+    let report = merge(
+        dir.path(),
+        "wide-conv",
+        &[
+            "--method",
+            "act-align",
+            "--samples",
+            "4",
+            "--repair-samples",
+            "0",
+        ],
+    );
+    // Over the protobuf limit, so the merged initializers went to an external data file.
+    let data = dir.path().join("wide-conv_merged.onnx.data");
+    assert!(data.is_file(), "external data beside the merged model");
+    runs(dir.path(), "wide-conv");
+    eprintln!(
+        "wide-conv: models {:.0} MiB, peak {:.0} MiB, seconds {}",
+        models / 1048576.0,
+        report["peak_rss_mib"].as_f64().unwrap(),
+        report["seconds"]
+    );
+}
