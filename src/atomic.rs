@@ -13,8 +13,9 @@ pub(crate) fn parent_dir(path: &Path) -> PathBuf {
     }
 }
 
-/// Errors if `target` is (or links to) one of the protected files.
-pub(crate) fn refuse_protected(target: &Path, protect: &[PathBuf]) -> Result<()> {
+/// Errors if `target` is (or links to) one of the protected files (callers with a long
+/// computation ahead check early, before `write_atomic` checks again).
+pub fn refuse_protected(target: &Path, protect: &[PathBuf]) -> Result<()> {
     let Ok(target_real) = target.canonicalize() else {
         return Ok(()); // does not exist yet: cannot be an input
     };

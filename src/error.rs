@@ -65,6 +65,10 @@ pub enum Error {
         reason: String,
     },
 
+    /// Drawing or encoding a picture failed.
+    #[error("drawing the picture: {0}")]
+    Plot(String),
+
     /// A caller asked for something inconsistent (bad option value, overwriting an input...).
     #[error("{0}")]
     Usage(String),
@@ -74,7 +78,10 @@ impl Error {
     /// Whether the error is the user's input's fault (exit code 2) rather than a failure while
     /// doing the work (exit code 1).
     pub fn is_bad_input(&self) -> bool {
-        !matches!(self, Error::Io { .. } | Error::Backend { .. })
+        !matches!(
+            self,
+            Error::Io { .. } | Error::Backend { .. } | Error::Plot(_)
+        )
     }
 
     pub(crate) fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {

@@ -10,6 +10,7 @@ pub mod error;
 pub mod eval;
 pub mod graph;
 pub mod inspect;
+pub mod landscape;
 pub mod merge;
 pub mod onnx;
 pub mod runtime;

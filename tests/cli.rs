@@ -23,7 +23,7 @@ fn stderr(o: &Output) -> String {
 
 #[test]
 fn every_subcommand_has_an_example_in_its_help() {
-    for sub in ["inspect", "run", "eval"] {
+    for sub in ["inspect", "run", "eval", "landscape"] {
         let o = mudsc(&[sub, "--help"]);
         assert!(o.status.success());
         assert!(

@@ -44,7 +44,7 @@ pub struct EvalArgs {
 #[derive(Clone, Debug)]
 pub struct Tasks(pub Vec<ClassRange>);
 
-fn parse_tasks(s: &str) -> Result<Tasks, String> {
+pub(super) fn parse_tasks(s: &str) -> Result<Tasks, String> {
     ClassRange::parse_list(s)
         .map(Tasks)
         .map_err(|e| e.to_string())
