@@ -85,7 +85,12 @@ impl Moments {
 /// unit's values (weight vectors).
 pub fn row_correlation(z: ArrayView2<f64>) -> Array2<f64> {
     let mut m = Moments::new(z.nrows());
-    m.add_f64(z.t().mapv(|v| if v.is_finite() { v } else { 0.0 }).view());
+    if z.iter().all(|v| v.is_finite()) {
+        // Samples are z's columns: Σxxᵀ straight from z's transposed view, no copy.
+        m.add_f64(z.t());
+    } else {
+        m.add_f64(z.t().mapv(|v| if v.is_finite() { v } else { 0.0 }).view());
+    }
     m.into_correlation()
 }
 

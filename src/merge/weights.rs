@@ -27,15 +27,54 @@ pub fn unit_vectors(
     m: &Matchings,
 ) -> Option<Array2<f64>> {
     let models = weights.len();
-    let mut per_model: Vec<Vec<Vec<f64>>> = vec![vec![Vec::new(); g.width]; models];
+    // Where each member's lanes go: its axis, the unit of every lane, and the features it
+    // gives each unit (every unit must hold the same number of lanes).
+    struct Part<'a> {
+        tensor: &'a str,
+        axis: usize,
+        units: Vec<Option<usize>>,
+        offset: usize,
+    }
+    let mut parts = Vec::new();
+    let mut features = 0;
     for member in &g.members {
         let axes = slots.of(&member.tensor)?;
         let own = axes.get(member.axis).copied().flatten()?;
         let units = layout.units_along(layout.st.comp_of[own], g);
+        let shape = weights[0].get(&member.tensor)?.shape().to_vec();
+        let lane: usize = shape
+            .iter()
+            .enumerate()
+            .filter(|&(a, _)| a != member.axis)
+            .map(|(_, &d)| d)
+            .product();
+        let mut lanes = vec![0usize; g.width];
+        for u in units.iter().flatten() {
+            lanes[*u] += 1;
+        }
+        if lanes.iter().any(|&l| l != lanes[0]) {
+            return None;
+        }
+        parts.push(Part {
+            tensor: &member.tensor,
+            axis: member.axis,
+            units,
+            offset: features,
+        });
+        features += lanes[0] * lane;
+    }
+    if features == 0 {
+        return None;
+    }
+    // Filled in place: on a residual stream the matrix holds every block's weights, and
+    // building it from per-unit vectors held it three times over.
+    let mut out = Array2::<f64>::zeros((models * g.width, features));
+    for part in &parts {
+        let axes = slots.of(part.tensor)?;
         for (i, w) in weights.iter().enumerate() {
-            let mut t = w.get(&member.tensor)?.clone();
+            let mut t = w.get(part.tensor)?.clone();
             for (a, s) in axes.iter().enumerate() {
-                if a == member.axis {
+                if a == part.axis {
                     continue;
                 }
                 if let Some(s) = s {
@@ -44,19 +83,23 @@ pub fn unit_vectors(
                     }
                 }
             }
-            for (k, unit) in units.iter().enumerate() {
-                if let Some(u) = unit {
-                    per_model[i][*u].extend(t.index_axis(Axis(member.axis), k).iter());
+            let mut cursor = vec![part.offset; g.width];
+            for (k, unit) in part.units.iter().enumerate() {
+                let Some(u) = unit else { continue };
+                let lane = t.index_axis(Axis(part.axis), k);
+                let mut row = out.row_mut(i * g.width + u);
+                for (dst, src) in row
+                    .slice_mut(ndarray::s![cursor[*u]..cursor[*u] + lane.len()])
+                    .iter_mut()
+                    .zip(lane.iter())
+                {
+                    *dst = *src;
                 }
+                cursor[*u] += lane.len();
             }
         }
     }
-    let features = per_model[0].first().map_or(0, Vec::len);
-    if features == 0 || per_model.iter().flatten().any(|r| r.len() != features) {
-        return None;
-    }
-    let flat: Vec<f64> = per_model.into_iter().flatten().flatten().collect();
-    Array2::from_shape_vec((models * g.width, features), flat).ok()
+    Some(out)
 }
 
 /// Axes that a consumer contracts with its input activation (Conv input channels, the K axis
