@@ -65,11 +65,23 @@ const UNSUPPORTED: &str = "has an unsupported dtype (use float32/64, an integer 
 
 /// Reads every array of an `.npz` archive, in archive order (keys without `.npy`).
 pub fn read_npz(path: &Path) -> Result<NamedArrays> {
-    let bad = |e: ReadNpzError| Error::data(path, format!("not a readable .npz file: {e}"));
     let file = File::open(path).map_err(|e| Error::io(path, e))?;
-    let mut npz = NpzReader::new(BufReader::new(file)).map_err(bad)?;
+    npz_from_reader(BufReader::new(file), path)
+}
+
+/// Reads every array of an `.npz` archive held in memory (`<memory>` in messages).
+pub fn read_npz_bytes(bytes: &[u8]) -> Result<NamedArrays> {
+    npz_from_reader(Cursor::new(bytes), Path::new(MEMORY))
+}
+
+/// Messages about data read from memory name it so.
+const MEMORY: &str = "<memory>";
+
+fn npz_from_reader<R: Read + Seek>(reader: R, path: &Path) -> Result<NamedArrays> {
+    let bad = |e: ReadNpzError| Error::data(path, format!("not a readable .npz file: {e}"));
+    let mut npz = NpzReader::new(reader).map_err(bad)?;
     let names = npz.names().map_err(bad)?;
-    let readers: [NpzRead<BufReader<File>>; 11] = dtype_readers!(npz_typed, BufReader<File>);
+    let readers: [NpzRead<R>; 11] = dtype_readers!(npz_typed, R);
     let mut arrays = Vec::with_capacity(names.len());
     for raw_name in names {
         let key = raw_name
@@ -97,16 +109,27 @@ pub fn read_npz(path: &Path) -> Result<NamedArrays> {
 /// Reads one `.npy` file; its key is the file stem.
 pub fn read_npy(path: &Path) -> Result<NamedArrays> {
     let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+    let key = path
+        .file_stem()
+        .map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let array = npy_from_bytes(&bytes, path)?;
+    Ok(NamedArrays(vec![(key, array)]))
+}
+
+/// Reads one `.npy` array held in memory, under the key `key`.
+pub fn read_npy_bytes(bytes: &[u8], key: &str) -> Result<NamedArrays> {
+    let array = npy_from_bytes(bytes, Path::new(MEMORY))?;
+    Ok(NamedArrays(vec![(key.to_string(), array)]))
+}
+
+fn npy_from_bytes(bytes: &[u8], path: &Path) -> Result<TensorData> {
     let readers: [NpyRead; 11] = dtype_readers!(npy_typed);
     for read in readers {
         if let Some(a) =
-            read(&bytes).map_err(|e| Error::data(path, format!("not a readable .npy file: {e}")))?
+            read(bytes).map_err(|e| Error::data(path, format!("not a readable .npy file: {e}")))?
         {
-            let key = path
-                .file_stem()
-                .map(|s| s.to_string_lossy().into_owned())
-                .unwrap_or_default();
-            return Ok(NamedArrays(vec![(key, a)]));
+            return Ok(a);
         }
     }
     Err(Error::data(path, format!("the array {UNSUPPORTED}")))
