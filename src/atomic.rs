@@ -14,7 +14,7 @@ pub(crate) fn parent_dir(path: &Path) -> PathBuf {
 }
 
 /// Errors if `target` is (or links to) one of the protected files.
-pub(crate) fn refuse_protected(target: &Path, protect: &[PathBuf]) -> Result<()> {
+pub fn refuse_protected(target: &Path, protect: &[PathBuf]) -> Result<()> {
     let Ok(target_real) = target.canonicalize() else {
         return Ok(()); // does not exist yet: cannot be an input
     };

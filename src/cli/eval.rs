@@ -1,6 +1,6 @@
 use std::path::PathBuf;
 
-use anyhow::{bail, Context, Result};
+use anyhow::Result;
 use clap::Args;
 use mudsc::data;
 use mudsc::eval::{evaluate, ClassRange};
@@ -70,12 +70,28 @@ pub fn run(args: EvalArgs) -> Result<()> {
         None => vec![None; args.models.len()],
         Some(Tasks(c)) if c.len() == 1 => vec![Some(c[0].clone()); args.models.len()],
         Some(Tasks(c)) if c.len() == args.models.len() => c.iter().cloned().map(Some).collect(),
-        Some(_) => bail!("--classes needs one range, or one per model"),
+        Some(_) => {
+            return Err(
+                mudsc::Error::Usage("--classes needs one range, or one per model".into()).into(),
+            )
+        }
     };
     let mut all_logits = Vec::new();
     let mut reports = Vec::new();
     for (path, classes) in args.models.iter().zip(&classes) {
         let logits = logits_of(path, &arrays, &args)?;
+        if logits.nrows() != labels.len() {
+            return Err(mudsc::Error::Data {
+                path: args.data.clone(),
+                reason: format!(
+                    "{} labels under '{}' for {} samples",
+                    labels.len(),
+                    args.labels,
+                    logits.nrows()
+                ),
+            }
+            .into());
+        }
         // A head for some classes is scored on the tasks it covers.
         let own: Vec<ClassRange> = tasks
             .iter()
@@ -98,6 +114,21 @@ pub fn run(args: EvalArgs) -> Result<()> {
             let views: Vec<_> = all_logits.iter().map(|l| l.view()).collect();
             ndarray::concatenate(ndarray::Axis(1), &views)?
         } else {
+            if let Some((i, l)) = all_logits
+                .iter()
+                .enumerate()
+                .find(|(_, l)| l.dim() != all_logits[0].dim())
+            {
+                return Err(mudsc::Error::Usage(format!(
+                    "--ensemble sums logits, but {} gives {} classes and {} gives {}; give \
+                     --classes one range per model to concatenate separate heads",
+                    args.models[0].display(),
+                    all_logits[0].ncols(),
+                    args.models[i].display(),
+                    l.ncols()
+                ))
+                .into());
+            }
             all_logits
                 .iter()
                 .skip(1)
@@ -161,17 +192,19 @@ fn logits_of(
         mudsc::runtime::open_session(args.backend.kind(), &model, &[], &args.backend.options())?;
     let inputs = data::bind_inputs(arrays, &model, &args.data)?;
     let outputs = mudsc::runtime::run_batched(session.as_mut(), &inputs, args.backend.batch)?;
-    let Some(first) = outputs.first() else {
-        bail!("{} has no outputs", path.display());
+    let bad = |reason: String| mudsc::Error::Unsupported {
+        path: path.to_path_buf(),
+        reason,
     };
-    first
-        .to_f32()
-        .into_dimensionality::<Ix2>()
-        .with_context(|| {
-            format!(
-                "output '{}' has shape {:?}; eval needs logits [samples, classes]",
-                session.output_names()[0],
-                first.shape()
-            )
-        })
+    let Some(first) = outputs.first() else {
+        return Err(bad("the model has no outputs".into()).into());
+    };
+    first.to_f32().into_dimensionality::<Ix2>().map_err(|_| {
+        bad(format!(
+            "output '{}' has shape {:?}; eval needs logits [samples, classes]",
+            session.output_names()[0],
+            first.shape()
+        ))
+        .into()
+    })
 }

@@ -110,8 +110,26 @@ pub fn run(args: MergeArgs) -> Result<()> {
         ),
         None => None,
     };
+    // Refuse bad output paths before the work, so that a refusal costs nothing and a merged
+    // model is never left behind by a report that cannot be written.
+    let mut protect: Vec<PathBuf> = models.iter().flat_map(|m| m.source_files()).collect();
+    protect.push(args.calib.clone());
+    mudsc::atomic::refuse_protected(&args.output, &protect)?;
+    if let Some(report) = &args.report {
+        mudsc::atomic::refuse_protected(report, &protect)?;
+        if same_target(report, &args.output) {
+            return Err(mudsc::Error::Usage(format!(
+                "--report {} is the output model's path",
+                report.display()
+            ))
+            .into());
+        }
+    }
     let mut calib = data::bind_inputs(&arrays, &models[0], &args.calib)?;
     if let Some(n) = args.samples {
+        if n == 0 {
+            return Err(mudsc::Error::Usage("--samples must be at least 1".into()).into());
+        }
         calib = calib
             .iter()
             .map(|t| t.slice_rows(0, n.min(t.shape()[0])))
@@ -155,8 +173,6 @@ pub fn run(args: MergeArgs) -> Result<()> {
             last = line;
         }
     })?;
-    let mut protect: Vec<PathBuf> = models.iter().flat_map(|m| m.source_files()).collect();
-    protect.push(args.calib.clone());
     let save = SaveOptions {
         external_data: if args.external_data {
             ExternalData::Always(None)
@@ -165,7 +181,8 @@ pub fn run(args: MergeArgs) -> Result<()> {
         },
         protect: protect.clone(),
     };
-    mudsc::onnx::save(&merged.proto, &args.output, &save)?;
+    // The report goes first: it is small, and removing it again if the model cannot be
+    // written leaves nothing behind.
     if let Some(path) = &args.report {
         let mut json = serde_json::to_value(&report)?;
         if let Some(c) = &choice {
@@ -174,6 +191,12 @@ pub fn run(args: MergeArgs) -> Result<()> {
         let json = serde_json::to_vec_pretty(&json)?;
         mudsc::atomic::write_atomic(path, &protect, &json)
             .with_context(|| format!("writing {}", path.display()))?;
+    }
+    if let Err(e) = mudsc::onnx::save(&merged.proto, &args.output, &save) {
+        if let Some(path) = &args.report {
+            let _ = std::fs::remove_file(path);
+        }
+        return Err(e.into());
     }
     eprintln!();
     println!(
@@ -193,4 +216,10 @@ pub fn run(args: MergeArgs) -> Result<()> {
         .collect();
     println!("time {total:.2}s ({})", phases.join(", "));
     Ok(())
+}
+
+/// Whether two output paths name the same file (existing or not).
+fn same_target(a: &std::path::Path, b: &std::path::Path) -> bool {
+    let norm = |p: &std::path::Path| p.canonicalize().or_else(|_| std::path::absolute(p)).ok();
+    norm(a).is_some() && norm(a) == norm(b)
 }

@@ -154,6 +154,15 @@ fn bind_by_name(
                 ));
             }
         }
+        if samples(first) == Some(0) {
+            return Err(Error::data(
+                source,
+                format!(
+                    "input '{}' holds no samples (axis 0 has length 0)",
+                    input_names.first().map(String::as_str).unwrap_or("")
+                ),
+            ));
+        }
     }
     Ok(bound)
 }
