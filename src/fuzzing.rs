@@ -45,9 +45,23 @@ pub fn onnx_model(bytes: &[u8]) -> Result<()> {
     Ok(())
 }
 
-/// Numpy data from bytes: as an `.npz` archive, and as a single `.npy` array.
+/// Numpy data from bytes, read both as an `.npz` archive and as a single `.npy` array; an
+/// error when neither reads.
 pub fn numpy_data(bytes: &[u8]) -> Result<()> {
     let npz = crate::data::read_npz_bytes(bytes);
     let npy = crate::data::read_npy_bytes(bytes, "x");
-    npz.and(npy).map(|_| ())
+    match (npz, npy) {
+        (Err(e), Err(_)) => Err(e),
+        _ => Ok(()),
+    }
+}
+
+/// An ONNX model from bytes, as far as `mudsc groups` takes it: loaded, its shapes inferred by
+/// tract (symbolic input dimensions set to 2), and symmetry discovery on those shapes.
+pub fn onnx_model_inferred(bytes: &[u8]) -> Result<()> {
+    let model = crate::onnx::load_bytes(bytes.to_vec())?;
+    let inputs = crate::data::input_shapes(&model, None, &[], 2)?;
+    let shapes = crate::graph::infer_shapes(&model, &inputs)?;
+    crate::symmetry::discover(&model, &shapes)?;
+    Ok(())
 }
