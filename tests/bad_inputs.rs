@@ -221,6 +221,39 @@ fn unreadable_models_are_refused_by_every_command() {
     }
 }
 
+/// Graphs that are well-formed protobuf but not a valid network: refused by our own checks
+/// before an inference engine sees them (tract panics or loops on the first two).
+#[test]
+fn malformed_graphs_are_refused_by_every_command() {
+    let (a, calib) = (input("a.onnx"), input("calib.npz"));
+    for (name, needles) in [
+        (
+            "dangling_output.onnx",
+            &["graph output 'ghost' is produced by no node"][..],
+        ),
+        (
+            "bad_perm.onnx",
+            &[
+                "node 'twist' (Transpose)",
+                "perm [1, 1] is not a permutation",
+            ][..],
+        ),
+        ("cycle.onnx", &["the graph has a cycle"][..]),
+    ] {
+        let bad = input(name);
+        let mut needles = needles.to_vec();
+        needles.push(name);
+        for args in [
+            vec!["merge", &bad, &a, "-o", "OUT/m.onnx", "--calib", &calib],
+            vec!["run", &bad, "--input", &calib, "--output", "OUT/y.npz"],
+            vec!["groups", &bad],
+            vec!["inspect", &bad],
+        ] {
+            assert_refused(&args, 2, &needles);
+        }
+    }
+}
+
 /// Data files that cannot be read or do not fit the model, under merge, run and eval.
 #[test]
 fn data_that_does_not_fit_is_refused_by_every_command() {

@@ -16,6 +16,9 @@ usage: make_bad_inputs.py OUT_DIR
   if_a.onnx, if_b         the second Relu inside both branches of an If
   loop_a.onnx, loop_b     the second Relu inside the body of a Loop (one iteration)
   classes5_b.onnx         B with 5 classes
+  dangling_output.onnx    a graph output no node produces
+  bad_perm.onnx           a Transpose whose perm repeats an axis
+  cycle.onnx              two nodes feeding each other
   calib.npz               x: float32 [64, 8], labels: int64 [64]
   shape.npz, f64.npz, int.npz, few_labels.npz, nan.npz, empty.npz: the same, wrong or odd
 """
@@ -138,6 +141,23 @@ def dead(w):
 
 mlp("dead_a.onnx", dead(wa))
 mlp("dead_b.onnx", dead(wb))
+
+# Malformed graphs (not checked by onnx.checker, which would refuse them).
+def raw_model(nodes, outputs, name):
+    g = helper.make_graph(nodes, "bad", [helper.make_tensor_value_info("x", F, ["N", 8])],
+                          [helper.make_tensor_value_info(o, F, None) for o in outputs],
+                          [numpy_helper.from_array(v, k) for k, v in wa.items()])
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    m.ir_version = 8
+    onnx.save_model(m, os.path.join(out, name))
+
+
+raw_model([helper.make_node("Gemm", ["x", "w1", "b1"], ["h1"], name="fc1", transB=1)],
+          ["h1", "ghost"], "dangling_output.onnx")
+raw_model([helper.make_node("Transpose", ["x"], ["y"], name="twist", perm=[1, 1])],
+          ["y"], "bad_perm.onnx")
+raw_model([helper.make_node("Add", ["x", "q"], ["p"], name="p_node"),
+           helper.make_node("Relu", ["p"], ["q"], name="q_node")], ["q"], "cycle.onnx")
 
 x = rng.standard_normal((64, 8)).astype(np.float32)
 labels = rng.integers(0, 4, 64).astype(np.int64)
