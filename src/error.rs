@@ -76,12 +76,14 @@ pub enum Error {
 
 impl Error {
     /// Whether the error is the user's input's fault (exit code 2) rather than a failure while
-    /// doing the work (exit code 1).
+    /// doing the work (exit code 1). A path that does not exist (a misspelt model file, an
+    /// output directory that is not there) is the user's; other I/O failures are not.
     pub fn is_bad_input(&self) -> bool {
-        !matches!(
-            self,
-            Error::Io { .. } | Error::Backend { .. } | Error::Plot(_)
-        )
+        match self {
+            Error::Io { source, .. } => source.kind() == std::io::ErrorKind::NotFound,
+            Error::Backend { .. } | Error::Plot(_) => false,
+            _ => true,
+        }
     }
 
     pub(crate) fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {

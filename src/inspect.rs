@@ -53,12 +53,18 @@ pub fn summarize(model: &Model) -> Result<Summary> {
     }
     let (mut parameters, mut parameter_bytes) = (0u64, 0u64);
     for t in graph.initializers() {
-        let count: u64 = t.dims.iter().map(|&d| d.max(0) as u64).product();
-        parameters += count;
-        parameter_bytes += match crate::onnx::DataType::from_onnx(t.data_type.unwrap_or(0)) {
-            Some(d) => count * d.size() as u64,
-            None => t.raw_data.as_ref().map_or(0, |r| r.len() as u64),
-        };
+        // Saturating: the dims are the file's word, and a corrupt file may claim 2^100.
+        let count: u64 = t
+            .dims
+            .iter()
+            .fold(1u64, |acc, &d| acc.saturating_mul(d.max(0) as u64));
+        parameters = parameters.saturating_add(count);
+        parameter_bytes = parameter_bytes.saturating_add(
+            match crate::onnx::DataType::from_onnx(t.data_type.unwrap_or(0)) {
+                Some(d) => count.saturating_mul(d.size() as u64),
+                None => t.raw_data.as_ref().map_or(0, |r| r.len() as u64),
+            },
+        );
     }
     Ok(Summary {
         path: model.display_name(),

@@ -8,6 +8,8 @@ pub mod atomic;
 pub mod data;
 pub mod error;
 pub mod eval;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod graph;
 pub mod inspect;
 pub mod landscape;

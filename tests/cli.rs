@@ -84,6 +84,8 @@ fn run_writes_outputs_matching_onnxruntime() {
     }
 }
 
+/// Exit codes of the command line itself; bad model and data files under every command are
+/// the matrix of `tests/bad_inputs.rs`.
 #[test]
 fn cuda_device_runs_or_falls_back_to_the_cpu_with_a_warning() {
     let fixture = common::root().join("fixtures/models/mlp_a.onnx");
@@ -131,15 +133,7 @@ fn cuda_device_runs_or_falls_back_to_the_cpu_with_a_warning() {
 fn exit_codes() {
     // Bad usage: unknown flag → 2.
     assert_eq!(mudsc(&["run", "--bogus"]).status.code(), Some(2));
-    // Bad input: not an ONNX file → 2, with the file named.
-    let dir = tempfile::tempdir().unwrap();
-    let junk = dir.path().join("junk.onnx");
-    std::fs::write(&junk, b"\x08\x96\x01junk").unwrap();
-    let o = mudsc(&["inspect", junk.to_str().unwrap()]);
-    assert_eq!(o.status.code(), Some(2));
-    assert!(stderr(&o).contains("junk.onnx"), "{}", stderr(&o));
-    assert!(!stderr(&o).contains("panicked"));
-    // Input data that does not fit the model → 2, naming the input.
+    // Input data that does not fit a two-input model → 2, naming the input.
     let o = mudsc(&[
         "run",
         model("two_inputs.onnx").to_str().unwrap(),
@@ -148,40 +142,6 @@ fn exit_codes() {
     ]);
     assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
     assert!(stderr(&o).contains("'a'"), "{}", stderr(&o));
-    // Output over the input → refused, input untouched.
-    let input = model("mlp_input.npz");
-    let before = std::fs::read(&input).unwrap();
-    let o = mudsc(&[
-        "run",
-        model("mlp.onnx").to_str().unwrap(),
-        "--input",
-        input.to_str().unwrap(),
-        "--output",
-        input.to_str().unwrap(),
-    ]);
-    assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
-    assert_eq!(std::fs::read(&input).unwrap(), before);
-    // Data of the wrong shape → 2, naming the input and both shapes.
-    let wrong = dir.path().join("wrong.npz");
-    common::python(&[
-        "-c",
-        &format!(
-            "import numpy as np; np.savez('{}', x=np.zeros((2,5), np.float32))",
-            wrong.display()
-        ),
-    ]);
-    let o = mudsc(&[
-        "run",
-        model("mlp.onnx").to_str().unwrap(),
-        "--input",
-        wrong.to_str().unwrap(),
-    ]);
-    assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
-    assert!(
-        stderr(&o).contains("input 'x' must have shape [N, 8]"),
-        "{}",
-        stderr(&o)
-    );
 }
 
 #[test]

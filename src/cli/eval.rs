@@ -1,6 +1,6 @@
 use std::path::PathBuf;
 
-use anyhow::{bail, Context, Result};
+use anyhow::Result;
 use clap::Args;
 use mudsc::data;
 use mudsc::eval::{evaluate, ClassRange};
@@ -78,17 +78,21 @@ pub fn run(args: EvalArgs) -> Result<()> {
         None => vec![None; total_heads],
         Some(Tasks(c)) if c.len() == 1 => vec![Some(c[0].clone()); total_heads],
         Some(Tasks(c)) if c.len() == total_heads => c.iter().cloned().map(Some).collect(),
-        Some(Tasks(c)) => bail!(
-            "--classes has {} ranges: give one for all, or one per output head ({} in all: {})",
-            c.len(),
-            total_heads,
-            heads
-                .iter()
-                .zip(&args.models)
-                .map(|(h, p)| format!("{} in {}", h.len(), p.display()))
-                .collect::<Vec<_>>()
-                .join(", ")
-        ),
+        Some(Tasks(c)) => {
+            return Err(mudsc::Error::Usage(format!(
+                "--classes has {} ranges: give one for all, or one per output head ({} in all: \
+                 {})",
+                c.len(),
+                total_heads,
+                heads
+                    .iter()
+                    .zip(&args.models)
+                    .map(|(h, p)| format!("{} in {}", h.len(), p.display()))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ))
+            .into())
+        }
     };
     let mut head_classes = head_classes.into_iter();
     let mut all_logits = Vec::new();
@@ -96,8 +100,21 @@ pub fn run(args: EvalArgs) -> Result<()> {
     let mut reports = Vec::new();
     for (path, model_heads) in args.models.iter().zip(heads) {
         let own: Vec<Option<ClassRange>> = head_classes.by_ref().take(model_heads.len()).collect();
-        let (logits, model_classes) = combine_heads(model_heads, &own)
-            .with_context(|| format!("combining the output heads of {}", path.display()))?;
+        let (logits, model_classes) = combine_heads(model_heads, &own).map_err(|reason| {
+            mudsc::Error::Usage(format!("{}: output heads: {reason}", path.display()))
+        })?;
+        if logits.nrows() != labels.len() {
+            return Err(mudsc::Error::Data {
+                path: args.data.clone(),
+                reason: format!(
+                    "{} labels under '{}' for {} samples",
+                    labels.len(),
+                    args.labels,
+                    logits.nrows()
+                ),
+            }
+            .into());
+        }
         // A head for some classes is scored on the tasks it covers.
         let covered: Vec<ClassRange> = tasks
             .iter()
@@ -119,8 +136,24 @@ pub fn run(args: EvalArgs) -> Result<()> {
         let (logits, span) = if separate {
             // Separate heads: concatenate, the classes laid out in model order.
             let views: Vec<_> = all_logits.iter().map(|l| l.view()).collect();
-            (ndarray::concatenate(Axis(1), &views)?, span_of(&classes)?)
+            let span = span_of(&classes).map_err(mudsc::Error::Usage)?;
+            (ndarray::concatenate(Axis(1), &views)?, span)
         } else {
+            if let Some((i, l)) = all_logits
+                .iter()
+                .enumerate()
+                .find(|(_, l)| l.dim() != all_logits[0].dim())
+            {
+                return Err(mudsc::Error::Usage(format!(
+                    "--ensemble sums logits, but {} gives {} classes and {} gives {}; give \
+                     --classes one range per model to concatenate separate heads",
+                    args.models[0].display(),
+                    all_logits[0].ncols(),
+                    args.models[i].display(),
+                    l.ncols()
+                ))
+                .into());
+            }
             let sum = all_logits
                 .iter()
                 .skip(1)
@@ -171,8 +204,12 @@ fn heads_of(
         mudsc::runtime::open_session(args.backend.kind(), &model, &[], &args.backend.options())?;
     let inputs = data::bind_inputs(arrays, &model, &args.data)?;
     let outputs = mudsc::runtime::run_batched(session.as_mut(), &inputs, args.backend.batch)?;
+    let bad = |reason: String| mudsc::Error::Unsupported {
+        path: path.to_path_buf(),
+        reason,
+    };
     let Some(first) = outputs.first() else {
-        bail!("{} has no outputs", path.display());
+        return Err(bad("the model has no outputs".into()).into());
     };
     let heads: Vec<Array2<f32>> = outputs
         .iter()
@@ -180,12 +217,12 @@ fn heads_of(
         .filter(|o| o.nrows() == first.shape()[0])
         .collect();
     if heads.is_empty() {
-        bail!(
-            "{}: output '{}' has shape {:?}; eval needs logits [samples, classes]",
-            path.display(),
+        return Err(bad(format!(
+            "output '{}' has shape {:?}; eval needs logits [samples, classes]",
             session.output_names()[0],
             first.shape()
-        );
+        ))
+        .into());
     }
     Ok(heads)
 }
@@ -196,18 +233,19 @@ fn heads_of(
 fn combine_heads(
     heads: Vec<Array2<f32>>,
     classes: &[Option<ClassRange>],
-) -> Result<(Array2<f32>, Option<ClassRange>)> {
+) -> std::result::Result<(Array2<f32>, Option<ClassRange>), String> {
     let distinct = classes.iter().all(Option::is_some) && classes.windows(2).any(|w| w[0] != w[1]);
     if distinct {
         let views: Vec<_> = heads.iter().map(|h| h.view()).collect();
-        return Ok((ndarray::concatenate(Axis(1), &views)?, span_of(classes)?));
+        let side_by_side = ndarray::concatenate(Axis(1), &views).map_err(|e| e.to_string())?;
+        return Ok((side_by_side, span_of(classes)?));
     }
     let width = heads[0].ncols();
     if heads.iter().any(|h| h.ncols() != width) {
-        bail!(
+        return Err(format!(
             "heads of different widths ({:?}): give each its --classes range",
             heads.iter().map(|h| h.ncols()).collect::<Vec<_>>()
-        );
+        ));
     }
     let sum = heads
         .iter()
@@ -217,16 +255,15 @@ fn combine_heads(
 }
 
 /// The classes of heads laid side by side, which must follow each other.
-fn span_of(classes: &[Option<ClassRange>]) -> Result<Option<ClassRange>> {
+fn span_of(classes: &[Option<ClassRange>]) -> std::result::Result<Option<ClassRange>, String> {
     let ranges: Vec<&ClassRange> = classes.iter().flatten().collect();
     for w in ranges.windows(2) {
         if w[1].first != w[0].last + 1 {
-            bail!(
+            return Err(format!(
                 "class ranges {} and {} do not follow each other; heads side by side need \
                  consecutive classes",
-                w[0],
-                w[1]
-            );
+                w[0], w[1]
+            ));
         }
     }
     Ok(match (ranges.first(), ranges.last()) {

@@ -125,8 +125,26 @@ pub fn run(args: MergeArgs) -> Result<()> {
         ),
         None => None,
     };
+    // Refuse bad output paths before the work, so that a refusal costs nothing and a merged
+    // model is never left behind by a report that cannot be written.
+    let mut protect: Vec<PathBuf> = models.iter().flat_map(|m| m.source_files()).collect();
+    protect.push(args.calib.clone());
+    mudsc::atomic::refuse_protected(&args.output, &protect)?;
+    if let Some(report) = &args.report {
+        mudsc::atomic::refuse_protected(report, &protect)?;
+        if same_target(report, &args.output) {
+            return Err(mudsc::Error::Usage(format!(
+                "--report {} is the output model's path",
+                report.display()
+            ))
+            .into());
+        }
+    }
     let mut calib = data::bind_inputs(&arrays, &models[0], &args.calib)?;
     if let Some(n) = args.samples {
+        if n == 0 {
+            return Err(mudsc::Error::Usage("--samples must be at least 1".into()).into());
+        }
         calib = calib
             .iter()
             .map(|t| t.slice_rows(0, n.min(t.shape()[0])))
@@ -170,8 +188,6 @@ pub fn run(args: MergeArgs) -> Result<()> {
         progress.update(phase, done, total)
     })?;
     progress.finish();
-    let mut protect: Vec<PathBuf> = models.iter().flat_map(|m| m.source_files()).collect();
-    protect.push(args.calib.clone());
     let save = SaveOptions {
         external_data: if args.external_data {
             ExternalData::Always(None)
@@ -193,8 +209,14 @@ pub fn run(args: MergeArgs) -> Result<()> {
             json["alpha_auto"] = serde_json::to_value(c)?;
         }
         let json = serde_json::to_vec_pretty(&json)?;
-        mudsc::atomic::write_atomic(path, &protect, &json)
-            .with_context(|| format!("writing {}", path.display()))?;
+        // A report that cannot be written takes the model with it: nothing half-done stays.
+        if let Err(e) = mudsc::atomic::write_atomic(path, &protect, &json) {
+            let _ = std::fs::remove_file(&args.output);
+            let mut data = args.output.clone().into_os_string();
+            data.push(".data");
+            let _ = std::fs::remove_file(PathBuf::from(data));
+            return Err(e).with_context(|| format!("writing {}", path.display()));
+        }
     }
     println!(
         "merged {} models with {} (α {}) over {} groups, {} calibration samples → {}",
@@ -227,4 +249,10 @@ pub fn run(args: MergeArgs) -> Result<()> {
         report.peak_rss_mib
     );
     Ok(())
+}
+
+/// Whether two output paths name the same file (existing or not).
+fn same_target(a: &std::path::Path, b: &std::path::Path) -> bool {
+    let norm = |p: &std::path::Path| p.canonicalize().or_else(|_| std::path::absolute(p)).ok();
+    norm(a).is_some() && norm(a) == norm(b)
 }

@@ -6,7 +6,7 @@ mod pb_dir;
 
 use std::path::Path;
 
-pub use npz::{read_npy, read_npz, write_npz};
+pub use npz::{read_npy, read_npy_bytes, read_npz, read_npz_bytes, write_npz};
 pub use pb_dir::{read_pb, read_pb_dir};
 
 use crate::error::{Error, Result};
@@ -153,6 +153,15 @@ fn bind_by_name(
                     ),
                 ));
             }
+        }
+        if samples(first) == Some(0) {
+            return Err(Error::data(
+                source,
+                format!(
+                    "input '{}' holds no samples (axis 0 has length 0)",
+                    input_names.first().map(String::as_str).unwrap_or("")
+                ),
+            ));
         }
     }
     Ok(bound)

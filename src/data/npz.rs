@@ -2,34 +2,25 @@
 //!
 //! numpy files carry their dtype in a header, but `ndarray-npy` reads into a statically typed
 //! array; we try each supported element type and keep the first whose descriptor matches.
+//!
+//! Files are untrusted: before `ndarray-npy` sees an array, its header length and the data
+//! size its shape implies are checked against the bytes actually there, so that a corrupt or
+//! hostile header cannot make the reader allocate more than the file holds. An `.npz` member
+//! is decompressed into memory no further than the size the archive declares for it.
 
 use std::fs::File;
 use std::io::{BufReader, Cursor, Read, Seek};
 use std::path::{Path, PathBuf};
 
-use ndarray::{ArrayD, IxDyn, OwnedRepr};
-use ndarray_npy::{NpzReader, NpzWriter, ReadNpyError, ReadNpyExt, ReadNpzError, ReadableElement};
+use ndarray::ArrayD;
+use ndarray_npy::npy::header::Header;
+use ndarray_npy::{NpzWriter, ReadNpyError, ReadNpyExt, ReadableElement};
 
 use super::NamedArrays;
 use crate::error::{Error, Result};
 use crate::onnx::{IntoTensorData, TensorData};
 
-type NpzRead<R> = fn(&mut NpzReader<R>, &str) -> Result<Option<TensorData>, ReadNpzError>;
 type NpyRead = fn(&[u8]) -> Result<Option<TensorData>, ReadNpyError>;
-
-fn npz_typed<R: Read + Seek, T: ReadableElement>(
-    npz: &mut NpzReader<R>,
-    name: &str,
-) -> Result<Option<TensorData>, ReadNpzError>
-where
-    ArrayD<T>: IntoTensorData,
-{
-    match npz.by_name::<OwnedRepr<T>, IxDyn>(name) {
-        Ok(a) => Ok(Some(a.into_tensor_data())),
-        Err(ReadNpzError::Npy(ReadNpyError::WrongDescriptor(_))) => Ok(None),
-        Err(e) => Err(e),
-    }
-}
 
 fn npy_typed<T: ReadableElement>(bytes: &[u8]) -> Result<Option<TensorData>, ReadNpyError>
 where
@@ -43,49 +34,70 @@ where
 }
 
 /// The element types numpy files may hold that we accept, most common first.
-macro_rules! dtype_readers {
-    ($f:ident $(, $r:ty)?) => {
-        [
-            $f::<$($r,)? f32>,
-            $f::<$($r,)? f64>,
-            $f::<$($r,)? i64>,
-            $f::<$($r,)? i32>,
-            $f::<$($r,)? u8>,
-            $f::<$($r,)? i8>,
-            $f::<$($r,)? i16>,
-            $f::<$($r,)? u16>,
-            $f::<$($r,)? u32>,
-            $f::<$($r,)? u64>,
-            $f::<$($r,)? bool>,
-        ]
-    };
-}
+const READERS: [NpyRead; 11] = [
+    npy_typed::<f32>,
+    npy_typed::<f64>,
+    npy_typed::<i64>,
+    npy_typed::<i32>,
+    npy_typed::<u8>,
+    npy_typed::<i8>,
+    npy_typed::<i16>,
+    npy_typed::<u16>,
+    npy_typed::<u32>,
+    npy_typed::<u64>,
+    npy_typed::<bool>,
+];
 
 const UNSUPPORTED: &str = "has an unsupported dtype (use float32/64, an integer type or bool)";
 
+/// Messages about data read from memory name it so.
+const MEMORY: &str = "<memory>";
+
+/// numpy writes headers of at most 10 000 bytes (`numpy.lib.format._MAX_HEADER_SIZE`); a
+/// longer one is refused before it is read.
+const MAX_HEADER_BYTES: usize = 1 << 16;
+
 /// Reads every array of an `.npz` archive, in archive order (keys without `.npy`).
 pub fn read_npz(path: &Path) -> Result<NamedArrays> {
-    let bad = |e: ReadNpzError| Error::data(path, format!("not a readable .npz file: {e}"));
     let file = File::open(path).map_err(|e| Error::io(path, e))?;
-    let mut npz = NpzReader::new(BufReader::new(file)).map_err(bad)?;
-    let names = npz.names().map_err(bad)?;
-    let readers: [NpzRead<BufReader<File>>; 11] = dtype_readers!(npz_typed, BufReader<File>);
-    let mut arrays = Vec::with_capacity(names.len());
-    for raw_name in names {
+    npz_from_reader(BufReader::new(file), path)
+}
+
+/// Reads every array of an `.npz` archive held in memory (`<memory>` in messages).
+pub fn read_npz_bytes(bytes: &[u8]) -> Result<NamedArrays> {
+    npz_from_reader(Cursor::new(bytes), Path::new(MEMORY))
+}
+
+fn npz_from_reader<R: Read + Seek>(reader: R, path: &Path) -> Result<NamedArrays> {
+    let bad = |reason: String| Error::data(path, format!("not a readable .npz file: {reason}"));
+    let mut zip = zip::ZipArchive::new(reader).map_err(|e| bad(e.to_string()))?;
+    let mut arrays = Vec::with_capacity(zip.len());
+    for index in 0..zip.len() {
+        let mut entry = zip.by_index(index).map_err(|e| bad(e.to_string()))?;
+        let raw_name = entry.name().to_string();
         let key = raw_name
             .strip_suffix(".npy")
             .unwrap_or(&raw_name)
             .to_string();
-        let mut found = None;
-        for read in readers {
-            found = read(&mut npz, &raw_name)
-                .map_err(|e| Error::data(path, format!("array '{key}': {e}")))?;
-            if found.is_some() {
-                break;
-            }
+        let member = |reason: String| Error::data(path, format!("array '{key}': {reason}"));
+        // Grown as the data arrives, never sized by the declared length alone.
+        let declared = entry.size();
+        let mut bytes = Vec::new();
+        (&mut entry)
+            .take(declared.saturating_add(1))
+            .read_to_end(&mut bytes)
+            .map_err(|e| member(e.to_string()))?;
+        if bytes.len() as u64 != declared {
+            return Err(member(format!(
+                "the archive declares {declared} bytes, the member holds {}",
+                if bytes.len() as u64 > declared {
+                    "more".to_string()
+                } else {
+                    bytes.len().to_string()
+                }
+            )));
         }
-        let array =
-            found.ok_or_else(|| Error::data(path, format!("array '{key}' {UNSUPPORTED}")))?;
+        let array = npy_array(&bytes).map_err(member)?;
         arrays.push((key, array));
     }
     if arrays.is_empty() {
@@ -97,19 +109,97 @@ pub fn read_npz(path: &Path) -> Result<NamedArrays> {
 /// Reads one `.npy` file; its key is the file stem.
 pub fn read_npy(path: &Path) -> Result<NamedArrays> {
     let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
-    let readers: [NpyRead; 11] = dtype_readers!(npy_typed);
-    for read in readers {
-        if let Some(a) =
-            read(&bytes).map_err(|e| Error::data(path, format!("not a readable .npy file: {e}")))?
-        {
-            let key = path
-                .file_stem()
-                .map(|s| s.to_string_lossy().into_owned())
-                .unwrap_or_default();
-            return Ok(NamedArrays(vec![(key, a)]));
+    let key = path
+        .file_stem()
+        .map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let array = npy_array(&bytes).map_err(|e| Error::data(path, e))?;
+    Ok(NamedArrays(vec![(key, array)]))
+}
+
+/// Reads one `.npy` array held in memory, under the key `key`.
+pub fn read_npy_bytes(bytes: &[u8], key: &str) -> Result<NamedArrays> {
+    let array = npy_array(bytes).map_err(|e| Error::data(MEMORY, e))?;
+    Ok(NamedArrays(vec![(key.to_string(), array)]))
+}
+
+/// An `.npy` byte image as an array, after checking that its header describes these bytes.
+fn npy_array(bytes: &[u8]) -> std::result::Result<TensorData, String> {
+    check_npy(bytes)?;
+    for read in READERS {
+        if let Some(a) = read(bytes).map_err(|e| format!("not a readable .npy array: {e}"))? {
+            return Ok(a);
         }
     }
-    Err(Error::data(path, format!("the array {UNSUPPORTED}")))
+    Err(format!("the array {UNSUPPORTED}"))
+}
+
+/// Errors unless the header fits in `bytes` and the data after it is exactly what the header's
+/// shape and dtype need (what `ndarray-npy` would allocate, it must be able to fill).
+fn check_npy(bytes: &[u8]) -> std::result::Result<(), String> {
+    const MAGIC: &[u8] = b"\x93NUMPY";
+    let not_npy = || "not an .npy array (no \\x93NUMPY magic string)".to_string();
+    if !bytes.starts_with(MAGIC) {
+        return Err(not_npy());
+    }
+    let (header_len, start) = match bytes.get(MAGIC.len()).copied() {
+        Some(1) => match bytes.get(8..10) {
+            Some(b) => (u16::from_le_bytes([b[0], b[1]]) as usize, 10),
+            None => return Err("the .npy header is cut short".into()),
+        },
+        Some(2 | 3) => match bytes.get(8..12) {
+            Some(b) => (u32::from_le_bytes([b[0], b[1], b[2], b[3]]) as usize, 12),
+            None => return Err("the .npy header is cut short".into()),
+        },
+        Some(v) => return Err(format!("unsupported .npy format version {v}")),
+        None => return Err(not_npy()),
+    };
+    if header_len > MAX_HEADER_BYTES {
+        return Err(format!(
+            "the .npy header claims {header_len} bytes (numpy writes at most 10000)"
+        ));
+    }
+    let data_start = start + header_len;
+    let Some(header_bytes) = bytes.get(..data_start) else {
+        return Err(format!(
+            "the .npy header claims {header_len} bytes, the file ends before ({} in all)",
+            bytes.len()
+        ));
+    };
+    let header = Header::from_reader(&mut &header_bytes[..])
+        .map_err(|e| format!("not a readable .npy header: {e}"))?;
+    let descr = header.type_descriptor.to_string();
+    let Some(item) = item_size(&descr) else {
+        return Err(format!("the array's dtype {descr} {UNSUPPORTED}"));
+    };
+    let data = bytes.len() - data_start;
+    let need = header
+        .shape
+        .iter()
+        .try_fold(item, |acc, &d| acc.checked_mul(d));
+    if need != Some(data) {
+        return Err(format!(
+            "the header's shape {:?} of {descr} needs {} bytes of data, the file holds {data}",
+            header.shape,
+            need.map_or_else(|| "more than 2^64".to_string(), |n| n.to_string())
+        ));
+    }
+    Ok(())
+}
+
+/// Bytes per element of a numpy type descriptor such as `'<f4'`, `'|b1'` or `'B'`; `None` for
+/// structured and other descriptors no reader accepts.
+fn item_size(descr: &str) -> Option<usize> {
+    let s = descr.strip_prefix('\'')?.strip_suffix('\'')?;
+    let s = s.trim_start_matches(['<', '>', '|', '=']);
+    let mut chars = s.chars();
+    let kind = chars.next()?;
+    let digits = chars.as_str();
+    match (kind, digits) {
+        ('b' | 'B', "") => Some(1),
+        ('f' | 'i' | 'u' | 'b', d) if !d.is_empty() => d.parse().ok().filter(|&n| n > 0),
+        _ => None,
+    }
 }
 
 /// Writes arrays to an `.npz` archive atomically (numpy cannot hold bfloat16: it is widened to

@@ -141,6 +141,26 @@ impl<'m> Graph<'m> {
             }
         }
 
+        for out in &proto.output {
+            let name = out.name.as_deref().unwrap_or("");
+            if !sources.contains_key(name) {
+                return Err(Error::Unsupported {
+                    path: model.path.clone().unwrap_or_else(|| "<memory>".into()),
+                    reason: format!(
+                        "graph output '{name}' is produced by no node, input or initializer"
+                    ),
+                });
+            }
+        }
+        check_attributes(proto, &|node: &NodeProto, i: usize, reason: String| {
+            Error::Graph {
+                path: model.path.clone().unwrap_or_else(|| "<memory>".into()),
+                node: node_label(node, i),
+                op: node.op_type.clone().unwrap_or_default(),
+                reason,
+            }
+        })?;
+
         let order = petgraph::algo::toposort(&dag, None)
             .map_err(|cycle| node_err(dag[cycle.node_id()], "the graph has a cycle".into()))?
             .into_iter()
@@ -250,6 +270,41 @@ impl NodeProto {
     pub fn domain_is_default(&self) -> bool {
         matches!(self.domain.as_deref(), None | Some("") | Some("ai.onnx"))
     }
+}
+
+/// Attribute values that no valid model holds and that the inference engines do not survive
+/// (tract loops without end on a `Transpose` whose `perm` repeats an axis), checked in the
+/// graph and every subgraph.
+fn check_attributes(
+    graph: &GraphProto,
+    err: &dyn Fn(&NodeProto, usize, String) -> Error,
+) -> Result<()> {
+    for (i, node) in graph.node.iter().enumerate() {
+        for attr in &node.attribute {
+            if node.op_type.as_deref() == Some("Transpose")
+                && node.domain_is_default()
+                && attr.name.as_deref() == Some("perm")
+            {
+                let mut seen = vec![false; attr.ints.len()];
+                for &axis in &attr.ints {
+                    match usize::try_from(axis).ok().and_then(|a| seen.get_mut(a)) {
+                        Some(s) if !*s => *s = true,
+                        _ => {
+                            return Err(err(
+                                node,
+                                i,
+                                format!("perm {:?} is not a permutation of its axes", attr.ints),
+                            ))
+                        }
+                    }
+                }
+            }
+            for g in attr.g.iter().chain(&attr.graphs) {
+                check_attributes(g, err)?;
+            }
+        }
+    }
+    Ok(())
 }
 
 /// A node's name for messages; unnamed nodes get `#index`.

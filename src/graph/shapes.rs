@@ -92,7 +92,11 @@ pub fn infer_shapes(model: &Model, inputs: &HashMap<String, Vec<usize>>) -> Resu
         input_shapes.insert(name, shape);
     }
     let mut shapes = input_shapes;
-    match tm.clone().into_typed() {
+    let name = model.display_name();
+    let typed = tract_backend::guarded(&name, "inferring the shapes of", || {
+        Ok(tm.clone().into_typed())
+    })?;
+    match typed {
         Ok(typed) => {
             for node in typed.nodes() {
                 for slot in 0..node.outputs.len() {
@@ -109,7 +113,10 @@ pub fn infer_shapes(model: &Model, inputs: &HashMap<String, Vec<usize>>) -> Resu
         // An op tract cannot type (a custom op, say): keep what the analysis alone derives.
         // Values downstream of it stay without a shape, and discovery fixes what touches them.
         Err(_) => {
-            let _ = tm.analyse(true);
+            tract_backend::guarded(&name, "inferring the shapes of", || {
+                let _ = tm.analyse(true);
+                Ok(())
+            })?;
             for node in tm.nodes() {
                 for slot in 0..node.outputs.len() {
                     let outlet = OutletId::new(node.id, slot);

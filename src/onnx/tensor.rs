@@ -397,7 +397,8 @@ where
     let values: Vec<T> = match &t.raw_data {
         Some(raw) => {
             let size = T::DTYPE.size();
-            if raw.len() != count * size {
+            let need = count.checked_mul(size);
+            if need != Some(raw.len()) {
                 return Err(Error::tensor(
                     name,
                     format!(
@@ -405,7 +406,7 @@ where
                         raw.len(),
                         shape,
                         T::DTYPE.name(),
-                        count * size
+                        need.map_or_else(|| "more than 2^64".into(), |n| n.to_string())
                     ),
                 ));
             }

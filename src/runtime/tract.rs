@@ -33,11 +33,33 @@ pub fn inference_model(model: &Model) -> Result<InferenceModel> {
     if let Some(g) = proto.graph.as_mut() {
         g.value_info.clear();
     }
+    // Our own structural checks first: tract panics or loops on some malformed graphs.
+    crate::graph::Graph::new(model)?;
     let bytes = proto.encode_to_vec();
-    tract_onnx::onnx()
-        .with_ignore_output_shapes(true)
-        .model_for_read(&mut bytes.as_slice())
-        .map_err(|e| err(model, "cannot load", format!("{e:#}")))
+    guarded(&model.display_name(), "loading", || {
+        tract_onnx::onnx()
+            .with_ignore_output_shapes(true)
+            .model_for_read(&mut bytes.as_slice())
+            .map_err(|e| err(model, "cannot load", format!("{e:#}")))
+    })
+}
+
+/// Runs a tract call, turning a panic inside tract (it has some on malformed models) into an
+/// error that names the model.
+pub(crate) fn guarded<T>(model: &str, what: &str, f: impl FnOnce() -> Result<T>) -> Result<T> {
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)).unwrap_or_else(|payload| {
+        let msg = payload
+            .downcast_ref::<&str>()
+            .map(|s| s.to_string())
+            .or_else(|| payload.downcast_ref::<String>().cloned())
+            .unwrap_or_default();
+        Err(Error::Backend {
+            backend: "tract",
+            reason: format!(
+                "internal error while {what} {model} ({msg}); the model is probably malformed"
+            ),
+        })
+    })
 }
 
 /// tract's element type for an ONNX dtype.
@@ -102,10 +124,11 @@ impl TractSession {
                 tm.set_input_fact(i, fact)
                     .map_err(|x| e("input shape rejected by", x))?;
             }
-            let plan = tm
-                .into_optimized()
-                .and_then(|m| m.into_runnable())
-                .map_err(|x| e("cannot prepare", x))?;
+            let plan = guarded(&self.display_name, "preparing", || {
+                tm.into_optimized()
+                    .and_then(|m| m.into_runnable())
+                    .map_err(|x| e("cannot prepare", x))
+            })?;
             self.plans.insert(key.clone(), plan);
         }
         Ok(&self.plans[&key])
@@ -129,9 +152,11 @@ impl Session for TractSession {
             .iter()
             .map(|t| to_tract(t).map(TValue::from))
             .collect::<Result<_>>()?;
-        let outputs = plan.run(values).map_err(|e| Error::Backend {
-            backend: "tract",
-            reason: format!("running {name}: {e:#}"),
+        let outputs = guarded(&name, "running", || {
+            plan.run(values).map_err(|e| Error::Backend {
+                backend: "tract",
+                reason: format!("running {name}: {e:#}"),
+            })
         })?;
         outputs
             .into_iter()
