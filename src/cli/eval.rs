@@ -52,21 +52,7 @@ pub(super) fn parse_tasks(s: &str) -> Result<Tasks, String> {
 
 pub fn run(args: EvalArgs) -> Result<()> {
     let mut arrays = data::read(&args.data)?;
-    let labels = arrays
-        .take(&args.labels)
-        .ok_or_else(|| mudsc::Error::Data {
-            path: args.data.clone(),
-            reason: format!(
-                "no labels under key '{}' (the file has: {}); use --labels",
-                args.labels,
-                arrays.names().join(", ")
-            ),
-        })?
-        .to_labels()
-        .ok_or_else(|| mudsc::Error::Data {
-            path: args.data.clone(),
-            reason: format!("labels '{}' must be integers", args.labels),
-        })?;
+    let labels = data::take_labels(&mut arrays, &args.labels, &args.data)?;
     let tasks = args.tasks.clone().map(|t| t.0).unwrap_or_default();
     let heads: Vec<Vec<Array2<f32>>> = args
         .models

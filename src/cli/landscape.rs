@@ -121,21 +121,7 @@ pub fn run(args: LandscapeArgs) -> Result<()> {
 
     // Data and labels.
     let mut arrays = data::read(&args.data)?;
-    let mut labels = arrays
-        .take(&args.labels)
-        .ok_or_else(|| mudsc::Error::Data {
-            path: args.data.clone(),
-            reason: format!(
-                "no labels under key '{}' (the file has: {}); use --labels",
-                args.labels,
-                arrays.names().join(", ")
-            ),
-        })?
-        .to_labels()
-        .ok_or_else(|| mudsc::Error::Data {
-            path: args.data.clone(),
-            reason: format!("labels '{}' must be integers", args.labels),
-        })?;
+    let mut labels = data::take_labels(&mut arrays, &args.labels, &args.data)?;
     let all_inputs = data::bind_inputs(&arrays, &a, &args.data)?;
     let mut inputs = all_inputs.clone();
     if let Some(n) = args.samples {

@@ -34,6 +34,22 @@ impl NamedArrays {
     }
 }
 
+/// Removes the integer labels stored under `key` from `arrays`; errors name the file and
+/// list the keys it has.
+pub fn take_labels(arrays: &mut NamedArrays, key: &str, path: &Path) -> Result<Vec<i64>> {
+    let names = arrays.names().join(", ");
+    arrays
+        .take(key)
+        .ok_or_else(|| {
+            Error::data(
+                path,
+                format!("no labels under key '{key}' (the file has: {names}); use --labels"),
+            )
+        })?
+        .to_labels()
+        .ok_or_else(|| Error::data(path, format!("labels '{key}' must be integers")))
+}
+
 /// Reads a data source, choosing the reader by its form: a directory of `input_K.pb` files,
 /// an `.npz` archive, an `.npy` array, or a single `.pb` tensor.
 pub fn read(path: &Path) -> Result<NamedArrays> {

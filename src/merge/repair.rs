@@ -63,16 +63,8 @@ pub fn repair(
         layers: 0,
         batch_norms: 0,
     };
-    let tap_stats = |model: &Model, taps: &[String]| -> Result<Vec<Moments>> {
-        let mut s = open_session(backend, model, taps, options)?;
-        let outs = run_batched(s.as_mut(), calib, 64)?;
-        let names = s.output_names().to_vec();
-        Ok(taps
-            .iter()
-            .filter_map(|t| names.iter().position(|n| n == t))
-            .map(|i| channel_moments(&outs[i]))
-            .collect())
-    };
+    let tap_stats =
+        |model: &Model, taps: &[String]| tap_moments(model, taps, calib, backend, options);
     // Endpoint statistics of every producer, model by model.
     let taps: Vec<String> = producers.iter().map(|p| p.output.clone()).collect();
     let mut endpoint: Vec<Vec<Moments>> = Vec::new();
@@ -158,16 +150,7 @@ pub fn repair_remainders(
             Some((n, weight_axis, w.clone(), bias))
         })
         .collect();
-    let stats = |model: &Model, taps: &[String]| -> Result<Vec<Moments>> {
-        let mut s = open_session(backend, model, taps, options)?;
-        let outs = run_batched(s.as_mut(), calib, 64)?;
-        let names = s.output_names().to_vec();
-        Ok(taps
-            .iter()
-            .filter_map(|t| names.iter().position(|n| n == t))
-            .map(|i| channel_moments(&outs[i]))
-            .collect())
-    };
+    let stats = |model: &Model, taps: &[String]| tap_moments(model, taps, calib, backend, options);
     let output_of = |n: usize| graph.node(n).output[0].clone();
     // Each model's own statistics at its remainder layers.
     let mut goals: Vec<Vec<Moments>> = Vec::new();
@@ -256,6 +239,24 @@ fn layer_axes(node: &crate::onnx::proto::NodeProto) -> Option<(usize, usize, Opt
         "Gemm" => Some((if trans_b { 0 } else { 1 }, 1, node.input.get(2).cloned())),
         _ => None,
     }
+}
+
+/// Per-channel moments of `model`'s values `taps` on the calibration data, in one pass.
+fn tap_moments(
+    model: &Model,
+    taps: &[String],
+    calib: &[TensorData],
+    backend: BackendKind,
+    options: &BackendOptions,
+) -> Result<Vec<Moments>> {
+    let mut s = open_session(backend, model, taps, options)?;
+    let outs = run_batched(s.as_mut(), calib, 64)?;
+    let names = s.output_names().to_vec();
+    Ok(taps
+        .iter()
+        .filter_map(|t| names.iter().position(|n| n == t))
+        .map(|i| channel_moments(&outs[i]))
+        .collect())
 }
 
 /// Per-channel moments of a tap [N, C, ...] or [..., C] (channels on axis 1 for rank ≥ 3).
