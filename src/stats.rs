@@ -96,38 +96,38 @@ pub fn row_correlation(z: ArrayView2<f64>) -> Array2<f64> {
 
 /// `outer += XᵀX` for a batch X [samples, units]: the dominant cost of calibration (a GEMM
 /// over every batch). Done by the `gemm` crate, a pure-Rust BLAS-class kernel that dispatches
-/// to AVX-512/AVX2/NEON at run time: measured here at OpenBLAS speed, 1.5× ndarray's
-/// matrixmultiply in f64 (`shared/docs/rust-stack.md` §5), with no system library to install.
+/// to AVX-512/AVX2/NEON at run time: measured at the machine's GEMM peak, 2× ndarray's
+/// matrixmultiply in f64 (`benches/scaling.rs`), with no system library to install. Any
+/// strides: a transposed view is read in place, never copied.
 pub fn add_gram(outer: &mut Array2<f64>, x: ArrayView2<f64>) {
     let (n, c) = x.dim();
     assert_eq!(outer.dim(), (c, c), "gram matrix of {c} units");
     if n == 0 || c == 0 {
         return;
     }
-    let x = x.as_standard_layout();
-    let dst = outer
-        .as_slice_mut()
-        .expect("an owned accumulator is contiguous");
-    let (rows, width) = (c as isize, 1isize);
-    // SAFETY: `dst` is a contiguous row-major c×c buffer (row stride c, column stride 1) and
-    // `x` a contiguous row-major n×c one. XᵀX reads x as lhs (c×n: lhs[i,k] = x[k,i], column
-    // stride c, row stride 1) and rhs (n×c: row stride c, column stride 1); every index the
-    // kernel forms is inside those buffers, and they do not overlap.
+    let (s0, s1) = (x.strides()[0], x.strides()[1]);
+    let (d0, d1) = (outer.strides()[0], outer.strides()[1]);
+    // SAFETY: `outer` is an owned c×c array whose element [i, j] sits at i·d0 + j·d1 from its
+    // pointer. `x` is a view whose element [k, i] sits at k·s0 + i·s1 from its pointer, valid
+    // for k < n, i < c (any strides, a transposed view included). XᵀX reads x as lhs (c×n:
+    // lhs[i,k] = x[k,i], row stride s1, column stride s0) and as rhs (n×c: row stride s0,
+    // column stride s1); every index the kernel forms is one of those, and `outer` is a
+    // separate owned buffer.
     unsafe {
         gemm::gemm(
             c,
             c,
             n,
-            dst.as_mut_ptr(),
-            width,
-            rows,
+            outer.as_mut_ptr(),
+            d1,
+            d0,
             true,
             x.as_ptr(),
-            rows,
-            width,
+            s0,
+            s1,
             x.as_ptr(),
-            width,
-            rows,
+            s1,
+            s0,
             1.0,
             1.0,
             false,
@@ -149,8 +149,15 @@ mod tests {
         let x = Array2::from_shape_fn((n, c), |(i, j)| ((i * 31 + j * 17) % 13) as f64 - 6.5);
         let mut outer = Array2::from_elem((c, c), 0.5);
         add_gram(&mut outer, x.view());
-        // A column-major view takes the same path after a copy.
+        // A column-major view, and a column-major accumulator, by their strides.
         add_gram(&mut outer, x.t().as_standard_layout().t());
+        let mut fortran = Array2::from_elem((c, c), 0.0).reversed_axes();
+        add_gram(&mut fortran, x.view());
+        assert_eq!(
+            fortran.mapv(|v| v + 0.5) + &fortran,
+            outer,
+            "column-major accumulator"
+        );
         for i in 0..c {
             for j in 0..c {
                 let want: f64 = 0.5 + 2.0 * (0..n).map(|k| x[[k, i]] * x[[k, j]]).sum::<f64>();
