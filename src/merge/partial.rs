@@ -305,6 +305,29 @@ pub fn split(
         return Ok(());
     };
     g.node = new_nodes;
+    // Models of IR < 4 list initializers among the graph inputs too: the copies take the
+    // place of the originals there, and an original no longer stored leaves the list.
+    let stored: HashSet<String> = new_inits.iter().filter_map(|t| t.name.clone()).collect();
+    let listed: Vec<ValueInfoProto> = std::mem::take(&mut g.input);
+    for vi in listed {
+        let name = vi.name.clone().unwrap_or_default();
+        if remainder_weights.contains(name.as_str()) {
+            for i in 0..models.len() {
+                let copy = format!("{name}.m{i}");
+                if stored.contains(&copy) {
+                    g.input.push(ValueInfoProto {
+                        name: Some(copy),
+                        ..vi.clone()
+                    });
+                }
+            }
+            if stored.contains(&name) {
+                g.input.push(vi);
+            }
+        } else {
+            g.input.push(vi);
+        }
+    }
     g.initializer = new_inits;
     g.output = new_outputs;
     // Shapes recorded for values that now exist once per model would be stale.
