@@ -126,7 +126,7 @@ fn vit_b_sized_pair_merges_with_memory_bounded_by_the_statistics() {
 }
 
 #[test]
-#[ignore = "opt-in scale test: two models over 2 GiB each, ~10 minutes and ~20 GB"]
+#[ignore = "opt-in scale test: two models over 2 GiB each, ~2 minutes and ~20 GB"]
 fn model_over_two_gib_loads_merges_and_saves() {
     let dir = tempfile::tempdir().unwrap();
     generate("wide-conv", dir.path());
