@@ -94,15 +94,7 @@ pub fn repair(
         }
         let now = tap_stats(merged, std::slice::from_ref(&p.output))?;
         let (mean, sd) = now[0].mean_std();
-        let scale: Vec<f64> = (0..p.width)
-            .map(|j| {
-                if sd[j] > 1e-8 && goal_sd[j] > 0.0 {
-                    goal_sd[j] / sd[j]
-                } else {
-                    1.0
-                }
-            })
-            .collect();
+        let scale = std_ratio(&goal_sd, &sd);
         apply(merged, p, &scale, &mean, &goal_mean)?;
         report.layers += 1;
     }
@@ -182,15 +174,7 @@ pub fn repair_remainders(
             };
             let (mean, sd) = current.mean_std();
             let (goal_mean, goal_sd) = goals[i][k].mean_std();
-            let scale: Vec<f64> = (0..mean.len())
-                .map(|j| {
-                    if sd[j] > 1e-8 && goal_sd[j] > 0.0 {
-                        goal_sd[j] / sd[j]
-                    } else {
-                        1.0
-                    }
-                })
-                .collect();
+            let scale = std_ratio(&goal_sd, &sd);
             let p = Producer {
                 node,
                 output: taps[i].clone(),
@@ -239,6 +223,15 @@ fn layer_axes(node: &crate::onnx::proto::NodeProto) -> Option<(usize, usize, Opt
         "Gemm" => Some((if trans_b { 0 } else { 1 }, 1, node.input.get(2).cloned())),
         _ => None,
     }
+}
+
+/// Per-channel scale taking standard deviation `sd` to `goal`; dead channels (either side
+/// zero) keep their scale.
+fn std_ratio(goal: &Array1<f64>, sd: &Array1<f64>) -> Vec<f64> {
+    goal.iter()
+        .zip(sd)
+        .map(|(&g, &s)| if s > 1e-8 && g > 0.0 { g / s } else { 1.0 })
+        .collect()
 }
 
 /// Per-channel moments of `model`'s values `taps` on the calibration data, in one pass.
