@@ -211,10 +211,7 @@ pub fn run(args: MergeArgs) -> Result<()> {
         let json = serde_json::to_vec_pretty(&json)?;
         // A report that cannot be written takes the model with it: nothing half-done stays.
         if let Err(e) = mudsc::atomic::write_atomic(path, &protect, &json) {
-            let _ = std::fs::remove_file(&args.output);
-            let mut data = args.output.clone().into_os_string();
-            data.push(".data");
-            let _ = std::fs::remove_file(PathBuf::from(data));
+            mudsc::onnx::remove_saved(&args.output);
             return Err(e).with_context(|| format!("writing {}", path.display()));
         }
     }

@@ -393,13 +393,9 @@ pub fn align_to_first(
                         continue;
                     };
                     if let Some(axes) = prep.disc.slots.of(&name) {
-                        for (a, s) in axes.iter().enumerate() {
-                            let Some(s) = s else { continue };
-                            let comp = layout.st.comp_of[*s];
-                            if let Some(r) = layout.axis_map(comp, &matching.m, i, Role::Unmerge) {
-                                value = units::apply_axis(&value, a, &r);
-                            }
-                        }
+                        value = weights::map_axes(value, axes, &layout, &matching.m, i, |_| {
+                            Some(Role::Unmerge)
+                        });
                     }
                     store_float(t, value);
                 }

@@ -71,6 +71,11 @@ pub struct Trunk {
     pub remainder_nodes: usize,
 }
 
+/// The name of model `model`'s copy of remainder value (or node) `name`.
+pub(super) fn copy_name(name: &str, model: usize) -> String {
+    format!("{name}.m{model}")
+}
+
 /// Nodes that carry a layer's weights: what `Cut::Depth` counts.
 fn weight_layers(graph: &Graph) -> Vec<usize> {
     graph
@@ -257,7 +262,7 @@ pub fn split(
             rename.insert(value.clone(), fed);
         }
         for v in produced_in_remainder.iter().chain(&remainder_weights) {
-            rename.insert(v.to_string(), fresh(format!("{v}.m{i}"))?);
+            rename.insert(v.to_string(), fresh(copy_name(v, i))?);
         }
         let by_name: HashMap<&str, _> = model
             .graph()
@@ -281,7 +286,7 @@ pub fn split(
             new_nodes.push(NodeProto {
                 input: shape.input.iter().map(map).collect(),
                 output: shape.output.iter().map(map).collect(),
-                name: Some(format!("{}.m{i}", node_label(shape, n))),
+                name: Some(copy_name(&node_label(shape, n), i)),
                 ..mine.clone()
             });
         }
@@ -313,7 +318,7 @@ pub fn split(
         let name = vi.name.clone().unwrap_or_default();
         if remainder_weights.contains(name.as_str()) {
             for i in 0..models.len() {
-                let copy = format!("{name}.m{i}");
+                let copy = copy_name(&name, i);
                 if stored.contains(&copy) {
                     g.input.push(ValueInfoProto {
                         name: Some(copy),

@@ -14,6 +14,7 @@ use std::collections::{HashMap, HashSet};
 
 use ndarray::{Array1, ArrayD, Axis};
 
+use super::partial::copy_name;
 use super::units::{Layout, Matchings};
 use crate::error::Result;
 use crate::graph::Graph;
@@ -118,39 +119,19 @@ pub fn repair_remainders(
     options: &BackendOptions,
 ) -> Result<RepairReport> {
     let graph = Graph::new(&models[0])?;
-    let uses = |name: &str| graph.consumers(name).len();
-    let layers: Vec<(usize, usize, String, Option<String>)> = graph
+    let layers: Vec<Layer> = graph
         .topological_order()
         .iter()
         .filter(|n| remainder.contains(n))
-        .filter_map(|&n| {
-            let node = graph.node(n);
-            let (weight_axis, _, bias) = layer_axes(node)?;
-            let y = node.output.first()?;
-            let w = node
-                .input
-                .get(1)
-                .filter(|w| graph.initializer(w).is_some())?;
-            let followed_by_bn = graph
-                .consumers(y)
-                .iter()
-                .any(|&(c, _)| graph.node(c).op_type.as_deref() == Some("BatchNormalization"));
-            if uses(w) != 1 || followed_by_bn {
-                return None;
-            }
-            let bias = bias.filter(|b| !b.is_empty() && graph.initializer(b).is_some());
-            Some((n, weight_axis, w.clone(), bias))
-        })
+        .filter_map(|&n| correctable(&graph, n))
         .collect();
     let stats = |model: &Model, taps: &[String]| tap_moments(model, taps, calib, backend, options);
-    let output_of = |n: usize| graph.node(n).output[0].clone();
     // Each model's own statistics at its remainder layers.
     let mut goals: Vec<Vec<Moments>> = Vec::new();
     for (model, map) in models.iter().zip(names) {
         let taps: Vec<String> = layers
             .iter()
-            .map(|l| output_of(l.0))
-            .map(|y| map.get(&y).cloned().unwrap_or(y))
+            .map(|l| map.get(&l.output).cloned().unwrap_or(l.output.clone()))
             .collect();
         goals.push(stats(model, &taps)?);
     }
@@ -158,10 +139,11 @@ pub fn repair_remainders(
         layers: 0,
         batch_norms: 0,
     };
-    for (k, (_, weight_axis, weight, bias)) in layers.iter().enumerate() {
+    for (k, layer) in layers.iter().enumerate() {
         // The copies of one layer sit on parallel branches: one pass measures them all.
-        let y = output_of(layers[k].0);
-        let taps: Vec<String> = (0..models.len()).map(|i| format!("{y}.m{i}")).collect();
+        let taps: Vec<String> = (0..models.len())
+            .map(|i| copy_name(&layer.output, i))
+            .collect();
         let now = stats(merged, &taps)?;
         for (i, current) in now.iter().enumerate() {
             let Some(node) = merged
@@ -179,9 +161,9 @@ pub fn repair_remainders(
                 node,
                 output: taps[i].clone(),
                 group: usize::MAX,
-                weight: format!("{weight}.m{i}"),
-                weight_axis: *weight_axis,
-                bias: bias.as_ref().map(|b| format!("{b}.m{i}")),
+                weight: copy_name(&layer.weight, i),
+                weight_axis: layer.weight_axis,
+                bias: layer.bias.as_ref().map(|b| copy_name(b, i)),
                 width: mean.len(),
             };
             apply(merged, &p, &scale, &mean, &goal_mean)?;
@@ -191,11 +173,11 @@ pub fn repair_remainders(
     let copies: HashSet<String> = remainder
         .iter()
         .flat_map(|&n| graph.node(n).output.clone())
-        .flat_map(|y| (0..models.len()).map(move |i| format!("{y}.m{i}")))
+        .flat_map(|y| (0..models.len()).map(move |i| copy_name(&y, i)))
         .collect();
-    let in_copies = {
+    let in_copies: HashSet<usize> = {
         let merged_graph = Graph::new(merged)?;
-        let inside: HashSet<usize> = (0..merged_graph.nodes().len())
+        (0..merged_graph.nodes().len())
             .filter(|&n| {
                 merged_graph
                     .node(n)
@@ -203,8 +185,7 @@ pub fn repair_remainders(
                     .first()
                     .is_some_and(|y| copies.contains(y))
             })
-            .collect();
-        inside
+            .collect()
     };
     report.batch_norms =
         reset_batch_norms(merged, calib, &|n| in_copies.contains(&n), backend, options)?;
@@ -277,30 +258,11 @@ fn find_producers(
     groups: &[Group],
 ) -> Vec<Producer> {
     let mut out = Vec::new();
-    let uses = |name: &str| graph.consumers(name).len();
     for &n in graph.topological_order() {
-        let node = graph.node(n);
-        let Some(w) = node.input.get(1).filter(|w| graph.initializer(w).is_some()) else {
+        let Some(layer) = correctable(graph, n) else {
             continue;
         };
-        if uses(w) != 1 {
-            continue; // tied weights: one correction cannot serve two layers
-        }
-        let Some(y) = node.output.first() else {
-            continue;
-        };
-        let Some((weight_axis, out_axis, bias)) = layer_axes(node) else {
-            continue;
-        };
-        // Next layer a BatchNormalization: its reset handles the statistics.
-        if graph
-            .consumers(y)
-            .iter()
-            .any(|&(c, _)| graph.node(c).op_type.as_deref() == Some("BatchNormalization"))
-        {
-            continue;
-        }
-        let Some(s) = slots.slot(y, out_axis) else {
+        let Some(s) = slots.slot(&layer.output, layer.out_axis) else {
             continue;
         };
         let comp = layout.st.comp_of[s];
@@ -310,18 +272,57 @@ fn find_producers(
         }) else {
             continue;
         };
-        let bias = bias.filter(|b| !b.is_empty() && graph.initializer(b).is_some() && uses(b) == 1);
         out.push(Producer {
             node: n,
-            output: y.clone(),
+            output: layer.output,
             group: g.id,
-            weight: w.clone(),
-            weight_axis,
-            bias,
+            weight: layer.weight,
+            weight_axis: layer.weight_axis,
+            bias: layer.bias,
             width: g.width,
         });
     }
     out
+}
+
+/// A Conv/Gemm layer whose output statistics can be corrected in its own initializers.
+struct Layer {
+    output: String,
+    out_axis: usize,
+    weight: String,
+    weight_axis: usize,
+    bias: Option<String>,
+}
+
+/// Node `n` as a correctable layer: a Conv or Gemm with an untied weight initializer, not
+/// followed by a BatchNormalization (whose reset handles the statistics), with its bias when
+/// that is an untied initializer too.
+fn correctable(graph: &Graph, n: usize) -> Option<Layer> {
+    let node = graph.node(n);
+    let uses = |name: &str| graph.consumers(name).len();
+    let w = node
+        .input
+        .get(1)
+        .filter(|w| graph.initializer(w).is_some())?;
+    if uses(w) != 1 {
+        return None; // tied weights: one correction cannot serve two layers
+    }
+    let y = node.output.first()?;
+    let (weight_axis, out_axis, bias) = layer_axes(node)?;
+    if graph
+        .consumers(y)
+        .iter()
+        .any(|&(c, _)| graph.node(c).op_type.as_deref() == Some("BatchNormalization"))
+    {
+        return None;
+    }
+    Some(Layer {
+        output: y.clone(),
+        out_axis,
+        weight: w.clone(),
+        weight_axis,
+        bias: bias.filter(|b| !b.is_empty() && graph.initializer(b).is_some() && uses(b) == 1),
+    })
 }
 
 /// y' = s·(y − μ) + goal: weight rows scaled by s, bias b' = s·(b − μ) + goal.

@@ -9,7 +9,7 @@ use super::units::{apply_axis, Layout, Matchings, Role};
 use crate::error::{Error, Result};
 use crate::graph::Graph;
 use crate::onnx::TensorData;
-use crate::symmetry::slots::Slots;
+use crate::symmetry::slots::{SlotId, Slots};
 use crate::symmetry::Group;
 
 /// Model i's initializers as f64 arrays, by model-0 name.
@@ -72,17 +72,9 @@ pub fn unit_vectors(
     for part in &parts {
         let axes = slots.of(part.tensor)?;
         for (i, w) in weights.iter().enumerate() {
-            let mut t = w.get(part.tensor)?.clone();
-            for (a, s) in axes.iter().enumerate() {
-                if a == part.axis {
-                    continue;
-                }
-                if let Some(s) = s {
-                    if let Some(r) = layout.axis_map(layout.st.comp_of[*s], m, i, Role::Unmerge) {
-                        t = apply_axis(&t, a, &r);
-                    }
-                }
-            }
+            let t = map_axes(w.get(part.tensor)?.clone(), axes, layout, m, i, |a| {
+                (a != part.axis).then_some(Role::Unmerge)
+            });
             let mut cursor = vec![part.offset; g.width];
             for (k, unit) in part.units.iter().enumerate() {
                 let Some(u) = unit else { continue };
@@ -174,17 +166,13 @@ pub fn merged_tensor(
             .ok_or_else(|| Error::tensor(name, format!("missing from model {i}")))?
             .clone();
         if let Some(axes) = slots.of(name) {
-            for (a, s) in axes.iter().enumerate() {
-                let Some(s) = s else { continue };
-                let role = if inputs.contains(&(name.to_string(), a)) {
+            t = map_axes(t, axes, layout, m, i, |a| {
+                Some(if inputs.contains(&(name.to_string(), a)) {
                     Role::In
                 } else {
                     Role::Out
-                };
-                if let Some(r) = layout.axis_map(layout.st.comp_of[*s], m, i, role) {
-                    t = apply_axis(&t, a, &r);
-                }
-            }
+                })
+            });
         }
         acc = Some(match acc {
             None => t,
@@ -192,6 +180,27 @@ pub fn merged_tensor(
         });
     }
     Ok(acc.map(|a| a / models as f64).unwrap_or_default())
+}
+
+/// `t` (a tensor with slots `axes`) with each grouped axis mapped by model `model`'s matrix in
+/// the role `role` gives it (`None`: left as it is).
+pub fn map_axes(
+    mut t: ArrayD<f64>,
+    axes: &[Option<SlotId>],
+    layout: &Layout,
+    m: &Matchings,
+    model: usize,
+    role: impl Fn(usize) -> Option<Role>,
+) -> ArrayD<f64> {
+    for (a, s) in axes.iter().enumerate() {
+        let (Some(s), Some(role)) = (s, role(a)) else {
+            continue;
+        };
+        if let Some(r) = layout.axis_map(layout.st.comp_of[*s], m, model, role) {
+            t = apply_axis(&t, a, &r);
+        }
+    }
+    t
 }
 
 /// An initializer as f64 (float types only).

@@ -131,6 +131,16 @@ fn raw_bytes(t: &TensorProto) -> Result<Vec<u8>> {
     }
 }
 
+/// Removes a model written by [`save`] at `path`, with the external data file `save` puts
+/// beside it by default (for undoing an output when a later step fails). Best effort: what
+/// is not there is not an error.
+pub fn remove_saved(path: &Path) {
+    let _ = std::fs::remove_file(path);
+    if let (Ok(name), Some(dir)) = (default_data_name(path), path.parent()) {
+        let _ = std::fs::remove_file(dir.join(name));
+    }
+}
+
 fn default_data_name(path: &Path) -> Result<String> {
     let name = path
         .file_name()
