@@ -1,6 +1,5 @@
 use anyhow::{bail, Result};
 use clap::Args;
-use mudsc::runtime::BackendKind;
 use mudsc::symmetry::check::{check, ATOL, RTOL};
 
 use super::groups::{discover, DiscoverArgs};
@@ -39,7 +38,7 @@ pub fn run(args: CheckArgs) -> Result<()> {
         &inputs,
         args.trials,
         args.seed,
-        args.backend.kind_or(default_backend()),
+        args.backend.kind(),
         &args.backend.options(),
     )?;
     println!(
@@ -61,15 +60,4 @@ pub fn run(args: CheckArgs) -> Result<()> {
         bail!("permuted model differs beyond rtol {RTOL} / atol {ATOL}: a group is wrong");
     }
     Ok(())
-}
-
-/// ONNX Runtime when built in: its normalisations sum in a stable order, so a permutation shows
-/// only as rounding (≤ 2e-5 on the GroupNorm fixture), where tract's GroupNorm drifts by up to
-/// 7e-4 under channel permutations and would hide real errors below that.
-fn default_backend() -> BackendKind {
-    if cfg!(feature = "ort") {
-        BackendKind::Ort
-    } else {
-        BackendKind::Tract
-    }
 }

@@ -76,6 +76,12 @@ pub struct MergeArgs {
     /// calibration samples; 0 turns it off.
     #[arg(long, default_value_t = 256)]
     repair_samples: usize,
+    /// Passes of the merged model for statistics repair: each runs the model with every
+    /// corrected layer normalised in the graph (BatchNorms in training mode) and folds the
+    /// measured statistics into the weights; 0 = one pass per layer, in graph order (the
+    /// sequential scheme, as slow as the model is deep).
+    #[arg(long, default_value_t = 1)]
+    repair_passes: usize,
     /// Partial zip: merge only up to a node (a node name, or the name of the value it makes)
     /// or a depth (the first K weight layers; -K: all but the last K), and keep each model's
     /// own layers after it, fed through its unmerge. The merged model then has one copy of
@@ -85,6 +91,11 @@ pub struct MergeArgs {
     /// Only use the first N calibration samples.
     #[arg(long)]
     samples: Option<usize>,
+    /// Activation statistics made by `mudsc stats` (shards of the calibration data, possibly
+    /// computed elsewhere), summed and used instead of calibrating; --calib then gives the
+    /// input shapes and statistics repair's samples only.
+    #[arg(long, num_args = 1.., value_name = "FILE")]
+    stats: Vec<PathBuf>,
     #[command(flatten)]
     backend: BackendArgs,
 }
@@ -129,6 +140,15 @@ pub fn run(args: MergeArgs) -> Result<()> {
     // model is never left behind by a report that cannot be written.
     let mut protect: Vec<PathBuf> = models.iter().flat_map(|m| m.source_files()).collect();
     protect.push(args.calib.clone());
+    protect.extend(args.stats.iter().cloned());
+    if alpha.is_none() && !args.stats.is_empty() {
+        return Err(mudsc::Error::Usage(
+            "--alpha auto calibrates on part of --calib and scores on the rest: it cannot use \
+             --stats"
+                .into(),
+        )
+        .into());
+    }
     mudsc::atomic::refuse_protected(&args.output, &protect)?;
     if let Some(report) = &args.report {
         mudsc::atomic::refuse_protected(report, &protect)?;
@@ -164,11 +184,20 @@ pub fn run(args: MergeArgs) -> Result<()> {
         backend_options: args.backend.options(),
         batch: args.backend.batch.min(256),
         repair_samples: args.repair_samples,
+        repair_passes: args.repair_passes,
         zip_until,
         max_sweeps: args.max_sweeps.max(1),
         ..Default::default()
     };
     let mut opts = opts;
+    if !args.stats.is_empty() {
+        let shards = args
+            .stats
+            .iter()
+            .map(|p| Ok((p.clone(), mudsc::merge::Stats::load(p)?)))
+            .collect::<mudsc::Result<Vec<_>>>()?;
+        opts.stats = Some(std::sync::Arc::new(mudsc::merge::Stats::sum(shards)?));
+    }
     let mut choice = None;
     if alpha.is_none() {
         let grid: Vec<f64> = (1..10).map(|k| k as f64 / 10.0).collect();
@@ -216,12 +245,13 @@ pub fn run(args: MergeArgs) -> Result<()> {
         }
     }
     println!(
-        "merged {} models with {} (α {}) over {} groups, {} calibration samples → {}",
+        "merged {} models with {} (α {}) over {} groups, {} calibration samples on {} → {}",
         models.len(),
         report.method.name(),
         report.alpha,
         report.groups.len(),
         report.calibration_samples,
+        report.engine,
         args.output.display()
     );
     if let Some(t) = &report.partial {

@@ -4,8 +4,6 @@
 
 use std::collections::HashMap;
 
-use ndarray::{Array2, ArrayD, Axis};
-
 use crate::error::{Error, Result};
 use crate::onnx::{Model, TensorData};
 use crate::runtime::{open_session, BackendKind, BackendOptions};
@@ -51,45 +49,19 @@ pub fn collect(
             per_model.push(s.output_names().iter().cloned().zip(out).collect());
         }
         for t in taps {
-            let mut columns = Vec::with_capacity(n);
+            let mut values = Vec::with_capacity(n);
             for (i, outs) in per_model.iter().enumerate() {
-                let v = outs.get(&t.names[i]).ok_or_else(|| Error::Backend {
+                values.push(outs.get(&t.names[i]).ok_or_else(|| Error::Backend {
                     backend: backend.name(),
                     reason: format!("tap '{}' missing from the outputs", t.names[i]),
-                })?;
-                columns.push(units_as_columns(&v.to_f32(), t.axis, t.width, &t.names[i])?);
+                })?);
             }
-            let views: Vec<_> = columns.iter().map(|c| c.view()).collect();
-            let x = ndarray::concatenate(Axis(1), &views)
-                .map_err(|e| Error::tensor(&t.names[0], e.to_string()))?;
             if let Some(m) = moments.get_mut(&t.group) {
-                m.add(x.view());
+                super::taps::add_joint(m, &values, t.axis, t.width, &t.names)?;
             }
         }
         progress(end, total);
         start = end;
     }
     Ok(moments)
-}
-
-/// `[samples, width]`: the unit axis last, every other axis flattened into samples.
-fn units_as_columns(v: &ArrayD<f32>, axis: usize, width: usize, name: &str) -> Result<Array2<f32>> {
-    if v.shape().get(axis) != Some(&width) {
-        return Err(Error::tensor(
-            name,
-            format!(
-                "tap has shape {:?}, expected {width} units on axis {axis}",
-                v.shape()
-            ),
-        ));
-    }
-    let rank = v.ndim();
-    let order: Vec<usize> = (0..rank).filter(|&a| a != axis).chain([axis]).collect();
-    let moved = v.view().permuted_axes(order);
-    let samples = v.len() / width.max(1);
-    moved
-        .as_standard_layout()
-        .into_owned()
-        .into_shape_with_order((samples, width))
-        .map_err(|e| Error::tensor(name, e.to_string()))
 }

@@ -14,7 +14,11 @@ mod alpha;
 mod calib;
 mod matching;
 mod partial;
+mod probe;
 mod repair;
+mod shard;
+mod similarity;
+mod taps;
 mod units;
 mod weights;
 
@@ -35,6 +39,7 @@ use crate::symmetry::{self, GroupKind};
 pub use alpha::{choose_alpha, AlphaChoice, AlphaPoint};
 pub use matching::{align, group_align, group_zip, lap, zip, Matched};
 pub use partial::{Cut, Trunk};
+pub use shard::{fingerprint, ShardGroup, Stats};
 pub use units::{Layout, Matchings, Role, Unmerge};
 
 /// The merge methods of the MuDSC paper's comparison.
@@ -126,8 +131,14 @@ pub struct MergeOptions {
     /// Statistics repair (REPAIR folded into Conv/Gemm, BatchNorm reset) on this many
     /// calibration samples; 0 turns it off.
     pub repair_samples: usize,
+    /// Passes of the merged model that statistics repair makes (every layer measured and
+    /// corrected at once in each); 0 = one pass per layer, in graph order.
+    pub repair_passes: usize,
     /// Partial zip: merge only up to this cut and keep each model's remainder.
     pub zip_until: Option<Cut>,
+    /// Activation statistics computed beforehand (`statistics`, summed shards): used instead
+    /// of calibrating; the calibration data then serve repair only.
+    pub stats: Option<std::sync::Arc<Stats>>,
 }
 
 impl Default for MergeOptions {
@@ -138,13 +149,15 @@ impl Default for MergeOptions {
             zip_a: 0.5,
             zip_b: 1.0,
             seed: 0,
-            backend: BackendKind::Tract,
+            backend: BackendKind::Auto,
             backend_options: BackendOptions::default(),
             batch: 64,
             max_sweeps: 100,
             patience: 5,
             repair_samples: 256,
+            repair_passes: 1,
             zip_until: None,
+            stats: None,
         }
     }
 }
@@ -163,6 +176,8 @@ pub struct GroupReport {
 #[derive(Clone, Debug, Serialize)]
 pub struct MergeReport {
     pub method: Method,
+    /// The inference engine that ran calibration and repair (`ort` or `tract`).
+    pub engine: String,
     pub alpha: f64,
     pub models: Vec<String>,
     pub calibration_samples: usize,
@@ -243,6 +258,10 @@ pub fn merge(
     opts: &MergeOptions,
     progress: &mut dyn FnMut(&str, usize, usize),
 ) -> Result<(Model, MergeReport)> {
+    let opts = &MergeOptions {
+        backend: opts.backend.resolve(&opts.backend_options),
+        ..opts.clone()
+    };
     let mut timer = Timer::new();
     let prep = prepare(models, calib, opts, &mut timer)?;
     let matching = find_matchings(&prep, models, calib, opts, progress, &mut timer)?;
@@ -279,6 +298,13 @@ pub fn merge(
         .iter()
         .map(|t| t.slice_rows(0, opts.repair_samples.min(t.shape()[0])))
         .collect();
+    let passes = repair::Passes {
+        calib: &subset,
+        backend: opts.backend,
+        options: &opts.backend_options,
+        batch: opts.batch,
+        passes: opts.repair_passes,
+    };
     if opts.repair_samples > 0 {
         let r = repair::repair(
             models,
@@ -288,10 +314,8 @@ pub fn merge(
             &disc.slots,
             &disc.groups,
             m,
-            &subset,
             trunk.as_ref().map(|t| &t.nodes),
-            opts.backend,
-            &opts.backend_options,
+            &passes,
         )?;
         repaired_layers = r.layers;
         reset_batch_norms = r.batch_norms;
@@ -309,15 +333,7 @@ pub fn merge(
             let remainder: std::collections::HashSet<usize> = (0..graph.nodes().len())
                 .filter(|n| !t.nodes.contains(n))
                 .collect();
-            let r = repair::repair_remainders(
-                models,
-                names,
-                &mut merged,
-                &remainder,
-                &subset,
-                opts.backend,
-                &opts.backend_options,
-            )?;
+            let r = repair::repair_remainders(models, names, &mut merged, &remainder, &passes)?;
             repaired_layers += r.layers;
             reset_batch_norms += r.batch_norms;
             timer.lap("repair");
@@ -326,6 +342,7 @@ pub fn merge(
 
     let report = MergeReport {
         method: opts.method,
+        engine: opts.backend.name().into(),
         alpha: opts.alpha,
         models: models.iter().map(Model::display_name).collect(),
         calibration_samples: crate::data::sample_count(calib),
@@ -389,7 +406,8 @@ pub fn align_to_first(
             if let Some(g) = out.proto.graph.as_mut() {
                 for t in &mut g.initializer {
                     let name = t.name.clone().unwrap_or_default();
-                    let Some(mut value) = prep.weights[i].get(&name).cloned() else {
+                    let Some(mut value) = prep.weights[i].get(&name).map(weights::Stored::to_f64)
+                    else {
                         continue;
                     };
                     if let Some(axes) = prep.disc.slots.of(&name) {
@@ -407,7 +425,7 @@ pub fn align_to_first(
 
 /// Writes `value` into initializer `t`, in the float type its header names (not re-read from
 /// its data).
-fn store_float(t: &mut crate::onnx::proto::TensorProto, value: ndarray::ArrayD<f64>) {
+pub(super) fn store_float(t: &mut crate::onnx::proto::TensorProto, value: ndarray::ArrayD<f64>) {
     let name = t.name.clone().unwrap_or_default();
     let data = match crate::onnx::DataType::from_onnx(t.data_type.unwrap_or(0)) {
         Some(crate::onnx::DataType::F64) => TensorData::F64(value),
@@ -433,6 +451,85 @@ fn prepare(
     opts: &MergeOptions,
     timer: &mut Timer,
 ) -> Result<Prepared> {
+    let (disc, names) = discover(models, calib, opts)?;
+    timer.lap("discovery");
+    let base = &models[0];
+    let weights: weights::Weights = models
+        .iter()
+        .zip(&names)
+        .map(|(m, map)| {
+            let by_name: HashMap<&str, &crate::onnx::proto::TensorProto> = m
+                .graph()
+                .initializer
+                .iter()
+                .filter_map(|t| Some((t.name.as_deref()?, t)))
+                .collect();
+            let mut out = HashMap::new();
+            for t in &base.graph().initializer {
+                let name = t.name.clone().unwrap_or_default();
+                let other = map.get(&name).map_or(name.as_str(), String::as_str);
+                if let Some(tp) = by_name.get(other) {
+                    if let Some(a) = weights::stored(TensorData::from_proto(tp)?) {
+                        out.insert(name, a);
+                    }
+                }
+            }
+            Ok(out)
+        })
+        .collect::<Result<_>>()?;
+    timer.lap("load");
+    Ok(Prepared {
+        disc,
+        names,
+        weights,
+    })
+}
+
+/// The activation statistics of every group with a tap: what `merge` computes from the
+/// calibration data, as a shard that `merge` can take instead (`MergeOptions::stats`).
+pub fn statistics(
+    models: &[Model],
+    calib: &[TensorData],
+    opts: &MergeOptions,
+    progress: &mut dyn FnMut(&str, usize, usize),
+) -> Result<Stats> {
+    let opts = &MergeOptions {
+        backend: opts.backend.resolve(&opts.backend_options),
+        stats: None,
+        ..opts.clone()
+    };
+    let (disc, names) = discover(models, calib, opts)?;
+    let moments = collect_moments(&disc, &names, models, calib, opts, progress)?;
+    Ok(Stats {
+        models: models.iter().map(fingerprint).collect(),
+        groups: shard_groups(&disc),
+        samples: crate::data::sample_count(calib),
+        moments,
+    })
+}
+
+/// The groups whose activations are calibrated, as statistics files record them.
+fn shard_groups(disc: &symmetry::Discovery) -> Vec<ShardGroup> {
+    disc.groups
+        .iter()
+        .filter_map(|g| {
+            g.tap_axis?;
+            Some(ShardGroup {
+                id: g.id,
+                width: g.width,
+                tap: g.tap.clone()?,
+            })
+        })
+        .collect()
+}
+
+/// Model 0's groups, discovered at the calibration batch shape, and every model's value names
+/// by model-0 name, after checking the models share one architecture.
+fn discover(
+    models: &[Model],
+    calib: &[TensorData],
+    opts: &MergeOptions,
+) -> Result<(symmetry::Discovery, Vec<HashMap<String, String>>)> {
     if models.len() < 2 {
         return Err(Error::Usage("merging needs at least two models".into()));
     }
@@ -453,39 +550,8 @@ fn prepare(
         })
         .collect();
     let disc = symmetry::discover(base, &infer_shapes(base, &first)?)?;
-    timer.lap("discovery");
-
-    let weights: weights::Weights = models
-        .iter()
-        .zip(&names)
-        .map(|(m, map)| {
-            let by_name: HashMap<&str, &crate::onnx::proto::TensorProto> = m
-                .graph()
-                .initializer
-                .iter()
-                .filter_map(|t| Some((t.name.as_deref()?, t)))
-                .collect();
-            let mut out = HashMap::new();
-            for t in &base.graph().initializer {
-                let name = t.name.clone().unwrap_or_default();
-                let other = map.get(&name).map_or(name.as_str(), String::as_str);
-                if let Some(tp) = by_name.get(other) {
-                    if let Some(a) = weights::as_f64(&TensorData::from_proto(tp)?) {
-                        out.insert(name, a);
-                    }
-                }
-            }
-            Ok(out)
-        })
-        .collect::<Result<_>>()?;
-    timer.lap("load");
-    Ok(Prepared {
-        disc,
-        names,
-        weights,
-    })
+    Ok((disc, names))
 }
-
 /// Calibration statistics (where the method uses activations), then the matchings: the
 /// start, and the iterative dual-space loop for the methods that iterate.
 fn find_matchings(
@@ -501,35 +567,21 @@ fn find_matchings(
         names,
         weights,
     } = prep;
-    // Activation statistics.
+    // Activation statistics: given, or calibrated here.
     let mut act: HashMap<usize, Array2<f64>> = HashMap::new();
     if opts.method.uses_activations() {
-        let taps: Vec<calib::Tap> = disc
-            .groups
-            .iter()
-            .filter_map(|g| {
-                let (tap, axis) = (g.tap.clone()?, g.tap_axis?);
-                let tap_names = names
-                    .iter()
-                    .map(|m| m.get(&tap).cloned().unwrap_or(tap.clone()))
-                    .collect();
-                Some(calib::Tap {
-                    group: g.id,
-                    names: tap_names,
-                    axis,
-                    width: g.width,
-                })
-            })
-            .collect();
-        let moments = calib::collect(
-            models,
-            &taps,
-            calib,
-            opts.batch,
-            opts.backend,
-            &opts.backend_options,
-            &mut |done, total| progress("calibration", done, total),
-        )?;
+        let moments = match &opts.stats {
+            Some(stats) => {
+                let fingerprints: Vec<String> = models.iter().map(fingerprint).collect();
+                stats.check(
+                    std::path::Path::new("--stats"),
+                    &fingerprints,
+                    &shard_groups(disc),
+                )?;
+                stats.moments.clone()
+            }
+            None => collect_moments(disc, names, models, calib, opts, progress)?,
+        };
         timer.lap("calibration");
         act = moments
             .into_iter()
@@ -581,10 +633,8 @@ fn find_matchings(
             values.insert(g.id, (f64::NAN, "identity".into()));
         }
     } else {
-        let weight_sim = |g: &symmetry::Group, m: &Matchings| {
-            weights::unit_vectors(g, &layout, &disc.slots, weights, m)
-                .map(|z| crate::stats::row_correlation(z.view()))
-        };
+        let mut wsim =
+            similarity::WeightSimilarity::new(&disc.groups, &layout, &disc.slots, weights);
         // Start: activations where the method uses them.
         if opts.method.uses_activations() {
             for unit in &units {
@@ -593,7 +643,8 @@ fn find_matchings(
                     .map(|&g| match act.get(&g) {
                         Some(a) => (g, a.clone(), "activation".to_string()),
                         None => {
-                            let s = weight_sim(&disc.groups[g], &m)
+                            let s = wsim
+                                .get(&disc.groups[g], &m)
                                 .unwrap_or_else(|| Array2::eye(n * disc.groups[g].width));
                             (g, s, "weight (no tap)".to_string())
                         }
@@ -614,7 +665,7 @@ fn find_matchings(
                     let sims: Vec<(usize, Array2<f64>, String)> = units[u]
                         .iter()
                         .map(|&g| {
-                            let w = weight_sim(&disc.groups[g], &m);
+                            let w = wsim.get(&disc.groups[g], &m);
                             let a = act.get(&g);
                             match (w, a, opts.method.uses_activations()) {
                                 (Some(w), Some(a), true) => {
@@ -664,6 +715,43 @@ fn find_matchings(
     Ok(Matching { m, values, sweeps })
 }
 
+/// Runs every model on the calibration data and streams each tapped group's moments.
+fn collect_moments(
+    disc: &symmetry::Discovery,
+    names: &[HashMap<String, String>],
+    models: &[Model],
+    calib: &[TensorData],
+    opts: &MergeOptions,
+    progress: &mut dyn FnMut(&str, usize, usize),
+) -> Result<HashMap<usize, crate::stats::Moments>> {
+    let taps: Vec<calib::Tap> = disc
+        .groups
+        .iter()
+        .filter_map(|g| {
+            let (tap, axis) = (g.tap.clone()?, g.tap_axis?);
+            let tap_names = names
+                .iter()
+                .map(|m| m.get(&tap).cloned().unwrap_or(tap.clone()))
+                .collect();
+            Some(calib::Tap {
+                group: g.id,
+                names: tap_names,
+                axis,
+                width: g.width,
+            })
+        })
+        .collect();
+    calib::collect(
+        models,
+        &taps,
+        calib,
+        opts.batch,
+        opts.backend,
+        &opts.backend_options,
+        &mut |done, total| progress("calibration", done, total),
+    )
+}
+
 /// Groups with a member tensor that is bit-identical in every model and not constant along
 /// the group's axis, with that tensor's name.
 fn pinned_groups(groups: &[symmetry::Group], weights: &weights::Weights) -> HashMap<usize, String> {
@@ -676,10 +764,7 @@ fn pinned_groups(groups: &[symmetry::Group], weights: &weights::Weights) -> Hash
             let same = weights[1..]
                 .iter()
                 .all(|w| w.get(&member.tensor) == Some(first));
-            let varies = first
-                .axis_iter(ndarray::Axis(member.axis))
-                .skip(1)
-                .any(|lane| lane != first.index_axis(ndarray::Axis(member.axis), 0));
+            let varies = first.varies_along(member.axis);
             if same && varies {
                 out.insert(g.id, member.tensor.clone());
                 break;

@@ -7,7 +7,13 @@
 //! - BatchNormalization reset: running mean and variance are measured on the calibration data
 //!   in the merged model (what the reference does by a pass in training mode).
 //!
-//! Layers are corrected in graph order, each measured after the ones before it were fixed.
+//! Passes are bounded, independent of depth: the endpoints' statistics at every corrected
+//! layer come from one pass per model, then the merged model is measured at every layer and
+//! BatchNorm input at once and all corrections are applied together, `passes` times (default
+//! 2). Each pass corrects every layer for what the layers before it did in the previous one,
+//! so the residual shrinks pass by pass (Jacobi iteration of the sequential scheme); `passes`
+//! 0 is the sequential scheme itself — one pass per layer in graph order, each measured after
+//! the ones before it were fixed — kept as the reference the bounded one is measured against.
 //! With a partial zip only the merged trunk is corrected: the remainders are the models' own.
 
 use std::collections::{HashMap, HashSet};
@@ -15,13 +21,16 @@ use std::collections::{HashMap, HashSet};
 use ndarray::{Array1, ArrayD, Axis};
 
 use super::partial::copy_name;
+use super::probe::{instrument, Normalise, Probe, TrainMode};
+use super::store_float;
+use super::taps::{unit_width, UnitMoments};
 use super::units::{Layout, Matchings};
-use crate::error::Result;
-use crate::graph::Graph;
+use super::weights::as_f64;
+use crate::error::{Error, Result};
+use crate::graph::{Graph, Source};
 use crate::onnx::proto::TensorProto;
 use crate::onnx::{Model, TensorData};
-use crate::runtime::{open_session, run_batched, BackendKind, BackendOptions};
-use crate::stats::Moments;
+use crate::runtime::{open_session, BackendKind, BackendOptions};
 use crate::symmetry::slots::Slots;
 use crate::symmetry::Group;
 
@@ -42,6 +51,33 @@ pub struct RepairReport {
     pub batch_norms: usize,
 }
 
+/// A layer to correct in the merged model, and the statistics its output should have.
+struct Target {
+    producer: Producer,
+    goal_mean: Array1<f64>,
+    goal_sd: Array1<f64>,
+}
+
+/// A BatchNormalization whose running statistics are reset: its node, input, mean and
+/// variance, and its float type.
+struct Norm {
+    node: usize,
+    input: String,
+    mean: String,
+    var: String,
+    dtype: i32,
+}
+
+/// How statistics passes run: the engine, its options, the data and the pass count.
+pub struct Passes<'a> {
+    pub calib: &'a [TensorData],
+    pub backend: BackendKind,
+    pub options: &'a BackendOptions,
+    pub batch: usize,
+    /// Merged-model passes; 0 = sequential (one pass per layer).
+    pub passes: usize,
+}
+
 #[allow(clippy::too_many_arguments)]
 pub fn repair(
     models: &[Model],
@@ -51,56 +87,50 @@ pub fn repair(
     slots: &Slots,
     groups: &[Group],
     m: &Matchings,
-    calib: &[TensorData],
     scope: Option<&HashSet<usize>>,
-    backend: BackendKind,
-    options: &BackendOptions,
+    run: &Passes,
 ) -> Result<RepairReport> {
     let graph = Graph::new(&models[0])?;
     let in_scope = |n: usize| scope.is_none_or(|s| s.contains(&n));
     let mut producers = find_producers(&graph, layout, slots, groups);
-    producers.retain(|p| in_scope(p.node));
-    let mut report = RepairReport {
-        layers: 0,
-        batch_norms: 0,
-    };
-    let tap_stats =
-        |model: &Model, taps: &[String]| tap_moments(model, taps, calib, backend, options);
-    // Endpoint statistics of every producer, model by model.
+    producers.retain(|p| in_scope(p.node) && m.p.contains_key(&p.group));
+    // Endpoint statistics of every producer, one pass per model.
     let taps: Vec<String> = producers.iter().map(|p| p.output.clone()).collect();
-    let mut endpoint: Vec<Vec<Moments>> = Vec::new();
+    let mut endpoint: Vec<Vec<UnitMoments>> = Vec::new();
     for (model, map) in models.iter().zip(names) {
         let mapped: Vec<String> = taps
             .iter()
             .map(|t| map.get(t).cloned().unwrap_or(t.clone()))
             .collect();
-        endpoint.push(tap_stats(model, &mapped)?);
+        endpoint.push(measure(model, &mapped, run)?);
     }
-    for (k, p) in producers.iter().enumerate() {
-        let Some(pm) = m.p.get(&p.group) else {
-            continue;
-        };
-        // Goal: the average of the cluster's endpoint statistics.
-        let sizes = pm.cluster_sizes();
-        let (mut goal_mean, mut goal_sd) =
-            (Array1::<f64>::zeros(p.width), Array1::<f64>::zeros(p.width));
-        for (i, stats) in endpoint.iter().enumerate() {
-            let (mean, sd) = stats[k].mean_std();
-            for u in 0..p.width {
-                let j = pm.target[i * p.width + u] as usize;
-                let w = 1.0 / (sizes[j] as f64 + 1e-12);
-                goal_mean[j] += w * mean[u];
-                goal_sd[j] += w * sd[u];
+    let targets: Vec<Target> = producers
+        .into_iter()
+        .enumerate()
+        .map(|(k, p)| {
+            // Goal: the average of the cluster's endpoint statistics.
+            let pm = &m.p[&p.group];
+            let sizes = pm.cluster_sizes();
+            let (mut goal_mean, mut goal_sd) =
+                (Array1::<f64>::zeros(p.width), Array1::<f64>::zeros(p.width));
+            for (i, stats) in endpoint.iter().enumerate() {
+                let (mean, sd) = stats[k].mean_std();
+                for u in 0..p.width {
+                    let j = pm.target[i * p.width + u] as usize;
+                    let w = 1.0 / (sizes[j] as f64 + 1e-12);
+                    goal_mean[j] += w * mean[u];
+                    goal_sd[j] += w * sd[u];
+                }
             }
-        }
-        let now = tap_stats(merged, std::slice::from_ref(&p.output))?;
-        let (mean, sd) = now[0].mean_std();
-        let scale = std_ratio(&goal_sd, &sd);
-        apply(merged, p, &scale, &mean, &goal_mean)?;
-        report.layers += 1;
-    }
-    report.batch_norms = reset_batch_norms(merged, calib, &in_scope, backend, options)?;
-    Ok(report)
+            Target {
+                producer: p,
+                goal_mean,
+                goal_sd,
+            }
+        })
+        .collect();
+    let norms = batch_norms(merged, &in_scope)?;
+    correct(merged, &targets, &norms, run)
 }
 
 /// After a partial zip every model's remainder reads merged trunk values, whose statistics
@@ -114,9 +144,7 @@ pub fn repair_remainders(
     names: &[HashMap<String, String>],
     merged: &mut Model,
     remainder: &HashSet<usize>,
-    calib: &[TensorData],
-    backend: BackendKind,
-    options: &BackendOptions,
+    run: &Passes,
 ) -> Result<RepairReport> {
     let graph = Graph::new(&models[0])?;
     let layers: Vec<Layer> = graph
@@ -125,49 +153,34 @@ pub fn repair_remainders(
         .filter(|n| remainder.contains(n))
         .filter_map(|&n| correctable(&graph, n))
         .collect();
-    let stats = |model: &Model, taps: &[String]| tap_moments(model, taps, calib, backend, options);
-    // Each model's own statistics at its remainder layers.
-    let mut goals: Vec<Vec<Moments>> = Vec::new();
-    for (model, map) in models.iter().zip(names) {
+    let merged_graph = Graph::new(merged)?;
+    let mut targets = Vec::new();
+    for (i, (model, map)) in models.iter().zip(names).enumerate() {
+        // Each model's own statistics at its remainder layers.
         let taps: Vec<String> = layers
             .iter()
             .map(|l| map.get(&l.output).cloned().unwrap_or(l.output.clone()))
             .collect();
-        goals.push(stats(model, &taps)?);
-    }
-    let mut report = RepairReport {
-        layers: 0,
-        batch_norms: 0,
-    };
-    for (k, layer) in layers.iter().enumerate() {
-        // The copies of one layer sit on parallel branches: one pass measures them all.
-        let taps: Vec<String> = (0..models.len())
-            .map(|i| copy_name(&layer.output, i))
-            .collect();
-        let now = stats(merged, &taps)?;
-        for (i, current) in now.iter().enumerate() {
-            let Some(node) = merged
-                .graph()
-                .node
-                .iter()
-                .position(|n| n.output.first() == Some(&taps[i]))
-            else {
+        let goals = measure(model, &taps, run)?;
+        for (layer, goal) in layers.iter().zip(goals) {
+            let output = copy_name(&layer.output, i);
+            let Some(Source::Node { node, .. }) = merged_graph.source(&output) else {
                 continue;
             };
-            let (mean, sd) = current.mean_std();
-            let (goal_mean, goal_sd) = goals[i][k].mean_std();
-            let scale = std_ratio(&goal_sd, &sd);
-            let p = Producer {
-                node,
-                output: taps[i].clone(),
-                group: usize::MAX,
-                weight: copy_name(&layer.weight, i),
-                weight_axis: layer.weight_axis,
-                bias: layer.bias.as_ref().map(|b| copy_name(b, i)),
-                width: mean.len(),
-            };
-            apply(merged, &p, &scale, &mean, &goal_mean)?;
-            report.layers += 1;
+            let (goal_mean, goal_sd) = goal.mean_std();
+            targets.push(Target {
+                producer: Producer {
+                    node,
+                    output,
+                    group: usize::MAX,
+                    weight: copy_name(&layer.weight, i),
+                    weight_axis: layer.weight_axis,
+                    bias: layer.bias.as_ref().map(|b| copy_name(b, i)),
+                    width: goal_mean.len(),
+                },
+                goal_mean,
+                goal_sd,
+            });
         }
     }
     let copies: HashSet<String> = remainder
@@ -175,21 +188,84 @@ pub fn repair_remainders(
         .flat_map(|&n| graph.node(n).output.clone())
         .flat_map(|y| (0..models.len()).map(move |i| copy_name(&y, i)))
         .collect();
-    let in_copies: HashSet<usize> = {
-        let merged_graph = Graph::new(merged)?;
-        (0..merged_graph.nodes().len())
-            .filter(|&n| {
-                merged_graph
-                    .node(n)
-                    .output
-                    .first()
-                    .is_some_and(|y| copies.contains(y))
-            })
-            .collect()
+    let in_copies = |n: usize| {
+        merged_graph
+            .node(n)
+            .output
+            .first()
+            .is_some_and(|y| copies.contains(y))
     };
-    report.batch_norms =
-        reset_batch_norms(merged, calib, &|n| in_copies.contains(&n), backend, options)?;
-    Ok(report)
+    let norms = batch_norms(merged, &in_copies)?;
+    drop(merged_graph);
+    correct(merged, &targets, &norms, run)
+}
+
+/// Brings every target layer's output to its goal statistics and resets every BatchNorm, in
+/// `run.passes` passes over the merged model (each measuring everything at once), or
+/// sequentially when that is 0.
+fn correct(
+    merged: &mut Model,
+    targets: &[Target],
+    norms: &[Norm],
+    run: &Passes,
+) -> Result<RepairReport> {
+    let fix = |merged: &mut Model, t: &Target, now: &UnitMoments| -> Result<()> {
+        let (mean, sd) = now.mean_std();
+        let scale = std_ratio(&t.goal_sd, &sd);
+        apply(merged, &t.producer, &scale, &mean, &t.goal_mean)
+    };
+    if run.passes == 0 {
+        for t in targets {
+            let now = measure(merged, std::slice::from_ref(&t.producer.output), run)?;
+            fix(merged, t, &now[0])?;
+        }
+        for n in norms {
+            let now = measure(merged, std::slice::from_ref(&n.input), run)?;
+            reset_norm(merged, n, &now[0])?;
+        }
+    } else {
+        for _ in 0..run.passes {
+            let dtype = |name: &str| {
+                merged
+                    .graph()
+                    .initializer
+                    .iter()
+                    .find(|t| t.name.as_deref() == Some(name))
+                    .and_then(|t| t.data_type)
+                    .unwrap_or(1)
+            };
+            let normalise: Vec<Normalise> = targets
+                .iter()
+                .map(|t| Normalise {
+                    node: t.producer.node,
+                    output: &t.producer.output,
+                    dtype: dtype(&t.producer.weight),
+                    goal_mean: &t.goal_mean,
+                    goal_sd: &t.goal_sd,
+                })
+                .collect();
+            let train: Vec<TrainMode> = norms
+                .iter()
+                .map(|n| TrainMode {
+                    node: n.node,
+                    dtype: n.dtype,
+                })
+                .collect();
+            let (probed, probes) = instrument(merged, &normalise, &train)?;
+            let now = measure_probes(&probed, &probes, run)?;
+            drop(probed);
+            for (t, stats) in targets.iter().zip(&now) {
+                fix(merged, t, stats)?;
+            }
+            for (n, stats) in norms.iter().zip(&now[targets.len()..]) {
+                reset_norm(merged, n, stats)?;
+            }
+        }
+    }
+    Ok(RepairReport {
+        layers: targets.len(),
+        batch_norms: norms.len(),
+    })
 }
 
 /// For a layer REPAIR can correct: the weight axis holding its output units, the output's
@@ -215,40 +291,79 @@ fn std_ratio(goal: &Array1<f64>, sd: &Array1<f64>) -> Vec<f64> {
         .collect()
 }
 
-/// Per-channel moments of `model`'s values `taps` on the calibration data, in one pass.
-fn tap_moments(
-    model: &Model,
-    taps: &[String],
-    calib: &[TensorData],
-    backend: BackendKind,
-    options: &BackendOptions,
-) -> Result<Vec<Moments>> {
-    let mut s = open_session(backend, model, taps, options)?;
-    let outs = run_batched(s.as_mut(), calib, 64)?;
+/// Per-unit moments of `model`'s values `taps` on the calibration data, in one streamed pass
+/// (batches are folded in and dropped, never concatenated).
+fn measure(model: &Model, taps: &[String], run: &Passes) -> Result<Vec<UnitMoments>> {
+    let mut s = open_session(run.backend, model, taps, run.options)?;
     let names = s.output_names().to_vec();
-    Ok(taps
+    let index: Vec<usize> = taps
         .iter()
-        .filter_map(|t| names.iter().position(|n| n == t))
-        .map(|i| channel_moments(&outs[i]))
+        .map(|t| {
+            names
+                .iter()
+                .position(|n| n == t)
+                .ok_or_else(|| Error::Backend {
+                    backend: run.backend.name(),
+                    reason: format!("tap '{t}' missing from the outputs"),
+                })
+        })
+        .collect::<Result<_>>()?;
+    let mut stats: Vec<Option<UnitMoments>> = vec![None; taps.len()];
+    let total = crate::data::sample_count(run.calib);
+    let mut start = 0;
+    while start < total {
+        let end = (start + run.batch.max(1)).min(total);
+        let slice: Vec<TensorData> = run.calib.iter().map(|t| t.slice_rows(start, end)).collect();
+        let outs = s.run(&slice)?;
+        for ((k, stat), tap) in index.iter().zip(stats.iter_mut()).zip(taps) {
+            let out = &outs[*k];
+            stat.get_or_insert_with(|| UnitMoments::new(unit_width(out)))
+                .add(out, tap)?;
+        }
+        start = end;
+    }
+    Ok(stats
+        .into_iter()
+        .map(|s| s.unwrap_or_else(|| UnitMoments::new(0)))
         .collect())
 }
 
-/// Per-channel moments of a tap [N, C, ...] or [..., C] (channels on axis 1 for rank ≥ 3).
-fn channel_moments(t: &TensorData) -> Moments {
-    let v = t.to_f32();
-    let axis = if v.ndim() >= 3 { 1 } else { v.ndim() - 1 };
-    let c = v.shape()[axis];
-    let order: Vec<usize> = (0..v.ndim()).filter(|&a| a != axis).chain([axis]).collect();
-    let moved = v
-        .view()
-        .permuted_axes(order)
-        .as_standard_layout()
-        .into_owned();
-    let rows = moved.len() / c.max(1);
-    let flat = moved.into_shape_with_order((rows, c)).expect("contiguous");
-    let mut m = Moments::new(c);
-    m.add(flat.view());
-    m
+/// Pooled moments of every probe of an instrumented model over the calibration data.
+fn measure_probes(model: &Model, probes: &[Probe], run: &Passes) -> Result<Vec<UnitMoments>> {
+    let taps: Vec<String> = probes
+        .iter()
+        .flat_map(|p| [p.mean.clone(), p.var.clone()])
+        .collect();
+    let mut s = open_session(run.backend, model, &taps, run.options)?;
+    let names = s.output_names().to_vec();
+    let at = |t: &str| names.iter().position(|n| n == t);
+    let index: Vec<(usize, usize)> = probes
+        .iter()
+        .filter_map(|p| Some((at(&p.mean)?, at(&p.var)?)))
+        .collect();
+    if index.len() != probes.len() {
+        return Err(Error::Backend {
+            backend: run.backend.name(),
+            reason: "repair statistics missing from the outputs".into(),
+        });
+    }
+    let mut stats = vec![UnitMoments::new(0); probes.len()];
+    let total = crate::data::sample_count(run.calib);
+    let mut start = 0;
+    while start < total {
+        let end = (start + run.batch.max(1)).min(total);
+        let slice: Vec<TensorData> = run.calib.iter().map(|t| t.slice_rows(start, end)).collect();
+        let outs = s.run(&slice)?;
+        for (stat, &(m, v)) in stats.iter_mut().zip(&index) {
+            let (mean, var) = (outs[m].to_f32(), outs[v].to_f32());
+            let (Some(mean), Some(var)) = (mean.as_slice(), var.as_slice()) else {
+                continue;
+            };
+            stat.add_batch((end - start) as u64, mean, var);
+        }
+        start = end;
+    }
+    Ok(stats)
 }
 
 fn find_producers(
@@ -341,35 +456,63 @@ fn apply(
             .iter()
             .position(|t| t.name.as_deref() == Some(name))
     };
-    if let Some(i) = find(graph, &p.weight) {
-        let mut w = TensorData::from_proto(&graph.initializer[i])?.to_f32();
-        for (c, mut lane) in w.axis_iter_mut(Axis(p.weight_axis)).enumerate() {
-            lane.mapv_inplace(|v| (v as f64 * s[c]) as f32);
-        }
-        replace(&mut graph.initializer[i], w);
+    let Some(wi) = find(graph, &p.weight) else {
+        return Ok(());
+    };
+    let Some(mut w) = as_f64(&TensorData::from_proto(&graph.initializer[wi])?) else {
+        return Ok(()); // not a float weight: nothing REPAIR can scale
+    };
+    for (c, mut lane) in w.axis_iter_mut(Axis(p.weight_axis)).enumerate() {
+        lane.mapv_inplace(|v| v * s[c]);
     }
-    let new_bias = |b: &[f32]| -> Vec<f32> {
+    let dtype = graph.initializer[wi].data_type;
+    store_float(&mut graph.initializer[wi], w);
+    let new_bias = |b: &[f64]| -> Vec<f64> {
         (0..s.len())
-            .map(|c| (s[c] * (b[c] as f64 - mean[c]) + goal[c]) as f32)
+            .map(|c| s[c] * (b[c] - mean[c]) + goal[c])
             .collect()
     };
     match p.bias.as_ref().and_then(|b| find(graph, b)) {
         Some(i) => {
-            let b = TensorData::from_proto(&graph.initializer[i])?.to_f32();
-            let v = new_bias(b.as_slice().unwrap_or(&[]));
-            if v.len() == b.len() {
-                replace(
-                    &mut graph.initializer[i],
-                    ArrayD::from_shape_vec(b.shape(), v).expect("same size"),
-                );
+            let Some(b) = as_f64(&TensorData::from_proto(&graph.initializer[i])?) else {
+                return Ok(());
+            };
+            let flat: Vec<f64> = b.iter().copied().collect();
+            if flat.len() == s.len() {
+                let v = ArrayD::from_shape_vec(b.shape(), new_bias(&flat)).expect("same size");
+                store_float(&mut graph.initializer[i], v);
             }
         }
         None => {
-            // No bias yet: give the layer one (an optional input of Conv and Gemm).
-            let name = format!("{}.mudsc_repair_bias", p.weight);
-            let v = new_bias(&vec![0.0; s.len()]);
-            let t = TensorData::F32(ArrayD::from_shape_vec(vec![s.len()], v).expect("1-D"))
-                .to_proto(&name);
+            // No bias yet: give the layer one (an optional input of Conv and Gemm), in the
+            // weight's own float type, under a name no value of the graph has.
+            let taken = |n: &str| {
+                graph
+                    .initializer
+                    .iter()
+                    .any(|t| t.name.as_deref() == Some(n))
+                    || graph.node.iter().any(|x| x.output.iter().any(|o| o == n))
+                    || graph.input.iter().any(|x| x.name.as_deref() == Some(n))
+            };
+            let base = format!("{}.mudsc_repair_bias", p.weight);
+            let name = (0..)
+                .map(|k| {
+                    if k == 0 {
+                        base.clone()
+                    } else {
+                        format!("{base}.{k}")
+                    }
+                })
+                .find(|n| !taken(n))
+                .expect("a free name");
+            let v =
+                ArrayD::from_shape_vec(vec![s.len()], new_bias(&vec![0.0; s.len()])).expect("1-D");
+            let mut t = TensorProto {
+                name: Some(name.clone()),
+                data_type: dtype,
+                ..Default::default()
+            };
+            store_float(&mut t, v);
             graph.initializer.push(t);
             let node = &mut graph.node[p.node];
             node.input.resize(3, String::new());
@@ -379,59 +522,42 @@ fn apply(
     Ok(())
 }
 
-fn replace(t: &mut TensorProto, v: ArrayD<f32>) {
-    let name = t.name.clone().unwrap_or_default();
-    let data = match TensorData::from_proto(t) {
-        Ok(TensorData::F64(_)) => TensorData::F64(v.mapv(f64::from)),
-        _ => TensorData::F32(v),
-    };
-    *t = TensorProto {
-        doc_string: t.doc_string.take(),
-        ..data.to_proto(&name)
-    };
+/// Every BatchNormalization in scope whose running statistics are initializers, in graph
+/// order.
+fn batch_norms(model: &Model, in_scope: &dyn Fn(usize) -> bool) -> Result<Vec<Norm>> {
+    let graph = Graph::new(model)?;
+    Ok(graph
+        .topological_order()
+        .iter()
+        .filter(|&&n| in_scope(n))
+        .map(|&n| (n, graph.node(n)))
+        .filter(|(_, n)| n.op_type.as_deref() == Some("BatchNormalization") && n.input.len() >= 5)
+        .filter_map(|(k, n)| {
+            graph.initializer(&n.input[4])?;
+            Some(Norm {
+                node: k,
+                input: n.input[0].clone(),
+                mean: n.input[3].clone(),
+                var: n.input[4].clone(),
+                dtype: graph.initializer(&n.input[3])?.data_type.unwrap_or(1),
+            })
+        })
+        .collect())
 }
 
-/// Sets every BatchNormalization's running mean and variance to the statistics of its input
-/// in the merged model, in graph order.
-fn reset_batch_norms(
-    model: &mut Model,
-    calib: &[TensorData],
-    in_scope: &dyn Fn(usize) -> bool,
-    backend: BackendKind,
-    options: &BackendOptions,
-) -> Result<usize> {
-    let bns: Vec<(String, String, String)> = {
-        let graph = Graph::new(model)?;
-        graph
-            .topological_order()
-            .iter()
-            .filter(|&&n| in_scope(n))
-            .map(|&n| graph.node(n))
-            .filter(|n| n.op_type.as_deref() == Some("BatchNormalization") && n.input.len() >= 5)
-            .filter(|n| {
-                graph.initializer(&n.input[3]).is_some() && graph.initializer(&n.input[4]).is_some()
-            })
-            .map(|n| (n.input[0].clone(), n.input[3].clone(), n.input[4].clone()))
-            .collect()
+/// Sets a BatchNormalization's running mean and variance to the statistics of its input in
+/// the merged model (what the reference does by a pass in training mode).
+fn reset_norm(model: &mut Model, n: &Norm, stats: &UnitMoments) -> Result<()> {
+    let (mean, sd) = stats.mean_std();
+    let Some(graph) = model.proto.graph.as_mut() else {
+        return Ok(());
     };
-    for (x, mean_name, var_name) in &bns {
-        let mut s = open_session(backend, model, std::slice::from_ref(x), options)?;
-        let outs = run_batched(s.as_mut(), calib, 64)?;
-        let Some(i) = s.output_names().iter().position(|n| n == x) else {
-            continue;
-        };
-        let stats = channel_moments(&outs[i]);
-        let (mean, sd) = stats.mean_std();
-        let Some(graph) = model.proto.graph.as_mut() else {
-            break;
-        };
-        for t in &mut graph.initializer {
-            if t.name.as_deref() == Some(mean_name) {
-                replace(t, mean.mapv(|v| v as f32).into_dyn());
-            } else if t.name.as_deref() == Some(var_name) {
-                replace(t, sd.mapv(|v| (v * v) as f32).into_dyn());
-            }
+    for t in &mut graph.initializer {
+        if t.name.as_deref() == Some(&n.mean) {
+            store_float(t, mean.clone().into_dyn());
+        } else if t.name.as_deref() == Some(&n.var) {
+            store_float(t, sd.mapv(|v| v * v).into_dyn());
         }
     }
-    Ok(bns.len())
+    Ok(())
 }

@@ -171,6 +171,45 @@ impl<'a> Layout<'a> {
         }
     }
 
+    /// The matchings `axis_map` reads for an axis of component `c`: `(group, block-level)`
+    /// pairs. A cache of anything built from mapped axes is valid while these are unchanged.
+    pub fn map_deps(&self, c: CompId, out: &mut Vec<(usize, bool)>) {
+        let comp = &self.st.comps[c];
+        if comp.is_fixed() {
+            return;
+        }
+        if let Some(&g) = self.by_leaf.get(&c) {
+            if self.groups[g].block.is_none() {
+                out.push((g, false));
+                return;
+            }
+        }
+        if let Some(&g) = self.by_block.get(&c) {
+            out.push((g, true));
+            return;
+        }
+        match &comp.def {
+            Def::Leaf => {}
+            Def::Factor(parts) => {
+                let mut k = 0;
+                while k < parts.len() {
+                    if let Some(g) = self.blocked_pair(parts, k) {
+                        out.push((g, false));
+                        k += 2;
+                    } else {
+                        self.map_deps(parts[k], out);
+                        k += 1;
+                    }
+                }
+            }
+            Def::Concat(pieces) => {
+                for &(_, _, p) in pieces {
+                    self.map_deps(p, out);
+                }
+            }
+        }
+    }
+
     /// The blocked group whose (block, leaf) pair starts at `parts[k]`.
     fn blocked_pair(&self, parts: &[CompId], k: usize) -> Option<usize> {
         let (&b, &l) = (parts.get(k)?, parts.get(k + 1)?);

@@ -12,8 +12,57 @@ use crate::onnx::TensorData;
 use crate::symmetry::slots::{SlotId, Slots};
 use crate::symmetry::Group;
 
-/// Model i's initializers as f64 arrays, by model-0 name.
-pub type Weights = Vec<HashMap<String, ArrayD<f64>>>;
+/// Model i's float initializers, by model-0 name.
+pub type Weights = Vec<HashMap<String, Stored>>;
+
+/// A float initializer held at its own precision: f32 (float32, and float16/bfloat16, which
+/// f32 holds exactly) or f64. Every use maps it to f64 on the fly (the copy each use made
+/// anyway), so the models' weights cost their own size, not twice it.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Stored {
+    F32(ArrayD<f32>),
+    F64(ArrayD<f64>),
+}
+
+impl Stored {
+    pub fn shape(&self) -> &[usize] {
+        match self {
+            Stored::F32(a) => a.shape(),
+            Stored::F64(a) => a.shape(),
+        }
+    }
+
+    pub fn to_f64(&self) -> ArrayD<f64> {
+        match self {
+            Stored::F32(a) => a.mapv(f64::from),
+            Stored::F64(a) => a.clone(),
+        }
+    }
+
+    /// Whether some lane along `axis` differs from the first.
+    pub fn varies_along(&self, axis: usize) -> bool {
+        fn varies<T: PartialEq>(a: &ArrayD<T>, axis: usize) -> bool {
+            a.axis_iter(Axis(axis))
+                .skip(1)
+                .any(|lane| lane != a.index_axis(Axis(axis), 0))
+        }
+        match self {
+            Stored::F32(a) => varies(a, axis),
+            Stored::F64(a) => varies(a, axis),
+        }
+    }
+}
+
+/// An initializer as `Stored` (float types only).
+pub fn stored(t: TensorData) -> Option<Stored> {
+    match t {
+        TensorData::F32(a) => Some(Stored::F32(a)),
+        TensorData::F64(a) => Some(Stored::F64(a)),
+        TensorData::F16(a) => Some(Stored::F32(a.mapv(f32::from))),
+        TensorData::BF16(a) => Some(Stored::F32(a.mapv(f32::from))),
+        _ => None,
+    }
+}
 
 /// Unit weight vectors of every model for group `g`, stacked model-major: `[N·W, F]`. Each
 /// member tensor has its other axes mapped into merged coordinates by the current matchings
@@ -72,7 +121,7 @@ pub fn unit_vectors(
     for part in &parts {
         let axes = slots.of(part.tensor)?;
         for (i, w) in weights.iter().enumerate() {
-            let t = map_axes(w.get(part.tensor)?.clone(), axes, layout, m, i, |a| {
+            let t = map_axes(w.get(part.tensor)?.to_f64(), axes, layout, m, i, |a| {
                 (a != part.axis).then_some(Role::Unmerge)
             });
             let mut cursor = vec![part.offset; g.width];
@@ -164,7 +213,7 @@ pub fn merged_tensor(
         let mut t = w
             .get(name)
             .ok_or_else(|| Error::tensor(name, format!("missing from model {i}")))?
-            .clone();
+            .to_f64();
         if let Some(axes) = slots.of(name) {
             t = map_axes(t, axes, layout, m, i, |a| {
                 Some(if inputs.contains(&(name.to_string(), a)) {

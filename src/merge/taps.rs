@@ -1,0 +1,265 @@
+//! Tap tensors folded into statistics at inference speed. A tap holds the units on one axis
+//! (channels of an NCHW map, features of a token stream); every other element is a sample.
+//! The data are read in place through a permuted view, a bounded chunk of rows at a time, so
+//! a tap costs one pass over its elements plus the Σxxᵀ GEMM — never a transposed copy, a
+//! per-model column block, and a concatenation of them (what the first version did: four
+//! copies per tap per model per batch).
+
+use ndarray::{Array1, Array2, CowArray, IxDyn};
+
+use crate::error::{Error, Result};
+use crate::onnx::TensorData;
+use crate::stats::Moments;
+
+/// Rows per chunk: 16 K rows of 64 units is 8 MiB of f64; wide groups take fewer rows, so a
+/// chunk stays within a few tens of MiB however large the batch and the maps.
+const CHUNK_ELEMENTS: usize = 1 << 20;
+
+/// The tap as f32 without a copy when it is f32 (the usual case).
+fn as_f32(t: &TensorData) -> CowArray<'_, f32, IxDyn> {
+    match t {
+        TensorData::F32(a) => CowArray::from(a.view()),
+        other => CowArray::from(other.to_f32()),
+    }
+}
+
+/// Folds one batch of a group's taps — one tensor per model, aligned sample by sample — into
+/// `m`, whose units are the models' units concatenated (model-major). NaN and ±inf count as 0.
+///
+/// Each tap is read as [outer, units, inner] (a free reshape of a standard-layout tensor:
+/// `outer` the axes before the units, `inner` those after), whose unit rows are contiguous
+/// runs of samples. They are copied as runs into a unit-major chunk, and the chunk's
+/// transposed view goes to the GEMM, which takes any strides: one contiguous copy per element.
+pub fn add_joint(
+    m: &mut Moments,
+    taps: &[&TensorData],
+    axis: usize,
+    width: usize,
+    names: &[String],
+) -> Result<()> {
+    let owned: Vec<CowArray<'_, f32, IxDyn>> = taps.iter().map(|t| as_f32(t)).collect();
+    let mut blocks = Vec::with_capacity(owned.len());
+    for (v, name) in owned.iter().zip(names) {
+        if v.shape().get(axis) != Some(&width) {
+            return Err(Error::tensor(
+                name,
+                format!(
+                    "tap has shape {:?}, expected {width} units on axis {axis}",
+                    v.shape()
+                ),
+            ));
+        }
+        if v.shape() != owned[0].shape() {
+            return Err(Error::tensor(
+                name,
+                format!(
+                    "tap has shape {:?} in this model and {:?} in model 0",
+                    v.shape(),
+                    owned[0].shape()
+                ),
+            ));
+        }
+        let outer: usize = v.shape()[..axis].iter().product();
+        let inner: usize = v.shape()[axis + 1..].iter().product();
+        let standard = v.as_standard_layout();
+        blocks.push((standard, outer, inner));
+    }
+    let Some(&(_, outer, inner)) = blocks.first().map(|(a, o, i)| (a, *o, *i)).as_ref() else {
+        return Ok(());
+    };
+    let views: Vec<ndarray::ArrayView3<'_, f32>> = blocks
+        .iter()
+        .map(|(a, _, _)| {
+            a.view()
+                .into_shape_with_order((outer, width, inner))
+                .expect("standard layout reshapes freely")
+        })
+        .collect();
+    let cols = width * views.len();
+    let samples = outer * inner;
+    let rows_per_chunk = (CHUNK_ELEMENTS / cols.max(1)).clamp(1, samples.max(1));
+    // Unit-major: chunk[col, row]; its transpose is the [rows, cols] sample matrix.
+    let mut chunk = Array2::<f64>::zeros((cols, rows_per_chunk));
+    let (mut o, mut i) = (0, 0);
+    while o < outer {
+        // Fill up to rows_per_chunk rows with runs (o, i..i_end) of the same outer index.
+        let mut rows = 0;
+        while rows < rows_per_chunk && o < outer {
+            let run = (inner - i).min(rows_per_chunk - rows);
+            for (k, v) in views.iter().enumerate() {
+                for u in 0..width {
+                    let src = v.slice(ndarray::s![o, u, i..i + run]);
+                    let mut dst = chunk.slice_mut(ndarray::s![k * width + u, rows..rows + run]);
+                    dst.zip_mut_with(&src, |d, &s| {
+                        *d = if s.is_finite() { f64::from(s) } else { 0.0 };
+                    });
+                }
+            }
+            rows += run;
+            i += run;
+            if i == inner {
+                i = 0;
+                o += 1;
+            }
+        }
+        m.add_f64(chunk.slice(ndarray::s![.., ..rows]).t());
+    }
+    Ok(())
+}
+
+/// Per-unit count, Σx and Σx² of one tap: all that statistics repair needs (mean and
+/// standard deviation), without the units² of a full second moment. Additive over batches.
+#[derive(Clone, Debug)]
+pub struct UnitMoments {
+    pub count: u64,
+    pub sum: Array1<f64>,
+    pub sumsq: Array1<f64>,
+}
+
+impl UnitMoments {
+    pub fn new(units: usize) -> UnitMoments {
+        UnitMoments {
+            count: 0,
+            sum: Array1::zeros(units),
+            sumsq: Array1::zeros(units),
+        }
+    }
+
+    /// Folds in a batch of tap `t`, units on axis 1 for rank ≥ 3 (channels of a map), else
+    /// on the last axis. NaN and ±inf count as 0.
+    pub fn add(&mut self, t: &TensorData, name: &str) -> Result<()> {
+        let v = as_f32(t);
+        let axis = if v.ndim() >= 3 {
+            1
+        } else {
+            v.ndim().saturating_sub(1)
+        };
+        let width = self.sum.len();
+        if v.shape().get(axis) != Some(&width) {
+            return Err(Error::tensor(
+                name,
+                format!("tap has shape {:?}, expected {width} units", v.shape()),
+            ));
+        }
+        let outer: usize = v.shape()[..axis].iter().product();
+        let inner: usize = v.shape()[axis + 1..].iter().product();
+        let standard = v.as_standard_layout();
+        let x = standard
+            .view()
+            .into_shape_with_order((outer, width, inner))
+            .expect("standard layout reshapes freely");
+        for run in x.outer_iter() {
+            for (u, lane) in run.outer_iter().enumerate() {
+                let (mut s, mut q) = (0.0, 0.0);
+                for &x in lane {
+                    let x = if x.is_finite() { f64::from(x) } else { 0.0 };
+                    s += x;
+                    q += x * x;
+                }
+                self.sum[u] += s;
+                self.sumsq[u] += q;
+            }
+        }
+        self.count += (outer * inner) as u64;
+        Ok(())
+    }
+
+    /// Folds in one batch's per-unit mean and (biased) variance over `n` samples: pooled, the
+    /// batches give the moments of all of them.
+    pub fn add_batch(&mut self, n: u64, mean: &[f32], var: &[f32]) {
+        if self.sum.len() != mean.len() {
+            *self = UnitMoments::new(mean.len());
+        }
+        let w = n as f64;
+        for (u, (&m, &v)) in mean.iter().zip(var).enumerate() {
+            let (m, v) = (f64::from(m), f64::from(v));
+            let (m, v) = if m.is_finite() && v.is_finite() {
+                (m, v)
+            } else {
+                (0.0, 0.0)
+            };
+            self.sum[u] += w * m;
+            self.sumsq[u] += w * (v + m * m);
+        }
+        self.count += n;
+    }
+
+    /// Mean and standard deviation per unit (variance clamped at 0).
+    pub fn mean_std(&self) -> (Array1<f64>, Array1<f64>) {
+        let n = self.count.max(1) as f64;
+        let mean = &self.sum / n;
+        let sd = Array1::from_shape_fn(mean.len(), |i| {
+            (self.sumsq[i] / n - mean[i] * mean[i]).max(0.0).sqrt()
+        });
+        (mean, sd)
+    }
+}
+
+/// The width of a tap's unit axis, as `UnitMoments::add` reads it.
+pub fn unit_width(t: &TensorData) -> usize {
+    let s = t.shape();
+    match s.len() {
+        0 => 1,
+        1 | 2 => s[s.len() - 1],
+        _ => s[1],
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ndarray::{ArrayD, Axis};
+
+    /// The joint moments equal those of the concatenated, transposed, flattened taps.
+    #[test]
+    fn joint_moments_match_the_copied_columns() {
+        let shape = [3usize, 4, 5, 2];
+        let f = |seed: f32| {
+            ArrayD::from_shape_fn(IxDyn(&shape), |ix| {
+                ((ix[0] * 7 + ix[1] * 3 + ix[2] * 11 + ix[3] * 5) as f32 * seed).sin()
+            })
+        };
+        let (a, b) = (f(0.7), f(1.3));
+        let names = vec!["a".to_string(), "b".to_string()];
+        let mut m = Moments::new(8);
+        add_joint(
+            &mut m,
+            &[&TensorData::F32(a.clone()), &TensorData::F32(b.clone())],
+            1,
+            4,
+            &names,
+        )
+        .unwrap();
+        let cols = |x: &ArrayD<f32>| {
+            x.view()
+                .permuted_axes(vec![0, 2, 3, 1])
+                .as_standard_layout()
+                .into_owned()
+                .into_shape_with_order((30, 4))
+                .unwrap()
+        };
+        let x = ndarray::concatenate(Axis(1), &[cols(&a).view(), cols(&b).view()]).unwrap();
+        let mut want = Moments::new(8);
+        want.add(x.view());
+        assert_eq!(m.count, want.count);
+        assert!((&m.sum - &want.sum).iter().all(|d| d.abs() < 1e-9));
+        assert!((&m.outer - &want.outer).iter().all(|d| d.abs() < 1e-9));
+        // Unit moments of one tap agree with the diagonal.
+        let mut u = UnitMoments::new(4);
+        u.add(&TensorData::F32(a), "a").unwrap();
+        let mut single = Moments::new(4);
+        single.add(cols(&f(0.7)).view());
+        let (m1, s1) = u.mean_std();
+        let (m2, s2) = single.mean_std();
+        assert!((&m1 - &m2).iter().all(|d| d.abs() < 1e-9));
+        assert!((&s1 - &s2).iter().all(|d| d.abs() < 1e-9));
+    }
+
+    #[test]
+    fn wrong_width_names_the_tap() {
+        let t = TensorData::F32(ArrayD::zeros(IxDyn(&[2, 3])));
+        let mut m = Moments::new(8);
+        let e = add_joint(&mut m, &[&t, &t], 1, 4, &["x".into(), "y".into()]).unwrap_err();
+        assert!(e.to_string().contains('x'), "{e}");
+    }
+}
