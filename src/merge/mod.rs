@@ -659,6 +659,7 @@ fn find_matchings(
             let (mut best_value, mut stall) = (f64::NEG_INFINITY, 0);
             for sweep in 0..opts.max_sweeps {
                 sweeps = sweep + 1;
+                let before = (m.p.clone(), m.blocks.clone());
                 let mut order: Vec<usize> = (0..units.len()).collect();
                 rng.shuffle(&mut order);
                 for &u in &order {
@@ -690,6 +691,9 @@ fn find_matchings(
                     .sum::<f64>()
                     / values.len().max(1) as f64;
                 progress("matching", sweep + 1, opts.max_sweeps);
+                // A sweep that changed no matching reached a fixed point: every later sweep,
+                // in any order, recomputes the same matchings from the same state.
+                let fixed = m.p == before.0 && m.blocks == before.1;
                 if best.is_some() && best_value >= mean {
                     stall += 1;
                     if let Some((bm, bv)) = &best {
@@ -703,6 +707,9 @@ fn find_matchings(
                     stall = 0;
                     best_value = mean;
                     best = Some((m.clone(), values.clone()));
+                }
+                if fixed {
+                    break;
                 }
             }
             if let Some((bm, bv)) = best {

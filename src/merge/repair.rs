@@ -8,12 +8,13 @@
 //!   in the merged model (what the reference does by a pass in training mode).
 //!
 //! Passes are bounded, independent of depth: the endpoints' statistics at every corrected
-//! layer come from one pass per model, then the merged model is measured at every layer and
-//! BatchNorm input at once and all corrections are applied together, `passes` times (default
-//! 2). Each pass corrects every layer for what the layers before it did in the previous one,
-//! so the residual shrinks pass by pass (Jacobi iteration of the sequential scheme); `passes`
-//! 0 is the sequential scheme itself — one pass per layer in graph order, each measured after
-//! the ones before it were fixed — kept as the reference the bounded one is measured against.
+//! layer come from one pass per model; the merged model is then run once with every corrected
+//! layer normalised to its goal inside the graph and every BatchNorm on its batch statistics
+//! (`probe`), which measures each layer exactly as the sequential scheme does — after the
+//! layers before it were corrected — and the pooled measurements are folded into the weights.
+//! `passes` > 1 repeats that pass (a refinement for statistics that differ between batches);
+//! `passes` 0 is the sequential scheme itself, one pass per layer in graph order, kept as the
+//! reference the one-pass scheme is tested against.
 //! With a partial zip only the merged trunk is corrected: the remainders are the models' own.
 
 use std::collections::{HashMap, HashSet};
@@ -215,13 +216,30 @@ fn correct(
         apply(merged, &t.producer, &scale, &mean, &t.goal_mean)
     };
     if run.passes == 0 {
-        for t in targets {
-            let now = measure(merged, std::slice::from_ref(&t.producer.output), run)?;
-            fix(merged, t, &now[0])?;
-        }
-        for n in norms {
-            let now = measure(merged, std::slice::from_ref(&n.input), run)?;
-            reset_norm(merged, n, &now[0])?;
+        // Layers and BatchNorms in graph order, each measured after all before it were fixed.
+        let rank: HashMap<usize, usize> = Graph::new(merged)?
+            .topological_order()
+            .iter()
+            .enumerate()
+            .map(|(r, &n)| (n, r))
+            .collect();
+        let mut steps: Vec<(usize, Result<&Target, &Norm>)> = targets
+            .iter()
+            .map(|t| (t.producer.node, Ok(t)))
+            .chain(norms.iter().map(|n| (n.node, Err(n))))
+            .collect();
+        steps.sort_by_key(|(node, _)| rank.get(node).copied().unwrap_or(usize::MAX));
+        for (_, step) in steps {
+            match step {
+                Ok(t) => {
+                    let now = measure(merged, std::slice::from_ref(&t.producer.output), run)?;
+                    fix(merged, t, &now[0])?;
+                }
+                Err(n) => {
+                    let now = measure(merged, std::slice::from_ref(&n.input), run)?;
+                    reset_norm(merged, n, &now[0])?;
+                }
+            }
         }
     } else {
         for _ in 0..run.passes {

@@ -96,7 +96,7 @@ impl<'a> WeightSimilarity<'a> {
         }
         self.computed += 1;
         let sim = unit_vectors(g, self.layout, self.slots, self.weights, m)
-            .map(|z| crate::stats::row_correlation(z.view()));
+            .map(|z| crate::stats::row_correlation_f32(z.view()));
         let size = sim.as_ref().map_or(0, |s| s.len() * 8);
         if let Some((_, old)) = self.cache.remove(&g.id) {
             self.bytes -= old.map_or(0, |s| s.len() * 8);

@@ -1,0 +1,205 @@
+//! The bounded-pass paths of the merge against their references: statistics repair in one
+//! pass against the sequential scheme (one pass per layer), merging from summed statistics
+//! shards against merging from the whole calibration file, and repair on float16 / float64
+//! graphs against `onnx.checker` and ONNX Runtime.
+
+mod common;
+
+use std::path::PathBuf;
+
+use mudsc::data;
+use mudsc::merge::{merge, statistics, MergeOptions, Method, Stats};
+use mudsc::onnx::{self, Model, TensorData};
+use mudsc::runtime::{open_session, run_batched, BackendKind, BackendOptions};
+
+fn fixture(name: &str) -> Model {
+    onnx::load(common::root().join("fixtures/models").join(name)).unwrap()
+}
+
+fn bound(model: &Model, file: &str, key: Option<&str>) -> Vec<TensorData> {
+    let p = common::root().join("fixtures/data").join(file);
+    let mut arrays = data::read(&p).unwrap();
+    if let Some(k) = key {
+        arrays = data::NamedArrays(vec![("input".into(), arrays.get(k).unwrap().clone())]);
+    }
+    data::bind_inputs(&arrays, model, &p).unwrap()
+}
+
+fn logits(model: &Model, x: &[TensorData]) -> ndarray::Array2<f32> {
+    let mut s = open_session(BackendKind::Auto, model, &[], &BackendOptions::default()).unwrap();
+    run_batched(s.as_mut(), x, 256).unwrap()[0]
+        .to_f32()
+        .into_dimensionality()
+        .unwrap()
+}
+
+fn task_mean(model: &Model) -> f64 {
+    let test = common::root().join("fixtures/data/test.npz");
+    let labels = data::read(&test)
+        .unwrap()
+        .get("labels")
+        .unwrap()
+        .to_labels()
+        .unwrap();
+    let x = bound(model, "test.npz", Some("input"));
+    let tasks = mudsc::eval::ClassRange::parse_list("0-4,5-9").unwrap();
+    mudsc::eval::evaluate(logits(model, &x).view(), &labels, &tasks, None)
+        .unwrap()
+        .task_mean
+        .unwrap()
+}
+
+/// One pass with every layer normalised in the graph measures what the sequential scheme
+/// measures: exactly when one batch holds all repair samples, and within half a point of test
+/// accuracy when the statistics are pooled over batches. Kept BatchNorms (reset in training
+/// mode) and folded ones alike.
+#[test]
+fn one_pass_repair_matches_the_sequential_scheme() {
+    for pair in ["resnet20_bn_folded", "resnet20_bn_kept"] {
+        let models = [
+            fixture(&format!("{pair}_a.onnx")),
+            fixture(&format!("{pair}_b.onnx")),
+        ];
+        let calib = common::head_rows(&bound(&models[0], "calib.npz", None), 500);
+        let merged = |passes: usize, batch: usize| {
+            let opts = MergeOptions {
+                method: Method::MudscZip,
+                max_sweeps: 3,
+                repair_samples: 256,
+                repair_passes: passes,
+                batch,
+                ..Default::default()
+            };
+            let (m, report) = merge(&models, &calib, &opts, &mut |_, _, _| {}).unwrap();
+            assert!(
+                report.repaired_layers + report.reset_batch_norms >= 19,
+                "{pair}"
+            );
+            m
+        };
+        let sequential = merged(0, 256);
+        let exact = merged(1, 256);
+        let x = common::head_rows(&bound(&models[0], "test.npz", Some("input")), 200);
+        let (ls, le) = (logits(&sequential, &x), logits(&exact, &x));
+        let scale = ls.iter().fold(0f32, |m, v| m.max(v.abs()));
+        let diff = (&ls - &le).iter().fold(0f32, |m, v| m.max(v.abs()));
+        assert!(
+            diff <= 1e-3 * scale,
+            "{pair}: one batch differs by {diff} (scale {scale})"
+        );
+        let pooled = merged(1, 64);
+        let (a, b) = (task_mean(&sequential), task_mean(&pooled));
+        assert!(
+            (a - b).abs() <= 0.005,
+            "{pair}: sequential {a}, pooled one pass {b}"
+        );
+    }
+}
+
+/// Activation moments add up: statistics of two halves of the calibration data, saved, read
+/// back and summed, give the merge of the whole file (same matchings, weights within 1e-6);
+/// shards of other models are refused by name.
+#[test]
+fn merging_from_two_half_shards_equals_merging_from_the_whole() {
+    let models = [fixture("mlp_a.onnx"), fixture("mlp_b.onnx")];
+    let calib = common::head_rows(&bound(&models[0], "calib.npz", None), 400);
+    let half = |from: usize, to: usize| -> Vec<TensorData> {
+        calib.iter().map(|t| t.slice_rows(from, to)).collect()
+    };
+    let opts = MergeOptions {
+        method: Method::MudscZip,
+        repair_samples: 0,
+        ..Default::default()
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let mut shards = Vec::new();
+    for (k, (from, to)) in [(0, 150), (150, 400)].into_iter().enumerate() {
+        let s = statistics(&models, &half(from, to), &opts, &mut |_, _, _| {}).unwrap();
+        let path: PathBuf = dir.path().join(format!("s{k}.stats"));
+        s.save(&path, &[]).unwrap();
+        shards.push((path.clone(), Stats::load(&path).unwrap()));
+    }
+    let summed = Stats::sum(shards.clone()).unwrap();
+    assert_eq!(summed.samples, 400);
+    let (whole, rw) = merge(&models, &calib, &opts, &mut |_, _, _| {}).unwrap();
+    let from_shards = MergeOptions {
+        stats: Some(std::sync::Arc::new(summed)),
+        ..opts.clone()
+    };
+    let (sharded, rs) = merge(&models, &calib, &from_shards, &mut |_, _, _| {}).unwrap();
+    assert_eq!(rw.sweeps, rs.sweeps);
+    for (g, h) in rw.groups.iter().zip(&rs.groups) {
+        assert!(
+            (g.merge_value - h.merge_value).abs() < 1e-9 || g.merge_value.is_nan(),
+            "group {}",
+            g.id
+        );
+    }
+    let mut compared = 0;
+    for (t, u) in whole
+        .graph()
+        .initializer
+        .iter()
+        .zip(&sharded.graph().initializer)
+    {
+        let (a, b) = (
+            TensorData::from_proto(t).unwrap().to_f32(),
+            TensorData::from_proto(u).unwrap().to_f32(),
+        );
+        let d = (&a - &b).iter().fold(0f32, |m, v| m.max(v.abs()));
+        assert!(d <= 1e-6, "{:?} differs by {d}", t.name);
+        compared += 1;
+    }
+    assert!(compared >= 4);
+
+    // Shards of another pair are refused, naming the shard.
+    let other = [fixture("mlp_b.onnx"), fixture("mlp_a.onnx")];
+    let err = merge(&other, &calib, &from_shards, &mut |_, _, _| {}).unwrap_err();
+    assert!(err.to_string().contains("another model"), "{err}");
+    let mut wrong = shards[1].1.clone();
+    wrong.models[0] = "0".repeat(64);
+    let err = Stats::sum(vec![shards[0].clone(), (PathBuf::from("w.stats"), wrong)]).unwrap_err();
+    assert!(err.to_string().contains("w.stats"), "{err}");
+}
+
+/// Repair rewrites weights and adds biases in the graph's own float type: the merged float16
+/// and float64 models (with and without biases) pass `onnx.checker`'s full check and run in
+/// ONNX Runtime's Python package.
+#[test]
+fn repair_keeps_float16_and_float64_graphs_valid() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path().to_str().unwrap();
+    common::python(&[
+        common::root()
+            .join("tests/py/make_dtype_pairs.py")
+            .to_str()
+            .unwrap(),
+        d,
+    ]);
+    let calib_path = dir.path().join("calib.npz");
+    for name in ["f16_bias", "f16_nobias", "f64_bias", "f64_nobias"] {
+        let models = [
+            onnx::load(dir.path().join(format!("{name}_a.onnx"))).unwrap(),
+            onnx::load(dir.path().join(format!("{name}_b.onnx"))).unwrap(),
+        ];
+        let calib =
+            data::bind_inputs(&data::read(&calib_path).unwrap(), &models[0], &calib_path).unwrap();
+        let opts = MergeOptions {
+            repair_samples: 64,
+            ..Default::default()
+        };
+        let (m, report) = merge(&models, &calib, &opts, &mut |_, _, _| {}).unwrap();
+        // fc1 (fc2 writes the graph output, whose units stay).
+        assert_eq!(report.repaired_layers, 1, "{name}");
+        let out = dir.path().join(format!("{name}_m.onnx"));
+        onnx::save(&m.proto, &out, &Default::default()).unwrap();
+        common::python(&[
+            "-c",
+            "import sys, onnx; onnx.checker.check_model(onnx.load(sys.argv[1]), full_check=True)",
+            out.to_str().unwrap(),
+        ]);
+        let ort = common::ort_python_outputs(&out, &calib_path);
+        let y = ort.get("y").unwrap().to_f32();
+        assert!(y.iter().all(|v| v.is_finite()), "{name}");
+    }
+}
