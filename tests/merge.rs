@@ -121,6 +121,13 @@ fn merging_with_a_permuted_copy_gives_the_model_back() {
                 method,
                 max_sweeps: 30,
                 repair_samples: 0,
+                // The MLP has units dead on the calibration data (correlation 0 with all):
+                // activation-only matching ties among them, and which of the tied
+                // assignments comes out depends on the engine's rounding. tract's happens
+                // to give the copy's own; ONNX Runtime's gives another, which changes the
+                // merged outputs by 0.05 (an inherent limit of activation matching, not of
+                // the rewrite this test checks).
+                backend: BackendKind::Tract,
                 ..Default::default()
             };
             let (merged, report) =

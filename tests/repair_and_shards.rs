@@ -67,7 +67,7 @@ fn one_pass_repair_matches_the_sequential_scheme() {
                 max_sweeps: 3,
                 repair_samples: 256,
                 repair_passes: passes,
-                batch,
+                repair_batch: batch,
                 ..Default::default()
             };
             let (m, report) = merge(&models, &calib, &opts, &mut |_, _, _| {}).unwrap();

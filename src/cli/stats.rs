@@ -37,7 +37,7 @@ pub fn run(args: StatsArgs) -> Result<()> {
     let opts = MergeOptions {
         backend: args.backend.kind(),
         backend_options: args.backend.options(),
-        batch: args.backend.batch.min(256),
+        batch: args.backend.batch.min(64),
         ..Default::default()
     };
     let mut progress = super::progress::Progress::default();

@@ -75,6 +75,8 @@ pub struct Passes<'a> {
     pub backend: BackendKind,
     pub options: &'a BackendOptions,
     pub batch: usize,
+    /// Batch of the one-pass (in-graph normalised) measurement.
+    pub probe_batch: usize,
     /// Merged-model passes; 0 = sequential (one pass per layer).
     pub passes: usize,
 }
@@ -369,7 +371,7 @@ fn measure_probes(model: &Model, probes: &[Probe], run: &Passes) -> Result<Vec<U
     let total = crate::data::sample_count(run.calib);
     let mut start = 0;
     while start < total {
-        let end = (start + run.batch.max(1)).min(total);
+        let end = (start + run.probe_batch.max(1)).min(total);
         let slice: Vec<TensorData> = run.calib.iter().map(|t| t.slice_rows(start, end)).collect();
         let outs = s.run(&slice)?;
         for (stat, &(m, v)) in stats.iter_mut().zip(&index) {

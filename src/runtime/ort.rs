@@ -112,6 +112,9 @@ impl OrtSession {
         extra_outputs: &[String],
         options: &BackendOptions,
     ) -> Result<OrtSession> {
+        // mudsc's own graph checks first, so a malformed model gets the same error (naming
+        // the file and node, exit 2) whichever engine runs it.
+        crate::graph::Graph::new(model)?;
         let env = environment(options)?;
         let outputs = all_output_names(model, extra_outputs);
         let mut proto = model.proto.clone();

@@ -1,0 +1,186 @@
+#!/usr/bin/env bash
+# Benchmarks mudsc on real-size model pairs at 224×224: torchvision resnet18 and resnet50 and
+# timm vit_base_patch16_224, two random-init seeds each (scripts/bench/make_real.py). Per pair:
+# the bare forward passes of both endpoints over the calibration set (`mudsc run`, ONNX
+# Runtime, same batch as the merge), the merge (`mudsc merge --backend ort`, default method
+# mudsc-zip) with its report (seconds per phase, peak memory), and the physical limit: bare
+# passes + the Σxxᵀ statistics arithmetic at the machine's GEMM peak (see
+# scripts/bench/real_table.py). Prints a markdown table; --write also saves it to
+# docs/benchmarks-real.md.
+#
+# usage: scripts/bench-real.sh [--samples N] [--models resnet18,resnet50,vit_b16] [--write]
+# environment: BENCH_CACHE (models and calibration set; default
+#   ${XDG_CACHE_HOME:-$HOME/.cache}/mudsc-bench), BENCH_THREADS (PyTorch threads while
+#   generating, default 1), GEMM_GFLOPS (f64 GEMM peak in GFLOP/s, default 100: the README's
+#   101 GFLOP/s for the gemm crate on the 2-core reference machine; `numpy` measures a
+#   single-threaded numpy/OpenBLAS f64 2048³ product here instead, a stand-in for the gemm
+#   crate's kernel, which mudsc runs single-threaded), BATCH (samples per inference batch,
+#   passed to both `run` and `merge`; unset, both use mudsc's default).
+# time: the first run creates .venv-bench (~2 minutes, ~3 GB: PyTorch from PyPI brings its
+#   CUDA libraries) and generates the models (~30 s per pair); then, per pair, the passes and
+#   the merge. On 2 cores (mudsc of 2026-11-26) with 64 samples: resnet18 1 minute, resnet50
+#   5 minutes, vit_b16 15 minutes, 22 minutes in all; peak memory 2, 7 and 16 GB. Calibration
+#   and memory grow with --samples (default 256): at 256, resnet50 and vit_b16 need more than
+#   the 23 GB of that machine unless BATCH is smaller.
+# Needs target/release/mudsc built with the `ort` feature and the ONNX Runtime library
+# (scripts/fetch-onnxruntime.sh); it does not build it.
+set -euo pipefail
+root="$(cd "$(dirname "$0")/.." && pwd)"
+cd "$root"
+
+samples=256
+models=resnet18,resnet50,vit_b16
+write=0
+while [ $# -gt 0 ]; do
+    case "$1" in
+        --samples) samples="$2"; shift 2 ;;
+        --samples=*) samples="${1#*=}"; shift ;;
+        --models) models="$2"; shift 2 ;;
+        --models=*) models="${1#*=}"; shift ;;
+        --write) write=1; shift ;;
+        -h|--help) sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//'; exit 0 ;;
+        *) echo "bench-real.sh: unknown argument '$1' (see --help)" >&2; exit 2 ;;
+    esac
+done
+cache="${BENCH_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/mudsc-bench}"
+mudsc="$root/target/release/mudsc"
+if [ ! -x "$mudsc" ]; then
+    echo "bench-real.sh: $mudsc is missing: cargo build --release --features ort" >&2
+    exit 1
+fi
+# One batch size for the bare passes and the merge: $BATCH, else mudsc's default.
+batch_args=()
+if [ -n "${BATCH:-}" ]; then
+    batch_args=(--batch "$BATCH")
+    batch="$BATCH"
+else
+    batch="$("$mudsc" merge --help | sed -n '/--batch/,/default:/p' | sed -n 's/.*\[default: \([0-9]*\)\].*/\1/p')"
+    batch="${batch:-?}, mudsc's default"
+fi
+"$root/scripts/fetch-onnxruntime.sh" >/dev/null
+revision="commit $(git -C "$root" rev-parse --short HEAD 2>/dev/null || echo unknown)$(git -C "$root" diff --quiet HEAD -- src Cargo.toml 2>/dev/null || echo ' with uncommitted changes to src/'), binary built $(date -u -r "$mudsc" '+%Y-%m-%d %H:%M UTC')"
+
+# The virtual environment, (re)installed when the pins change.
+venv="$root/.venv-bench"
+pins="$root/scripts/bench/requirements.txt"
+if [ ! -x "$venv/bin/python" ]; then
+    python3 -m venv "$venv"
+fi
+if ! cmp -s "$pins" "$venv/.pins"; then
+    echo "Installing $(grep -c '==' "$pins") pinned packages into .venv-bench ..." >&2
+    "$venv/bin/python" -m pip install --quiet --disable-pip-version-check -r "$pins"
+    cp "$pins" "$venv/.pins"
+fi
+py="$venv/bin/python"
+
+# The GEMM peak of the limit.
+if [ "${GEMM_GFLOPS:-}" = numpy ]; then
+    gemm="$(OPENBLAS_NUM_THREADS=1 OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 "$py" -c "
+import time, numpy as np
+a, b = np.random.rand(2048, 2048), np.random.rand(2048, 2048)
+a @ b
+best = float('inf')
+for _ in range(3):
+    t = time.perf_counter()
+    a @ b
+    best = min(best, time.perf_counter() - t)
+print('%.1f' % (2 * 2048**3 / best / 1e9))")"
+    gemm_note="GEMM peak used for the limit: $gemm GFLOP/s f64, measured now with numpy (OpenBLAS, 1 thread, 2048³): an approximation, not the gemm crate's kernel"
+elif [ -n "${GEMM_GFLOPS:-}" ]; then
+    gemm="$GEMM_GFLOPS"
+    gemm_note="GEMM peak used for the limit: $gemm GFLOP/s f64 (from \$GEMM_GFLOPS)"
+else
+    gemm=100
+    gemm_note="GEMM peak used for the limit: $gemm GFLOP/s f64 (default: the README's 101 GFLOP/s for the gemm crate, f64 2048³, on its reference machine; not measured here)"
+fi
+echo "$gemm_note" >&2
+
+start=$(date +%s)
+"$py" "$root/scripts/bench/make_real.py" "$cache" --models "$models" --samples "$samples" >&2
+echo "Models and calibration set ready in $cache ($(( $(date +%s) - start )) s)." >&2
+
+work="$(mktemp -d)"
+trap 'rm -rf "$work"' EXIT
+"$py" -c "import numpy as np, sys; np.savez(sys.argv[2], input=np.load(sys.argv[1])['input'][:1])" \
+    "$cache/calib.npz" "$work/one.npz"
+
+pairs=()
+IFS=, read -r -a pairs <<< "$models"
+for pair in "${pairs[@]}"; do
+    [ -n "$pair" ] || continue
+    d="$work/$pair"
+    mkdir -p "$d"
+    a="$cache/${pair}_a.onnx"
+    b="$cache/${pair}_b.onnx"
+    # Groups and the shapes of their calibration taps (one image through model A).
+    "$mudsc" groups "$a" --json --shape input=1,3,224,224 > "$d/groups.json"
+    taps="$("$py" -c "import json, sys; print(','.join(sorted({g['tap'] for g in json.load(open(sys.argv[1]))['groups'] if g.get('tap')})))" "$d/groups.json")"
+    extra=()
+    [ -z "$taps" ] || extra=(--extra "$taps")
+    "$mudsc" run "$a" --input "$work/one.npz" --backend ort "${extra[@]}" --output "$d/taps.npz" > /dev/null
+    # The bare forward passes, one endpoint at a time.
+    for s in a b; do
+        echo "$pair: forward passes of model ${s^^} over $samples samples ..." >&2
+        /usr/bin/time -f "%e %M" -o "$d/bare_$s.time" \
+            "$mudsc" run "$cache/${pair}_$s.onnx" --input "$cache/calib.npz" --backend ort "${batch_args[@]}" > /dev/null
+        echo "  $(cat "$d/bare_$s.time") (s, KiB)" >&2
+    done
+    # The merge.
+    echo "$pair: merge ..." >&2
+    /usr/bin/time -f "%e %M" -o "$d/merge.time" \
+        "$mudsc" merge "$a" "$b" -o "$d/merged.onnx" --calib "$cache/calib.npz" --backend ort \
+        "${batch_args[@]}" --report "$d/report.json" > "$d/merge.log" 2>&1 || {
+            echo "bench-real.sh: the merge of $pair failed:" >&2
+            grep -v '^Command exited' "$d/merge.log" | tail -5 | tee "$d/failed" >&2
+            [ -s "$d/failed" ] || echo "no message" > "$d/failed"
+            continue
+        }
+    echo "  $(tail -1 "$d/merge.time") (s, KiB)" >&2
+    rm -f "$d/merged.onnx"
+done
+
+table="$("$py" "$root/scripts/bench/real_table.py" "$cache" "$work" "${pairs[@]}" \
+    --samples "$samples" --gemm-gflops "$gemm" --notes "$work/notes.txt")"
+machine="$(nproc) cores, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | sed 's/^ //'), $(free -g | awk '/Mem:/ {print $2}') GiB"
+echo
+echo "Machine: $machine"
+echo "$gemm_note"
+echo
+echo "$table"
+echo
+sed 's/^/- /' "$work/notes.txt"
+
+if [ "$write" = 1 ]; then
+    versions="$("$py" -c "import torch, torchvision, timm, onnx, onnxruntime, numpy; print(f'torch {torch.__version__}, torchvision {torchvision.__version__}, timm {timm.__version__}, onnx {onnx.__version__}, onnxruntime (Python, for export checks) {onnxruntime.__version__}, numpy {numpy.__version__}')")"
+    {
+        echo "# Benchmarks on real-size models"
+        echo
+        echo "Output of \`scripts/bench-real.sh --samples $samples --models $models\` on the machine"
+        echo "named below (the timings are as clean as the machine was quiet). Pairs: torchvision"
+        echo "resnet18 and resnet50, timm vit_base_patch16_224, each two random-init seeds (untrained,"
+        echo "10 classes; ResNet BatchNorm statistics recomputed on random images, then folded by the"
+        echo "exporter; ViT norm parameters and biases given a little noise), exported at 224×224 with"
+        echo "\`torch.onnx.export(dynamo=False, opset_version=17)\` by \`scripts/bench/make_real.py\`"
+        echo "($versions)."
+        echo "Calibration set: $samples standard-normal images. mudsc: $revision."
+        echo
+        echo "- bare passes: \`mudsc run\` of model A, then of model B, over the calibration set on ONNX"
+        echo "  Runtime (batch $batch; wall clock including loading each model)."
+        echo "- Σxxᵀ at peak: the statistics arithmetic, Σ over groups of 2 · samples · tap positions ·"
+        echo "  (2·width)² flops (the joint A‖B matrix, full, as mudsc accumulates it), at the GEMM peak."
+        echo "- limit: bare passes + Σxxᵀ at peak. The repair's forward passes are not in it."
+        echo "- calibration, matching, repair: \`mudsc merge --backend ort\` (mudsc-zip, batch $batch),"
+        echo "  seconds of those phases in its report; other: the rest (read, discovery, statistics,"
+        echo "  rewrite, write, ...); total: the sum of all phases."
+        echo "- peak RSS: the merge process's peak resident memory; ÷ model bytes: over both model files."
+        echo
+        echo "Machine: $machine"
+        echo
+        echo "$gemm_note"
+        echo
+        echo "$table"
+        echo
+        sed 's/^/- /' "$work/notes.txt"
+    } > "$root/docs/benchmarks-real.md"
+    echo "Wrote docs/benchmarks-real.md" >&2
+fi
