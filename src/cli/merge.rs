@@ -88,6 +88,10 @@ pub struct MergeArgs {
     /// bundled pairs).
     #[arg(long, default_value_t = 256)]
     repair_batch: usize,
+    /// Tap positions (pixels, tokens) used per calibration sample, evenly spread; 0 = all.
+    /// Cuts the statistics arithmetic on large maps (e.g. 64 on 224² models).
+    #[arg(long, default_value_t = 0)]
+    tap_positions: usize,
     /// Partial zip: merge only up to a node (a node name, or the name of the value it makes)
     /// or a depth (the first K weight layers; -K: all but the last K), and keep each model's
     /// own layers after it, fed through its unmerge. The merged model then has one copy of
@@ -194,6 +198,7 @@ pub fn run(args: MergeArgs) -> Result<()> {
         repair_samples: args.repair_samples,
         repair_passes: args.repair_passes,
         repair_batch: args.repair_batch.max(1),
+        tap_positions: args.tap_positions,
         zip_until,
         max_sweeps: args.max_sweeps.max(1),
         ..Default::default()

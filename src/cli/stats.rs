@@ -18,6 +18,9 @@ pub struct StatsArgs {
     /// Statistics file to write (summed by `merge --stats`).
     #[arg(long, short)]
     output: PathBuf,
+    /// Tap positions used per calibration sample, evenly spread; 0 = all (as `merge`).
+    #[arg(long, default_value_t = 0)]
+    tap_positions: usize,
     #[command(flatten)]
     backend: BackendArgs,
 }
@@ -38,6 +41,7 @@ pub fn run(args: StatsArgs) -> Result<()> {
         backend: args.backend.kind(),
         backend_options: args.backend.options(),
         batch: args.backend.batch.min(64),
+        tap_positions: args.tap_positions,
         ..Default::default()
     };
     let mut progress = super::progress::Progress::default();

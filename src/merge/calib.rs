@@ -16,6 +16,8 @@ pub struct Tap {
     pub names: Vec<String>,
     pub axis: usize,
     pub width: usize,
+    /// Tap positions kept per calibration sample (0: all).
+    pub positions: usize,
 }
 
 /// Moments per group id, and the number of calibration samples (inputs) used.
@@ -57,7 +59,7 @@ pub fn collect(
                 })?);
             }
             if let Some(m) = moments.get_mut(&t.group) {
-                super::taps::add_joint(m, &values, t.axis, t.width, &t.names)?;
+                super::taps::add_joint(m, &values, t.axis, t.width, &t.names, t.positions)?;
             }
         }
         progress(end, total);

@@ -138,6 +138,10 @@ pub struct MergeOptions {
     /// makes the one-pass repair exactly the sequential one; smaller batches (less memory)
     /// pool per-batch statistics, within half a point of it on the bundled pairs.
     pub repair_batch: usize,
+    /// Tap positions (pixels, tokens) kept per calibration sample and group, evenly spread;
+    /// 0 keeps all. On 224² models the Σxxᵀ arithmetic over every position can outweigh
+    /// the forward passes, and a correlation of a few hundred units needs far fewer samples.
+    pub tap_positions: usize,
     /// Partial zip: merge only up to this cut and keep each model's remainder.
     pub zip_until: Option<Cut>,
     /// Activation statistics computed beforehand (`statistics`, summed shards): used instead
@@ -161,6 +165,7 @@ impl Default for MergeOptions {
             repair_samples: 256,
             repair_passes: 1,
             repair_batch: 256,
+            tap_positions: 0,
             zip_until: None,
             stats: None,
         }
@@ -770,6 +775,7 @@ fn collect_moments(
                 names: tap_names,
                 axis,
                 width: g.width,
+                positions: opts.tap_positions,
             })
         })
         .collect();

@@ -30,12 +30,17 @@ fn as_f32(t: &TensorData) -> CowArray<'_, f32, IxDyn> {
 /// `outer` the axes before the units, `inner` those after), whose unit rows are contiguous
 /// runs of samples. They are copied as runs into a unit-major chunk, and the chunk's
 /// transposed view goes to the GEMM, which takes any strides: one contiguous copy per element.
+///
+/// `positions` > 0 keeps about that many tap positions per calibration sample (every k-th
+/// position along the spatial or token axes, evenly spread), for wide maps where the Σxxᵀ
+/// arithmetic would outweigh the forward pass; 0 keeps them all.
 pub fn add_joint(
     m: &mut Moments,
     taps: &[&TensorData],
     axis: usize,
     width: usize,
     names: &[String],
+    positions: usize,
 ) -> Result<()> {
     let owned: Vec<CowArray<'_, f32, IxDyn>> = taps.iter().map(|t| as_f32(t)).collect();
     let mut blocks = Vec::with_capacity(owned.len());
@@ -67,14 +72,30 @@ pub fn add_joint(
     let Some(&(_, outer, inner)) = blocks.first().map(|(a, o, i)| (a, *o, *i)).as_ref() else {
         return Ok(());
     };
+    // Positions per calibration sample: the inner axes, or (units last) the outer ones after
+    // the batch axis.
+    let batch = owned[0].shape().first().copied().unwrap_or(1).max(1);
+    let per_sample = if inner > 1 { inner } else { outer / batch };
+    let stride = if positions == 0 {
+        1
+    } else {
+        per_sample.div_ceil(positions).max(1)
+    };
     let views: Vec<ndarray::ArrayView3<'_, f32>> = blocks
         .iter()
         .map(|(a, _, _)| {
-            a.view()
+            let v = a
+                .view()
                 .into_shape_with_order((outer, width, inner))
-                .expect("standard layout reshapes freely")
+                .expect("standard layout reshapes freely");
+            match (stride, inner > 1) {
+                (1, _) => v,
+                (k, true) => v.slice_move(ndarray::s![.., .., ..;k]),
+                (k, false) => v.slice_move(ndarray::s![..;k, .., ..]),
+            }
         })
         .collect();
+    let (outer, inner) = (views[0].shape()[0], views[0].shape()[2]);
     let cols = width * views.len();
     let samples = outer * inner;
     let rows_per_chunk = (CHUNK_ELEMENTS / cols.max(1)).clamp(1, samples.max(1));
@@ -228,6 +249,7 @@ mod tests {
             1,
             4,
             &names,
+            0,
         )
         .unwrap();
         let cols = |x: &ArrayD<f32>| {
@@ -255,11 +277,39 @@ mod tests {
         assert!((&s1 - &s2).iter().all(|d| d.abs() < 1e-9));
     }
 
+    /// Sampling positions keeps every k-th one: the moments of the kept rows.
+    #[test]
+    fn sampled_positions_are_every_kth() {
+        let a = ArrayD::from_shape_fn(IxDyn(&[2, 3, 10]), |ix| {
+            (ix[0] * 30 + ix[1] * 10 + ix[2]) as f32
+        });
+        let mut m = Moments::new(3);
+        add_joint(
+            &mut m,
+            &[&TensorData::F32(a.clone())],
+            1,
+            3,
+            &["a".into()],
+            4,
+        )
+        .unwrap();
+        // 10 positions, at most 4 kept: every 3rd (0, 3, 6, 9) of each sample.
+        assert_eq!(m.count, 8);
+        let want: f64 = [0, 3, 6, 9, 30, 33, 36, 39].iter().map(|&v| v as f64).sum();
+        assert_eq!(m.sum[0], want);
+        // Units last ([samples, tokens, units]): tokens are sampled.
+        let t = ArrayD::from_shape_fn(IxDyn(&[2, 6, 3]), |ix| (ix[1] + 10 * ix[0]) as f32);
+        let mut m = Moments::new(3);
+        add_joint(&mut m, &[&TensorData::F32(t)], 2, 3, &["t".into()], 3).unwrap();
+        assert_eq!(m.count, 6);
+        assert_eq!(m.sum[0], (0 + 2 + 4 + 10 + 12 + 14) as f64);
+    }
+
     #[test]
     fn wrong_width_names_the_tap() {
         let t = TensorData::F32(ArrayD::zeros(IxDyn(&[2, 3])));
         let mut m = Moments::new(8);
-        let e = add_joint(&mut m, &[&t, &t], 1, 4, &["x".into(), "y".into()]).unwrap_err();
+        let e = add_joint(&mut m, &[&t, &t], 1, 4, &["x".into(), "y".into()], 0).unwrap_err();
         assert!(e.to_string().contains('x'), "{e}");
     }
 }
