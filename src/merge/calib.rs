@@ -9,6 +9,11 @@ use crate::onnx::{Model, TensorData};
 use crate::runtime::{open_session, BackendKind, BackendOptions};
 use crate::stats::Moments;
 
+use super::taps::{unit_width, UnitMoments};
+
+/// Each model's outputs of one batch, by name.
+type Outputs = Vec<HashMap<String, TensorData>>;
+
 /// Where a group is read in each model.
 pub struct Tap {
     pub group: usize,
@@ -20,50 +25,136 @@ pub struct Tap {
     pub positions: usize,
 }
 
-/// Moments per group id, and the number of calibration samples (inputs) used.
+/// Values whose per-unit statistics (mean and standard deviation) are gathered on the same
+/// passes over the first `samples` inputs: statistics repair's endpoint taps, which then cost
+/// no passes of their own. `names[i]` are model i's names; results are keyed by `names[0]`.
+pub struct Side {
+    pub names: Vec<Vec<String>>,
+    pub samples: usize,
+}
+
+/// Per model: each side value's moments, by model-0 name.
+pub type SideMoments = Vec<HashMap<String, UnitMoments>>;
+
+/// Moments per group id, and the side values' unit moments.
+#[allow(clippy::too_many_arguments)]
 pub fn collect(
     models: &[Model],
     taps: &[Tap],
+    side: &Side,
     inputs: &[TensorData],
     batch: usize,
     backend: BackendKind,
     options: &BackendOptions,
     progress: &mut dyn FnMut(usize, usize),
-) -> Result<HashMap<usize, Moments>> {
+) -> Result<(HashMap<usize, Moments>, SideMoments)> {
     let n = models.len();
     let mut moments: HashMap<usize, Moments> = taps
         .iter()
         .map(|t| (t.group, Moments::new(n * t.width)))
         .collect();
-    let mut sessions = Vec::new();
-    for (i, m) in models.iter().enumerate() {
-        let extra: Vec<String> = taps.iter().map(|t| t.names[i].clone()).collect();
-        sessions.push(open_session(backend, m, &extra, options)?);
-    }
+    let mut side_moments: SideMoments = vec![HashMap::new(); n];
+    // Sessions with the side values as extra outputs serve the batches that hold side
+    // samples; the rest run without them, so that the engine keeps its fusions there.
+    let open = |with_side: bool| -> Result<Vec<Box<dyn crate::runtime::Session>>> {
+        models
+            .iter()
+            .enumerate()
+            .map(|(i, m)| {
+                let mut extra: Vec<String> = taps.iter().map(|t| t.names[i].clone()).collect();
+                if with_side {
+                    extra.extend(side.names.get(i).into_iter().flatten().cloned());
+                }
+                open_session(backend, m, &extra, options)
+            })
+            .collect()
+    };
+    let mut with_side = if side.samples > 0 {
+        Some(open(true)?)
+    } else {
+        None
+    };
+    let mut plain: Option<Vec<Box<dyn crate::runtime::Session>>> = None;
     let total = crate::data::sample_count(inputs);
-    let mut start = 0;
-    while start < total {
-        let end = (start + batch.max(1)).min(total);
-        let slice: Vec<TensorData> = inputs.iter().map(|t| t.slice_rows(start, end)).collect();
-        let mut per_model: Vec<HashMap<String, TensorData>> = Vec::new();
-        for s in sessions.iter_mut() {
-            let out = s.run(&slice)?;
-            per_model.push(s.output_names().iter().cloned().zip(out).collect());
-        }
-        for t in taps {
-            let mut values = Vec::with_capacity(n);
-            for (i, outs) in per_model.iter().enumerate() {
-                values.push(outs.get(&t.names[i]).ok_or_else(|| Error::Backend {
-                    backend: backend.name(),
-                    reason: format!("tap '{}' missing from the outputs", t.names[i]),
-                })?);
+    let batch = batch.max(1);
+    // Inference of the next batch runs on a second thread while this one folds the previous
+    // batch into the statistics: the engine and the Σxxᵀ GEMM each keep a core busy.
+    std::thread::scope(|scope| -> Result<()> {
+        let (tx, rx) = std::sync::mpsc::sync_channel::<Result<(usize, usize, Outputs)>>(1);
+        scope.spawn(move || {
+            let mut start = 0;
+            while start < total {
+                let end = (start + batch).min(total);
+                let slice: Vec<TensorData> =
+                    inputs.iter().map(|t| t.slice_rows(start, end)).collect();
+                let sessions = match (&mut with_side, start < side.samples) {
+                    (Some(s), true) => s,
+                    _ => {
+                        if plain.is_none() {
+                            match open(false) {
+                                Ok(s) => plain = Some(s),
+                                Err(e) => {
+                                    let _ = tx.send(Err(e));
+                                    return;
+                                }
+                            }
+                        }
+                        with_side = None; // no longer needed: free its memory
+                        plain.as_mut().expect("opened above")
+                    }
+                };
+                let outs: Result<Outputs> = sessions
+                    .iter_mut()
+                    .map(|s| {
+                        let out = s.run(&slice)?;
+                        Ok(s.output_names().iter().cloned().zip(out).collect())
+                    })
+                    .collect();
+                let failed = outs.is_err();
+                if tx.send(outs.map(|o| (start, end, o))).is_err() || failed {
+                    return;
+                }
+                start = end;
             }
-            if let Some(m) = moments.get_mut(&t.group) {
-                super::taps::add_joint(m, &values, t.axis, t.width, &t.names, t.positions)?;
+        });
+        for received in rx {
+            let (start, end, per_model) = received?;
+            if start < side.samples {
+                let rows = side.samples.min(end) - start;
+                for (i, outs) in per_model.iter().enumerate() {
+                    for (name, key) in side.names[i].iter().zip(&side.names[0]) {
+                        let Some(whole) = outs.get(name) else {
+                            continue;
+                        };
+                        let head;
+                        let v = if rows < end - start {
+                            head = whole.slice_rows(0, rows);
+                            &head
+                        } else {
+                            whole
+                        };
+                        side_moments[i]
+                            .entry(key.clone())
+                            .or_insert_with(|| UnitMoments::new(unit_width(v)))
+                            .add(v, name)?;
+                    }
+                }
             }
+            for t in taps {
+                let mut values = Vec::with_capacity(n);
+                for (i, outs) in per_model.iter().enumerate() {
+                    values.push(outs.get(&t.names[i]).ok_or_else(|| Error::Backend {
+                        backend: backend.name(),
+                        reason: format!("tap '{}' missing from the outputs", t.names[i]),
+                    })?);
+                }
+                if let Some(m) = moments.get_mut(&t.group) {
+                    super::taps::add_joint(m, &values, t.axis, t.width, &t.names, t.positions)?;
+                }
+            }
+            progress(end, total);
         }
-        progress(end, total);
-        start = end;
-    }
-    Ok(moments)
+        Ok(())
+    })?;
+    Ok((moments, side_moments))
 }

@@ -263,6 +263,8 @@ struct Matching {
     values: Values,
     sweeps: usize,
     similarities: (usize, usize),
+    /// Repair's endpoint statistics, when calibration gathered them.
+    endpoint: Option<calib::SideMoments>,
 }
 
 /// Merges `models` (same architecture) into one with model 0's graph, names and opsets.
@@ -279,7 +281,27 @@ pub fn merge(
     };
     let mut timer = Timer::new();
     let prep = prepare(models, calib, opts, &mut timer)?;
-    let matching = find_matchings(&prep, models, calib, opts, progress, &mut timer)?;
+    let graph = Graph::new(&models[0])?;
+    let trunk = match &opts.zip_until {
+        Some(cut) => Some(partial::trunk(&graph, cut)?),
+        None => None,
+    };
+    let repair_taps = if opts.repair_samples > 0 {
+        let layout = Layout::new(&prep.disc.structure, &prep.disc.groups);
+        let scope = trunk.as_ref().map(|t| &t.nodes);
+        repair::endpoint_taps(&graph, &layout, &prep.disc.slots, &prep.disc.groups, scope)
+    } else {
+        Vec::new()
+    };
+    let matching = find_matchings(
+        &prep,
+        models,
+        calib,
+        opts,
+        &repair_taps,
+        progress,
+        &mut timer,
+    )?;
     let Prepared {
         disc,
         names,
@@ -290,11 +312,11 @@ pub fn merge(
         values,
         sweeps,
         similarities,
+        endpoint,
     } = &matching;
     let layout = Layout::new(&disc.structure, &disc.groups);
 
     // Rewrite.
-    let graph = Graph::new(&models[0])?;
     let inputs = weights::input_axes(&graph);
     let mut merged = models[0].clone();
     if let Some(g) = merged.proto.graph.as_mut() {
@@ -307,10 +329,6 @@ pub fn merge(
             store_float(t, value);
         }
     }
-    let trunk = match &opts.zip_until {
-        Some(cut) => Some(partial::trunk(&graph, cut)?),
-        None => None,
-    };
     timer.lap("rewrite");
 
     let (mut repaired_layers, mut reset_batch_norms) = (0, 0);
@@ -336,6 +354,7 @@ pub fn merge(
             &disc.groups,
             m,
             trunk.as_ref().map(|t| &t.nodes),
+            endpoint.as_ref(),
             &passes,
         )?;
         repaired_layers = r.layers;
@@ -421,7 +440,7 @@ pub fn align_to_first(
     };
     let mut timer = Timer::new();
     let prep = prepare(models, calib, &opts, &mut timer)?;
-    let matching = find_matchings(&prep, models, calib, &opts, progress, &mut timer)?;
+    let matching = find_matchings(&prep, models, calib, &opts, &[], progress, &mut timer)?;
     let layout = Layout::new(&prep.disc.structure, &prep.disc.groups);
     (0..models.len())
         .map(|i| {
@@ -522,7 +541,11 @@ pub fn statistics(
         ..opts.clone()
     };
     let (disc, names) = discover(models, calib, opts)?;
-    let moments = collect_moments(&disc, &names, models, calib, opts, progress)?;
+    let none = calib::Side {
+        names: Vec::new(),
+        samples: 0,
+    };
+    let (moments, _) = collect_moments(&disc, &names, models, calib, &none, opts, progress)?;
     Ok(Stats {
         models: models.iter().map(fingerprint).collect(),
         groups: shard_groups(&disc),
@@ -582,6 +605,7 @@ fn find_matchings(
     models: &[Model],
     calib: &[TensorData],
     opts: &MergeOptions,
+    repair_taps: &[String],
     progress: &mut dyn FnMut(&str, usize, usize),
     timer: &mut Timer,
 ) -> Result<Matching> {
@@ -590,6 +614,7 @@ fn find_matchings(
         names,
         weights,
     } = prep;
+    let mut endpoint = None;
     // Activation statistics: given, or calibrated here.
     let mut act: HashMap<usize, Array2<f64>> = HashMap::new();
     if opts.method.uses_activations() {
@@ -603,7 +628,25 @@ fn find_matchings(
                 )?;
                 stats.moments.clone()
             }
-            None => collect_moments(disc, names, models, calib, opts, progress)?,
+            None => {
+                // Repair's endpoint statistics ride on the same passes.
+                let side = calib::Side {
+                    names: names
+                        .iter()
+                        .map(|map| {
+                            repair_taps
+                                .iter()
+                                .map(|t| map.get(t).cloned().unwrap_or(t.clone()))
+                                .collect()
+                        })
+                        .collect(),
+                    samples: opts.repair_samples.min(crate::data::sample_count(calib)),
+                };
+                let (moments, side) =
+                    collect_moments(disc, names, models, calib, &side, opts, progress)?;
+                endpoint = Some(side);
+                moments
+            }
         };
         timer.lap("calibration");
         act = moments
@@ -749,6 +792,7 @@ fn find_matchings(
         values,
         sweeps,
         similarities,
+        endpoint,
     })
 }
 
@@ -758,9 +802,10 @@ fn collect_moments(
     names: &[HashMap<String, String>],
     models: &[Model],
     calib: &[TensorData],
+    side: &calib::Side,
     opts: &MergeOptions,
     progress: &mut dyn FnMut(&str, usize, usize),
-) -> Result<HashMap<usize, crate::stats::Moments>> {
+) -> Result<(HashMap<usize, crate::stats::Moments>, calib::SideMoments)> {
     let taps: Vec<calib::Tap> = disc
         .groups
         .iter()
@@ -782,6 +827,7 @@ fn collect_moments(
     calib::collect(
         models,
         &taps,
+        side,
         calib,
         opts.batch,
         opts.backend,

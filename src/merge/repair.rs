@@ -21,6 +21,7 @@ use std::collections::{HashMap, HashSet};
 
 use ndarray::{Array1, ArrayD, Axis};
 
+use super::calib::SideMoments;
 use super::partial::copy_name;
 use super::probe::{instrument, Normalise, Probe, TrainMode};
 use super::store_float;
@@ -91,21 +92,31 @@ pub fn repair(
     groups: &[Group],
     m: &Matchings,
     scope: Option<&HashSet<usize>>,
+    known: Option<&SideMoments>,
     run: &Passes,
 ) -> Result<RepairReport> {
     let graph = Graph::new(&models[0])?;
     let in_scope = |n: usize| scope.is_none_or(|s| s.contains(&n));
     let mut producers = find_producers(&graph, layout, slots, groups);
     producers.retain(|p| in_scope(p.node) && m.p.contains_key(&p.group));
-    // Endpoint statistics of every producer, one pass per model.
+    // Endpoint statistics of every producer: from the calibration passes when they gathered
+    // them, else one pass per model.
     let taps: Vec<String> = producers.iter().map(|p| p.output.clone()).collect();
     let mut endpoint: Vec<Vec<UnitMoments>> = Vec::new();
-    for (model, map) in models.iter().zip(names) {
-        let mapped: Vec<String> = taps
-            .iter()
-            .map(|t| map.get(t).cloned().unwrap_or(t.clone()))
-            .collect();
-        endpoint.push(measure(model, &mapped, run)?);
+    for (i, (model, map)) in models.iter().zip(names).enumerate() {
+        let gathered: Option<Vec<UnitMoments>> = known
+            .and_then(|k| k.get(i))
+            .and_then(|k| taps.iter().map(|t| k.get(t).cloned()).collect());
+        match gathered {
+            Some(stats) => endpoint.push(stats),
+            None => {
+                let mapped: Vec<String> = taps
+                    .iter()
+                    .map(|t| map.get(t).cloned().unwrap_or(t.clone()))
+                    .collect();
+                endpoint.push(measure(model, &mapped, run)?);
+            }
+        }
     }
     let targets: Vec<Target> = producers
         .into_iter()
@@ -134,6 +145,22 @@ pub fn repair(
         .collect();
     let norms = batch_norms(merged, &in_scope)?;
     correct(merged, &targets, &norms, run)
+}
+
+/// The values whose endpoint statistics `repair` needs (model-0 names): the outputs of the
+/// correctable layers in `scope`, for calibration to gather on its own passes.
+pub fn endpoint_taps(
+    graph: &Graph,
+    layout: &Layout,
+    slots: &Slots,
+    groups: &[Group],
+    scope: Option<&HashSet<usize>>,
+) -> Vec<String> {
+    find_producers(graph, layout, slots, groups)
+        .into_iter()
+        .filter(|p| scope.is_none_or(|s| s.contains(&p.node)))
+        .map(|p| p.output)
+        .collect()
 }
 
 /// After a partial zip every model's remainder reads merged trunk values, whose statistics

@@ -117,7 +117,7 @@ pub(crate) fn warn_once(message: &str) {
 }
 
 /// A model prepared for repeated runs.
-pub trait Session {
+pub trait Session: Send {
     /// Graph inputs, in the order `run` expects them.
     fn input_names(&self) -> &[String];
     /// The graph outputs followed by the requested extra outputs, in the order `run` returns.
