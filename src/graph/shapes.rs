@@ -59,9 +59,11 @@ pub fn declared(vi: &ValueInfoProto) -> Option<(i32, Option<Vec<Dim>>)> {
 /// Infers the concrete shape of every named value for the given input shapes (graph inputs
 /// not listed must be fully static in the file).
 pub fn infer_shapes(model: &Model, inputs: &HashMap<String, Vec<usize>>) -> Result<ShapeMap> {
-    let err = |reason: String| Error::Backend {
-        backend: "tract",
-        reason: format!("shape inference on {}: {reason}", model.display_name()),
+    let err = |reason: String| {
+        tract_backend::model_fault(format!(
+            "shape inference on {}: {reason}",
+            model.display_name()
+        ))
     };
     let mut tm = tract_backend::inference_model(model)?;
     let graph = crate::graph::Graph::new(model)?;
