@@ -52,10 +52,16 @@ pub(super) fn check(groups: &[Group], models: usize, opts: &MergeOptions) -> Res
         return Ok(());
     }
     let g = &groups[worst];
+    let cheaper = if opts.method == Method::Avg {
+        "Merge narrower models, or fewer at a time"
+    } else {
+        "Merge narrower models, fewer at a time, or with --method avg (no statistics, no \
+         similarity)"
+    };
     Err(Error::TooLarge(format!(
         "merging needs about {} of memory with --method {}, more than the {} available{}: \
-         group g{} ({} units{}) alone needs {} for its dense {}×{} f64 matrices{}. Merge \
-         narrower models, fewer at a time, or a cheaper method (avg needs no statistics)",
+         group g{} ({} units{}) alone needs {} for its dense f64 matrices over {} models × {} \
+         units{}. {cheaper}",
         gib(total),
         opts.method.name(),
         gib(available),
@@ -71,8 +77,8 @@ pub(super) fn check(groups: &[Group], models: usize, opts: &MergeOptions) -> Res
             .map(|t| format!(", read at '{t}'"))
             .unwrap_or_default(),
         gib(peak),
-        models * g.width,
-        models * g.width,
+        models,
+        g.width,
         if stats > 0 {
             format!(", and the activation statistics of all groups take {}", gib(stats))
         } else {
