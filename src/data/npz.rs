@@ -68,8 +68,22 @@ pub fn read_npz_bytes(bytes: &[u8]) -> Result<NamedArrays> {
     npz_from_reader(Cursor::new(bytes), Path::new(MEMORY))
 }
 
-fn npz_from_reader<R: Read + Seek>(reader: R, path: &Path) -> Result<NamedArrays> {
+fn npz_from_reader<R: Read + Seek>(mut reader: R, path: &Path) -> Result<NamedArrays> {
     let bad = |reason: String| Error::data(path, format!("not a readable .npz file: {reason}"));
+    // The zip crate keeps one entry per name: two members of one name would pass as one.
+    let start = zip::ZipArchive::new(&mut reader)
+        .map_err(|e| bad(e.to_string()))?
+        .central_directory_start();
+    if let Some(name) = repeated_member(&mut reader, start) {
+        let key = name.strip_suffix(".npy").unwrap_or(&name);
+        return Err(Error::data(
+            path,
+            format!(
+                "array '{key}': the archive holds two members of this name; which one is meant \
+                 is ambiguous"
+            ),
+        ));
+    }
     let mut zip = zip::ZipArchive::new(reader).map_err(|e| bad(e.to_string()))?;
     let mut arrays = Vec::with_capacity(zip.len());
     for index in 0..zip.len() {
@@ -94,6 +108,30 @@ fn npz_from_reader<R: Read + Seek>(reader: R, path: &Path) -> Result<NamedArrays
         return Err(Error::data(path, "the archive holds no arrays"));
     }
     Ok(NamedArrays(arrays))
+}
+
+/// The first member name that the central directory (at `start`) lists twice. Best effort:
+/// a directory the zip crate accepted is walked header by header until the signature stops.
+fn repeated_member(reader: &mut (impl Read + Seek), start: u64) -> Option<String> {
+    const CENTRAL: u32 = 0x0201_4b50;
+    reader.seek(std::io::SeekFrom::Start(start)).ok()?;
+    let mut seen = std::collections::HashSet::new();
+    loop {
+        let mut header = [0u8; 46];
+        reader.read_exact(&mut header).ok()?;
+        if u32::from_le_bytes([header[0], header[1], header[2], header[3]]) != CENTRAL {
+            return None;
+        }
+        let le16 = |at: usize| u16::from_le_bytes([header[at], header[at + 1]]) as i64;
+        let (name_len, extra, comment) = (le16(28), le16(30), le16(32));
+        let mut name = vec![0u8; name_len as usize];
+        reader.read_exact(&mut name).ok()?;
+        let name = String::from_utf8_lossy(&name).into_owned();
+        if !seen.insert(name.clone()) {
+            return Some(name);
+        }
+        reader.seek(std::io::SeekFrom::Current(extra + comment)).ok()?;
+    }
 }
 
 /// One member's bytes, inflated no further than its `.npy` header says the array needs: the

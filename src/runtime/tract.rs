@@ -158,9 +158,10 @@ impl TractSession {
     fn plan(&mut self, inputs: &[TensorData]) -> Result<&Plan> {
         let key: Vec<Vec<usize>> = inputs.iter().map(|t| t.shape().to_vec()).collect();
         if !self.plans.contains_key(&key) {
-            let e = |what: &str, x: TractError| Error::Backend {
-                backend: "tract",
-                reason: format!("{what} {}: {x:#}", self.display_name),
+            // Preparing for concrete shapes is where tract checks the graph's consistency
+            // (ranks, volumes, axes): its refusals are the model's fault.
+            let e = |what: &str, x: TractError| {
+                model_fault(format!("{what} {}: {x:#}", self.display_name))
             };
             let mut tm = self.model.clone();
             for (i, t) in inputs.iter().enumerate() {
