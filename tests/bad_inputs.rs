@@ -690,7 +690,11 @@ fn external_data_cannot_leave_the_model_directory_through_links() {
         assert_refused(
             &args,
             2,
-            &["ext_a.onnx", "outside the model's directory", "ext_a.weights"],
+            &[
+                "ext_a.onnx",
+                "outside the model's directory",
+                "ext_a.weights",
+            ],
         );
     }
     // A linked directory: the location names a file inside it.
@@ -699,7 +703,11 @@ fn external_data_cannot_leave_the_model_directory_through_links() {
     let elsewhere = root.path().join("elsewhere");
     std::fs::create_dir_all(&dir).unwrap();
     std::fs::create_dir_all(&elsewhere).unwrap();
-    std::fs::copy(inputs().join("ext_a.weights"), elsewhere.join("ext_a.weights")).unwrap();
+    std::fs::copy(
+        inputs().join("ext_a.weights"),
+        elsewhere.join("ext_a.weights"),
+    )
+    .unwrap();
     std::os::unix::fs::symlink(&elsewhere, dir.join("sub")).unwrap();
     let mut proto = onnx::load(input("ext_a.onnx")).unwrap().proto;
     // Loaded with its data resolved: write it back out with the data under sub/.
@@ -816,7 +824,14 @@ fn special_files_are_never_replaced_by_outputs() {
     use std::os::unix::fs::FileTypeExt;
     for name in ["pipe", "link", "adir"] {
         for args in [
-            vec!["run", &a, "--input", &calib, "--output", &format!("OUT/{name}")],
+            vec![
+                "run",
+                &a,
+                "--input",
+                &calib,
+                "--output",
+                &format!("OUT/{name}"),
+            ],
             vec![
                 "merge",
                 &a,
@@ -828,11 +843,22 @@ fn special_files_are_never_replaced_by_outputs() {
                 "--report",
                 &format!("OUT/{name}"),
             ],
-            vec!["merge", &a, &b, "-o", &format!("OUT/{name}"), "--calib", &calib],
+            vec![
+                "merge",
+                &a,
+                &b,
+                "-o",
+                &format!("OUT/{name}"),
+                "--calib",
+                &calib,
+            ],
         ] {
             let args: Vec<String> = args.iter().map(|s| s.to_string()).collect();
             let o = Command::new(env!("CARGO_BIN_EXE_mudsc"))
-                .args(args.iter().map(|a| a.replace("OUT/", &format!("{}/", out.path().display()))))
+                .args(
+                    args.iter()
+                        .map(|a| a.replace("OUT/", &format!("{}/", out.path().display()))),
+                )
                 .output()
                 .unwrap();
             let stderr = String::from_utf8_lossy(&o.stderr);
@@ -858,7 +884,14 @@ fn outputs_under_two_spellings_are_refused() {
     let run = mudsc_in(
         out,
         &[
-            "merge", &a, &b, "-o", "OUT/m.onnx", "--calib", &calib, "--report",
+            "merge",
+            &a,
+            &b,
+            "-o",
+            "OUT/m.onnx",
+            "--calib",
+            &calib,
+            "--report",
             "OUT/sub/../m.onnx",
         ],
         &[],
@@ -908,12 +941,26 @@ fn outputs_under_two_spellings_are_refused() {
 fn check_refuses_random_input_too_large_to_allocate() {
     let a = input("a.onnx");
     assert_refused(
-        &["check", &a, "--backend", "tract", "--samples", "10000000000"],
+        &[
+            "check",
+            &a,
+            "--backend",
+            "tract",
+            "--samples",
+            "10000000000",
+        ],
         2,
         &["random input 'x'", "--samples"],
     );
     assert_refused(
-        &["check", &a, "--backend", "tract", "--shape", "x=100000000,8"],
+        &[
+            "check",
+            &a,
+            "--backend",
+            "tract",
+            "--shape",
+            "x=100000000,8",
+        ],
         2,
         &["random input 'x'", "[100000000, 8]"],
     );
@@ -931,7 +978,15 @@ fn merges_too_large_for_memory_are_refused_before_allocating() {
     for method in ["mudsc-zip", "avg"] {
         assert_refused_env(
             &[
-                "merge", &a, &b, "-o", "OUT/m.onnx", "--calib", &calib, "--method", method,
+                "merge",
+                &a,
+                &b,
+                "-o",
+                "OUT/m.onnx",
+                "--calib",
+                &calib,
+                "--method",
+                method,
             ],
             &[("MUDSC_MEMORY_LIMIT", "4G")],
             1,
@@ -947,7 +1002,11 @@ fn npz_members_inflate_no_further_than_their_header_says() {
     assert_refused(
         &["run", &input("a.onnx"), "--input", &input("bomb.npz")],
         2,
-        &["bomb.npz", "array 'x'", "needs 4 bytes of data, the member holds more"],
+        &[
+            "bomb.npz",
+            "array 'x'",
+            "needs 4 bytes of data, the member holds more",
+        ],
     );
 }
 
@@ -965,7 +1024,11 @@ fn npz_with_two_members_of_one_name_is_refused() {
 /// and masks are 0/1; the verdict prints its tolerance and a negative control.
 #[test]
 fn check_refuses_no_trials_and_fits_integer_inputs_to_tables() {
-    assert_refused(&["check", &input("a.onnx"), "--trials", "0"], 2, &["--trials"]);
+    assert_refused(
+        &["check", &input("a.onnx"), "--trials", "0"],
+        2,
+        &["--trials"],
+    );
     for backend in ["ort", "tract"] {
         let run = mudsc(&["check", &input("embed.onnx"), "--backend", backend]);
         assert_eq!(run.code, Some(0), "{backend}: {}", run.stderr);
@@ -973,8 +1036,17 @@ fn check_refuses_no_trials_and_fits_integer_inputs_to_tables() {
     }
     let run = mudsc(&["check", &input("a.onnx")]);
     assert_eq!(run.code, Some(0), "{}", run.stderr);
-    for needle in ["tolerance", "noise floor", "negative control", "× tolerance"] {
-        assert!(run.stdout.contains(needle), "no '{needle}' in {}", run.stdout);
+    for needle in [
+        "tolerance",
+        "noise floor",
+        "negative control",
+        "× tolerance",
+    ] {
+        assert!(
+            run.stdout.contains(needle),
+            "no '{needle}' in {}",
+            run.stdout
+        );
     }
 }
 
@@ -996,7 +1068,15 @@ fn nonsense_option_values_are_refused_and_few_samples_warn() {
         );
     }
     let run = mudsc(&[
-        "merge", &a, &b, "-o", "OUT/m.onnx", "--calib", &calib, "--samples", "2",
+        "merge",
+        &a,
+        &b,
+        "-o",
+        "OUT/m.onnx",
+        "--calib",
+        &calib,
+        "--samples",
+        "2",
     ]);
     assert_eq!(run.code, Some(0), "{}", run.stderr);
     assert!(
@@ -1017,7 +1097,14 @@ fn eval_refuses_empty_scores_and_overlapping_tasks() {
         &["no sample has a label", "0-3", "100"],
     );
     assert_refused(
-        &["eval", &a, "--data", &input("calib.npz"), "--classes", "100-103"],
+        &[
+            "eval",
+            &a,
+            "--data",
+            &input("calib.npz"),
+            "--classes",
+            "100-103",
+        ],
         2,
         &["no sample has a label", "100-103"],
     );
@@ -1069,7 +1156,10 @@ fn partial_zip_of_ir3_models_and_weight_outputs_is_valid() {
         .collect();
     for t in &m.graph().initializer {
         let name = t.name.as_deref().unwrap();
-        assert!(listed.contains(&name), "initializer '{name}' is not a graph input");
+        assert!(
+            listed.contains(&name),
+            "initializer '{name}' is not a graph input"
+        );
     }
     let (run, _) = assert_merges(&[
         "merge",
@@ -1087,8 +1177,17 @@ fn partial_zip_of_ir3_models_and_weight_outputs_is_valid() {
         .iter()
         .filter_map(|v| v.name.as_deref())
         .collect();
-    assert_eq!(outputs.iter().filter(|o| o.starts_with("w3")).count(), 2, "{outputs:?}");
-    let y = mudsc(&["run", run.out("m.onnx").to_str().unwrap(), "--input", &calib]);
+    assert_eq!(
+        outputs.iter().filter(|o| o.starts_with("w3")).count(),
+        2,
+        "{outputs:?}"
+    );
+    let y = mudsc(&[
+        "run",
+        run.out("m.onnx").to_str().unwrap(),
+        "--input",
+        &calib,
+    ]);
     assert_eq!(y.code, Some(0), "{}", y.stderr);
 }
 
@@ -1122,7 +1221,12 @@ fn output_directories_are_checked_first() {
         "--calib",
         &input("calib.npz"),
     ]);
-    assert_eq!(run.stderr.matches("No such file").count(), 1, "{}", run.stderr);
+    assert_eq!(
+        run.stderr.matches("No such file").count(),
+        1,
+        "{}",
+        run.stderr
+    );
 }
 
 /// Outputs are created 0666 less the umask (as other tools' are), not 0600; the merged model
@@ -1167,7 +1271,9 @@ fn temporary_files_do_not_linger() {
     let out = tempfile::tempdir().unwrap();
     let dead = out.path().join(".mudsc-999999999-abc.tmp");
     let recent = out.path().join(".mudsc-999999998-abc.tmp");
-    let live = out.path().join(format!(".mudsc-{}-abc.tmp", std::process::id()));
+    let live = out
+        .path()
+        .join(format!(".mudsc-{}-abc.tmp", std::process::id()));
     for f in [&dead, &recent, &live] {
         std::fs::write(f, b"partial").unwrap();
     }
@@ -1182,7 +1288,14 @@ fn temporary_files_do_not_linger() {
     }
     let run = mudsc_in(
         out,
-        &["run", &input("a.onnx"), "--input", &input("calib.npz"), "--output", "OUT/y.npz"],
+        &[
+            "run",
+            &input("a.onnx"),
+            "--input",
+            &input("calib.npz"),
+            "--output",
+            "OUT/y.npz",
+        ],
         &[],
     );
     assert_eq!(run.code, Some(0), "{}", run.stderr);
@@ -1214,4 +1327,27 @@ fn temporary_files_do_not_linger() {
         .filter(|n| n.to_string_lossy().ends_with(".tmp"))
         .collect();
     assert!(left.is_empty(), "{status:?}: left {left:?}");
+}
+
+/// A model tract panics on or refuses as inconsistent is the input's fault (exit 2), and the
+/// panic caught inside mudsc prints one `error:` line, no panic report or backtrace hint.
+#[test]
+fn tract_refusals_are_input_faults_and_panics_print_one_line() {
+    let calib = input("calib.npz");
+    for (name, needles) in [
+        (
+            "tract_panic.onnx",
+            &["tract_panic.onnx", "internal error"][..],
+        ),
+        (
+            "tract_refuses.onnx",
+            &["tract_refuses.onnx", "cannot prepare"][..],
+        ),
+    ] {
+        let model = input(name);
+        assert_refused(&["run", &model, "--input", &calib], 2, needles);
+        let run = mudsc(&["run", &model, "--input", &calib]);
+        assert_eq!(run.stderr.lines().count(), 1, "{}", run.stderr);
+        assert!(!run.stderr.contains("RUST_BACKTRACE"), "{}", run.stderr);
+    }
 }

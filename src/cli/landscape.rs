@@ -299,8 +299,7 @@ pub fn run(args: LandscapeArgs) -> Result<()> {
         .with_context(|| format!("writing {}", args.output.display()))?;
     if let Some(path) = &args.csv {
         // A CSV that cannot be written takes the picture with it: nothing half-done stays.
-        if let Err(e) = mudsc::atomic::write_atomic(path, &protect, landscape.to_csv().as_bytes())
-        {
+        if let Err(e) = mudsc::atomic::write_atomic(path, &protect, landscape.to_csv().as_bytes()) {
             let _ = std::fs::remove_file(&args.output);
             return Err(e).with_context(|| format!("writing {}", path.display()));
         }

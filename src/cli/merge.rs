@@ -107,10 +107,9 @@ pub fn run(args: MergeArgs) -> Result<()> {
     };
     for (flag, v) in [("--zip-a", args.zip_a), ("--zip-b", args.zip_b)] {
         if !v.is_finite() || v < 0.0 {
-            return Err(mudsc::Error::Usage(format!(
-                "{flag} {v} must be a finite number ≥ 0"
-            ))
-            .into());
+            return Err(
+                mudsc::Error::Usage(format!("{flag} {v} must be a finite number ≥ 0")).into(),
+            );
         }
     }
     let save = SaveOptions {

@@ -285,9 +285,7 @@ pub fn random_inputs(
 }
 
 fn human_size(shape: &[usize], item: u64) -> String {
-    let bytes = shape
-        .iter()
-        .fold(item as f64, |acc, &d| acc * d as f64);
+    let bytes = shape.iter().fold(item as f64, |acc, &d| acc * d as f64);
     format!("{:.1} GiB", bytes / (1u64 << 30) as f64)
 }
 

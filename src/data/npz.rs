@@ -130,7 +130,9 @@ fn repeated_member(reader: &mut (impl Read + Seek), start: u64) -> Option<String
         if !seen.insert(name.clone()) {
             return Some(name);
         }
-        reader.seek(std::io::SeekFrom::Current(extra + comment)).ok()?;
+        reader
+            .seek(std::io::SeekFrom::Current(extra + comment))
+            .ok()?;
     }
 }
 

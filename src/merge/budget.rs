@@ -17,7 +17,7 @@ const F64: u64 = 8;
 pub(super) fn group_bytes(g: &Group, models: usize, method: Method) -> (u64, u64) {
     let w = g.width as u64;
     let n = models as u64 * w; // units of all models
-    // Per-model axis maps of the rewrite and the dense unmerge the matchers return.
+                               // Per-model axis maps of the rewrite and the dense unmerge the matchers return.
     let maps = F64 * n * w + F64 * w * n;
     if method == Method::Avg {
         return (maps, 0);
@@ -80,7 +80,10 @@ pub(super) fn check(groups: &[Group], models: usize, opts: &MergeOptions) -> Res
         models,
         g.width,
         if stats > 0 {
-            format!(", and the activation statistics of all groups take {}", gib(stats))
+            format!(
+                ", and the activation statistics of all groups take {}",
+                gib(stats)
+            )
         } else {
             String::new()
         }

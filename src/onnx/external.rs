@@ -151,7 +151,8 @@ fn confined(base: &Path, file: &Path) -> std::result::Result<PathBuf, String> {
             real.display()
         ));
     }
-    let meta = std::fs::metadata(&real).map_err(|e| format!("data file '{}': {e}", file.display()))?;
+    let meta =
+        std::fs::metadata(&real).map_err(|e| format!("data file '{}': {e}", file.display()))?;
     if !meta.is_file() {
         return Err(format!(
             "data file '{}' is not a regular file",

@@ -62,7 +62,11 @@ fn environment(options: &BackendOptions) -> Result<ort::environment::Environment
         .map_err(|e| err(format!("cannot load '{}': {e}", path.display())))?
         .with_name("mudsc")
         .with_logger(std::sync::Arc::new(
-            move |level: ort::logging::LogLevel, _category: &str, _id: &str, _at: &str, message: &str| {
+            move |level: ort::logging::LogLevel,
+                  _category: &str,
+                  _id: &str,
+                  _at: &str,
+                  message: &str| {
                 if level >= threshold {
                     eprintln!("onnxruntime: {message}");
                 }

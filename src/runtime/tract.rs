@@ -48,9 +48,14 @@ pub fn inference_model(model: &Model) -> Result<InferenceModel> {
 /// the op (exit 1: valid ONNX that this engine cannot run).
 pub(crate) fn model_fault(reason: String) -> Error {
     let lower = reason.to_lowercase();
-    if ["unimplemented", "not implemented", "unsupported", "not supported"]
-        .iter()
-        .any(|w| lower.contains(w))
+    if [
+        "unimplemented",
+        "not implemented",
+        "unsupported",
+        "not supported",
+    ]
+    .iter()
+    .any(|w| lower.contains(w))
     {
         Error::Backend {
             backend: "tract",

@@ -271,3 +271,14 @@ with zipfile.ZipFile(os.path.join(out, "bomb.npz"), "w", compression=zipfile.ZIP
         for _ in range(64):
             f.write(b"\0" * (1 << 20))
 data("labels_high.npz", x, np.full(64, 100, np.int64))
+#   tract_panic.onnx     Flatten with axis 9 on a rank-2 input (tract panics preparing it)
+#   tract_refuses.onnx   Reshape of [N, 8] to [3, 5] (tract refuses preparing it)
+raw_model([helper.make_node("Flatten", ["x"], ["y"], name="flat", axis=9)], ["y"],
+          "tract_panic.onnx")
+g = helper.make_graph([helper.make_node("Reshape", ["x", "s"], ["y"], name="reshape")], "bad",
+                      [helper.make_tensor_value_info("x", F, ["N", 8])],
+                      [helper.make_tensor_value_info("y", F, None)],
+                      [numpy_helper.from_array(np.array([3, 5], np.int64), "s")])
+m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+m.ir_version = 8
+onnx.save_model(m, os.path.join(out, "tract_refuses.onnx"))
