@@ -161,10 +161,10 @@ fn message(e: &anyhow::Error) -> String {
 }
 
 /// On SIGINT, SIGTERM or SIGHUP, removes the temporary files of outputs being written (the
-/// hidden `.mudsc-*.tmp` beside each output) before exiting with 128 + signal, as the shell
-/// would report. The `ctrlc` crate runs the handler on its own thread, so it may lock and
-/// remove files freely. Temporary files of a process killed outright (SIGKILL) are removed by
-/// the next run that writes into the same directory.
+/// hidden `.mudsc-*.tmp` beside each output) before exiting with status 130 (interrupted).
+/// The `ctrlc` crate runs the handler on its own thread, so it may lock and remove files
+/// freely. Temporary files of a process killed outright (SIGKILL) are removed by the next run
+/// that writes into the same directory.
 fn clean_up_on_signals() {
     let _ = ctrlc::set_handler(|| {
         mudsc::atomic::remove_live_temps();
