@@ -122,7 +122,13 @@ pub fn run(args: MergeArgs) -> Result<()> {
     };
     // Every output is checked before any work (directories, special files, one file under two
     // names), so that a refusal costs nothing and nothing is overwritten by another output.
-    let data_file = mudsc::onnx::data_file_for(&args.output, &save);
+    // Without --external-data a model over 2 GiB still gets `<output>.data`: no other output
+    // may take that name either.
+    let always = SaveOptions {
+        external_data: ExternalData::Always(None),
+        protect: Vec::new(),
+    };
+    let data_file = mudsc::onnx::data_file_for(&args.output, &always);
     let mut outputs: Vec<(&str, &std::path::Path)> = vec![("-o", args.output.as_path())];
     if let Some(d) = &data_file {
         outputs.push(("the external data file", d.as_path()));
@@ -160,8 +166,11 @@ pub fn run(args: MergeArgs) -> Result<()> {
     };
     let mut protect: Vec<PathBuf> = models.iter().flat_map(|m| m.source_files()).collect();
     protect.push(args.calib.clone());
-    for (_, out) in &outputs {
-        mudsc::atomic::refuse_protected(out, &protect)?;
+    for (what, out) in &outputs {
+        // The data file an inline model might get is checked at save time, if it comes to it.
+        if args.external_data || *what != "the external data file" {
+            mudsc::atomic::refuse_protected(out, &protect)?;
+        }
     }
     let mut calib = data::bind_inputs(&arrays, &models[0], &args.calib)?;
     if let Some(n) = args.samples {
