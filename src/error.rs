@@ -69,6 +69,19 @@ pub enum Error {
     #[error("drawing the picture: {0}")]
     Plot(String),
 
+    /// The work would need more memory than the machine has (the estimate comes before the
+    /// allocation, which would abort the process).
+    #[error("{0}")]
+    TooLarge(String),
+
+    /// A model an engine rejects as malformed (its structure, not a missing op): the input's
+    /// fault, unlike [`Error::Backend`].
+    #[error("{backend} backend: {reason}")]
+    BadModel {
+        backend: &'static str,
+        reason: String,
+    },
+
     /// A caller asked for something inconsistent (bad option value, overwriting an input...).
     #[error("{0}")]
     Usage(String),
@@ -81,7 +94,7 @@ impl Error {
     pub fn is_bad_input(&self) -> bool {
         match self {
             Error::Io { source, .. } => source.kind() == std::io::ErrorKind::NotFound,
-            Error::Backend { .. } | Error::Plot(_) => false,
+            Error::Backend { .. } | Error::Plot(_) | Error::TooLarge(_) => false,
             _ => true,
         }
     }

@@ -35,6 +35,21 @@ impl ClassRange {
         class >= 0 && self.range().contains(&(class as usize))
     }
 
+    /// Errors if two tasks share a class (a duplicate or overlapping `--tasks` range would
+    /// count its samples twice in the task mean).
+    pub fn check_disjoint(tasks: &[ClassRange]) -> Result<()> {
+        for (i, a) in tasks.iter().enumerate() {
+            for b in &tasks[..i] {
+                if a.first <= b.last && b.first <= a.last {
+                    return Err(Error::Usage(format!(
+                        "--tasks {b} and {a} overlap; every class belongs to one task"
+                    )));
+                }
+            }
+        }
+        Ok(())
+    }
+
     /// Parses a comma-separated list of ranges, `0-4,5-9`.
     pub fn parse_list(s: &str) -> Result<Vec<ClassRange>> {
         s.split(',').map(str::parse).collect()
@@ -132,6 +147,7 @@ pub fn evaluate(
             classes.len()
         )));
     }
+    ClassRange::check_disjoint(tasks)?;
     for t in tasks {
         if t.first < classes.first || t.last > classes.last {
             return Err(Error::Usage(format!(
@@ -159,6 +175,22 @@ pub fn evaluate(
                 }
             }
         }
+    }
+    // An accuracy over no samples is no result: 0/0 printed as 0 % read as a verdict.
+    if top1.total == 0 {
+        let (lo, hi) = (
+            labels.iter().min().copied().unwrap_or(0),
+            labels.iter().max().copied().unwrap_or(0),
+        );
+        return Err(Error::Usage(format!(
+            "no sample has a label in the model's classes {classes} (the labels run from {lo} \
+             to {hi}); check --classes and the labels"
+        )));
+    }
+    if let Some((t, _)) = tasks.iter().zip(&per_task).find(|(_, a)| a.total == 0) {
+        return Err(Error::Usage(format!(
+            "task {t}: no sample has a label in it; check --tasks and the labels"
+        )));
     }
     let task_mean = (!tasks.is_empty())
         .then(|| per_task.iter().map(Accuracy::value).sum::<f64>() / tasks.len() as f64);

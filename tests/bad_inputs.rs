@@ -86,7 +86,17 @@ impl Run {
 
 /// Runs `mudsc` with `args`, where `OUT/` stands for a fresh, empty output directory.
 fn mudsc<S: AsRef<str>>(args: &[S]) -> Run {
+    mudsc_env(args, &[])
+}
+
+/// `mudsc` with extra environment variables.
+fn mudsc_env<S: AsRef<str>>(args: &[S], env: &[(&str, &str)]) -> Run {
     let out = tempfile::tempdir().unwrap();
+    mudsc_in(out, args, env)
+}
+
+/// `mudsc` with `OUT/` standing for `out` (which may already hold files).
+fn mudsc_in<S: AsRef<str>>(out: tempfile::TempDir, args: &[S], env: &[(&str, &str)]) -> Run {
     let args: Vec<String> = args
         .iter()
         .map(|a| {
@@ -96,6 +106,7 @@ fn mudsc<S: AsRef<str>>(args: &[S]) -> Run {
         .collect();
     let o = Command::new(env!("CARGO_BIN_EXE_mudsc"))
         .args(&args)
+        .envs(env.iter().copied())
         .output()
         .unwrap();
     Run {
@@ -109,8 +120,18 @@ fn mudsc<S: AsRef<str>>(args: &[S]) -> Run {
 /// Asserts that `args` are refused with `code`, a message holding every `needle`, no panic,
 /// nothing left in the output directory and the inputs unchanged.
 fn assert_refused<S: AsRef<str>>(args: &[S], code: i32, needles: &[&str]) {
+    assert_refused_env(args, &[], code, needles)
+}
+
+/// [`assert_refused`] with extra environment variables.
+fn assert_refused_env<S: AsRef<str>>(
+    args: &[S],
+    env: &[(&str, &str)],
+    code: i32,
+    needles: &[&str],
+) {
     let before = snapshot(inputs());
-    let run = mudsc(args);
+    let run = mudsc_env(args, env);
     let args: Vec<&str> = args.iter().map(AsRef::as_ref).collect();
     let what = format!("mudsc {}\nstderr: {}", args.join(" "), run.stderr);
     assert_eq!(run.code, Some(code), "{what}");
@@ -399,7 +420,7 @@ fn outputs_never_overwrite_inputs_or_linger() {
     assert_refused(
         &merge(&["-o", "OUT/m.onnx", "--report", "OUT/m.onnx"]),
         2,
-        &["--report", "is the output model's path"],
+        &["--report", "are the same file"],
     );
     // The external data file beside the output must not be an input either.
     let over = input("ext_x.onnx");
@@ -620,5 +641,713 @@ fn ops_no_backend_runs_are_refused_naming_the_op() {
             1,
             needles,
         );
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Hardening, round 2. Each test fails on the behaviour before its fix.
+
+/// Asserts a refusal of a run whose output directory may hold files made before it.
+fn assert_run_refused(run: &Run, code: i32, needles: &[&str]) {
+    let what = format!("stderr: {}", run.stderr);
+    assert_eq!(run.code, Some(code), "{what}");
+    assert!(!run.stderr.contains("panicked"), "{what}");
+    assert!(run.stderr.starts_with("error: "), "{what}");
+    for needle in needles {
+        assert!(run.stderr.contains(needle), "no '{needle}' in: {what}");
+    }
+}
+
+/// A directory holding the external-data model `ext_a.onnx` and, as `ext_a.weights`, what
+/// `link` makes of the real weights (which are put beside the directory, outside it).
+fn ext_model_with(link: impl Fn(&Path, &Path)) -> (tempfile::TempDir, PathBuf) {
+    let root = tempfile::tempdir().unwrap();
+    let dir = root.path().join("model");
+    std::fs::create_dir(&dir).unwrap();
+    std::fs::copy(inputs().join("ext_a.onnx"), dir.join("ext_a.onnx")).unwrap();
+    let outside = root.path().join("secret.bin");
+    std::fs::copy(inputs().join("ext_a.weights"), &outside).unwrap();
+    link(&outside, &dir.join("ext_a.weights"));
+    let model = dir.join("ext_a.onnx");
+    (root, model)
+}
+
+/// F1: external data may not leave the model's directory through a symbolic link (to a file
+/// or through a linked directory), and must be a regular file; a link that stays inside is
+/// fine.
+#[test]
+fn external_data_cannot_leave_the_model_directory_through_links() {
+    let calib = input("calib.npz");
+    let (_root, model) = ext_model_with(|outside, at| {
+        std::os::unix::fs::symlink(outside, at).unwrap();
+    });
+    let m = model.to_str().unwrap().to_string();
+    for args in [
+        vec!["run", &m, "--input", &calib, "--output", "OUT/y.npz"],
+        vec!["inspect", &m],
+        vec!["run", &m, "--input", &calib, "--backend", "ort"],
+    ] {
+        assert_refused(
+            &args,
+            2,
+            &[
+                "ext_a.onnx",
+                "outside the model's directory",
+                "ext_a.weights",
+            ],
+        );
+    }
+    // A linked directory: the location names a file inside it.
+    let root = tempfile::tempdir().unwrap();
+    let dir = root.path().join("model");
+    let elsewhere = root.path().join("elsewhere");
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::create_dir_all(&elsewhere).unwrap();
+    std::fs::copy(
+        inputs().join("ext_a.weights"),
+        elsewhere.join("ext_a.weights"),
+    )
+    .unwrap();
+    std::os::unix::fs::symlink(&elsewhere, dir.join("sub")).unwrap();
+    let mut proto = onnx::load(input("ext_a.onnx")).unwrap().proto;
+    // Loaded with its data resolved: write it back out with the data under sub/.
+    onnx::save(
+        &proto,
+        &dir.join("tmp.onnx"),
+        &onnx::SaveOptions {
+            external_data: onnx::ExternalData::Always(Some("w.bin".into())),
+            protect: vec![],
+        },
+    )
+    .unwrap();
+    std::fs::rename(dir.join("w.bin"), elsewhere.join("w.bin")).unwrap();
+    proto = {
+        use prost::Message;
+        let bytes = std::fs::read(dir.join("tmp.onnx")).unwrap();
+        onnx::proto::ModelProto::decode(bytes.as_slice()).unwrap()
+    };
+    for t in &mut proto.graph.as_mut().unwrap().initializer {
+        for kv in &mut t.external_data {
+            if kv.key.as_deref() == Some("location") {
+                kv.value = Some("sub/w.bin".into());
+            }
+        }
+    }
+    {
+        use prost::Message;
+        std::fs::write(dir.join("linked_dir.onnx"), proto.encode_to_vec()).unwrap();
+    }
+    let m = dir.join("linked_dir.onnx").to_str().unwrap().to_string();
+    assert_refused(&["inspect", &m], 2, &["outside the model's directory"]);
+    // A FIFO as the data file: refused, not waited on.
+    let (_root2, model) = ext_model_with(|_, at| {
+        let c = std::ffi::CString::new(at.to_str().unwrap()).unwrap();
+        assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+    });
+    assert_refused(
+        &["inspect", model.to_str().unwrap()],
+        2,
+        &["not a regular file"],
+    );
+    // A link that stays inside the directory is fine.
+    let (_root3, model) = ext_model_with(|outside, at| {
+        let inside = at.with_file_name("real.weights");
+        std::fs::copy(outside, &inside).unwrap();
+        std::os::unix::fs::symlink("real.weights", at).unwrap();
+    });
+    let run = mudsc(&["inspect", model.to_str().unwrap()]);
+    assert_eq!(run.code, Some(0), "{}", run.stderr);
+}
+
+/// F2: undoing a save removes only what that save wrote: a model saved inline next to an
+/// existing `<name>.data` (here another model's weights) leaves that file alone.
+#[test]
+fn undoing_a_save_removes_only_what_it_wrote() {
+    let dir = tempfile::tempdir().unwrap();
+    let weights = dir.path().join("m.onnx.data");
+    std::fs::write(&weights, b"another model's weights").unwrap();
+    let model = onnx::load(input("a.onnx")).unwrap();
+    let saved = model
+        .save(dir.path().join("m.onnx"), &onnx::SaveOptions::default())
+        .unwrap();
+    assert_eq!(saved.data, None);
+    saved.remove();
+    assert!(!dir.path().join("m.onnx").exists());
+    assert_eq!(std::fs::read(&weights).unwrap(), b"another model's weights");
+    // With external data, both files are the save's own.
+    let saved = model
+        .save(
+            dir.path().join("x.onnx"),
+            &onnx::SaveOptions {
+                external_data: onnx::ExternalData::Always(None),
+                protect: vec![],
+            },
+        )
+        .unwrap();
+    assert_eq!(saved.data, Some(dir.path().join("x.onnx.data")));
+    saved.remove();
+    assert!(!dir.path().join("x.onnx.data").exists());
+    // Through the binary: the reproducer's report into a missing directory is refused before
+    // any work, and the input's weights file `ext_x.onnx.data` (the output's data name) stays.
+    let (b, calib) = (input("b.onnx"), input("calib.npz"));
+    let out = inputs().join("ext_x.onnx");
+    assert_refused(
+        &[
+            "merge",
+            &input("ext_x_a.onnx"),
+            &b,
+            "-o",
+            out.to_str().unwrap(),
+            "--calib",
+            &calib,
+            "--report",
+            "OUT/nodir/r.json",
+        ],
+        2,
+        &["nodir/r.json"],
+    );
+}
+
+/// F4: an output that is a FIFO, a symbolic link or a directory is refused, and stays what it
+/// was; a regular file is replaced as before.
+#[test]
+fn special_files_are_never_replaced_by_outputs() {
+    let (a, b, calib) = (input("a.onnx"), input("b.onnx"), input("calib.npz"));
+    let out = tempfile::tempdir().unwrap();
+    let fifo = out.path().join("pipe");
+    let c = std::ffi::CString::new(fifo.to_str().unwrap()).unwrap();
+    assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+    let target = out.path().join("target.txt");
+    std::fs::write(&target, b"keep").unwrap();
+    std::os::unix::fs::symlink(&target, out.path().join("link")).unwrap();
+    std::fs::create_dir(out.path().join("adir")).unwrap();
+    use std::os::unix::fs::FileTypeExt;
+    for name in ["pipe", "link", "adir"] {
+        for args in [
+            vec![
+                "run",
+                &a,
+                "--input",
+                &calib,
+                "--output",
+                &format!("OUT/{name}"),
+            ],
+            vec![
+                "merge",
+                &a,
+                &b,
+                "-o",
+                "OUT/m.onnx",
+                "--calib",
+                &calib,
+                "--report",
+                &format!("OUT/{name}"),
+            ],
+            vec![
+                "merge",
+                &a,
+                &b,
+                "-o",
+                &format!("OUT/{name}"),
+                "--calib",
+                &calib,
+            ],
+        ] {
+            let args: Vec<String> = args.iter().map(|s| s.to_string()).collect();
+            let o = Command::new(env!("CARGO_BIN_EXE_mudsc"))
+                .args(
+                    args.iter()
+                        .map(|a| a.replace("OUT/", &format!("{}/", out.path().display()))),
+                )
+                .output()
+                .unwrap();
+            let stderr = String::from_utf8_lossy(&o.stderr);
+            assert_eq!(o.status.code(), Some(2), "{args:?}: {stderr}");
+            assert!(stderr.contains(name), "{stderr}");
+        }
+    }
+    let meta = std::fs::symlink_metadata(&fifo).unwrap();
+    assert!(meta.file_type().is_fifo());
+    let link = std::fs::symlink_metadata(out.path().join("link")).unwrap();
+    assert!(link.file_type().is_symlink());
+    assert_eq!(std::fs::read(&target).unwrap(), b"keep");
+    assert!(!out.path().join("m.onnx").exists());
+}
+
+/// F5: one output under two spellings is refused before any work: a report naming the model
+/// through `..`, a report over the external data file, a CSV naming the picture absolutely.
+#[test]
+fn outputs_under_two_spellings_are_refused() {
+    let (a, b, calib) = (input("a.onnx"), input("b.onnx"), input("calib.npz"));
+    let out = tempfile::tempdir().unwrap();
+    std::fs::create_dir(out.path().join("sub")).unwrap();
+    let run = mudsc_in(
+        out,
+        &[
+            "merge",
+            &a,
+            &b,
+            "-o",
+            "OUT/m.onnx",
+            "--calib",
+            &calib,
+            "--report",
+            "OUT/sub/../m.onnx",
+        ],
+        &[],
+    );
+    assert_run_refused(&run, 2, &["--report", "-o", "same file"]);
+    assert!(!run.out("m.onnx").exists());
+    assert_refused(
+        &[
+            "merge",
+            &a,
+            &b,
+            "-o",
+            "OUT/x.onnx",
+            "--calib",
+            &calib,
+            "--external-data",
+            "--report",
+            "OUT/x.onnx.data",
+        ],
+        2,
+        &["--report", "external data file", "same file"],
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let abs = dir.path().join("l.png");
+    let run = mudsc_in(
+        dir,
+        &[
+            "landscape",
+            &a,
+            &b,
+            &a,
+            "--data",
+            &calib,
+            "-o",
+            "OUT/l.png",
+            "--csv",
+            abs.to_str().unwrap(),
+        ],
+        &[],
+    );
+    assert_run_refused(&run, 2, &["--csv", "same file"]);
+}
+
+/// F6: check's random input is bounded: too many samples or too large a shape is refused
+/// with the reason, not an allocation abort.
+#[test]
+fn check_refuses_random_input_too_large_to_allocate() {
+    let a = input("a.onnx");
+    assert_refused(
+        &[
+            "check",
+            &a,
+            "--backend",
+            "tract",
+            "--samples",
+            "10000000000",
+        ],
+        2,
+        &["random input 'x'", "--samples"],
+    );
+    assert_refused(
+        &[
+            "check",
+            &a,
+            "--backend",
+            "tract",
+            "--shape",
+            "x=100000000,8",
+        ],
+        2,
+        &["random input 'x'", "[100000000, 8]"],
+    );
+}
+
+/// F7: a pair with one 50,000-unit layer is refused before the dense matrices are allocated,
+/// naming the group, its width and the memory; `avg` is charged no statistics.
+#[test]
+fn merges_too_large_for_memory_are_refused_before_allocating() {
+    let (a, b, calib) = (
+        input("wide50k_a.onnx"),
+        input("wide50k_b.onnx"),
+        input("calib.npz"),
+    );
+    for method in ["mudsc-zip", "avg"] {
+        assert_refused_env(
+            &[
+                "merge",
+                &a,
+                &b,
+                "-o",
+                "OUT/m.onnx",
+                "--calib",
+                &calib,
+                "--method",
+                method,
+            ],
+            &[("MUDSC_MEMORY_LIMIT", "4G")],
+            1,
+            &["group g0", "50000 units", "GiB", method],
+        );
+    }
+}
+
+/// F8: an `.npz` member whose header declares 4 bytes but that inflates to 64 MiB is refused
+/// after the header, without inflating the rest.
+#[test]
+fn npz_members_inflate_no_further_than_their_header_says() {
+    assert_refused(
+        &["run", &input("a.onnx"), "--input", &input("bomb.npz")],
+        2,
+        &[
+            "bomb.npz",
+            "array 'x'",
+            "needs 4 bytes of data, the member holds more",
+        ],
+    );
+}
+
+/// Two members of one name are ambiguous.
+#[test]
+fn npz_with_two_members_of_one_name_is_refused() {
+    assert_refused(
+        &["run", &input("a.onnx"), "--input", &input("dup_member.npz")],
+        2,
+        &["dup_member.npz", "array 'x'", "two members"],
+    );
+}
+
+/// check: no trials prove nothing; integer inputs stay inside the embedding table they index
+/// and masks are 0/1; the verdict prints its tolerance and a negative control.
+#[test]
+fn check_refuses_no_trials_and_fits_integer_inputs_to_tables() {
+    assert_refused(
+        &["check", &input("a.onnx"), "--trials", "0"],
+        2,
+        &["--trials"],
+    );
+    for backend in ["ort", "tract"] {
+        let run = mudsc(&["check", &input("embed.onnx"), "--backend", backend]);
+        assert_eq!(run.code, Some(0), "{backend}: {}", run.stderr);
+        assert!(!run.stderr.contains("onnxruntime"), "{}", run.stderr);
+    }
+    let run = mudsc(&["check", &input("a.onnx")]);
+    assert_eq!(run.code, Some(0), "{}", run.stderr);
+    for needle in [
+        "tolerance",
+        "noise floor",
+        "negative control",
+        "× tolerance",
+    ] {
+        assert!(
+            run.stdout.contains(needle),
+            "no '{needle}' in {}",
+            run.stdout
+        );
+    }
+}
+
+/// Option values that make no sense are refused; too few calibration samples warn.
+#[test]
+fn nonsense_option_values_are_refused_and_few_samples_warn() {
+    let (a, b, calib) = (input("a.onnx"), input("b.onnx"), input("calib.npz"));
+    for (flag, v) in [
+        ("--zip-a", "-1"),
+        ("--zip-a", "NaN"),
+        ("--zip-b", "inf"),
+        ("--zip-b", "-0.5"),
+    ] {
+        let arg = format!("{flag}={v}");
+        assert_refused(
+            &["merge", &a, &b, "-o", "OUT/m.onnx", "--calib", &calib, &arg],
+            2,
+            &[flag],
+        );
+    }
+    let run = mudsc(&[
+        "merge",
+        &a,
+        &b,
+        "-o",
+        "OUT/m.onnx",
+        "--calib",
+        &calib,
+        "--samples",
+        "2",
+    ]);
+    assert_eq!(run.code, Some(0), "{}", run.stderr);
+    assert!(
+        run.stderr.contains("warning: 2 calibration sample"),
+        "{}",
+        run.stderr
+    );
+}
+
+/// eval: no sample in the classes scored is an error, not `0.00 % (0/0)`; tasks that share
+/// classes are refused.
+#[test]
+fn eval_refuses_empty_scores_and_overlapping_tasks() {
+    let a = input("a.onnx");
+    assert_refused(
+        &["eval", &a, "--data", &input("labels_high.npz")],
+        2,
+        &["no sample has a label", "0-3", "100"],
+    );
+    assert_refused(
+        &[
+            "eval",
+            &a,
+            "--data",
+            &input("calib.npz"),
+            "--classes",
+            "100-103",
+        ],
+        2,
+        &["no sample has a label", "100-103"],
+    );
+    for tasks in ["0-1,1-3", "0-1,0-1"] {
+        assert_refused(
+            &["eval", &a, "--data", &input("calib.npz"), "--tasks", tasks],
+            2,
+            &["--tasks", "overlap"],
+        );
+    }
+}
+
+/// Two initializers of one name are refused at load, naming it.
+#[test]
+fn duplicate_initializer_names_are_refused() {
+    let bad = input("dup_init.onnx");
+    for args in [
+        vec!["inspect", &bad],
+        vec!["run", &bad, "--input", &input("calib.npz")],
+    ] {
+        assert_refused(
+            &args,
+            2,
+            &["dup_init.onnx", "initializer 'b1' is defined twice"],
+        );
+    }
+}
+
+/// Partial zip of IR 3 models lists the new Gather indices among the graph inputs; a graph
+/// output that is a remainder weight gets one copy per model.
+#[test]
+fn partial_zip_of_ir3_models_and_weight_outputs_is_valid() {
+    let calib = input("calib.npz");
+    let (run, _) = assert_merges(&[
+        "merge",
+        &input("ir3_a.onnx"),
+        &input("ir3_b.onnx"),
+        "--calib",
+        &calib,
+        "--zip-until",
+        "1",
+    ]);
+    let m = onnx::load(run.out("m.onnx")).unwrap();
+    let listed: Vec<&str> = m
+        .graph()
+        .input
+        .iter()
+        .filter_map(|v| v.name.as_deref())
+        .collect();
+    for t in &m.graph().initializer {
+        let name = t.name.as_deref().unwrap();
+        assert!(
+            listed.contains(&name),
+            "initializer '{name}' is not a graph input"
+        );
+    }
+    let (run, _) = assert_merges(&[
+        "merge",
+        &input("init_out_a.onnx"),
+        &input("init_out_b.onnx"),
+        "--calib",
+        &calib,
+        "--zip-until",
+        "2",
+    ]);
+    let m = onnx::load(run.out("m.onnx")).unwrap();
+    let outputs: Vec<&str> = m
+        .graph()
+        .output
+        .iter()
+        .filter_map(|v| v.name.as_deref())
+        .collect();
+    assert_eq!(
+        outputs.iter().filter(|o| o.starts_with("w3")).count(),
+        2,
+        "{outputs:?}"
+    );
+    let y = mudsc(&[
+        "run",
+        run.out("m.onnx").to_str().unwrap(),
+        "--input",
+        &calib,
+    ]);
+    assert_eq!(y.code, Some(0), "{}", y.stderr);
+}
+
+/// Outputs are checked before any work: a report into a missing directory is refused before
+/// the calibration file is even read (here it is garbage, which would be reported first).
+#[test]
+fn output_directories_are_checked_first() {
+    let (a, b) = (input("a.onnx"), input("b.onnx"));
+    assert_refused(
+        &[
+            "merge",
+            &a,
+            &b,
+            "-o",
+            "OUT/m.onnx",
+            "--calib",
+            &input("garbage.npz"),
+            "--report",
+            "OUT/nodir/r.json",
+        ],
+        2,
+        &["nodir/r.json"],
+    );
+    // The OS error is said once.
+    let run = mudsc(&[
+        "merge",
+        &a,
+        &b,
+        "-o",
+        "OUT/no/dir/m.onnx",
+        "--calib",
+        &input("calib.npz"),
+    ]);
+    assert_eq!(
+        run.stderr.matches("No such file").count(),
+        1,
+        "{}",
+        run.stderr
+    );
+}
+
+/// Outputs are created 0666 less the umask (as other tools' are), not 0600; the merged model
+/// records its inputs by file name and sha256, not by the user's paths.
+#[test]
+fn outputs_get_the_usual_mode_and_record_no_paths() {
+    use std::os::unix::fs::PermissionsExt;
+    let (run, _) = assert_merges(&[
+        "merge",
+        &input("a.onnx"),
+        &input("b.onnx"),
+        "--calib",
+        &input("calib.npz"),
+    ]);
+    // SAFETY: reading the umask means setting it; it is put back at once.
+    let mask = unsafe {
+        let m = libc::umask(0o022);
+        libc::umask(m);
+        m
+    };
+    for f in ["m.onnx", "r.json"] {
+        let mode = std::fs::metadata(run.out(f)).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o666 & !(mask as u32), "{f}: mode {mode:o}");
+    }
+    let m = onnx::load(run.out("m.onnx")).unwrap();
+    let models = m
+        .proto
+        .metadata_props
+        .iter()
+        .find(|e| e.key.as_deref() == Some("mudsc.models"))
+        .and_then(|e| e.value.clone())
+        .unwrap();
+    assert!(!models.contains('/'), "{models}");
+    assert!(models.contains("a.onnx (sha256 "), "{models}");
+}
+
+/// Temporary files: a dead process's old `.mudsc-<pid>-*.tmp` is removed by the next write
+/// into its directory; a live process's (ours) and a recent one are kept; SIGTERM during a
+/// merge leaves none.
+#[test]
+fn temporary_files_do_not_linger() {
+    let out = tempfile::tempdir().unwrap();
+    let dead = out.path().join(".mudsc-999999999-abc.tmp");
+    let recent = out.path().join(".mudsc-999999998-abc.tmp");
+    let live = out
+        .path()
+        .join(format!(".mudsc-{}-abc.tmp", std::process::id()));
+    for f in [&dead, &recent, &live] {
+        std::fs::write(f, b"partial").unwrap();
+    }
+    let old = std::time::SystemTime::now() - std::time::Duration::from_secs(3600);
+    for f in [&dead, &live] {
+        std::fs::File::options()
+            .write(true)
+            .open(f)
+            .unwrap()
+            .set_modified(old)
+            .unwrap();
+    }
+    let run = mudsc_in(
+        out,
+        &[
+            "run",
+            &input("a.onnx"),
+            "--input",
+            &input("calib.npz"),
+            "--output",
+            "OUT/y.npz",
+        ],
+        &[],
+    );
+    assert_eq!(run.code, Some(0), "{}", run.stderr);
+    assert!(!dead.exists());
+    assert!(recent.exists() && live.exists());
+
+    let out = tempfile::tempdir().unwrap();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_mudsc"))
+        .args([
+            "merge",
+            &input("a.onnx"),
+            &input("b.onnx"),
+            "--calib",
+            &input("calib.npz"),
+            "-o",
+            out.path().join("m.onnx").to_str().unwrap(),
+        ])
+        .stderr(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(150));
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    let status = child.wait().unwrap();
+    let left: Vec<_> = std::fs::read_dir(out.path())
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name())
+        .filter(|n| n.to_string_lossy().ends_with(".tmp"))
+        .collect();
+    assert!(left.is_empty(), "{status:?}: left {left:?}");
+}
+
+/// A model tract panics on or refuses as inconsistent is the input's fault (exit 2), and the
+/// panic caught inside mudsc prints one `error:` line, no panic report or backtrace hint.
+#[test]
+fn tract_refusals_are_input_faults_and_panics_print_one_line() {
+    let calib = input("calib.npz");
+    for (name, needles) in [
+        (
+            "tract_panic.onnx",
+            &["tract_panic.onnx", "internal error"][..],
+        ),
+        (
+            "tract_refuses.onnx",
+            &["tract_refuses.onnx", "cannot prepare"][..],
+        ),
+    ] {
+        let model = input(name);
+        assert_refused(&["run", &model, "--input", &calib], 2, needles);
+        let run = mudsc(&["run", &model, "--input", &calib]);
+        assert_eq!(run.stderr.lines().count(), 1, "{}", run.stderr);
+        assert!(!run.stderr.contains("RUST_BACKTRACE"), "{}", run.stderr);
     }
 }

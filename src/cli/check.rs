@@ -1,6 +1,6 @@
 use anyhow::{bail, Result};
 use clap::Args;
-use mudsc::symmetry::check::{check, ATOL, RTOL};
+use mudsc::symmetry::check::{check_report, ATOL, CONTROL_MARGIN, NOISE_FACTOR, RTOL};
 
 use super::groups::{discover, DiscoverArgs};
 use super::BackendArgs;
@@ -23,6 +23,12 @@ pub struct CheckArgs {
 }
 
 pub fn run(args: CheckArgs) -> Result<()> {
+    if args.trials == 0 {
+        return Err(mudsc::Error::Usage(
+            "--trials must be at least 1: no trial proves nothing".into(),
+        )
+        .into());
+    }
     let mut d = discover(&args.discover)?;
     let inputs = match d.inputs.take() {
         Some(i) => i,
@@ -32,7 +38,7 @@ pub fn run(args: CheckArgs) -> Result<()> {
             mudsc::data::random_inputs(&d.model, &shapes, args.seed)?
         }
     };
-    let trials = check(
+    let report = check_report(
         &d.model,
         &d.discovery,
         &inputs,
@@ -45,19 +51,49 @@ pub fn run(args: CheckArgs) -> Result<()> {
         "{}: {} groups permuted, {} trials",
         args.discover.model.display(),
         d.discovery.groups.len(),
-        trials.len()
+        report.trials.len()
     );
-    for t in &trials {
+    println!(
+        "  tolerance {:.3e} (output scale {:.3e}, float32 noise floor {:.3e}: \
+         max(atol {ATOL:.0e}, rtol {RTOL:.0e} × scale, {NOISE_FACTOR} × noise))",
+        report.tolerance, report.scale, report.noise_floor
+    );
+    for t in &report.trials {
         println!(
-            "  seed {:<4} max |diff| {:.3e}  max rel {:.3e}  {}",
+            "  seed {:<4} max |diff| {:.3e}  max rel {:.3e}  {:.2e} × tolerance  {}",
             t.seed,
             t.max_abs_diff,
             t.max_rel_diff,
+            t.ratio,
             if t.passed { "ok" } else { "FAILED" }
         );
     }
-    if trials.iter().any(|t| !t.passed) {
-        bail!("permuted model differs beyond rtol {RTOL} / atol {ATOL}: a group is wrong");
+    if let Some(c) = &report.control {
+        println!(
+            "  negative control (one tensor, '{}', left unpermuted): max |diff| {:.3e} = \
+             {:.2e} × tolerance{}",
+            c.tensor,
+            c.max_abs_diff,
+            c.ratio,
+            if report.discriminates() {
+                ""
+            } else {
+                "  (too close: inconclusive)"
+            }
+        );
+    }
+    if !report.passed() {
+        bail!(
+            "the permuted model differs by more than the tolerance ({:.3e}): a group is wrong",
+            report.tolerance
+        );
+    }
+    if !report.discriminates() {
+        eprintln!(
+            "warning: a wrongly permuted tensor changes the outputs by less than \
+             {CONTROL_MARGIN} × the tolerance on this data; the check cannot tell a wrong group \
+             from rounding here (try --data with real inputs)"
+        );
     }
     Ok(())
 }

@@ -98,6 +98,15 @@ pub fn run(args: LandscapeArgs) -> Result<()> {
         ))
         .into());
     }
+    // Outputs first: one file under two spellings, special files, missing directories.
+    let mut outputs: Vec<(&str, &Path)> = vec![("-o", args.output.as_path())];
+    if let Some(csv) = &args.csv {
+        outputs.push(("--csv", csv.as_path()));
+    }
+    mudsc::atomic::refuse_same_outputs(&outputs)?;
+    for (_, out) in &outputs {
+        mudsc::atomic::check_output(out, &[])?;
+    }
     let a = mudsc::onnx::load(a_path)?;
     let b = mudsc::onnx::load(b_path)?;
     let merged = mudsc::onnx::load(m_path)?;
@@ -108,14 +117,7 @@ pub fn run(args: LandscapeArgs) -> Result<()> {
     protect.push(args.data.clone());
     protect.extend(args.calib.clone());
     // Refused now rather than after minutes of evaluation.
-    if args.csv.as_ref() == Some(&args.output) {
-        return Err(mudsc::Error::Usage(format!(
-            "--csv and -o name the same file '{}'",
-            args.output.display()
-        ))
-        .into());
-    }
-    for out in std::iter::once(&args.output).chain(&args.csv) {
+    for (_, out) in &outputs {
         mudsc::atomic::refuse_protected(out, &protect)?;
     }
 
@@ -296,8 +298,11 @@ pub fn run(args: LandscapeArgs) -> Result<()> {
     mudsc::atomic::write_atomic(&args.output, &protect, &png)
         .with_context(|| format!("writing {}", args.output.display()))?;
     if let Some(path) = &args.csv {
-        mudsc::atomic::write_atomic(path, &protect, landscape.to_csv().as_bytes())
-            .with_context(|| format!("writing {}", path.display()))?;
+        // A CSV that cannot be written takes the picture with it: nothing half-done stays.
+        if let Err(e) = mudsc::atomic::write_atomic(path, &protect, landscape.to_csv().as_bytes()) {
+            let _ = std::fs::remove_file(&args.output);
+            return Err(e).with_context(|| format!("writing {}", path.display()));
+        }
     }
 
     print_summary(&landscape, &plane);

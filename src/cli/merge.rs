@@ -33,6 +33,10 @@ impl From<MethodArg> for Method {
     }
 }
 
+/// Below this many calibration samples, activation statistics are too noisy to match by (the
+/// bundled pairs lose most of their merge gain under 32); the merge warns.
+const MIN_CALIBRATION_SAMPLES: usize = 32;
+
 #[derive(Args)]
 pub struct MergeArgs {
     /// The models to merge (same architecture; the first one gives names and opsets).
@@ -122,6 +126,41 @@ pub fn run(args: MergeArgs) -> Result<()> {
             }
         },
     };
+    for (flag, v) in [("--zip-a", args.zip_a), ("--zip-b", args.zip_b)] {
+        if !v.is_finite() || v < 0.0 {
+            return Err(
+                mudsc::Error::Usage(format!("{flag} {v} must be a finite number ≥ 0")).into(),
+            );
+        }
+    }
+    let save = SaveOptions {
+        external_data: if args.external_data {
+            ExternalData::Always(None)
+        } else {
+            ExternalData::Auto
+        },
+        protect: Vec::new(),
+    };
+    // Every output is checked before any work (directories, special files, one file under two
+    // names), so that a refusal costs nothing and nothing is overwritten by another output.
+    // Without --external-data a model over 2 GiB still gets `<output>.data`: no other output
+    // may take that name either.
+    let always = SaveOptions {
+        external_data: ExternalData::Always(None),
+        protect: Vec::new(),
+    };
+    let data_file = mudsc::onnx::data_file_for(&args.output, &always);
+    let mut outputs: Vec<(&str, &std::path::Path)> = vec![("-o", args.output.as_path())];
+    if let Some(d) = &data_file {
+        outputs.push(("the external data file", d.as_path()));
+    }
+    if let Some(r) = &args.report {
+        outputs.push(("--report", r.as_path()));
+    }
+    mudsc::atomic::refuse_same_outputs(&outputs)?;
+    for (_, out) in &outputs {
+        mudsc::atomic::check_output(out, &[])?;
+    }
     let started = std::time::Instant::now();
     let zip_until = args
         .zip_until
@@ -146,8 +185,6 @@ pub fn run(args: MergeArgs) -> Result<()> {
         ),
         None => None,
     };
-    // Refuse bad output paths before the work, so that a refusal costs nothing and a merged
-    // model is never left behind by a report that cannot be written.
     let mut protect: Vec<PathBuf> = models.iter().flat_map(|m| m.source_files()).collect();
     protect.push(args.calib.clone());
     protect.extend(args.stats.iter().cloned());
@@ -159,15 +196,10 @@ pub fn run(args: MergeArgs) -> Result<()> {
         )
         .into());
     }
-    mudsc::atomic::refuse_protected(&args.output, &protect)?;
-    if let Some(report) = &args.report {
-        mudsc::atomic::refuse_protected(report, &protect)?;
-        if same_target(report, &args.output) {
-            return Err(mudsc::Error::Usage(format!(
-                "--report {} is the output model's path",
-                report.display()
-            ))
-            .into());
+    for (what, out) in &outputs {
+        // The data file an inline model might get is checked at save time, if it comes to it.
+        if args.external_data || *what != "the external data file" {
+            mudsc::atomic::refuse_protected(out, &protect)?;
         }
     }
     let mut calib = data::bind_inputs(&arrays, &models[0], &args.calib)?;
@@ -182,6 +214,18 @@ pub fn run(args: MergeArgs) -> Result<()> {
         if let Some(l) = labels.as_mut() {
             l.truncate(n);
         }
+    }
+    let samples = data::sample_count(&calib);
+    let by_activations = !matches!(
+        args.method,
+        MethodArg::Avg | MethodArg::Rebasin | MethodArg::WeightZip
+    );
+    if by_activations && samples < MIN_CALIBRATION_SAMPLES {
+        eprintln!(
+            "warning: {samples} calibration sample(s): unit correlations estimated from so few \
+             are mostly noise and the merge will be poor; use at least \
+             {MIN_CALIBRATION_SAMPLES} (ideally as many as the widest layer has units)"
+        );
     }
     let read_seconds = started.elapsed().as_secs_f64();
     let opts = MergeOptions {
@@ -232,15 +276,11 @@ pub fn run(args: MergeArgs) -> Result<()> {
     })?;
     progress.finish();
     let save = SaveOptions {
-        external_data: if args.external_data {
-            ExternalData::Always(None)
-        } else {
-            ExternalData::Auto
-        },
         protect: protect.clone(),
+        ..save
     };
     let clock = std::time::Instant::now();
-    mudsc::onnx::save(&merged.proto, &args.output, &save)?;
+    let saved = mudsc::onnx::save(&merged.proto, &args.output, &save)?;
     report
         .seconds
         .insert("write".into(), clock.elapsed().as_secs_f64());
@@ -253,8 +293,9 @@ pub fn run(args: MergeArgs) -> Result<()> {
         }
         let json = serde_json::to_vec_pretty(&json)?;
         // A report that cannot be written takes the model with it: nothing half-done stays.
+        // Only what this save wrote is removed (never a data file that was there before).
         if let Err(e) = mudsc::atomic::write_atomic(path, &protect, &json) {
-            mudsc::onnx::remove_saved(&args.output);
+            saved.remove();
             return Err(e).with_context(|| format!("writing {}", path.display()));
         }
     }
@@ -290,10 +331,4 @@ pub fn run(args: MergeArgs) -> Result<()> {
         report.peak_rss_mib
     );
     Ok(())
-}
-
-/// Whether two output paths name the same file (existing or not).
-fn same_target(a: &std::path::Path, b: &std::path::Path) -> bool {
-    let norm = |p: &std::path::Path| p.canonicalize().or_else(|_| std::path::absolute(p)).ok();
-    norm(a).is_some() && norm(a) == norm(b)
 }

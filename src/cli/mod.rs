@@ -128,6 +128,7 @@ impl BackendArgs {
 
 pub fn main() -> ExitCode {
     reset_sigpipe();
+    clean_up_on_signals();
     let cli = Cli::parse(); // usage errors exit with code 2
     let result = match cli.command {
         Command::Inspect(a) => inspect::run(a),
@@ -142,10 +143,39 @@ pub fn main() -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("error: {e:#}");
+            eprintln!("error: {}", message(&e));
             exit_code(&e)
         }
     }
+}
+
+/// The error and its causes on one line, each cause only once: our I/O errors already name
+/// their OS error, which `{:#}` would print a second time as the source.
+fn message(e: &anyhow::Error) -> String {
+    let mut out = String::new();
+    for cause in e.chain() {
+        let text = cause.to_string();
+        if out.contains(&text) {
+            continue;
+        }
+        if !out.is_empty() {
+            out.push_str(": ");
+        }
+        out.push_str(&text);
+    }
+    out
+}
+
+/// On SIGINT, SIGTERM or SIGHUP, removes the temporary files of outputs being written (the
+/// hidden `.mudsc-*.tmp` beside each output) before exiting with status 130 (interrupted).
+/// The `ctrlc` crate runs the handler on its own thread, so it may lock and remove files
+/// freely. Temporary files of a process killed outright (SIGKILL) are removed by the next run
+/// that writes into the same directory.
+fn clean_up_on_signals() {
+    let _ = ctrlc::set_handler(|| {
+        mudsc::atomic::remove_live_temps();
+        std::process::exit(130);
+    });
 }
 
 /// Rust ignores SIGPIPE, so `println!` into a closed pipe (`mudsc groups m.onnx | head`)

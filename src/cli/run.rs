@@ -25,6 +25,10 @@ pub struct RunArgs {
 }
 
 pub fn run(args: RunArgs) -> Result<()> {
+    // Checked first: a bad output path should cost nothing.
+    if let Some(path) = &args.output {
+        mudsc::atomic::check_output(path, &[args.model.clone(), args.input.clone()])?;
+    }
     let model = mudsc::onnx::load(&args.model)?;
     let arrays = data::read(&args.input)?;
     let mut session = mudsc::runtime::open_session(

@@ -191,14 +191,45 @@ pub fn sample_count(inputs: &[TensorData]) -> usize {
         .unwrap_or(0)
 }
 
+/// Most bytes of random input `check` generates (all inputs together): enough for any model's
+/// proof at a handful of samples, and far below what would make the allocation abort.
+pub const MAX_RANDOM_BYTES: u64 = 1 << 30;
+
 /// Deterministic pseudo-random inputs for a model (for `check` without data): standard normal
-/// floats, integers in 0..4, random booleans. `shapes` gives every input's concrete shape.
+/// floats, booleans, and integers the graph accepts: below the row count of every table a
+/// `Gather` indexes with them (token ids into an embedding), else 0 or 1 (masks, token types).
+/// `shapes` gives every input's concrete shape; their total size is bounded by
+/// [`MAX_RANDOM_BYTES`].
 pub fn random_inputs(
     model: &Model,
     shapes: &std::collections::HashMap<String, Vec<usize>>,
     seed: u64,
 ) -> Result<Vec<TensorData>> {
     let graph = Graph::new(model)?;
+    let mut total: u64 = 0;
+    for vi in graph.inputs() {
+        let name = vi.name.clone().unwrap_or_default();
+        let shape = shapes
+            .get(&name)
+            .ok_or_else(|| Error::Usage(format!("no shape for input '{name}'")))?;
+        let elem = shapes_declared(vi).map(|d| d.0).unwrap_or(1);
+        let item = DataType::from_onnx(elem).map_or(4, |d| d.size() as u64);
+        let bytes = shape
+            .iter()
+            .try_fold(item, |acc, &d| acc.checked_mul(d as u64))
+            .and_then(|b| b.checked_add(total));
+        match bytes {
+            Some(b) if b <= MAX_RANDOM_BYTES => total = b,
+            _ => {
+                return Err(Error::Usage(format!(
+                    "random input '{name}' of shape {shape:?} would take {} (limit {} MiB of \
+                     generated data): lower --samples or --shape, or pass --data",
+                    human_size(shape, item),
+                    MAX_RANDOM_BYTES >> 20
+                )))
+            }
+        }
+    }
     let mut state = seed ^ 0x5DEE_CE66_D1CE_5EED;
     let mut next = move || {
         // xorshift64*: test inputs only, no quality needed beyond variety.
@@ -217,12 +248,13 @@ pub fn random_inputs(
         let n: usize = shape.iter().product();
         let elem = shapes_declared(vi).map(|d| d.0).unwrap_or(1);
         let dim = ndarray::IxDyn(shape);
+        let high = index_bound(&graph, &name).unwrap_or(2) as f64;
         let t = match DataType::from_onnx(elem) {
             Some(DataType::I64) => TensorData::I64(ndarray::ArrayD::from_shape_fn(dim, |_| {
-                (uniform() * 4.0) as i64
+                (uniform() * high) as i64
             })),
             Some(DataType::I32) => TensorData::I32(ndarray::ArrayD::from_shape_fn(dim, |_| {
-                (uniform() * 4.0) as i32
+                (uniform() * high) as i32
             })),
             Some(DataType::Bool) => {
                 TensorData::Bool(ndarray::ArrayD::from_shape_fn(dim, |_| uniform() < 0.5))
@@ -250,6 +282,56 @@ pub fn random_inputs(
         out.push(t);
     }
     Ok(out)
+}
+
+fn human_size(shape: &[usize], item: u64) -> String {
+    let bytes = shape.iter().fold(item as f64, |acc, &d| acc * d as f64);
+    format!("{:.1} GiB", bytes / (1u64 << 30) as f64)
+}
+
+/// The smallest row count among the tables a `Gather` indexes with `value` (directly or
+/// through Cast, Reshape, Unsqueeze, Squeeze, Flatten or Identity); `None` when it indexes none.
+fn index_bound(graph: &Graph, value: &str) -> Option<usize> {
+    let mut bound: Option<usize> = None;
+    let mut stack = vec![value.to_string()];
+    let mut seen = std::collections::HashSet::new();
+    while let Some(v) = stack.pop() {
+        if !seen.insert(v.clone()) {
+            continue;
+        }
+        for &(node, slot) in graph.consumers(&v) {
+            let n = graph.node(node);
+            match (n.op_type.as_deref(), slot) {
+                (Some("Gather"), 1) => {
+                    let table = n
+                        .input
+                        .first()
+                        .and_then(|t| graph.initializer(t).or_else(|| graph.constant(t)));
+                    let axis = n
+                        .attribute
+                        .iter()
+                        .find(|a| a.name.as_deref() == Some("axis"))
+                        .and_then(|a| a.i)
+                        .unwrap_or(0);
+                    if let Some(t) = table {
+                        let rank = t.dims.len() as i64;
+                        let axis = if axis < 0 { axis + rank } else { axis };
+                        if let Some(&rows) = usize::try_from(axis).ok().and_then(|a| t.dims.get(a))
+                        {
+                            let rows = rows.max(1) as usize;
+                            bound = Some(bound.map_or(rows, |b| b.min(rows)));
+                        }
+                    }
+                }
+                (
+                    Some("Cast" | "Identity" | "Unsqueeze" | "Squeeze" | "Flatten" | "Reshape"),
+                    0,
+                ) => stack.extend(n.output.iter().cloned()),
+                _ => {}
+            }
+        }
+    }
+    bound
 }
 
 /// Concrete input shapes: from bound data if given, else the declared shapes with every

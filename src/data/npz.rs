@@ -6,7 +6,7 @@
 //! Files are untrusted: before `ndarray-npy` sees an array, its header length and the data
 //! size its shape implies are checked against the bytes actually there, so that a corrupt or
 //! hostile header cannot make the reader allocate more than the file holds. An `.npz` member
-//! is decompressed into memory no further than the size the archive declares for it.
+//! is decompressed no further than its own `.npy` header says the array needs.
 
 use std::fs::File;
 use std::io::{BufReader, Cursor, Read, Seek};
@@ -68,8 +68,22 @@ pub fn read_npz_bytes(bytes: &[u8]) -> Result<NamedArrays> {
     npz_from_reader(Cursor::new(bytes), Path::new(MEMORY))
 }
 
-fn npz_from_reader<R: Read + Seek>(reader: R, path: &Path) -> Result<NamedArrays> {
+fn npz_from_reader<R: Read + Seek>(mut reader: R, path: &Path) -> Result<NamedArrays> {
     let bad = |reason: String| Error::data(path, format!("not a readable .npz file: {reason}"));
+    // The zip crate keeps one entry per name: two members of one name would pass as one.
+    let start = zip::ZipArchive::new(&mut reader)
+        .map_err(|e| bad(e.to_string()))?
+        .central_directory_start();
+    if let Some(name) = repeated_member(&mut reader, start) {
+        let key = name.strip_suffix(".npy").unwrap_or(&name);
+        return Err(Error::data(
+            path,
+            format!(
+                "array '{key}': the archive holds two members of this name; which one is meant \
+                 is ambiguous"
+            ),
+        ));
+    }
     let mut zip = zip::ZipArchive::new(reader).map_err(|e| bad(e.to_string()))?;
     let mut arrays = Vec::with_capacity(zip.len());
     for index in 0..zip.len() {
@@ -80,23 +94,13 @@ fn npz_from_reader<R: Read + Seek>(reader: R, path: &Path) -> Result<NamedArrays
             .unwrap_or(&raw_name)
             .to_string();
         let member = |reason: String| Error::data(path, format!("array '{key}': {reason}"));
-        // Grown as the data arrives, never sized by the declared length alone.
-        let declared = entry.size();
-        let mut bytes = Vec::new();
-        (&mut entry)
-            .take(declared.saturating_add(1))
-            .read_to_end(&mut bytes)
-            .map_err(|e| member(e.to_string()))?;
-        if bytes.len() as u64 != declared {
-            return Err(member(format!(
-                "the archive declares {declared} bytes, the member holds {}",
-                if bytes.len() as u64 > declared {
-                    "more".to_string()
-                } else {
-                    bytes.len().to_string()
-                }
-            )));
+        if arrays.iter().any(|(k, _): &(String, TensorData)| *k == key) {
+            return Err(member(
+                "the archive holds two members of this name; which one is meant is ambiguous"
+                    .into(),
+            ));
         }
+        let bytes = read_member(&mut entry).map_err(member)?;
         let array = npy_array(&bytes).map_err(member)?;
         arrays.push((key, array));
     }
@@ -104,6 +108,68 @@ fn npz_from_reader<R: Read + Seek>(reader: R, path: &Path) -> Result<NamedArrays
         return Err(Error::data(path, "the archive holds no arrays"));
     }
     Ok(NamedArrays(arrays))
+}
+
+/// The first member name that the central directory (at `start`) lists twice. Best effort:
+/// a directory the zip crate accepted is walked header by header until the signature stops.
+fn repeated_member(reader: &mut (impl Read + Seek), start: u64) -> Option<String> {
+    const CENTRAL: u32 = 0x0201_4b50;
+    reader.seek(std::io::SeekFrom::Start(start)).ok()?;
+    let mut seen = std::collections::HashSet::new();
+    loop {
+        let mut header = [0u8; 46];
+        reader.read_exact(&mut header).ok()?;
+        if u32::from_le_bytes([header[0], header[1], header[2], header[3]]) != CENTRAL {
+            return None;
+        }
+        let le16 = |at: usize| u16::from_le_bytes([header[at], header[at + 1]]) as i64;
+        let (name_len, extra, comment) = (le16(28), le16(30), le16(32));
+        let mut name = vec![0u8; name_len as usize];
+        reader.read_exact(&mut name).ok()?;
+        let name = String::from_utf8_lossy(&name).into_owned();
+        if !seen.insert(name.clone()) {
+            return Some(name);
+        }
+        reader
+            .seek(std::io::SeekFrom::Current(extra + comment))
+            .ok()?;
+    }
+}
+
+/// One member's bytes, inflated no further than its `.npy` header says the array needs: the
+/// header is read first, and a member whose declared size disagrees with it is refused before
+/// its data is decompressed (a few MB of zeros can declare and inflate to many GiB).
+fn read_member(entry: &mut impl Read) -> std::result::Result<Vec<u8>, String> {
+    let io = |e: std::io::Error| e.to_string();
+    let mut bytes = Vec::new();
+    entry.take(12).read_to_end(&mut bytes).map_err(io)?;
+    let data_start = header_end(&bytes)?;
+    let have = bytes.len() as u64;
+    entry
+        .take((data_start as u64).saturating_sub(have))
+        .read_to_end(&mut bytes)
+        .map_err(io)?;
+    let need = data_bytes(&bytes)?;
+    let total = data_start
+        .checked_add(need)
+        .ok_or_else(|| "the .npy header's shape is too large".to_string())?;
+    // Grown as the data arrives, never sized by a declared length; one byte more than needed
+    // tells a member that holds more.
+    entry
+        .take((total as u64 + 1).saturating_sub(bytes.len() as u64))
+        .read_to_end(&mut bytes)
+        .map_err(io)?;
+    if bytes.len() != total {
+        return Err(format!(
+            "the .npy header's shape needs {need} bytes of data, the member holds {}",
+            if bytes.len() > total {
+                "more".to_string()
+            } else {
+                bytes.len().saturating_sub(data_start).to_string()
+            }
+        ));
+    }
+    Ok(bytes)
 }
 
 /// Reads one `.npy` file; its key is the file stem.
@@ -137,6 +203,20 @@ fn npy_array(bytes: &[u8]) -> std::result::Result<TensorData, String> {
 /// Errors unless the header fits in `bytes` and the data after it is exactly what the header's
 /// shape and dtype need (what `ndarray-npy` would allocate, it must be able to fill).
 fn check_npy(bytes: &[u8]) -> std::result::Result<(), String> {
+    let data_start = header_end(bytes)?;
+    let need = data_bytes(bytes)?;
+    let data = bytes.len().saturating_sub(data_start);
+    if need != data {
+        return Err(format!(
+            "the .npy header's shape needs {need} bytes of data, the file holds {data}"
+        ));
+    }
+    Ok(())
+}
+
+/// Where the data of an `.npy` image starts, from its first 12 bytes (magic, version, header
+/// length), with the header length bounded.
+fn header_end(bytes: &[u8]) -> std::result::Result<usize, String> {
     const MAGIC: &[u8] = b"\x93NUMPY";
     let not_npy = || "not an .npy array (no \\x93NUMPY magic string)".to_string();
     if !bytes.starts_with(MAGIC) {
@@ -159,10 +239,16 @@ fn check_npy(bytes: &[u8]) -> std::result::Result<(), String> {
             "the .npy header claims {header_len} bytes (numpy writes at most 10000)"
         ));
     }
-    let data_start = start + header_len;
+    Ok(start + header_len)
+}
+
+/// Bytes of data the header (which `bytes` must hold whole) declares: shape × item size.
+fn data_bytes(bytes: &[u8]) -> std::result::Result<usize, String> {
+    let data_start = header_end(bytes)?;
     let Some(header_bytes) = bytes.get(..data_start) else {
         return Err(format!(
-            "the .npy header claims {header_len} bytes, the file ends before ({} in all)",
+            "the .npy header claims {} bytes, the file ends before ({} in all)",
+            data_start,
             bytes.len()
         ));
     };
@@ -172,19 +258,16 @@ fn check_npy(bytes: &[u8]) -> std::result::Result<(), String> {
     let Some(item) = item_size(&descr) else {
         return Err(format!("the array's dtype {descr} {UNSUPPORTED}"));
     };
-    let data = bytes.len() - data_start;
-    let need = header
+    header
         .shape
         .iter()
-        .try_fold(item, |acc, &d| acc.checked_mul(d));
-    if need != Some(data) {
-        return Err(format!(
-            "the header's shape {:?} of {descr} needs {} bytes of data, the file holds {data}",
-            header.shape,
-            need.map_or_else(|| "more than 2^64".to_string(), |n| n.to_string())
-        ));
-    }
-    Ok(())
+        .try_fold(item, |acc, &d| acc.checked_mul(d))
+        .ok_or_else(|| {
+            format!(
+                "the header's shape {:?} of {descr} needs more than 2^64 bytes",
+                header.shape
+            )
+        })
 }
 
 /// Bytes per element of a numpy type descriptor such as `'<f4'`, `'|b1'` or `'B'`; `None` for

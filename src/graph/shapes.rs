@@ -56,12 +56,20 @@ pub fn declared(vi: &ValueInfoProto) -> Option<(i32, Option<Vec<Dim>>)> {
     Some((t.elem_type.unwrap_or(0), dims))
 }
 
+/// Above this many nodes, shape inference skips tract's typed translation (see
+/// [`infer_shapes`]). Typed facts can be richer (constant-folded shape computations): a
+/// value the analysis leaves without a shape has its axes fixed by discovery, which costs
+/// merge quality, never correctness. Every bundled model is far below the limit.
+pub const TYPED_NODE_LIMIT: usize = 10_000;
+
 /// Infers the concrete shape of every named value for the given input shapes (graph inputs
 /// not listed must be fully static in the file).
 pub fn infer_shapes(model: &Model, inputs: &HashMap<String, Vec<usize>>) -> Result<ShapeMap> {
-    let err = |reason: String| Error::Backend {
-        backend: "tract",
-        reason: format!("shape inference on {}: {reason}", model.display_name()),
+    let err = |reason: String| {
+        tract_backend::model_fault(format!(
+            "shape inference on {}: {reason}",
+            model.display_name()
+        ))
     };
     let mut tm = tract_backend::inference_model(model)?;
     let graph = crate::graph::Graph::new(model)?;
@@ -93,9 +101,16 @@ pub fn infer_shapes(model: &Model, inputs: &HashMap<String, Vec<usize>>) -> Resu
     }
     let mut shapes = input_shapes;
     let name = model.display_name();
-    let typed = tract_backend::guarded(&name, "inferring the shapes of", || {
-        Ok(tm.clone().into_typed())
-    })?;
+    // tract's typed translation checks every new node's name against all nodes before it:
+    // quadratic (87 s for a 100,000-node chain). Large graphs take their shapes from the
+    // inference analysis alone, which is a work list over the edges, linear in practice.
+    let typed = if model.graph().node.len() <= TYPED_NODE_LIMIT {
+        tract_backend::guarded(&name, "inferring the shapes of", || {
+            Ok(tm.clone().into_typed())
+        })?
+    } else {
+        Err(TractError::msg("graph too large for the typed translation"))
+    };
     match typed {
         Ok(typed) => {
             for node in typed.nodes() {

@@ -39,6 +39,7 @@ impl LossSpec {
                 "the model's first output has no classes".into(),
             ));
         }
+        ClassRange::check_disjoint(&tasks)?;
         let head = if tasks.iter().all(|t| t.last < outputs) {
             Head::Shared
         } else if tasks.iter().all(|t| t.len() == outputs) {

@@ -11,6 +11,7 @@
 //!   merge and unmerge, P4); identical for alignment.
 
 mod alpha;
+mod budget;
 mod calib;
 mod matching;
 mod partial;
@@ -281,6 +282,7 @@ pub fn merge(
     };
     let mut timer = Timer::new();
     let prep = prepare(models, calib, opts, &mut timer)?;
+    budget::check(&prep.disc.groups, models.len(), opts)?;
     let graph = Graph::new(&models[0])?;
     let trunk = match &opts.zip_until {
         Some(cut) => Some(partial::trunk(&graph, cut)?),
@@ -420,7 +422,7 @@ pub fn merge(
         peak_rss_mib: peak_rss_mib(),
         peak_rss_mib_by_phase: timer.peaks,
     };
-    provenance(&mut merged, &report);
+    provenance(&mut merged, &report, models);
     Ok((merged, report))
 }
 
@@ -440,6 +442,7 @@ pub fn align_to_first(
     };
     let mut timer = Timer::new();
     let prep = prepare(models, calib, &opts, &mut timer)?;
+    budget::check(&prep.disc.groups, models.len(), &opts)?;
     let matching = find_matchings(&prep, models, calib, &opts, &[], progress, &mut timer)?;
     let layout = Layout::new(&prep.disc.structure, &prep.disc.groups);
     (0..models.len())
@@ -961,8 +964,16 @@ fn identity(g: &symmetry::Group, n: usize) -> (Array2<f64>, Option<Array2<f64>>)
     (stack(g.width), bp)
 }
 
-/// Records how the model was made, in its metadata.
-fn provenance(model: &mut Model, report: &MergeReport) {
+/// Records how the model was made, in its metadata. Input models are named by file name and
+/// sha256 of the file: a record that identifies them without leaking the user's paths.
+fn provenance(model: &mut Model, report: &MergeReport, inputs: &[Model]) {
+    let models: Vec<String> = inputs
+        .iter()
+        .map(|m| match m.path.as_deref().and_then(sha256_hex) {
+            Some(h) => format!("{} (sha256 {h})", m.file_name()),
+            None => m.file_name(),
+        })
+        .collect();
     model.proto.producer_name = Some("mudsc".into());
     model.proto.producer_version = Some(env!("CARGO_PKG_VERSION").into());
     let mut put = |k: &str, v: String| {
@@ -981,9 +992,32 @@ fn provenance(model: &mut Model, report: &MergeReport) {
         "mudsc.calibration_samples",
         report.calibration_samples.to_string(),
     );
-    put("mudsc.models", report.models.join(", "));
+    put("mudsc.models", models.join(", "));
     put("mudsc.version", env!("CARGO_PKG_VERSION").into());
     if let Some(t) = &report.partial {
         put("mudsc.zip_until", t.cut_node.clone());
     }
+}
+
+/// The sha256 of a file, in hex; `None` when it cannot be read.
+fn sha256_hex(path: &std::path::Path) -> Option<String> {
+    use sha2::{Digest, Sha256};
+    use std::io::Read;
+    let mut file = std::fs::File::open(path).ok()?;
+    let mut hasher = Sha256::new();
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let n = file.read(&mut buf).ok()?;
+        if n == 0 {
+            break;
+        }
+        hasher.update(&buf[..n]);
+    }
+    Some(
+        hasher
+            .finalize()
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect(),
+    )
 }

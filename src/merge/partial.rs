@@ -293,7 +293,12 @@ pub fn split(
         for out in graph.outputs() {
             let name = out.name.clone().unwrap_or_default();
             match rename.get(&name) {
-                Some(r) if produced_in_remainder.contains(name.as_str()) => {
+                // A remainder value, or a remainder weight that is itself a graph output:
+                // one copy per model.
+                Some(r)
+                    if produced_in_remainder.contains(name.as_str())
+                        || remainder_weights.contains(name.as_str()) =>
+                {
                     new_outputs.push(ValueInfoProto {
                         name: Some(r.clone()),
                         ..out.clone()
@@ -333,12 +338,54 @@ pub fn split(
             g.input.push(vi);
         }
     }
+    // The same rule for the initializers the split adds (the unmerges' Gather indices): an
+    // IR 3 model must list them among its inputs, or checkers and engines reject it.
+    if merged.proto.ir_version.is_some_and(|v| v < 4) {
+        let listed: HashSet<String> = g.input.iter().filter_map(|v| v.name.clone()).collect();
+        let old: HashSet<&str> = base
+            .graph()
+            .initializer
+            .iter()
+            .filter_map(|t| t.name.as_deref())
+            .collect();
+        for t in &new_inits {
+            let name = t.name.clone().unwrap_or_default();
+            if !listed.contains(&name) && !old.contains(name.as_str()) {
+                g.input.push(tensor_input(t));
+            }
+        }
+    }
     g.initializer = new_inits;
     g.output = new_outputs;
     // Shapes recorded for values that now exist once per model would be stale.
     g.value_info
         .retain(|v| !renamed.contains(v.name.as_deref().unwrap_or("")));
     Ok(())
+}
+
+/// A graph-input entry for an initializer (its dtype and shape), as IR < 4 requires.
+fn tensor_input(t: &crate::onnx::proto::TensorProto) -> ValueInfoProto {
+    use crate::onnx::proto::{tensor_shape_proto, type_proto, TensorShapeProto, TypeProto};
+    ValueInfoProto {
+        name: t.name.clone(),
+        r#type: Some(TypeProto {
+            value: Some(type_proto::Value::TensorType(type_proto::Tensor {
+                elem_type: t.data_type,
+                shape: Some(TensorShapeProto {
+                    dim: t
+                        .dims
+                        .iter()
+                        .map(|&d| tensor_shape_proto::Dimension {
+                            value: Some(tensor_shape_proto::dimension::Value::DimValue(d)),
+                            ..Default::default()
+                        })
+                        .collect(),
+                }),
+            })),
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
 }
 
 /// The trunk's nodes in their original order.

@@ -102,13 +102,8 @@ impl<'a> ExternalResolver<'a> {
         let data = match self.files.get(&file_path) {
             Some(d) => d.clone(),
             None => {
-                if !file_path.is_file() {
-                    return Err(err(format!(
-                        "data file '{}' is missing",
-                        file_path.display()
-                    )));
-                }
-                let d = read_file(&file_path)?;
+                let real = confined(base, &file_path).map_err(err)?;
+                let d = read_file(&real)?;
                 self.files.insert(file_path.clone(), d.clone());
                 d
             }
@@ -130,6 +125,41 @@ impl<'a> ExternalResolver<'a> {
         t.external_data.clear();
         Ok(())
     }
+}
+
+/// The real path of data file `file` (under the model's directory `base`), which must be a
+/// regular file inside `base` once every symbolic link is resolved: a `location` that is a
+/// plain relative name can still lead out through a link (`w.bin -> /etc/passwd`, a linked
+/// directory), and a FIFO or device would block or stream endlessly. Tensor bytes come back
+/// out through `run --output` and merged models, so this is a confidentiality boundary.
+fn confined(base: &Path, file: &Path) -> std::result::Result<PathBuf, String> {
+    let base_real = base
+        .canonicalize()
+        .map_err(|e| format!("model directory '{}': {e}", base.display()))?;
+    let real = match file.canonicalize() {
+        Ok(r) => r,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            return Err(format!("data file '{}' is missing", file.display()))
+        }
+        Err(e) => return Err(format!("data file '{}': {e}", file.display())),
+    };
+    if !real.starts_with(&base_real) {
+        return Err(format!(
+            "data file '{}' resolves to '{}', outside the model's directory (symbolic links \
+             may not lead out of it)",
+            file.display(),
+            real.display()
+        ));
+    }
+    let meta =
+        std::fs::metadata(&real).map_err(|e| format!("data file '{}': {e}", file.display()))?;
+    if !meta.is_file() {
+        return Err(format!(
+            "data file '{}' is not a regular file",
+            file.display()
+        ));
+    }
+    Ok(real)
 }
 
 /// Byte size implied by a tensor's dims and dtype.

@@ -34,6 +34,16 @@ impl Model {
             .expect("Model invariant: graph is checked at load")
     }
 
+    /// The file name alone (for records kept inside other files, such as the merged model's
+    /// provenance, which must not leak the user's directory layout), or `<memory>`.
+    pub fn file_name(&self) -> String {
+        self.path
+            .as_ref()
+            .and_then(|p| p.file_name())
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_else(|| "<memory>".into())
+    }
+
     /// A name for messages: the file path, or `<memory>`.
     pub fn display_name(&self) -> String {
         self.path
@@ -67,6 +77,13 @@ pub fn load(path: impl AsRef<Path>) -> Result<Model> {
         return Err(Error::NotOnnx {
             path: path.into(),
             reason: "is a directory".into(),
+        });
+    }
+    // A FIFO or device would block or stream without end (a link to a regular file is fine).
+    if std::fs::metadata(path).is_ok_and(|m| !m.is_file()) {
+        return Err(Error::NotOnnx {
+            path: path.into(),
+            reason: "is not a regular file".into(),
         });
     }
     let bytes = read_file(path)?;
@@ -116,6 +133,18 @@ fn decode(path: &Path, bytes: Bytes, base_dir: Option<PathBuf>) -> Result<Model>
                 "unsupported IR version {ir} (this build reads {MIN_IR_VERSION} to {MAX_IR_VERSION})"
             ),
         });
+    }
+    // Two initializers of one name: engines keep one or the other, and a merge would average
+    // different tensors under one name. Refused, naming it.
+    let mut names = std::collections::HashSet::new();
+    for t in &graph.initializer {
+        let name = t.name.as_deref().unwrap_or("");
+        if !names.insert(name) {
+            return Err(Error::Unsupported {
+                path: path.to_path_buf(),
+                reason: format!("initializer '{name}' is defined twice"),
+            });
+        }
     }
     let mut resolver = ExternalResolver::new(path, base_dir);
     visit_tensors_mut(graph, &mut |t| resolver.resolve(t))?;

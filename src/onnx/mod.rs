@@ -7,7 +7,7 @@ mod save;
 mod tensor;
 
 pub use load::{load, load_bytes, Model, MAX_IR_VERSION};
-pub use save::{remove_saved, save, ExternalData, SaveOptions};
+pub use save::{data_file_for, save, ExternalData, SaveOptions, Saved};
 pub use tensor::{onnx_dtype_name, DataType, Element, IntoTensorData, TensorData};
 
 /// Value of `TensorProto.data_location` for tensors stored in an external file.

@@ -13,7 +13,7 @@ use prost::Message;
 use super::proto::{GraphProto, ModelProto, StringStringEntryProto, TensorProto};
 use super::tensor::TensorData;
 use super::{Model, EXTERNAL};
-use crate::atomic::{parent_dir, persist, refuse_protected, write_temp};
+use crate::atomic::{parent_dir, refuse_protected, refuse_special, write_temp};
 use crate::error::{Error, Result};
 
 /// Protobuf's hard limit, less headroom for the graph structure itself.
@@ -44,15 +44,46 @@ pub struct SaveOptions {
 
 impl Model {
     /// Saves this model, refusing to overwrite the files it was loaded from.
-    pub fn save(&self, path: impl AsRef<Path>, options: &SaveOptions) -> Result<()> {
+    pub fn save(&self, path: impl AsRef<Path>, options: &SaveOptions) -> Result<Saved> {
         let mut options = options.clone();
         options.protect.extend(self.source_files());
         save(&self.proto, path.as_ref(), &options)
     }
 }
 
+/// The files one [`save`] wrote, so that a later failure can undo exactly those (and never a
+/// `<name>.data` that was there before, such as an input model's own weights).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Saved {
+    pub model: PathBuf,
+    /// The external data file, when this save wrote one.
+    pub data: Option<PathBuf>,
+}
+
+impl Saved {
+    /// Removes what the save wrote. Best effort: what is not there is not an error.
+    pub fn remove(&self) {
+        let _ = std::fs::remove_file(&self.model);
+        if let Some(d) = &self.data {
+            let _ = std::fs::remove_file(d);
+        }
+    }
+}
+
+/// The external data file `save` would write beside `path` with `options` (for refusing
+/// other outputs of the same name before any work); `None` when the model stays inline or
+/// its size decides at save time.
+pub fn data_file_for(path: &Path, options: &SaveOptions) -> Option<PathBuf> {
+    let name = match &options.external_data {
+        ExternalData::Always(Some(name)) => name.clone(),
+        ExternalData::Always(None) => default_data_name(path).ok()?,
+        ExternalData::Auto => return None,
+    };
+    Some(parent_dir(path).join(name))
+}
+
 /// Saves a model proto to `path` (atomically), honouring `options`.
-pub fn save(proto: &ModelProto, path: &Path, options: &SaveOptions) -> Result<()> {
+pub fn save(proto: &ModelProto, path: &Path, options: &SaveOptions) -> Result<Saved> {
     let external_name = match &options.external_data {
         ExternalData::Always(Some(name)) => Some(name.clone()),
         ExternalData::Always(None) => Some(default_data_name(path)?),
@@ -63,6 +94,15 @@ pub fn save(proto: &ModelProto, path: &Path, options: &SaveOptions) -> Result<()
     let data_path = external_name.as_ref().map(|n| dir.join(n));
     for target in std::iter::once(path).chain(data_path.as_deref()) {
         refuse_protected(target, &options.protect)?;
+        refuse_special(target)?;
+    }
+    if let Some(d) = &data_path {
+        if crate::atomic::output_key(d) == crate::atomic::output_key(path) {
+            return Err(Error::Usage(format!(
+                "the external data file '{}' would be the model file itself",
+                d.display()
+            )));
+        }
     }
     match (external_name, data_path) {
         (Some(name), Some(data_path)) => {
@@ -75,12 +115,24 @@ pub fn save(proto: &ModelProto, path: &Path, options: &SaveOptions) -> Result<()
             let data = externalize(graph, &name)?;
             let data_tmp = write_temp(&dir, &data_path, &data)?;
             let model_tmp = write_temp(&dir, path, &proto.encode_to_vec())?;
-            persist(data_tmp, &data_path)?;
-            persist(model_tmp, path)
+            data_tmp.persist(&data_path)?;
+            // Without its model, the data file is debris: take it back.
+            if let Err(e) = model_tmp.persist(path) {
+                let _ = std::fs::remove_file(&data_path);
+                return Err(e);
+            }
+            Ok(Saved {
+                model: path.to_path_buf(),
+                data: Some(data_path),
+            })
         }
         _ => {
             let tmp = write_temp(&dir, path, &proto.encode_to_vec())?;
-            persist(tmp, path)
+            tmp.persist(path)?;
+            Ok(Saved {
+                model: path.to_path_buf(),
+                data: None,
+            })
         }
     }
 }
@@ -128,16 +180,6 @@ fn raw_bytes(t: &TensorProto) -> Result<Vec<u8>> {
     match &t.raw_data {
         Some(raw) => Ok(raw.to_vec()),
         None => Ok(TensorData::from_proto(t)?.to_raw_bytes()),
-    }
-}
-
-/// Removes a model written by [`save`] at `path`, with the external data file `save` puts
-/// beside it by default (for undoing an output when a later step fails). Best effort: what
-/// is not there is not an error.
-pub fn remove_saved(path: &Path) {
-    let _ = std::fs::remove_file(path);
-    if let (Ok(name), Some(dir)) = (default_data_name(path), path.parent()) {
-        let _ = std::fs::remove_file(dir.join(name));
     }
 }
 

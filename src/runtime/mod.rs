@@ -216,7 +216,16 @@ pub fn run_batched(
     inputs: &[TensorData],
     batch: usize,
 ) -> Result<Vec<TensorData>> {
+    // A model without inputs (all constants) runs once; it has no samples to batch.
+    if inputs.is_empty() {
+        return session.run(inputs);
+    }
     let n = crate::data::sample_count(inputs);
+    if n == 0 {
+        return Err(Error::Usage(
+            "the input data holds no samples (axis 0 has length 0)".into(),
+        ));
+    }
     let batch = batch.max(1);
     let mut parts: Vec<Vec<TensorData>> = vec![Vec::new(); session.output_names().len()];
     let mut start = 0;
@@ -231,6 +240,9 @@ pub fn run_batched(
     parts
         .into_iter()
         .zip(session.output_names())
-        .map(|(p, name)| TensorData::concat_rows(&p).map_err(|e| Error::tensor(name, e)))
+        .map(|(p, name)| {
+            TensorData::concat_rows(&p)
+                .map_err(|e| Error::tensor(name, format!("joining the output's batches: {e}")))
+        })
         .collect()
 }

@@ -57,13 +57,40 @@ fn environment(options: &BackendOptions) -> Result<ort::environment::Environment
             path.display()
         )));
     }
+    let threshold = log_threshold();
     let env = ort::init_from(&path)
         .map_err(|e| err(format!("cannot load '{}': {e}", path.display())))?
         .with_name("mudsc")
+        .with_logger(std::sync::Arc::new(
+            move |level: ort::logging::LogLevel,
+                  _category: &str,
+                  _id: &str,
+                  _at: &str,
+                  message: &str| {
+                if level >= threshold {
+                    eprintln!("onnxruntime: {message}");
+                }
+            },
+        ))
         .build()
         .map_err(|e| err(format!("cannot start ONNX Runtime: {e}")))?;
     *slot = Some(env.clone());
     Ok(env)
+}
+
+/// The least severe ONNX Runtime message shown: errors, unless `MUDSC_ORT_LOG` asks for
+/// `verbose`, `info` or `warning`. ORT's warnings (initializers listed as inputs, unused
+/// nodes removed, ...) are about the model file, not the user's command, and flooded the
+/// terminal on exported models.
+fn log_threshold() -> ort::logging::LogLevel {
+    use ort::logging::LogLevel;
+    match std::env::var("MUDSC_ORT_LOG").as_deref() {
+        Ok("verbose") => LogLevel::Verbose,
+        Ok("info") => LogLevel::Info,
+        Ok("warning") => LogLevel::Warning,
+        Ok("fatal") => LogLevel::Fatal,
+        _ => LogLevel::Error,
+    }
 }
 
 /// Registers ONNX Runtime's CUDA execution provider on GPU `id`. A library built without it

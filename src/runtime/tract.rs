@@ -40,26 +40,75 @@ pub fn inference_model(model: &Model) -> Result<InferenceModel> {
         tract_onnx::onnx()
             .with_ignore_output_shapes(true)
             .model_for_read(&mut bytes.as_slice())
-            .map_err(|e| err(model, "cannot load", format!("{e:#}")))
+            .map_err(|e| model_fault(format!("cannot load {}: {e:#}", model.display_name())))
     })
 }
 
+/// A tract refusal of a model: the model's fault (exit 2) unless tract says that it lacks
+/// the op (exit 1: valid ONNX that this engine cannot run).
+pub(crate) fn model_fault(reason: String) -> Error {
+    let lower = reason.to_lowercase();
+    if [
+        "unimplemented",
+        "not implemented",
+        "unsupported",
+        "not supported",
+    ]
+    .iter()
+    .any(|w| lower.contains(w))
+    {
+        Error::Backend {
+            backend: "tract",
+            reason,
+        }
+    } else {
+        Error::BadModel {
+            backend: "tract",
+            reason,
+        }
+    }
+}
+
 /// Runs a tract call, turning a panic inside tract (it has some on malformed models) into an
-/// error that names the model.
+/// error that names the model. The panic's own report (`thread 'main' panicked at ...` and a
+/// backtrace hint) is silenced for calls made here: the error says it once.
 pub(crate) fn guarded<T>(model: &str, what: &str, f: impl FnOnce() -> Result<T>) -> Result<T> {
-    std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)).unwrap_or_else(|payload| {
+    install_quiet_hook();
+    let was = IN_GUARD.with(|g| g.replace(true));
+    let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(f));
+    IN_GUARD.with(|g| g.set(was));
+    result.unwrap_or_else(|payload| {
         let msg = payload
             .downcast_ref::<&str>()
             .map(|s| s.to_string())
             .or_else(|| payload.downcast_ref::<String>().cloned())
             .unwrap_or_default();
-        Err(Error::Backend {
+        Err(Error::BadModel {
             backend: "tract",
             reason: format!(
                 "internal error while {what} {model} ({msg}); the model is probably malformed"
             ),
         })
     })
+}
+
+thread_local! {
+    /// Whether this thread is inside [`guarded`], whose panics are caught and reported.
+    static IN_GUARD: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Wraps the panic hook once: panics inside [`guarded`] print nothing, every other panic
+/// reports as before (a per-thread flag, so that threads running unguarded code are unaffected).
+fn install_quiet_hook() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        let previous = std::panic::take_hook();
+        std::panic::set_hook(Box::new(move |info| {
+            if !IN_GUARD.with(|g| g.get()) {
+                previous(info);
+            }
+        }));
+    });
 }
 
 /// tract's element type for an ONNX dtype.
@@ -114,9 +163,10 @@ impl TractSession {
     fn plan(&mut self, inputs: &[TensorData]) -> Result<&Plan> {
         let key: Vec<Vec<usize>> = inputs.iter().map(|t| t.shape().to_vec()).collect();
         if !self.plans.contains_key(&key) {
-            let e = |what: &str, x: TractError| Error::Backend {
-                backend: "tract",
-                reason: format!("{what} {}: {x:#}", self.display_name),
+            // Preparing for concrete shapes is where tract checks the graph's consistency
+            // (ranks, volumes, axes): its refusals are the model's fault.
+            let e = |what: &str, x: TractError| {
+                model_fault(format!("{what} {}: {x:#}", self.display_name))
             };
             let mut tm = self.model.clone();
             for (i, t) in inputs.iter().enumerate() {

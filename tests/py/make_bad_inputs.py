@@ -179,3 +179,106 @@ nan[8:16] = np.inf
 nan[16:20, 3] = -np.inf
 data("nan.npz", nan)
 data("empty.npz", np.zeros((0, 8), np.float32), labels[:0])
+
+# Hardening, round 2 (see tests/bad_inputs.rs for what each is for).
+#   wide50k_a/b.onnx     x[N,8] -> Gemm(50,000) -> Relu -> Gemm(4): a 2.4 MB pair with one very
+#                        wide layer (its dense matrices need tens of GB)
+#   dup_init.onnx        A with initializer 'b1' stored twice
+#   ir3_a/b.onnx         A/B as IR 3 (initializers listed among the graph inputs)
+#   init_out_a/b.onnx    A/B with the (remainder) weight 'w3' also a graph output
+#   embed.onnx           int64 ids[N,6] -> Gather(table[3, 8]) -> ReduceMean -> Gemm, and an
+#                        int64 mask[N,6] (BERT-style inputs for check's random data)
+#   dup_member.npz       two members named 'x'
+#   bomb.npz             a member whose header says float32[1] but that inflates to 64 MiB
+#   labels_high.npz      calib.npz with every label 100 (outside any head)
+def wide(path, seed, h=50000):
+    r = np.random.default_rng(seed)
+    inits = [numpy_helper.from_array(r.standard_normal((h, 8)).astype(np.float32), "w1"),
+             numpy_helper.from_array(r.standard_normal((4, h)).astype(np.float32), "w2")]
+    nodes = [helper.make_node("Gemm", ["x", "w1"], ["h"], name="fc1", transB=1),
+             helper.make_node("Relu", ["h"], ["r"], name="relu1"),
+             helper.make_node("Gemm", ["r", "w2"], ["y"], name="fc2", transB=1)]
+    g = helper.make_graph(nodes, "wide", [helper.make_tensor_value_info("x", F, ["N", 8])],
+                          [helper.make_tensor_value_info("y", F, ["N", 4])], inits)
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    m.ir_version = 8
+    onnx.save_model(m, os.path.join(out, path))
+
+
+wide("wide50k_a.onnx", 1)
+wide("wide50k_b.onnx", 2)
+
+m = onnx.load(os.path.join(out, "a.onnx"))
+m.graph.initializer.append(numpy_helper.from_array(np.zeros(16, np.float32), "b1"))
+onnx.save_model(m, os.path.join(out, "dup_init.onnx"))
+
+for ab in "ab":
+    m = onnx.load(os.path.join(out, f"{ab}.onnx"))
+    m.ir_version = 3
+    del m.opset_import[:]
+    m.opset_import.append(helper.make_opsetid("", 9))
+    for t in m.graph.initializer:
+        m.graph.input.append(helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)))
+    onnx.checker.check_model(m)
+    onnx.save_model(m, os.path.join(out, f"ir3_{ab}.onnx"))
+    m = onnx.load(os.path.join(out, f"{ab}.onnx"))
+    m.graph.output.append(helper.make_tensor_value_info("w3", F, [4, 16]))
+    onnx.checker.check_model(m)
+    onnx.save_model(m, os.path.join(out, f"init_out_{ab}.onnx"))
+
+r = np.random.default_rng(3)
+g = helper.make_graph(
+    [helper.make_node("Gather", ["table", "ids"], ["e"], name="embed"),
+     helper.make_node("Cast", ["mask"], ["mf"], to=TensorProto.FLOAT, name="cast"),
+     helper.make_node("Unsqueeze", ["mf", "axes"], ["mu"], name="unsq"),
+     helper.make_node("Mul", ["e", "mu"], ["em"], name="masked"),
+     helper.make_node("ReduceMean", ["em"], ["p"], axes=[1], keepdims=0, name="pool"),
+     helper.make_node("Gemm", ["p", "w1"], ["h"], name="fc1", transB=1),
+     helper.make_node("Relu", ["h"], ["r"], name="relu"),
+     helper.make_node("Gemm", ["r", "w2"], ["y"], name="fc2", transB=1)],
+    "embed",
+    [helper.make_tensor_value_info("ids", TensorProto.INT64, ["N", 6]),
+     helper.make_tensor_value_info("mask", TensorProto.INT64, ["N", 6])],
+    [helper.make_tensor_value_info("y", F, ["N", 4])],
+    [numpy_helper.from_array(r.standard_normal((3, 8)).astype(np.float32), "table"),
+     numpy_helper.from_array(np.array([2], np.int64), "axes"),
+     numpy_helper.from_array(r.standard_normal((16, 8)).astype(np.float32), "w1"),
+     numpy_helper.from_array(r.standard_normal((4, 16)).astype(np.float32), "w2")])
+m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+m.ir_version = 8
+onnx.checker.check_model(m)
+onnx.save_model(m, os.path.join(out, "embed.onnx"))
+
+import io
+import zipfile
+from numpy.lib import format as npformat
+
+
+def npy_bytes(a):
+    b = io.BytesIO()
+    np.save(b, a)
+    return b.getvalue()
+
+
+with zipfile.ZipFile(os.path.join(out, "dup_member.npz"), "w") as z:
+    z.writestr("x.npy", npy_bytes(x))
+    z.writestr("x.npy", npy_bytes(x + 1))
+head = io.BytesIO()
+npformat.write_array_header_1_0(head, {"descr": "<f4", "fortran_order": False, "shape": (1,)})
+with zipfile.ZipFile(os.path.join(out, "bomb.npz"), "w", compression=zipfile.ZIP_DEFLATED) as z:
+    with z.open("x.npy", "w", force_zip64=True) as f:
+        f.write(head.getvalue())
+        for _ in range(64):
+            f.write(b"\0" * (1 << 20))
+data("labels_high.npz", x, np.full(64, 100, np.int64))
+#   tract_panic.onnx     Flatten with axis 9 on a rank-2 input (tract panics preparing it)
+#   tract_refuses.onnx   Reshape of [N, 8] to [3, 5] (tract refuses preparing it)
+raw_model([helper.make_node("Flatten", ["x"], ["y"], name="flat", axis=9)], ["y"],
+          "tract_panic.onnx")
+g = helper.make_graph([helper.make_node("Reshape", ["x", "s"], ["y"], name="reshape")], "bad",
+                      [helper.make_tensor_value_info("x", F, ["N", 8])],
+                      [helper.make_tensor_value_info("y", F, None)],
+                      [numpy_helper.from_array(np.array([3, 5], np.int64), "s")])
+m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+m.ir_version = 8
+onnx.save_model(m, os.path.join(out, "tract_refuses.onnx"))
