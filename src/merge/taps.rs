@@ -302,7 +302,7 @@ mod tests {
         let mut m = Moments::new(3);
         add_joint(&mut m, &[&TensorData::F32(t)], 2, 3, &["t".into()], 3).unwrap();
         assert_eq!(m.count, 6);
-        assert_eq!(m.sum[0], (0 + 2 + 4 + 10 + 12 + 14) as f64);
+        assert_eq!(m.sum[0], [0, 2, 4, 10, 12, 14].iter().sum::<i32>() as f64);
     }
 
     #[test]
