@@ -1345,8 +1345,9 @@ fn tract_refusals_are_input_faults_and_panics_print_one_line() {
         ),
     ] {
         let model = input(name);
-        assert_refused(&["run", &model, "--input", &calib], 2, needles);
-        let run = mudsc(&["run", &model, "--input", &calib]);
+        let args = ["run", &model, "--input", &calib, "--backend", "tract"];
+        assert_refused(&args, 2, needles);
+        let run = mudsc(&args);
         assert_eq!(run.stderr.lines().count(), 1, "{}", run.stderr);
         assert!(!run.stderr.contains("RUST_BACKTRACE"), "{}", run.stderr);
     }
