@@ -1352,3 +1352,33 @@ fn tract_refusals_are_input_faults_and_panics_print_one_line() {
         assert!(!run.stderr.contains("RUST_BACKTRACE"), "{}", run.stderr);
     }
 }
+
+/// A deep model whose permuted outputs differ from the original by float32 rounding beyond
+/// rtol 1e-4 of a small output (the old fixed tolerance: a false alarm) passes against the
+/// tolerance scaled to its outputs, while the negative control is caught by orders of
+/// magnitude.
+#[test]
+fn check_tolerance_scales_with_deep_models() {
+    let run = mudsc(&["check", &input("deep.onnx"), "--samples", "64"]);
+    assert_eq!(run.code, Some(0), "{}\n{}", run.stdout, run.stderr);
+    let rel: Vec<f64> = run
+        .stdout
+        .lines()
+        .filter_map(|l| l.split("max rel ").nth(1))
+        .filter_map(|r| r.split_whitespace().next()?.parse().ok())
+        .collect();
+    assert_eq!(rel.len(), 3, "{}", run.stdout);
+    assert!(
+        rel.iter().any(|&r| r > 1e-4),
+        "no trial beyond the old rtol: {}",
+        run.stdout
+    );
+    let control: f64 = run
+        .stdout
+        .lines()
+        .find(|l| l.contains("negative control"))
+        .and_then(|l| l.split(" = ").nth(1))
+        .and_then(|r| r.split_whitespace().next()?.parse().ok())
+        .unwrap();
+    assert!(control >= 100.0, "{}", run.stdout);
+}

@@ -59,13 +59,16 @@ fn onnx_inference_corpus_and_regressions_never_panic() {
     let corpus = files(&fuzz_dir("corpus/onnx_infer"));
     assert!(corpus.len() >= 20, "{} corpus files", corpus.len());
     replay(&corpus, mudsc::fuzzing::onnx_model_inferred);
-    // Each crash was a malformed model that tract panicked or looped on: now refused first.
+    // Each crash was a malformed model that tract panicked or looped on: now refused first;
+    // those of discovery itself (`crash-discovery-*`, e.g. Split pieces whose sizes overflow)
+    // fix the node they are about, so they only must not panic.
     let regressions = files(&fuzz_dir("regressions/onnx_infer"));
     assert!(!regressions.is_empty());
-    assert_eq!(
-        replay(&regressions, mudsc::fuzzing::onnx_model_inferred),
-        regressions.len()
-    );
+    let ours = regressions
+        .iter()
+        .filter(|p| p.to_string_lossy().contains("crash-discovery-"))
+        .count();
+    assert!(replay(&regressions, mudsc::fuzzing::onnx_model_inferred) >= regressions.len() - ours);
 }
 
 #[test]

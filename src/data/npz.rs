@@ -156,7 +156,11 @@ fn read_member(entry: &mut impl Read) -> std::result::Result<Vec<u8>, String> {
     // Grown as the data arrives, never sized by a declared length; one byte more than needed
     // tells a member that holds more.
     entry
-        .take((total as u64 + 1).saturating_sub(bytes.len() as u64))
+        .take(
+            (total as u64)
+                .saturating_add(1)
+                .saturating_sub(bytes.len() as u64),
+        )
         .read_to_end(&mut bytes)
         .map_err(io)?;
     if bytes.len() != total {

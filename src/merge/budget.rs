@@ -15,22 +15,28 @@ const F64: u64 = 8;
 /// What one group costs under `method` with `models` models, in bytes: (peak while it is
 /// matched, statistics held for it during the whole matching).
 pub(super) fn group_bytes(g: &Group, models: usize, method: Method) -> (u64, u64) {
+    // Saturating: a hostile file's widths must not overflow the estimate itself.
     let w = g.width as u64;
-    let n = models as u64 * w; // units of all models
-                               // Per-model axis maps of the rewrite and the dense unmerge the matchers return.
-    let maps = F64 * n * w + F64 * w * n;
+    let n = (models as u64).saturating_mul(w); // units of all models
+    let square = |a: u64, b: u64| F64.saturating_mul(a).saturating_mul(b);
+    // Per-model axis maps of the rewrite and the dense unmerge the matchers return.
+    let maps = square(n, w).saturating_mul(2);
     if method == Method::Avg {
         return (maps, 0);
     }
+    // Σxxᵀ, turned into the correlation in place.
     let stats = if method.uses_activations() && g.tap.is_some() {
-        F64 * n * n // Σxxᵀ, turned into the correlation in place
+        square(n, n)
     } else {
         0
     };
     // Similarity, its copy for this group, the weight similarity and the dual mix of the
     // iterative loop, the zip's (or LAP's) workspace.
     let copies = if method.iterates() { 4 } else { 2 };
-    (maps + copies * F64 * n * n, stats)
+    (
+        maps.saturating_add(square(n, n).saturating_mul(copies)),
+        stats,
+    )
 }
 
 /// Refuses a merge whose dense matrices would not fit in memory, naming the group that

@@ -282,3 +282,29 @@ g = helper.make_graph([helper.make_node("Reshape", ["x", "s"], ["y"], name="resh
 m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
 m.ir_version = 8
 onnx.save_model(m, os.path.join(out, "tract_refuses.onnx"))
+#   deep.onnx            48 residual Gemm+Relu layers (outputs ~1e8) and an output that is the
+#                        difference of two nearly equal rows: float32 rounding under a permutation
+#                        exceeds rtol 1e-4 of that small output, not the model's own noise
+r = np.random.default_rng(0)
+W, nodes, inits, cur = 64, [], [], "x"
+for i in range(48):
+    inits += [numpy_helper.from_array((r.standard_normal((W, W)) / np.sqrt(W)).astype(np.float32), f"w{i}"),
+              numpy_helper.from_array((r.standard_normal(W) * 0.1).astype(np.float32), f"b{i}")]
+    nodes.append(helper.make_node("Gemm", [cur, f"w{i}", f"b{i}"], [f"h{i}"], transB=1))
+    nodes.append(helper.make_node("Relu", [f"h{i}"], [f"r{i}"]))
+    nodes.append(helper.make_node("Add", [f"r{i}", cur], [f"s{i}"]) if i > 0
+                 else helper.make_node("Identity", [f"r{i}"], [f"s{i}"]))
+    cur = f"s{i}"
+wo = (r.standard_normal((12, W)) / np.sqrt(W)).astype(np.float32)
+wo[11] = wo[10] * (1 + 1e-4)
+C = np.zeros((12, 11), np.float32)
+C[:10, :10] = np.eye(10)
+C[10, 10], C[11, 10] = 1, -1
+inits += [numpy_helper.from_array(wo, "wo"), numpy_helper.from_array(C, "C")]
+nodes += [helper.make_node("Gemm", [cur, "wo"], ["o"], transB=1),
+          helper.make_node("MatMul", ["o", "C"], ["y"])]
+g = helper.make_graph(nodes, "deep", [helper.make_tensor_value_info("x", F, ["N", W])],
+                      [helper.make_tensor_value_info("y", F, ["N", 11])], inits)
+m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+m.ir_version = 8
+onnx.save_model(m, os.path.join(out, "deep.onnx"))

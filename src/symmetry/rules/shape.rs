@@ -105,7 +105,10 @@ fn pieces(ctx: &mut Ctx, parts: &[String], axis: usize, owner: &str) -> Result<V
             None => ctx.slots.fresh(owner, size),
         };
         out.push(Piece { offset, size, slot });
-        offset += size;
+        // Sizes come from the file or from inference on it: a hostile one can overflow.
+        offset = offset
+            .checked_add(size)
+            .ok_or("piece sizes overflow the axis")?;
     }
     Ok(out)
 }
