@@ -11,6 +11,10 @@ use crate::stats::Moments;
 
 use super::taps::{unit_width, UnitMoments};
 
+/// Bytes of engine outputs (taps of every model) one calibration batch may hold: on 224²
+/// models a batch of 64 with every layer tapped held gigabytes.
+const BATCH_BYTES: usize = 256 << 20;
+
 /// Each model's outputs of one batch, by name.
 type Outputs = Vec<HashMap<String, TensorData>>;
 
@@ -80,11 +84,14 @@ pub fn collect(
     // Inference of the next batch runs on a second thread while this one folds the previous
     // batch into the statistics: the engine and the Σxxᵀ GEMM each keep a core busy.
     std::thread::scope(|scope| -> Result<()> {
-        let (tx, rx) = std::sync::mpsc::sync_channel::<Result<(usize, usize, Outputs)>>(1);
+        let (tx, rx) = std::sync::mpsc::sync_channel::<Result<(usize, usize, Outputs)>>(0);
         scope.spawn(move || {
             let mut start = 0;
+            // The first batch is small; its outputs size the rest so that a batch's taps stay
+            // within the budget (two batches are alive at once: one folded, one computed).
+            let mut size = batch.min(4);
             while start < total {
-                let end = (start + batch).min(total);
+                let end = (start + size).min(total);
                 let slice: Vec<TensorData> =
                     inputs.iter().map(|t| t.slice_rows(start, end)).collect();
                 let sessions = match (&mut with_side, start < side.samples) {
@@ -110,6 +117,15 @@ pub fn collect(
                         Ok(s.output_names().iter().cloned().zip(out).collect())
                     })
                     .collect();
+                if let Ok(o) = &outs {
+                    let bytes: usize = o
+                        .iter()
+                        .flat_map(|m| m.values())
+                        .map(|t| t.len() * t.dtype().size())
+                        .sum();
+                    let per_sample = (bytes / (end - start).max(1)).max(1);
+                    size = (BATCH_BYTES / per_sample).clamp(1, batch);
+                }
                 let failed = outs.is_err();
                 if tx.send(outs.map(|o| (start, end, o))).is_err() || failed {
                     return;
