@@ -32,7 +32,7 @@ use crate::error::{Error, Result};
 use crate::graph::{Graph, Source};
 use crate::onnx::proto::TensorProto;
 use crate::onnx::{Model, TensorData};
-use crate::runtime::{open_session, BackendKind, BackendOptions};
+use crate::runtime::{for_each_batch, open_session, BackendKind, BackendOptions};
 use crate::symmetry::slots::Slots;
 use crate::symmetry::Group;
 
@@ -356,19 +356,14 @@ fn measure(model: &Model, taps: &[String], run: &Passes) -> Result<Vec<UnitMomen
         })
         .collect::<Result<_>>()?;
     let mut stats: Vec<Option<UnitMoments>> = vec![None; taps.len()];
-    let total = crate::data::sample_count(run.calib);
-    let mut start = 0;
-    while start < total {
-        let end = (start + run.batch.max(1)).min(total);
-        let slice: Vec<TensorData> = run.calib.iter().map(|t| t.slice_rows(start, end)).collect();
-        let outs = s.run(&slice)?;
+    for_each_batch(s.as_mut(), run.calib, run.batch, |_, outs| {
         for ((k, stat), tap) in index.iter().zip(stats.iter_mut()).zip(taps) {
             let out = &outs[*k];
             stat.get_or_insert_with(|| UnitMoments::new(unit_width(out)))
                 .add(out, tap)?;
         }
-        start = end;
-    }
+        Ok(())
+    })?;
     Ok(stats
         .into_iter()
         .map(|s| s.unwrap_or_else(|| UnitMoments::new(0)))
@@ -395,21 +390,16 @@ fn measure_probes(model: &Model, probes: &[Probe], run: &Passes) -> Result<Vec<U
         });
     }
     let mut stats = vec![UnitMoments::new(0); probes.len()];
-    let total = crate::data::sample_count(run.calib);
-    let mut start = 0;
-    while start < total {
-        let end = (start + run.probe_batch.max(1)).min(total);
-        let slice: Vec<TensorData> = run.calib.iter().map(|t| t.slice_rows(start, end)).collect();
-        let outs = s.run(&slice)?;
+    for_each_batch(s.as_mut(), run.calib, run.probe_batch, |rows, outs| {
         for (stat, &(m, v)) in stats.iter_mut().zip(&index) {
             let (mean, var) = (outs[m].to_f32(), outs[v].to_f32());
             let (Some(mean), Some(var)) = (mean.as_slice(), var.as_slice()) else {
                 continue;
             };
-            stat.add_batch((end - start) as u64, mean, var);
+            stat.add_batch(rows as u64, mean, var);
         }
-        start = end;
-    }
+        Ok(())
+    })?;
     Ok(stats)
 }
 

@@ -209,6 +209,25 @@ pub(crate) fn check_arity(backend: &'static str, expected: &[String], got: usize
     Ok(())
 }
 
+/// Runs `inputs` through the session in batches of `batch` samples, handing `f` each batch's
+/// sample count and outputs (streamed: nothing is kept between batches).
+pub fn for_each_batch(
+    session: &mut dyn Session,
+    inputs: &[TensorData],
+    batch: usize,
+    mut f: impl FnMut(usize, Vec<TensorData>) -> Result<()>,
+) -> Result<()> {
+    let n = crate::data::sample_count(inputs);
+    let mut start = 0;
+    while start < n {
+        let end = (start + batch.max(1)).min(n);
+        let slice: Vec<TensorData> = inputs.iter().map(|t| t.slice_rows(start, end)).collect();
+        f(end - start, session.run(&slice)?)?;
+        start = end;
+    }
+    Ok(())
+}
+
 /// Runs `inputs` through the session in batches of `batch` samples and concatenates each
 /// output along axis 0.
 pub fn run_batched(
@@ -226,17 +245,13 @@ pub fn run_batched(
             "the input data holds no samples (axis 0 has length 0)".into(),
         ));
     }
-    let batch = batch.max(1);
     let mut parts: Vec<Vec<TensorData>> = vec![Vec::new(); session.output_names().len()];
-    let mut start = 0;
-    while start < n {
-        let end = (start + batch).min(n);
-        let slice: Vec<TensorData> = inputs.iter().map(|t| t.slice_rows(start, end)).collect();
-        for (part, out) in parts.iter_mut().zip(session.run(&slice)?) {
+    for_each_batch(session, inputs, batch, |_, outs| {
+        for (part, out) in parts.iter_mut().zip(outs) {
             part.push(out);
         }
-        start = end;
-    }
+        Ok(())
+    })?;
     parts
         .into_iter()
         .zip(session.output_names())
