@@ -99,69 +99,264 @@ pub fn row_correlation(z: ArrayView2<f64>) -> Array2<f64> {
 /// does not change, and f32 runs the GEMM — the iterative loop's dominant cost on wide
 /// convolutional groups — at twice f64's throughput in half the memory.
 pub fn row_correlation_f32(z: ArrayView2<f64>) -> Array2<f64> {
-    let (units, features) = z.dim();
-    let mut centred = Array2::<f32>::zeros((units, features));
-    let mut second = vec![0.0f64; units];
-    for ((mut dst, src), sq) in centred
-        .rows_mut()
+    row_correlation_of_blocks(&[&RowBlock::new(z)])
+}
+
+/// One block of columns' share of a row correlation: the Gram of the block's rows centred on
+/// a point near their means (f32, as `row_correlation_f32`), with the means and Σv² in f64.
+/// Blocks side by side add up to the whole matrix's correlation exactly (up to rounding), so
+/// a weight similarity built from many member tensors recomputes only the members whose
+/// neighbours moved (`merge::similarity`); a block that keeps its columns is updated by the
+/// columns that changed. Centring per block keeps the f32 Gram well conditioned; the
+/// between-block part of the covariance is added back in f64.
+#[derive(Clone, Debug)]
+pub struct RowBlock {
+    /// Σ over columns of (z − centre)(z − centre)ᵀ.
+    gram: Array2<f32>,
+    centre: Vec<f64>,
+    mean: Vec<f64>,
+    sumsq: Vec<f64>,
+    features: usize,
+    /// The columns minus `centre`, kept by `updatable` blocks.
+    columns: Option<Array2<f32>>,
+    /// Column updates since the Gram was last computed whole (f32 rounding accumulates).
+    updates: usize,
+}
+
+/// Column updates after which a block's Gram is recomputed whole.
+const MAX_UPDATES: usize = 8;
+
+impl RowBlock {
+    /// From `z` ([units, features]); NaN and ±inf count as 0 (the reference's `nan_to_num`).
+    pub fn new(z: ArrayView2<f64>) -> RowBlock {
+        let (mean, sumsq) = row_moments(z);
+        let centred = centre_rows(z, &mean);
+        let mut gram = Array2::<f32>::zeros((z.nrows(), z.nrows()));
+        add_gram_f32(&mut gram, centred.view(), 1.0);
+        RowBlock {
+            gram,
+            centre: mean.clone(),
+            mean,
+            sumsq,
+            features: z.ncols(),
+            columns: None,
+            updates: 0,
+        }
+    }
+
+    /// As `new`, keeping the centred columns so that `update` can re-read the block.
+    pub fn updatable(z: ArrayView2<f64>) -> RowBlock {
+        let mean = row_moments(z).0;
+        let centred = centre_rows(z, &mean);
+        let mut block = RowBlock::new(z);
+        block.columns = Some(centred);
+        block
+    }
+
+    /// Re-reads the block as `z`, changing the Gram by the columns that differ from the ones
+    /// it holds (a neighbour whose matching moved a few units moves a few columns). Returns
+    /// how many columns changed; a block that keeps no columns, or whose shape changed, or
+    /// that most columns changed, is rebuilt.
+    pub fn update(&mut self, z: ArrayView2<f64>) -> usize {
+        let rebuild = |z| {
+            let b = RowBlock::updatable(z);
+            (b, z.ncols())
+        };
+        let Some(old) = self.columns.as_ref().filter(|c| c.dim() == z.dim()) else {
+            let (b, n) = rebuild(z);
+            *self = b;
+            return n;
+        };
+        let new = centre_rows(z, &self.centre);
+        // A Gram is a sum over columns in any order: only the columns that are not already
+        // there (as a multiset) count, wherever a renumbered neighbour put them.
+        let (added, removed) = column_difference(old, &new);
+        if added.is_empty() && removed.is_empty() {
+            return 0;
+        }
+        if 2 * added.len() > new.ncols() || self.updates >= MAX_UPDATES {
+            let (b, n) = rebuild(z);
+            *self = b;
+            return n;
+        }
+        add_gram_f32(&mut self.gram, old.select(Axis(1), &removed).view(), -1.0);
+        add_gram_f32(&mut self.gram, new.select(Axis(1), &added).view(), 1.0);
+        let changed = added.len();
+        (self.mean, self.sumsq) = row_moments(z);
+        self.columns = Some(new);
+        self.updates += 1;
+        changed
+    }
+
+    /// Bytes held (what a cache of blocks counts).
+    pub fn bytes(&self) -> usize {
+        (self.gram.len() + self.columns.as_ref().map_or(0, |c| c.len())) * 4 + self.mean.len() * 24
+    }
+
+    pub fn features(&self) -> usize {
+        self.features
+    }
+}
+
+/// The columns of `new` that `old` does not hold, and those of `old` that `new` does not
+/// hold, as multisets of columns (indices into each). Columns are told apart by a 128-bit
+/// hash of their bits, built row by row (a column of a row-major matrix is strided: reading
+/// columns one by one cost more than the Gram update it saves).
+fn column_difference(old: &Array2<f32>, new: &Array2<f32>) -> (Vec<usize>, Vec<usize>) {
+    let mut pool: std::collections::HashMap<(u64, u64), Vec<usize>> =
+        std::collections::HashMap::new();
+    for (j, h) in column_hashes(old).into_iter().enumerate() {
+        pool.entry(h).or_default().push(j);
+    }
+    let mut added = Vec::new();
+    for (j, h) in column_hashes(new).into_iter().enumerate() {
+        if pool.get_mut(&h).and_then(Vec::pop).is_none() {
+            added.push(j);
+        }
+    }
+    let mut removed: Vec<usize> = pool.into_values().flatten().collect();
+    removed.sort_unstable();
+    (added, removed)
+}
+
+/// Two independent multiplicative hashes of each column's bits.
+fn column_hashes(x: &Array2<f32>) -> Vec<(u64, u64)> {
+    let mut h = vec![(0xcbf2_9ce4_8422_2325u64, 0x9e37_79b9_7f4a_7c15u64); x.ncols()];
+    for row in x.rows() {
+        for (h, v) in h.iter_mut().zip(row) {
+            let bits = u64::from(v.to_bits());
+            h.0 = (h.0 ^ bits).wrapping_mul(0x0000_0100_0000_01b3);
+            h.1 = (h.1 ^ bits.rotate_left(17)).wrapping_mul(0xff51_afd7_ed55_8ccd);
+        }
+    }
+    h
+}
+
+/// Per row: the mean and Σv² (non-finite values as 0).
+fn row_moments(z: ArrayView2<f64>) -> (Vec<f64>, Vec<f64>) {
+    let n = z.ncols().max(1) as f64;
+    z.rows()
         .into_iter()
-        .zip(z.rows())
-        .zip(&mut second)
-    {
-        let finite = |v: f64| if v.is_finite() { v } else { 0.0 };
-        let mean = src.iter().map(|&v| finite(v)).sum::<f64>() / features.max(1) as f64;
+        .map(|row| {
+            let (s, q) = row.iter().fold((0.0, 0.0), |(s, q), &v| {
+                let v = if v.is_finite() { v } else { 0.0 };
+                (s + v, q + v * v)
+            });
+            (s / n, q)
+        })
+        .unzip()
+}
+
+/// `z` minus `centre` per row, as f32 (non-finite values as 0).
+fn centre_rows(z: ArrayView2<f64>, centre: &[f64]) -> Array2<f32> {
+    let mut out = Array2::<f32>::zeros(z.dim());
+    for ((mut dst, src), &c) in out.rows_mut().into_iter().zip(z.rows()).zip(centre) {
         for (d, &v) in dst.iter_mut().zip(src) {
-            let v = finite(v);
-            *sq += v * v;
-            *d = (v - mean) as f32;
+            *d = ((if v.is_finite() { v } else { 0.0 }) - c) as f32;
         }
     }
-    let mut gram = Array2::<f32>::zeros((units, units));
-    if units > 0 && features > 0 {
-        // SAFETY: `gram` is an owned, standard-layout units×units array (element [i, j] at
-        // i·units + j); `centred` is an owned, standard-layout units×features array read as
-        // lhs (units×features: row stride features, column stride 1) and as rhs = its
-        // transpose (features×units: row stride 1, column stride features). Every index the
-        // kernel forms is in bounds, and the output is a separate buffer.
-        unsafe {
-            gemm::gemm(
-                units,
-                units,
-                features,
-                gram.as_mut_ptr(),
-                1,
-                units as isize,
-                false,
-                centred.as_ptr(),
-                1,
-                features as isize,
-                centred.as_ptr(),
-                features as isize,
-                1,
-                0.0f32,
-                1.0f32,
-                false,
-                false,
-                false,
-                gemm::Parallelism::None,
-            );
-        }
+    out
+}
+
+/// `gram += beta · x xᵀ` for x [rows, k] in f32, any strides.
+fn add_gram_f32(gram: &mut Array2<f32>, x: ArrayView2<f32>, beta: f32) {
+    let (rows, k) = x.dim();
+    assert_eq!(gram.dim(), (rows, rows), "gram matrix of {rows} rows");
+    if rows == 0 || k == 0 {
+        return;
     }
+    let (s0, s1) = (x.strides()[0], x.strides()[1]);
+    let (d0, d1) = (gram.strides()[0], gram.strides()[1]);
+    // SAFETY: `gram` is an owned rows×rows array whose element [i, j] sits at i·d0 + j·d1 from
+    // its pointer. `x` is a view whose element [i, l] sits at i·s0 + l·s1, valid for i < rows,
+    // l < k. x xᵀ reads x as lhs (rows×k: row stride s0, column stride s1) and as rhs (k×rows:
+    // row stride s1, column stride s0); every index the kernel forms is one of those, and
+    // `gram` is a separate owned buffer.
+    unsafe {
+        gemm::gemm(
+            rows,
+            rows,
+            k,
+            gram.as_mut_ptr(),
+            d1,
+            d0,
+            true,
+            x.as_ptr(),
+            s1,
+            s0,
+            x.as_ptr(),
+            s0,
+            s1,
+            1.0f32,
+            beta,
+            false,
+            false,
+            false,
+            gemm::Parallelism::None,
+        );
+    }
+}
+
+/// The Pearson correlation between rows of the matrix whose column blocks are `blocks` (all
+/// with the same rows). A row whose variance is rounding noise is dead: its correlations are
+/// 0, as in `Moments::into_correlation`.
+pub fn row_correlation_of_blocks(blocks: &[&RowBlock]) -> Array2<f64> {
+    let units = blocks.first().map_or(0, |b| b.mean.len());
+    let features: usize = blocks.iter().map(|b| b.features).sum();
     let n = features.max(1) as f64;
-    let var: Vec<f64> = (0..units).map(|i| f64::from(gram[[i, i]]) / n).collect();
-    // As in `into_correlation`: a row whose variance is rounding noise is dead.
+    // Σ over blocks of Σ zzᵀ = G_c + f·(c cᵀ + d cᵀ + c dᵀ) = G_c + f·(m mᵀ − d dᵀ), with G_c
+    // the Gram about the block's centre c, m its mean and d = m − c (0 unless the block was
+    // updated): the uncentred Gram of the whole.
+    let mut gram = Array2::<f64>::zeros((units, units));
+    for b in blocks {
+        let (Some(dst), Some(src)) = (gram.as_slice_mut(), b.gram.as_slice()) else {
+            gram.zip_mut_with(&b.gram, |d, &s| *d += f64::from(s));
+            continue;
+        };
+        for (d, &s) in dst.iter_mut().zip(src) {
+            *d += f64::from(s);
+        }
+    }
+    let scaled = |value: &dyn Fn(&RowBlock, usize) -> f64| {
+        Array2::from_shape_fn((units, blocks.len()), |(i, e)| {
+            value(blocks[e], i) * (blocks[e].features as f64).sqrt()
+        })
+    };
+    let means = scaled(&|b, i| b.mean[i]);
+    let shifts = scaled(&|b, i| b.mean[i] - b.centre[i]);
+    ndarray::linalg::general_mat_mul(1.0, &means, &means.t(), 1.0, &mut gram);
+    ndarray::linalg::general_mat_mul(-1.0, &shifts, &shifts.t(), 1.0, &mut gram);
+    let mean: Vec<f64> = (0..units)
+        .map(|i| {
+            blocks
+                .iter()
+                .map(|b| b.features as f64 * b.mean[i])
+                .sum::<f64>()
+                / n
+        })
+        .collect();
+    let second: Vec<f64> = (0..units)
+        .map(|i| blocks.iter().map(|b| b.sumsq[i]).sum::<f64>())
+        .collect();
+    let var: Vec<f64> = (0..units)
+        .map(|i| gram[[i, i]] / n - mean[i] * mean[i])
+        .collect();
     let dead: Vec<bool> = (0..units)
         .map(|i| var[i] <= 1e-12 * (second[i] / n).max(f64::MIN_POSITIVE))
         .collect();
     let sd: Vec<f64> = var.iter().map(|v| v.max(0.0).sqrt()).collect();
-    Array2::from_shape_fn((units, units), |(i, j)| {
-        let r = f64::from(gram[[i, j]]) / n / (sd[i] * sd[j]).max(1e-7);
-        if dead[i] || dead[j] || !r.is_finite() {
-            0.0
-        } else {
-            r
+    // In place, row by row: the matrix is the largest thing a wide group's matching holds.
+    for (i, mut row) in gram.rows_mut().into_iter().enumerate() {
+        for (j, g) in row.iter_mut().enumerate() {
+            let r = (*g / n - mean[i] * mean[j]) / (sd[i] * sd[j]).max(1e-7);
+            *g = if dead[i] || dead[j] || !r.is_finite() {
+                0.0
+            } else {
+                r
+            };
         }
-    })
+    }
+    gram
 }
 
 /// `outer += XᵀX` for a batch X [samples, units]: the dominant cost of calibration (a GEMM
@@ -268,6 +463,63 @@ mod tests {
         let d = (&a - &b).iter().fold(0f64, |m, v| m.max(v.abs()));
         assert!(d < 1e-5, "f32 correlation differs by {d}");
         assert!(b.row(4).iter().all(|&v| v == 0.0));
+    }
+
+    #[test]
+    fn column_blocks_add_up_to_the_whole_correlation() {
+        // Blocks with very different means and scales (a bias block of one column, a block
+        // offset far from zero) and a unit dead in one block only.
+        let z = Array2::from_shape_fn((7, 61), |(i, j)| {
+            let base = ((i * 11 + j * 5) as f64 * 0.29).cos() * (1.0 + i as f64);
+            match j {
+                0..=29 => base,
+                30 => 3.0 * i as f64,
+                _ => 40.0 + 0.01 * base,
+            }
+        });
+        let mut z = z;
+        z.row_mut(2).slice_mut(ndarray::s![..30]).fill(1.5);
+        let whole = row_correlation(z.view());
+        let parts = [
+            RowBlock::new(z.slice(ndarray::s![.., ..30])),
+            RowBlock::new(z.slice(ndarray::s![.., 30..31])),
+            RowBlock::new(z.slice(ndarray::s![.., 31..])),
+        ];
+        let joined = row_correlation_of_blocks(&parts.iter().collect::<Vec<_>>());
+        let d = (&whole - &joined).iter().fold(0f64, |m, v| m.max(v.abs()));
+        assert!(d < 1e-5, "blocks differ from the whole by {d}");
+        assert!(
+            joined[[2, 3]] != 0.0,
+            "a unit dead in one block only is alive"
+        );
+    }
+
+    #[test]
+    fn an_updated_block_equals_a_fresh_one() {
+        let z = Array2::from_shape_fn((6, 40), |(i, j)| {
+            ((i * 7 + j * 3) as f64 * 0.41).sin() * (1.0 + i as f64) + 0.2 * j as f64
+        });
+        let mut block = RowBlock::updatable(z.view());
+        // Columns renumbered (a neighbour's merged units in another order) change nothing.
+        let mut moved = z.clone();
+        for j in 0..20 {
+            moved.column_mut(j).assign(&z.column(39 - j));
+            moved.column_mut(39 - j).assign(&z.column(j));
+        }
+        assert_eq!(block.update(moved.view()), 0, "a permutation of columns");
+        // Three columns replaced (and the row means shifted by it).
+        for j in [3, 17, 30] {
+            moved.column_mut(j).mapv_inplace(|v| 2.0 * v + 1.0);
+        }
+        assert_eq!(block.update(moved.view()), 3);
+        let other = RowBlock::new(z.slice(ndarray::s![.., ..5]));
+        let updated = row_correlation_of_blocks(&[&block, &other]);
+        let fresh = row_correlation_of_blocks(&[&RowBlock::new(moved.view()), &other]);
+        let d = (&updated - &fresh).iter().fold(0f64, |m, v| m.max(v.abs()));
+        assert!(d < 1e-5, "updated block differs by {d}");
+        // Most columns changed: rebuilt whole.
+        let scaled = moved.mapv(|v| v * 3.0);
+        assert_eq!(block.update(scaled.view()), 40);
     }
 
     #[test]

@@ -194,9 +194,15 @@ pub struct MergeReport {
     pub calibration_samples: usize,
     pub groups: Vec<GroupReport>,
     pub sweeps: usize,
-    /// Weight similarities computed, and reused because no neighbour's matching had changed.
+    /// Weight similarities are summed from one block per member tensor: blocks computed
+    /// whole, updated by the columns a neighbour's new matching moved, and reused because no
+    /// neighbour's matching had changed; and the columns correlated of the columns read
+    /// (what the updates saved).
     pub weight_similarities_computed: usize,
+    pub weight_similarities_updated: usize,
     pub weight_similarities_reused: usize,
+    pub weight_columns_correlated: usize,
+    pub weight_columns_read: usize,
     pub fixed_weight_axes: usize,
     /// Layers whose output statistics were repaired, and BatchNorms whose statistics were reset.
     pub repaired_layers: usize,
@@ -258,12 +264,12 @@ struct Prepared {
 }
 
 /// The outcome of matching: per-group matrices, merge values, the sweeps it took, and how
-/// many weight similarities were computed and taken from the cache.
+/// much of the weight similarities the cache saved.
 struct Matching {
     m: Matchings,
     values: Values,
     sweeps: usize,
-    similarities: (usize, usize),
+    similarities: similarity::Counts,
     /// Repair's endpoint statistics, when calibration gathered them.
     endpoint: Option<calib::SideMoments>,
 }
@@ -411,8 +417,11 @@ pub fn merge(
             })
             .collect(),
         sweeps: *sweeps,
-        weight_similarities_computed: similarities.0,
-        weight_similarities_reused: similarities.1,
+        weight_similarities_computed: similarities.computed,
+        weight_similarities_updated: similarities.updated,
+        weight_similarities_reused: similarities.reused,
+        weight_columns_correlated: similarities.columns_correlated,
+        weight_columns_read: similarities.columns_read,
         fixed_weight_axes: disc.fixed.len(),
         repaired_layers,
         reset_batch_norms,
@@ -692,7 +701,7 @@ fn find_matchings(
         shared.is_none()
     });
     let mut sweeps = 0;
-    let mut similarities = (0, 0);
+    let mut similarities = similarity::Counts::default();
     if opts.method == Method::Avg {
         for g in &disc.groups {
             let (p, bp) = identity(g, n);
@@ -739,8 +748,10 @@ fn find_matchings(
                             let w = wsim.get(&disc.groups[g], &m);
                             let a = act.get(&g);
                             match (w, a, opts.method.uses_activations()) {
-                                (Some(w), Some(a), true) => {
-                                    (g, w * opts.alpha + a * (1.0 - opts.alpha), "dual".into())
+                                (Some(mut w), Some(a), true) => {
+                                    let alpha = opts.alpha;
+                                    w.zip_mut_with(a, |w, &a| *w = *w * alpha + a * (1.0 - alpha));
+                                    (g, w, "dual".into())
                                 }
                                 (Some(w), _, _) => (g, w, "weight".into()),
                                 (None, Some(a), _) => {
@@ -787,7 +798,7 @@ fn find_matchings(
                 values = bv;
             }
         }
-        similarities = (wsim.computed, wsim.reused);
+        similarities = wsim.counts;
     }
     timer.lap("matching");
     Ok(Matching {

@@ -1,38 +1,54 @@
-//! Weight-space similarity of a group's units, cached across the iterative loop's sweeps.
+//! Weight-space similarity of a group's units, cached member by member across the iterative
+//! loop's sweeps.
 //!
-//! A group's weight vectors read its member tensors with every *other* axis mapped by the
-//! neighbours' current matchings, so they change only when one of those matchings changes.
-//! Late in the loop most matchings are settled: recomputing only the groups whose neighbours
-//! moved makes a sweep cost what changed (on a ResNet most groups are recomputed in the first
-//! sweeps and few after).
+//! A group's weight vectors are its member tensors side by side, each read with its *other*
+//! axes mapped by the neighbours' current matchings (§2). Their correlation is a sum over
+//! members (`stats::RowBlock`), and a member's block changes only when a matching it reads
+//! changes. A residual stream has a member in every block it passes through, and some block's
+//! matching moves in almost every sweep: caching whole groups recomputed the stream's every
+//! member each time, caching members recomputes the one or two that moved.
 
 use std::collections::HashMap;
 
 use ndarray::Array2;
 
 use super::units::{Layout, Matchings, Unmerge};
-use super::weights::{unit_vectors, Weights};
+use super::weights::{member_vectors, Weights};
+use crate::stats::{row_correlation_of_blocks, RowBlock};
 use crate::symmetry::slots::Slots;
 use crate::symmetry::Group;
 
-/// Cached similarities beyond this many bytes are recomputed instead of kept (a ViT-B's
-/// twelve 6,144-unit MLP groups would hold 3.6 GB of f64 matrices).
+/// Cached blocks beyond this many bytes are recomputed instead of kept.
 const CACHE_BYTES: usize = 1 << 30;
 
-/// Per group: the neighbour matchings it was computed under, and the similarity.
-type Entry = (Vec<Option<Unmerge>>, Option<Array2<f64>>);
+/// A member with fewer features per unit than this is recomputed rather than cached: its
+/// Gram costs little more than adding a cached one (biases, norm parameters, a 10-class head).
+const MIN_CACHED_FEATURES: usize = 16;
+
+/// What the cache saved: member blocks computed whole, updated by the columns that changed,
+/// and taken unchanged; columns re-correlated, of the columns read.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Counts {
+    pub computed: usize,
+    pub updated: usize,
+    pub reused: usize,
+    pub columns_correlated: usize,
+    pub columns_read: usize,
+}
+
+/// The matchings a member's block was computed under (the ones it reads), up to the
+/// numbering of merged units (`Unmerge::canonical`).
+type State = Vec<Option<Unmerge>>;
 
 pub struct WeightSimilarity<'a> {
     layout: &'a Layout<'a>,
     slots: &'a Slots,
     weights: &'a Weights,
-    /// Per group, the matchings its weight vectors depend on.
-    deps: HashMap<usize, Vec<(usize, bool)>>,
-    cache: HashMap<usize, Entry>,
+    /// Per group, per member: the matchings that member's vectors read.
+    deps: HashMap<usize, Vec<Vec<(usize, bool)>>>,
+    cache: HashMap<(usize, usize), (State, RowBlock)>,
     bytes: usize,
-    /// How many similarities were computed and how many came from the cache.
-    pub computed: usize,
-    pub reused: usize,
+    pub counts: Counts,
 }
 
 impl<'a> WeightSimilarity<'a> {
@@ -45,20 +61,22 @@ impl<'a> WeightSimilarity<'a> {
         let deps = groups
             .iter()
             .map(|g| {
-                let mut d = Vec::new();
-                for member in &g.members {
-                    let Some(axes) = slots.of(&member.tensor) else {
-                        continue;
-                    };
-                    for (a, s) in axes.iter().enumerate() {
-                        if let (true, Some(s)) = (a != member.axis, s) {
-                            layout.map_deps(layout.st.comp_of[*s], &mut d);
+                let per_member = g
+                    .members
+                    .iter()
+                    .map(|member| {
+                        let mut d = Vec::new();
+                        for (a, s) in slots.of(&member.tensor).unwrap_or(&[]).iter().enumerate() {
+                            if let (true, Some(s)) = (a != member.axis, s) {
+                                layout.map_deps(layout.st.comp_of[*s], &mut d);
+                            }
                         }
-                    }
-                }
-                d.sort_unstable();
-                d.dedup();
-                (g.id, d)
+                        d.sort_unstable();
+                        d.dedup();
+                        d
+                    })
+                    .collect();
+                (g.id, per_member)
             })
             .collect();
         WeightSimilarity {
@@ -68,43 +86,179 @@ impl<'a> WeightSimilarity<'a> {
             deps,
             cache: HashMap::new(),
             bytes: 0,
-            computed: 0,
-            reused: 0,
+            counts: Counts::default(),
         }
     }
 
     /// Pearson correlation of group `g`'s unit weight vectors (all models stacked) under the
     /// matchings `m`; `None` where the group has no usable weight vectors.
     pub fn get(&mut self, g: &Group, m: &Matchings) -> Option<Array2<f64>> {
-        let state: Vec<Option<Unmerge>> = self
-            .deps
-            .get(&g.id)
+        // Per member, in member order (so the sum's rounding does not depend on the cache):
+        // its cached block, or its index among those computed and not kept.
+        let mut fresh = Vec::new();
+        let mut order: Vec<Result<usize, usize>> = Vec::new();
+        for (k, member) in g.members.iter().enumerate() {
+            let state = self.state(g.id, k, m);
+            if let Some((seen, _)) = self.cache.get(&(g.id, k)) {
+                if *seen == state {
+                    self.counts.reused += 1;
+                    order.push(Ok(k));
+                    continue;
+                }
+            }
+            let z = member_vectors(g, member, self.layout, self.slots, self.weights, m)?;
+            if let Some((seen, block)) = self.cache.get_mut(&(g.id, k)) {
+                // A neighbour moved: only the columns it moved change.
+                let before = block.bytes();
+                let changed = block.update(z.view());
+                self.counts.columns_correlated += changed;
+                self.counts.columns_read += z.ncols();
+                self.counts.updated += 1;
+                *seen = state;
+                self.bytes = self.bytes + block.bytes() - before;
+                order.push(Ok(k));
+                continue;
+            }
+            self.counts.computed += 1;
+            self.counts.columns_correlated += z.ncols();
+            self.counts.columns_read += z.ncols();
+            let block = RowBlock::updatable(z.view());
+            if z.ncols() >= MIN_CACHED_FEATURES && self.bytes + block.bytes() <= CACHE_BYTES {
+                self.bytes += block.bytes();
+                self.cache.insert((g.id, k), (state, block));
+                order.push(Ok(k));
+            } else {
+                order.push(Err(fresh.len()));
+                fresh.push(RowBlock::new(z.view()));
+            }
+        }
+        let blocks: Vec<&RowBlock> = order
+            .iter()
+            .filter_map(|source| match source {
+                Ok(k) => self.cache.get(&(g.id, *k)).map(|(_, b)| b),
+                Err(i) => fresh.get(*i),
+            })
+            .filter(|b| b.features() > 0)
+            .collect();
+        (!blocks.is_empty()).then(|| row_correlation_of_blocks(&blocks))
+    }
+
+    /// The current matchings that member `k` of group `group` reads.
+    fn state(&self, group: usize, k: usize, m: &Matchings) -> State {
+        self.deps
+            .get(&group)
+            .and_then(|d| d.get(k))
             .map(|d| {
                 d.iter()
                     .map(|&(dep, block)| {
                         let table = if block { &m.blocks } else { &m.p };
-                        table.get(&dep).cloned()
+                        table.get(&dep).map(Unmerge::canonical)
                     })
                     .collect()
             })
-            .unwrap_or_default();
-        if let Some((seen, sim)) = self.cache.get(&g.id) {
-            if *seen == state {
-                self.reused += 1;
-                return sim.clone();
+            .unwrap_or_default()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::merge::{prepare, MergeOptions, Timer};
+    use crate::symmetry::permute::SplitMix;
+    use crate::symmetry::GroupKind;
+
+    /// The cache's answers (reused, updated by changed columns, rebuilt) equal a fresh
+    /// computation under matchings that moved some units and renumbered others.
+    #[test]
+    fn cached_similarities_equal_fresh_ones() {
+        let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+        let models: Vec<_> = ["a", "b"]
+            .iter()
+            .map(|s| {
+                crate::onnx::load(root.join(format!("fixtures/models/resnet20_bn_folded_{s}.onnx")))
+                    .expect("fixture")
+            })
+            .collect();
+        let data = root.join("fixtures/data/calib.npz");
+        let calib =
+            crate::data::bind_inputs(&crate::data::read(&data).expect("calib"), &models[0], &data)
+                .expect("bound");
+        let opts = MergeOptions::default();
+        let prep = prepare(&models, &calib, &opts, &mut Timer::new()).expect("prepare");
+        let groups = &prep.disc.groups;
+        let layout = Layout::new(&prep.disc.structure, groups);
+        // Every group: model 0 identity, model 1 a permutation; then some groups' model-1
+        // units swapped in pairs and others only renumbered.
+        let mut rng = SplitMix(7);
+        let mut m = Matchings {
+            models: 2,
+            ..Default::default()
+        };
+        let mut moved = Matchings {
+            models: 2,
+            ..Default::default()
+        };
+        for g in groups {
+            let w = g.width;
+            let mut perm: Vec<usize> = (0..w).collect();
+            if !matches!(g.kind, GroupKind::Blocked { .. }) {
+                rng.shuffle(&mut perm);
+            }
+            let p = Unmerge {
+                target: (0..w as u32)
+                    .chain(perm.iter().map(|&u| u as u32))
+                    .collect(),
+                merged: w,
+            };
+            let mut q = p.clone();
+            match g.id % 3 {
+                0 => {
+                    for k in (0..w / 4).step_by(2) {
+                        q.target.swap(w + k, w + k + 1);
+                    }
+                }
+                1 => {
+                    let relabel: Vec<u32> = (0..w as u32).rev().collect();
+                    q.target.iter_mut().for_each(|t| *t = relabel[*t as usize]);
+                }
+                _ => {}
+            }
+            m.p.insert(g.id, p);
+            moved.p.insert(g.id, q);
+            if let GroupKind::Blocked { blocks, .. } = g.kind {
+                let b = Unmerge {
+                    target: (0..2 * blocks as u32).map(|k| k % blocks as u32).collect(),
+                    merged: blocks,
+                };
+                m.blocks.insert(g.id, b.clone());
+                moved.blocks.insert(g.id, b);
             }
         }
-        self.computed += 1;
-        let sim = unit_vectors(g, self.layout, self.slots, self.weights, m)
-            .map(|z| crate::stats::row_correlation_f32(z.view()));
-        let size = sim.as_ref().map_or(0, |s| s.len() * 8);
-        if let Some((_, old)) = self.cache.remove(&g.id) {
-            self.bytes -= old.map_or(0, |s| s.len() * 8);
+        let mut cached = WeightSimilarity::new(groups, &layout, &prep.disc.slots, &prep.weights);
+        for g in groups {
+            cached.get(g, &m);
         }
-        if self.bytes + size <= CACHE_BYTES {
-            self.bytes += size;
-            self.cache.insert(g.id, (state, sim.clone()));
+        let mut compared = 0;
+        for g in groups {
+            let again = cached.get(g, &moved);
+            let fresh = WeightSimilarity::new(groups, &layout, &prep.disc.slots, &prep.weights)
+                .get(g, &moved);
+            match (again, fresh) {
+                (Some(a), Some(f)) => {
+                    let d = (&a - &f).iter().fold(0f64, |x, v| x.max(v.abs()));
+                    assert!(d < 1e-5, "group {}: cached differs by {d}", g.id);
+                    compared += 1;
+                }
+                (None, None) => {}
+                _ => panic!(
+                    "group {}: cached and fresh disagree on having vectors",
+                    g.id
+                ),
+            }
         }
-        sim
+        let c = cached.counts;
+        assert!(compared > 5, "{compared} groups compared");
+        assert!(c.reused > 0 && c.updated > 0, "paths exercised: {c:?}");
+        assert!(c.columns_correlated < c.columns_read, "{c:?}");
     }
 }

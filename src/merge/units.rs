@@ -63,6 +63,30 @@ impl Unmerge {
         }
         n
     }
+
+    /// The same clustering with merged units numbered by first appearance: two matchings that
+    /// differ only in how their merged units are numbered map a tensor's axis to the same
+    /// columns in another order, which no row correlation sees.
+    pub fn canonical(&self) -> Unmerge {
+        let mut label = vec![u32::MAX; self.merged];
+        let mut next = 0;
+        let target = self
+            .target
+            .iter()
+            .map(|&c| {
+                let l = &mut label[c as usize];
+                if *l == u32::MAX {
+                    *l = next;
+                    next += 1;
+                }
+                *l
+            })
+            .collect();
+        Unmerge {
+            target,
+            merged: self.merged,
+        }
+    }
 }
 
 /// Which matrix an axis takes.
@@ -316,12 +340,23 @@ fn scatter_axis(
 ) -> ArrayD<f64> {
     let mut shape = x.shape().to_vec();
     shape[axis] = new;
-    let mut out = ArrayD::<f64>::zeros(shape);
+    let mut out = ArrayD::<f64>::zeros(shape.clone());
+    // As [outer, lanes, inner]: two-dimensional lanes, which ndarray walks far faster than
+    // dynamic-rank views (this runs on every member tensor in every sweep).
+    let outer: usize = shape[..axis].iter().product();
+    let inner: usize = shape[axis + 1..].iter().product();
+    let src = x.as_standard_layout();
+    let (Ok(src), Ok(mut dst)) = (
+        src.view()
+            .into_shape_with_order((outer, x.shape()[axis], inner)),
+        out.view_mut().into_shape_with_order((outer, new, inner)),
+    ) else {
+        unreachable!("standard-layout arrays reshape to three axes");
+    };
     for (k, hit) in single.iter().enumerate() {
         if let Some((j, v)) = *hit {
-            let src = x.index_axis(Axis(axis), k);
-            let mut dst = out.index_axis_mut(Axis(axis), j);
-            dst.scaled_add(v, &src);
+            dst.index_axis_mut(Axis(1), j)
+                .scaled_add(v, &src.index_axis(Axis(1), k));
         }
     }
     out

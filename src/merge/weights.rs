@@ -10,7 +10,7 @@ use crate::error::{Error, Result};
 use crate::graph::Graph;
 use crate::onnx::TensorData;
 use crate::symmetry::slots::{SlotId, Slots};
-use crate::symmetry::Group;
+use crate::symmetry::{Group, Member};
 
 /// Model i's float initializers, by model-0 name.
 pub type Weights = Vec<HashMap<String, Stored>>;
@@ -25,13 +25,6 @@ pub enum Stored {
 }
 
 impl Stored {
-    pub fn shape(&self) -> &[usize] {
-        match self {
-            Stored::F32(a) => a.shape(),
-            Stored::F64(a) => a.shape(),
-        }
-    }
-
     pub fn to_f64(&self) -> ArrayD<f64> {
         match self {
             Stored::F32(a) => a.mapv(f64::from),
@@ -64,83 +57,72 @@ pub fn stored(t: TensorData) -> Option<Stored> {
     }
 }
 
-/// Unit weight vectors of every model for group `g`, stacked model-major: `[N·W, F]`. Each
-/// member tensor has its other axes mapped into merged coordinates by the current matchings
-/// (the unmerge P, so that alignment-matched neighbours line up), then its rows along the
-/// group's axis are the units' features.
-pub fn unit_vectors(
+/// One member tensor's share of group `g`'s unit weight vectors, every model stacked
+/// model-major: `[N·W, F]`. The tensor has its other axes mapped into merged coordinates by
+/// the current matchings (the unmerge P, so that alignment-matched neighbours line up), then
+/// its lanes along the group's axis are the units' features. A group's vectors are its
+/// members' blocks side by side (§2), correlated block by block (`stats::RowBlock`). `None`
+/// where the member gives no usable vectors (no slots, or units with unequal lane counts).
+pub fn member_vectors(
     g: &Group,
+    member: &Member,
     layout: &Layout,
     slots: &Slots,
     weights: &Weights,
     m: &Matchings,
 ) -> Option<Array2<f64>> {
-    let models = weights.len();
-    // Where each member's lanes go: its axis, the unit of every lane, and the features it
-    // gives each unit (every unit must hold the same number of lanes).
-    struct Part<'a> {
-        tensor: &'a str,
-        axis: usize,
-        units: Vec<Option<usize>>,
-        offset: usize,
+    let axes = slots.of(&member.tensor)?;
+    let own = axes.get(member.axis).copied().flatten()?;
+    let units = layout.units_along(layout.st.comp_of[own], g);
+    let mut lanes = vec![0usize; g.width];
+    for u in units.iter().flatten() {
+        lanes[*u] += 1;
     }
-    let mut parts = Vec::new();
-    let mut features = 0;
-    for member in &g.members {
-        let axes = slots.of(&member.tensor)?;
-        let own = axes.get(member.axis).copied().flatten()?;
-        let units = layout.units_along(layout.st.comp_of[own], g);
-        let shape = weights[0].get(&member.tensor)?.shape().to_vec();
-        let lane: usize = shape
-            .iter()
-            .enumerate()
-            .filter(|&(a, _)| a != member.axis)
-            .map(|(_, &d)| d)
-            .product();
-        let mut lanes = vec![0usize; g.width];
-        for u in units.iter().flatten() {
-            lanes[*u] += 1;
-        }
-        if lanes.iter().any(|&l| l != lanes[0]) {
-            return None;
-        }
-        parts.push(Part {
-            tensor: &member.tensor,
-            axis: member.axis,
-            units,
-            offset: features,
-        });
-        features += lanes[0] * lane;
-    }
-    if features == 0 {
+    if lanes.iter().any(|&l| l != lanes[0]) {
         return None;
     }
-    // Filled in place: on a residual stream the matrix holds every block's weights, and
-    // building it from per-unit vectors held it three times over.
-    let mut out = Array2::<f64>::zeros((models * g.width, features));
-    for part in &parts {
-        let axes = slots.of(part.tensor)?;
-        for (i, w) in weights.iter().enumerate() {
-            let t = map_axes(w.get(part.tensor)?.to_f64(), axes, layout, m, i, |a| {
-                (a != part.axis).then_some(Role::Unmerge)
-            });
-            let mut cursor = vec![part.offset; g.width];
-            for (k, unit) in part.units.iter().enumerate() {
-                let Some(u) = unit else { continue };
-                let lane = t.index_axis(Axis(part.axis), k);
-                let mut row = out.row_mut(i * g.width + u);
-                for (dst, src) in row
-                    .slice_mut(ndarray::s![cursor[*u]..cursor[*u] + lane.len()])
-                    .iter_mut()
-                    .zip(lane.iter())
-                {
-                    *dst = *src;
+    // Filled in place: on a residual stream the members hold every block's weights.
+    let mut out: Option<Array2<f64>> = None;
+    for (i, w) in weights.iter().enumerate() {
+        let t = map_axes(w.get(&member.tensor)?.to_f64(), axes, layout, m, i, |a| {
+            (a != member.axis).then_some(Role::Unmerge)
+        });
+        // As [outer, lanes, inner] (standard layout after the maps): each lane is `outer` runs
+        // of `inner` contiguous values, copied as slices (iterating the dynamic-rank view
+        // element by element cost more than the rest of the similarity).
+        let shape = t.shape();
+        let outer: usize = shape[..member.axis].iter().product();
+        let inner: usize = shape[member.axis + 1..].iter().product();
+        let lanes_here = shape[member.axis];
+        let t = if t.is_standard_layout() {
+            t
+        } else {
+            t.as_standard_layout().into_owned()
+        };
+        let t = t.into_shape_with_order((outer, lanes_here, inner)).ok()?;
+        let lane = outer * inner;
+        let out = out.get_or_insert_with(|| {
+            Array2::<f64>::zeros((weights.len() * g.width, lanes[0] * lane))
+        });
+        let mut cursor = vec![0; g.width];
+        for (k, unit) in units.iter().enumerate() {
+            let Some(u) = unit else { continue };
+            let mut row = out.row_mut(i * g.width + u);
+            let dst = row.slice_mut(ndarray::s![cursor[*u]..cursor[*u] + lane]);
+            let src = t.index_axis(Axis(1), k);
+            match (dst.into_slice(), src.as_slice()) {
+                (Some(d), Some(s)) => d.copy_from_slice(s),
+                (Some(d), None) => {
+                    for (d, s) in d.iter_mut().zip(src.iter()) {
+                        *d = *s;
+                    }
                 }
-                cursor[*u] += lane.len();
+                (None, _) => return None,
             }
+            cursor[*u] += lane;
         }
     }
-    Some(out)
+    out
 }
 
 /// Axes that a consumer contracts with its input activation (Conv input channels, the K axis
