@@ -260,25 +260,9 @@ fn centre_rows(z: ArrayView2<f64>, centre: &[f64]) -> Array2<f32> {
 
 /// `gram += beta · x xᵀ` for x [rows, k] in f32, any strides.
 fn add_gram_f32(gram: &mut Array2<f32>, x: ArrayView2<f32>, beta: f32) {
-    f32_gram(gram, x, true, beta);
-}
-
-/// `gram = x xᵀ` (or `gram += x xᵀ` when `accumulate`) for x [rows, k] in f32, any strides:
-/// the products of calibration chunks and weight blocks, whose sums are kept in f64.
-pub fn gram_f32(gram: &mut Array2<f32>, x: ArrayView2<f32>, accumulate: bool) {
-    f32_gram(gram, x, accumulate, 1.0);
-}
-
-fn f32_gram(gram: &mut Array2<f32>, x: ArrayView2<f32>, read: bool, beta: f32) {
     let (rows, k) = x.dim();
     assert_eq!(gram.dim(), (rows, rows), "gram matrix of {rows} rows");
-    if rows == 0 {
-        return;
-    }
-    if k == 0 {
-        if !read {
-            gram.fill(0.0);
-        }
+    if rows == 0 || k == 0 {
         return;
     }
     let (s0, s1) = (x.strides()[0], x.strides()[1]);
@@ -287,8 +271,7 @@ fn f32_gram(gram: &mut Array2<f32>, x: ArrayView2<f32>, read: bool, beta: f32) {
     // its pointer. `x` is a view whose element [i, l] sits at i·s0 + l·s1, valid for i < rows,
     // l < k. x xᵀ reads x as lhs (rows×k: row stride s0, column stride s1) and as rhs (k×rows:
     // row stride s1, column stride s0); every index the kernel forms is one of those, and
-    // `gram` is a separate owned buffer. With `read` false the kernel writes every element
-    // of `gram` without reading it.
+    // `gram` is a separate owned buffer.
     unsafe {
         gemm::gemm(
             rows,
@@ -297,7 +280,7 @@ fn f32_gram(gram: &mut Array2<f32>, x: ArrayView2<f32>, read: bool, beta: f32) {
             gram.as_mut_ptr(),
             d1,
             d0,
-            read,
+            true,
             x.as_ptr(),
             s1,
             s0,

@@ -100,8 +100,7 @@ pub fn add_joint(
     let samples = outer * inner;
     let rows_per_chunk = (CHUNK_ELEMENTS / cols.max(1)).clamp(1, samples.max(1));
     // Unit-major: chunk[col, row]; its transpose is the [rows, cols] sample matrix.
-    let mut chunk = Array2::<f32>::zeros((cols, rows_per_chunk));
-    let mut shifted = ShiftedChunks::new(m, cols);
+    let mut chunk = Array2::<f64>::zeros((cols, rows_per_chunk));
     let (mut o, mut i) = (0, 0);
     while o < outer {
         // Fill up to rows_per_chunk rows with runs (o, i..i_end) of the same outer index.
@@ -112,7 +111,9 @@ pub fn add_joint(
                 for u in 0..width {
                     let src = v.slice(ndarray::s![o, u, i..i + run]);
                     let mut dst = chunk.slice_mut(ndarray::s![k * width + u, rows..rows + run]);
-                    dst.zip_mut_with(&src, |d, &s| *d = if s.is_finite() { s } else { 0.0 });
+                    dst.zip_mut_with(&src, |d, &s| {
+                        *d = if s.is_finite() { f64::from(s) } else { 0.0 };
+                    });
                 }
             }
             rows += run;
@@ -122,94 +123,9 @@ pub fn add_joint(
                 o += 1;
             }
         }
-        shifted.add(m, chunk.slice_mut(ndarray::s![.., ..rows]));
+        m.add_f64(chunk.slice(ndarray::s![.., ..rows]).t());
     }
-    shifted.finish(m);
     Ok(())
-}
-
-/// Σxxᵀ of a tap's chunks with the products in f32 and the sums in f64. Each chunk is shifted
-/// by a per-unit point near the units' means (the statistics so far, or the first chunk's
-/// means) before its f32 Gram: shifted samples are centred, so f32's 24-bit products lose
-/// nothing that the correlation keeps (raw post-ReLU activations, whose means are several
-/// standard deviations, would cancel in E[x²] − μ²). The chunk Grams are folded into f64 at
-/// once, so the accumulation over hundreds of samples is f64 as everywhere else. f32 runs
-/// the GEMM — calibration's dominant arithmetic on wide groups — at twice f64's speed.
-struct ShiftedChunks {
-    shift: Option<Vec<f64>>,
-    /// Σx and the count over the chunks so far (their Σ (x − shift)(x − shift)ᵀ goes straight
-    /// into the moments' Σxxᵀ, corrected by `finish`).
-    sum: Vec<f64>,
-    count: u64,
-    gram: Array2<f32>,
-}
-
-impl ShiftedChunks {
-    fn new(m: &Moments, cols: usize) -> ShiftedChunks {
-        let shift = (m.count > 0).then(|| {
-            m.sum
-                .iter()
-                .map(|s| (s / m.count as f64) as f32 as f64)
-                .collect()
-        });
-        ShiftedChunks {
-            shift,
-            sum: vec![0.0; cols],
-            count: 0,
-            gram: Array2::zeros((cols, cols)),
-        }
-    }
-
-    /// Folds in `chunk` ([units, samples], f32, finite) into `m`, shifting it in place.
-    fn add(&mut self, m: &mut Moments, mut chunk: ndarray::ArrayViewMut2<'_, f32>) {
-        let samples = chunk.ncols();
-        if samples == 0 {
-            return;
-        }
-        let shift = self.shift.get_or_insert_with(|| {
-            chunk
-                .rows()
-                .into_iter()
-                .map(|r| {
-                    (r.iter().map(|&v| f64::from(v)).sum::<f64>() / samples as f64) as f32 as f64
-                })
-                .collect()
-        });
-        for ((mut row, &c), s) in chunk
-            .rows_mut()
-            .into_iter()
-            .zip(shift.iter())
-            .zip(&mut self.sum)
-        {
-            // Σx exactly (f64 over the f32 samples); the shift in f32, as the Gram sees it.
-            let mut raw = 0.0f64;
-            for v in row.iter_mut() {
-                raw += f64::from(*v);
-                *v -= c as f32;
-            }
-            *s += raw;
-        }
-        crate::stats::gram_f32(&mut self.gram, chunk.view(), false);
-        m.outer.zip_mut_with(&self.gram, |d, &g| *d += f64::from(g));
-        self.count += samples as u64;
-    }
-
-    /// Makes the chunks raw moments in `m`: Σxxᵀ = Σ(x−c)(x−c)ᵀ + c·sᵀ + s·cᵀ + n·c·cᵀ with
-    /// s = Σ(x−c) = Σx − n·c.
-    fn finish(self, m: &mut Moments) {
-        let Some(c) = self.shift else {
-            return;
-        };
-        let n = self.count as f64;
-        let s: Vec<f64> = self.sum.iter().zip(&c).map(|(x, c)| x - n * c).collect();
-        for ((i, j), d) in m.outer.indexed_iter_mut() {
-            *d += c[i] * s[j] + s[i] * c[j] + n * c[i] * c[j];
-        }
-        for (d, x) in m.sum.iter_mut().zip(&self.sum) {
-            *d += x;
-        }
-        m.count += self.count;
-    }
 }
 
 /// Per-unit count, Σx and Σx² of one tap: all that statistics repair needs (mean and
@@ -349,12 +265,7 @@ mod tests {
         want.add(x.view());
         assert_eq!(m.count, want.count);
         assert!((&m.sum - &want.sum).iter().all(|d| d.abs() < 1e-9));
-        // Products in f32 over shifted samples, sums in f64.
-        let scale = want.outer.iter().fold(0f64, |a, v| a.max(v.abs()));
-        let d = (&m.outer - &want.outer)
-            .iter()
-            .fold(0f64, |a, v| a.max(v.abs()));
-        assert!(d < 1e-6 * scale, "Σxxᵀ off by {d} of {scale}");
+        assert!((&m.outer - &want.outer).iter().all(|d| d.abs() < 1e-9));
         // Unit moments of one tap agree with the diagonal.
         let mut u = UnitMoments::new(4);
         u.add(&TensorData::F32(a), "a").unwrap();
@@ -367,37 +278,6 @@ mod tests {
     }
 
     /// Sampling positions keeps every k-th one: the moments of the kept rows.
-    #[test]
-    fn f32_products_keep_the_correlation_of_offset_activations() {
-        // Means 1000× the spread (unshifted f32 products would cancel to noise in E[x²] − μ²),
-        // in two batches: the second is shifted by the first's means.
-        let batch = |k: usize| {
-            ArrayD::from_shape_fn(IxDyn(&[64, 3]), |ix| {
-                let t = (ix[0] + 64 * k) as f32 * 0.37;
-                1000.0 + [t.sin(), t.sin() * 0.5 + t.cos() * 0.1, (2.0 * t).cos()][ix[1]]
-            })
-        };
-        let mut m = Moments::new(3);
-        let mut want = Moments::new(3);
-        for k in 0..2 {
-            let b = batch(k);
-            add_joint(
-                &mut m,
-                &[&TensorData::F32(b.clone())],
-                1,
-                3,
-                &["t".into()],
-                0,
-            )
-            .unwrap();
-            want.add(b.into_dimensionality::<ndarray::Ix2>().unwrap().view());
-        }
-        let (c, w) = (m.correlation(), want.correlation());
-        let d = (&c - &w).iter().fold(0f64, |a, v| a.max(v.abs()));
-        assert!(d < 1e-4, "correlation off by {d}: {c:?} vs {w:?}");
-        assert!(w[[0, 1]] > 0.9, "the units correlate: {w:?}");
-    }
-
     #[test]
     fn sampled_positions_are_every_kth() {
         let a = ArrayD::from_shape_fn(IxDyn(&[2, 3, 10]), |ix| {
