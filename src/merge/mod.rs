@@ -628,7 +628,10 @@ fn find_matchings(
     } = prep;
     let mut endpoint = None;
     // Activation statistics: given, or calibrated here.
-    let mut act: HashMap<usize, Array2<f64>> = HashMap::new();
+    // Held in f32 for the whole iterative loop: they only rank candidate pairs (as the f32
+    // weight similarities do), and on a ViT-B pair the twelve 6,144-unit MLP groups' matrices
+    // are 3.6 GB in f64.
+    let mut act: HashMap<usize, Array2<f32>> = HashMap::new();
     if opts.method.uses_activations() {
         let moments = match &opts.stats {
             Some(stats) => {
@@ -663,7 +666,7 @@ fn find_matchings(
         timer.lap("calibration");
         act = moments
             .into_iter()
-            .map(|(g, m)| (g, m.into_correlation()))
+            .map(|(g, m)| (g, m.into_correlation().mapv(|v| v as f32)))
             .collect();
         timer.lap("statistics");
     }
@@ -720,7 +723,7 @@ fn find_matchings(
                 let sims: Vec<(usize, Array2<f64>, String)> = unit
                     .iter()
                     .map(|&g| match act.get(&g) {
-                        Some(a) => (g, a.clone(), "activation".to_string()),
+                        Some(a) => (g, a.mapv(f64::from), "activation".to_string()),
                         None => {
                             let s = wsim
                                 .get(&disc.groups[g], &m)
@@ -750,12 +753,14 @@ fn find_matchings(
                             match (w, a, opts.method.uses_activations()) {
                                 (Some(mut w), Some(a), true) => {
                                     let alpha = opts.alpha;
-                                    w.zip_mut_with(a, |w, &a| *w = *w * alpha + a * (1.0 - alpha));
+                                    w.zip_mut_with(a, |w, &a| {
+                                        *w = *w * alpha + f64::from(a) * (1.0 - alpha)
+                                    });
                                     (g, w, "dual".into())
                                 }
                                 (Some(w), _, _) => (g, w, "weight".into()),
                                 (None, Some(a), _) => {
-                                    (g, a.clone(), "activation (no weights)".into())
+                                    (g, a.mapv(f64::from), "activation (no weights)".into())
                                 }
                                 (None, None, _) => {
                                     (g, Array2::eye(n * disc.groups[g].width), "none".into())
