@@ -720,10 +720,18 @@ fn find_matchings(
         // Start: activations where the method uses them.
         if opts.method.uses_activations() {
             for unit in &units {
+                // Without the iterative loop a correlation is used once: freed as it is read.
+                let iterates = opts.method.iterates();
                 let sims: Vec<(usize, Array2<f64>, String)> = unit
                     .iter()
                     .map(|&g| match act.get(&g) {
-                        Some(a) => (g, a.mapv(f64::from), "activation".to_string()),
+                        Some(a) => {
+                            let a = a.mapv(f64::from);
+                            if !iterates {
+                                act.remove(&g);
+                            }
+                            (g, a, "activation".to_string())
+                        }
                         None => {
                             let s = wsim
                                 .get(&disc.groups[g], &m)
