@@ -129,6 +129,20 @@ const MAX_UPDATES: usize = 8;
 impl RowBlock {
     /// From `z` ([units, features]); NaN and ±inf count as 0 (the reference's `nan_to_num`).
     pub fn new(z: ArrayView2<f64>) -> RowBlock {
+        RowBlock::build(z, false)
+    }
+
+    /// As `new`, keeping the centred columns so that `update` can re-read the block.
+    pub fn updatable(z: ArrayView2<f64>) -> RowBlock {
+        RowBlock::build(z, true)
+    }
+
+    /// What `updatable` would hold for a `[units, features]` block.
+    pub fn updatable_bytes((units, features): (usize, usize)) -> usize {
+        (units * units + units * features) * 4 + units * 24
+    }
+
+    fn build(z: ArrayView2<f64>, keep: bool) -> RowBlock {
         let (mean, sumsq) = row_moments(z);
         let centred = centre_rows(z, &mean);
         let mut gram = Array2::<f32>::zeros((z.nrows(), z.nrows()));
@@ -139,18 +153,9 @@ impl RowBlock {
             mean,
             sumsq,
             features: z.ncols(),
-            columns: None,
+            columns: keep.then_some(centred),
             updates: 0,
         }
-    }
-
-    /// As `new`, keeping the centred columns so that `update` can re-read the block.
-    pub fn updatable(z: ArrayView2<f64>) -> RowBlock {
-        let mean = row_moments(z).0;
-        let centred = centre_rows(z, &mean);
-        let mut block = RowBlock::new(z);
-        block.columns = Some(centred);
-        block
     }
 
     /// Re-reads the block as `z`, changing the Gram by the columns that differ from the ones

@@ -124,8 +124,9 @@ impl<'a> WeightSimilarity<'a> {
             self.counts.computed += 1;
             self.counts.columns_correlated += z.ncols();
             self.counts.columns_read += z.ncols();
-            let block = RowBlock::updatable(z.view());
-            if z.ncols() >= MIN_CACHED_FEATURES && self.bytes + block.bytes() <= CACHE_BYTES {
+            let kept = RowBlock::updatable_bytes(z.dim());
+            if z.ncols() >= MIN_CACHED_FEATURES && self.bytes + kept <= CACHE_BYTES {
+                let block = RowBlock::updatable(z.view());
                 self.bytes += block.bytes();
                 self.cache.insert((g.id, k), (state, block));
                 order.push(Ok(k));
