@@ -1,12 +1,12 @@
 //! Command-line interface: argument parsing and human-readable output only; every computation
 //! is a library call. Exit codes: 0 ok, 1 runtime failure, 2 bad usage or bad input.
 
-mod check;
-mod eval;
-mod groups;
+pub mod check;
+pub mod eval;
+pub mod groups;
 mod inspect;
 mod landscape;
-mod merge;
+pub mod merge;
 mod progress;
 mod run;
 mod stats;
@@ -126,10 +126,16 @@ impl BackendArgs {
     }
 }
 
-pub fn main() -> ExitCode {
+/// Runs the command line `args` (the program name first) as the `mudsc` binary does, signal
+/// handling included; the Python package's `mudsc` command calls this too.
+pub fn main<I, T>(args: I) -> ExitCode
+where
+    I: IntoIterator<Item = T>,
+    T: Into<std::ffi::OsString> + Clone,
+{
     reset_sigpipe();
     clean_up_on_signals();
-    let cli = Cli::parse(); // usage errors exit with code 2
+    let cli = Cli::parse_from(args); // usage errors exit with code 2
     let result = match cli.command {
         Command::Inspect(a) => inspect::run(a),
         Command::Run(a) => run::run(a),
@@ -151,7 +157,7 @@ pub fn main() -> ExitCode {
 
 /// The error and its causes on one line, each cause only once: our I/O errors already name
 /// their OS error, which `{:#}` would print a second time as the source.
-fn message(e: &anyhow::Error) -> String {
+pub fn message(e: &anyhow::Error) -> String {
     let mut out = String::new();
     for cause in e.chain() {
         let text = cause.to_string();
@@ -190,11 +196,13 @@ fn reset_sigpipe() {
 
 /// 2 when the input was at fault, 1 when the work itself failed.
 fn exit_code(e: &anyhow::Error) -> ExitCode {
-    match e.downcast_ref::<mudsc::Error>() {
-        Some(err) if !err.is_bad_input() => ExitCode::from(1),
-        Some(_) => ExitCode::from(2),
-        None => ExitCode::from(1),
-    }
+    ExitCode::from(if is_bad_input(e) { 2 } else { 1 })
+}
+
+/// Whether an error is the user's input's fault (exit code 2; `BadInputError` in Python).
+pub fn is_bad_input(e: &anyhow::Error) -> bool {
+    e.downcast_ref::<mudsc::Error>()
+        .is_some_and(mudsc::Error::is_bad_input)
 }
 
 #[cfg(test)]
