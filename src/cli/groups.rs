@@ -73,7 +73,7 @@ pub fn discover(args: &DiscoverArgs) -> Result<Discovered> {
 #[derive(Args)]
 pub struct GroupsArgs {
     #[command(flatten)]
-    discover: DiscoverArgs,
+    pub discover: DiscoverArgs,
     /// Print the stable JSON document (can be edited and fed back with --groups).
     #[arg(long)]
     json: bool,

@@ -112,9 +112,57 @@ pub struct MergeArgs {
     stats: Vec<PathBuf>,
     #[command(flatten)]
     backend: BackendArgs,
+    /// Calibration arrays given in memory (the Python API's numpy arrays), used instead of
+    /// reading `--calib`, which then only names them in messages.
+    #[arg(skip)]
+    pub calib_arrays: Option<data::NamedArrays>,
 }
 
-pub fn run(args: MergeArgs) -> Result<()> {
+/// What a merge did: its report (as `--report` writes it) and how many models it merged.
+pub struct Merged {
+    pub report: mudsc::merge::MergeReport,
+    pub json: serde_json::Value,
+}
+
+pub fn run(mut args: MergeArgs) -> Result<()> {
+    let Merged { report, .. } = execute(&mut args)?;
+    println!(
+        "merged {} models with {} (α {}) over {} groups, {} calibration samples on {} → {}",
+        args.models.len(),
+        report.method.name(),
+        report.alpha,
+        report.groups.len(),
+        report.calibration_samples,
+        report.engine,
+        args.output.display()
+    );
+    if let Some(t) = &report.partial {
+        println!(
+            "partial zip: {} trunk nodes merged up to '{}', {} remainder nodes kept per model, \
+             {} values unmerged",
+            t.trunk_nodes,
+            t.cut_node,
+            t.remainder_nodes,
+            t.cut_values.len()
+        );
+    }
+    let total: f64 = report.seconds.values().sum();
+    let phases: Vec<String> = report
+        .seconds
+        .iter()
+        .map(|(k, v)| format!("{k} {v:.2}s"))
+        .collect();
+    println!(
+        "time {total:.2}s ({}), peak memory {:.0} MiB",
+        phases.join(", "),
+        report.peak_rss_mib
+    );
+    Ok(())
+}
+
+/// The whole merge: outputs checked, models and calibration read, merged, written (the model,
+/// then `--report`); nothing on stdout (`mudsc.merge()` in Python returns `json`).
+pub fn execute(args: &mut MergeArgs) -> Result<Merged> {
     let alpha: Option<f64> = match args.alpha.as_str() {
         "auto" => None,
         v => match v.parse::<f64>() {
@@ -172,7 +220,10 @@ pub fn run(args: MergeArgs) -> Result<()> {
         .iter()
         .map(mudsc::onnx::load)
         .collect::<mudsc::Result<Vec<_>>>()?;
-    let mut arrays = data::read(&args.calib)?;
+    let mut arrays = match args.calib_arrays.take() {
+        Some(a) => a,
+        None => data::read(&args.calib)?,
+    };
     let mut labels = match &args.calib_labels {
         Some(key) => Some(
             arrays
@@ -286,49 +337,18 @@ pub fn run(args: MergeArgs) -> Result<()> {
         .insert("write".into(), clock.elapsed().as_secs_f64());
     report.seconds.insert("read".into(), read_seconds);
     report.peak_rss_mib = mudsc::merge::peak_rss_mib();
+    let mut json = serde_json::to_value(&report)?;
+    if let Some(c) = &choice {
+        json["alpha_auto"] = serde_json::to_value(c)?;
+    }
     if let Some(path) = &args.report {
-        let mut json = serde_json::to_value(&report)?;
-        if let Some(c) = &choice {
-            json["alpha_auto"] = serde_json::to_value(c)?;
-        }
-        let json = serde_json::to_vec_pretty(&json)?;
+        let bytes = serde_json::to_vec_pretty(&json)?;
         // A report that cannot be written takes the model with it: nothing half-done stays.
         // Only what this save wrote is removed (never a data file that was there before).
-        if let Err(e) = mudsc::atomic::write_atomic(path, &protect, &json) {
+        if let Err(e) = mudsc::atomic::write_atomic(path, &protect, &bytes) {
             saved.remove();
             return Err(e).with_context(|| format!("writing {}", path.display()));
         }
     }
-    println!(
-        "merged {} models with {} (α {}) over {} groups, {} calibration samples on {} → {}",
-        models.len(),
-        report.method.name(),
-        report.alpha,
-        report.groups.len(),
-        report.calibration_samples,
-        report.engine,
-        args.output.display()
-    );
-    if let Some(t) = &report.partial {
-        println!(
-            "partial zip: {} trunk nodes merged up to '{}', {} remainder nodes kept per model, \
-             {} values unmerged",
-            t.trunk_nodes,
-            t.cut_node,
-            t.remainder_nodes,
-            t.cut_values.len()
-        );
-    }
-    let total: f64 = report.seconds.values().sum();
-    let phases: Vec<String> = report
-        .seconds
-        .iter()
-        .map(|(k, v)| format!("{k} {v:.2}s"))
-        .collect();
-    println!(
-        "time {total:.2}s ({}), peak memory {:.0} MiB",
-        phases.join(", "),
-        report.peak_rss_mib
-    );
-    Ok(())
+    Ok(Merged { report, json })
 }

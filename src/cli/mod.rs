@@ -20,17 +20,18 @@ use mudsc::runtime::{BackendKind, BackendOptions, Device};
 #[derive(Parser)]
 #[command(
     name = "mudsc",
+    bin_name = "mudsc",
     version,
     about = "Merge neural networks given as ONNX files, without training (MuDSC)",
     long_about = None,
 )]
-struct Cli {
+pub struct Cli {
     #[command(subcommand)]
-    command: Command,
+    pub command: Command,
 }
 
 #[derive(Subcommand)]
-enum Command {
+pub enum Command {
     /// Show a model's IR version, opsets, inputs/outputs, op histogram and parameter count.
     #[command(
         after_help = "Example:\n  mudsc inspect fixtures/models/mlp_a.onnx\n  mudsc inspect model.onnx --json"
@@ -80,8 +81,9 @@ pub struct BackendArgs {
     /// Inference engine [default: ort where its library is found, else tract].
     #[arg(long, value_enum)]
     pub backend: Option<Backend>,
-    /// Path of libonnxruntime.so for --backend ort (default: $ORT_DYLIB_PATH, then the copy
-    /// fetched by scripts/fetch-onnxruntime.sh).
+    /// Path of libonnxruntime.so for --backend ort (default: $ORT_DYLIB_PATH, then the library
+    /// of an installed onnxruntime Python package, then the copy fetched by
+    /// scripts/fetch-onnxruntime.sh).
     #[arg(long, value_name = "PATH")]
     pub ort_lib: Option<PathBuf>,
     /// Samples per inference batch.
@@ -127,8 +129,17 @@ impl BackendArgs {
 }
 
 /// Runs the command line `args` (the program name first) as the `mudsc` binary does, signal
-/// handling included; the Python package's `mudsc` command calls this too.
+/// handling included.
 pub fn main<I, T>(args: I) -> ExitCode
+where
+    I: IntoIterator<Item = T>,
+    T: Into<std::ffi::OsString> + Clone,
+{
+    ExitCode::from(run(args))
+}
+
+/// [`main`] returning the exit status as a number: the Python package's `mudsc` command.
+pub fn run<I, T>(args: I) -> u8
 where
     I: IntoIterator<Item = T>,
     T: Into<std::ffi::OsString> + Clone,
@@ -147,7 +158,7 @@ where
         Command::Stats(a) => stats::run(a),
     };
     match result {
-        Ok(()) => ExitCode::SUCCESS,
+        Ok(()) => 0,
         Err(e) => {
             eprintln!("error: {}", message(&e));
             exit_code(&e)
@@ -195,8 +206,12 @@ fn reset_sigpipe() {
 }
 
 /// 2 when the input was at fault, 1 when the work itself failed.
-fn exit_code(e: &anyhow::Error) -> ExitCode {
-    ExitCode::from(if is_bad_input(e) { 2 } else { 1 })
+fn exit_code(e: &anyhow::Error) -> u8 {
+    if is_bad_input(e) {
+        2
+    } else {
+        1
+    }
 }
 
 /// Whether an error is the user's input's fault (exit code 2; `BadInputError` in Python).
