@@ -6,7 +6,7 @@
 # library (from its PyPI wheel). Cargo fetches the Rust crates itself. Idempotent and quiet
 # when already done: the venv is reused, and pip runs again only when requirements.txt changes.
 #
-# What the machine must already have: a Rust toolchain (cargo, rustc >= 1.85) and python3
+# What the machine must already have: a Rust toolchain (cargo, rustc >= 1.92) and python3
 # >= 3.11 with its venv module (Debian/Ubuntu: apt-get install python3 python3-venv).
 set -euo pipefail
 root="$(cd "$(dirname "$0")/.." && pwd)"
@@ -17,10 +17,10 @@ missing() {
 }
 
 command -v cargo >/dev/null 2>&1 && command -v rustc >/dev/null 2>&1 ||
-    missing "no Rust toolchain on PATH (cargo, rustc >= 1.85); install one with rustup (https://rustup.rs)"
+    missing "no Rust toolchain on PATH (cargo, rustc >= 1.92); install one with rustup (https://rustup.rs)"
 rustc_minor="$(rustc --version | sed -n 's/^rustc 1\.\([0-9]*\).*/\1/p')"
-[ -n "$rustc_minor" ] && [ "$rustc_minor" -ge 85 ] ||
-    missing "$(rustc --version) is too old: mudsc needs rustc >= 1.85 (rustup update)"
+[ -n "$rustc_minor" ] && [ "$rustc_minor" -ge 92 ] ||
+    missing "$(rustc --version) is too old: mudsc needs rustc >= 1.92 (rustup update)"
 command -v python3 >/dev/null 2>&1 ||
     missing "no python3 on PATH: install Python >= 3.11 with its venv module (apt-get install python3 python3-venv)"
 python3 -c 'import sys; sys.exit(sys.version_info < (3, 11))' ||

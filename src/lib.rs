@@ -10,6 +10,7 @@
 extern crate self as mudsc;
 
 pub mod atomic;
+pub mod card;
 #[doc(hidden)]
 pub mod cli;
 pub mod data;
@@ -22,6 +23,8 @@ pub mod inspect;
 pub mod landscape;
 pub mod merge;
 pub mod onnx;
+#[cfg(feature = "python")]
+mod python;
 pub mod runtime;
 pub mod stats;
 pub mod symmetry;

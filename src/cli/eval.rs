@@ -44,6 +44,29 @@ pub struct EvalArgs {
     pub data_arrays: Option<data::NamedArrays>,
 }
 
+impl EvalArgs {
+    /// Scoring `models` on `data` for another command (`merge --eval-data`).
+    pub fn for_models(
+        models: Vec<PathBuf>,
+        data: PathBuf,
+        labels: String,
+        tasks: Option<Tasks>,
+        backend: BackendArgs,
+    ) -> EvalArgs {
+        EvalArgs {
+            models,
+            ensemble: false,
+            data,
+            labels,
+            tasks,
+            classes: None,
+            json: true,
+            backend,
+            data_arrays: None,
+        }
+    }
+}
+
 /// A task list as one argument (`0-4,5-9`).
 #[derive(Clone, Debug)]
 pub struct Tasks(pub Vec<ClassRange>);

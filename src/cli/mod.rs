@@ -1,6 +1,7 @@
 //! Command-line interface: argument parsing and human-readable output only; every computation
 //! is a library call. Exit codes: 0 ok, 1 runtime failure, 2 bad usage or bad input.
 
+mod card;
 pub mod check;
 pub mod eval;
 pub mod groups;
