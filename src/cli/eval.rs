@@ -122,7 +122,7 @@ pub fn scores(args: &mut EvalArgs) -> Result<Vec<(String, EvalReport)>> {
     let heads: Vec<Vec<Array2<f32>>> = args
         .models
         .iter()
-        .map(|path| heads_of(path, &arrays, &args))
+        .map(|path| heads_of(path, &arrays, args))
         .collect::<Result<_>>()?;
     let total_heads: usize = heads.iter().map(Vec::len).sum();
     let head_classes: Vec<Option<ClassRange>> = match &args.classes {
