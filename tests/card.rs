@@ -150,38 +150,7 @@ fn a_card_that_cannot_be_written_leaves_nothing_behind() {
     let out = dir.path().join("m.onnx");
     let calib = fixture("data/calib.npz");
     let (a, b) = (fixture("models/mlp_a.onnx"), fixture("models/mlp_b.onnx"));
-    let run = |card: &Path| {
-        mudsc(&[
-            "merge",
-            &a,
-            &b,
-            "-o",
-            out.to_str().unwrap(),
-            "--calib",
-            &calib,
-            "--samples",
-            "64",
-            "--card",
-            card.to_str().unwrap(),
-        ])
-    };
-    // In a missing directory: refused before any work, named.
-    let o = run(&dir.path().join("missing/card.md"));
-    assert_eq!(o.status.code(), Some(2));
-    assert!(String::from_utf8_lossy(&o.stderr).contains("missing/card.md"));
-    assert!(!out.exists());
-    // The same file as the model: refused.
-    let o = run(&out);
-    assert_eq!(
-        o.status.code(),
-        Some(2),
-        "{}",
-        String::from_utf8_lossy(&o.stderr)
-    );
-    assert!(!out.exists());
-    // Missing eval data is refused before the merge, named.
-    let card = dir.path().join("card.md");
-    let merge = |extra: &[&str]| {
+    let merge = |card: &Path, extra: &[&str]| {
         let mut args = vec![
             "merge",
             &a,
@@ -198,12 +167,31 @@ fn a_card_that_cannot_be_written_leaves_nothing_behind() {
         args.extend(extra);
         mudsc(&args)
     };
-    let o = merge(&["--eval-data", dir.path().join("none.npz").to_str().unwrap()]);
+    // In a missing directory: refused before any work, named.
+    let o = merge(&dir.path().join("missing/card.md"), &[]);
+    assert_eq!(o.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("missing/card.md"));
+    assert!(!out.exists());
+    // The same file as the model: refused.
+    let o = merge(&out, &[]);
+    assert_eq!(
+        o.status.code(),
+        Some(2),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    assert!(!out.exists());
+    // Missing eval data is refused before the merge, named.
+    let card = dir.path().join("card.md");
+    let o = merge(
+        &card,
+        &["--eval-data", dir.path().join("none.npz").to_str().unwrap()],
+    );
     assert_eq!(o.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&o.stderr).contains("none.npz"));
     // Eval data without the labels fails after the merge: the model written before is removed.
     let test = fixture("data/test.npz");
-    let o = merge(&["--eval-data", &test, "--eval-labels", "nope"]);
+    let o = merge(&card, &["--eval-data", &test, "--eval-labels", "nope"]);
     assert_eq!(o.status.code(), Some(2));
     assert!(
         String::from_utf8_lossy(&o.stderr).contains("nope"),

@@ -114,6 +114,7 @@ def merge(
     report: PathLike | None = None,
     card: PathLike | None = None,
     eval_data: PathLike | None = None,
+    eval_labels: str | None = None,
     tasks: str | None = None,
     seed: int | None = None,
     samples: int | None = None,
@@ -136,7 +137,8 @@ def merge(
     argv = ["merge", *map(os.fspath, models), "--output", os.fspath(output)]
     arrays = _data(argv, "calib", calib)
     options = dict(method=method, alpha=alpha, zip_until=zip_until, repair_samples=repair_samples,
-                   report=report, card=card, eval_data=eval_data, tasks=tasks, seed=seed,
+                   report=report, card=card, eval_data=eval_data, eval_labels=eval_labels,
+                   tasks=tasks, seed=seed,
                    samples=samples, calib_labels=calib_labels, stats=stats,
                    external_data=external_data, zip_a=zip_a, zip_b=zip_b, max_sweeps=max_sweeps,
                    repair_passes=repair_passes, repair_batch=repair_batch,
