@@ -136,7 +136,8 @@ pub struct MergeArgs {
     pub calib_arrays_given: bool,
 }
 
-/// What a merge did: its report (as `--report` writes it) and how many models it merged.
+/// What a merge did: its report, and the report as `--report` writes it (`alpha_auto` and
+/// `accuracy` added when there are).
 pub struct Merged {
     pub report: mudsc::merge::MergeReport,
     pub json: serde_json::Value,
