@@ -7,8 +7,10 @@
 set -euo pipefail
 root="$(cd "$(dirname "$0")/.." && pwd)"
 cd "$root"
+bash scripts/setup.sh
 cargo build --release --quiet
-mudsc=target/release/mudsc
+mudsc="${CARGO_TARGET_DIR:-target}/release/mudsc"
+py=.venv/bin/python  # the project's virtual environment (scripts/setup.sh)
 tmp="$(mktemp -d)"
 trap 'rm -rf "$tmp"' EXIT
 pairs=("$@")
@@ -26,7 +28,7 @@ for pair in "${pairs[@]}"; do
     echo
     echo "| method | read | discovery | calibration | statistics | matching | rewrite | repair | write | total s | peak MiB | (matching+rewrite) ÷ calibration | joint % | task mean % |"
     echo "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"
-    python3 - "$tmp/endpoints.json" "$a" "$b" <<'EOF'
+    "$py" - "$tmp/endpoints.json" "$a" "$b" <<'EOF'
 import json, sys
 d = json.load(open(sys.argv[1]))
 for name, key in (("A", sys.argv[2]), ("B", sys.argv[3]), ("ensemble", "ensemble")):
@@ -48,7 +50,7 @@ EOF
         "$mudsc" merge "$a" "$b" -o "$tmp/m.onnx" --calib fixtures/data/calib.npz --method "$m" \
             --report "$tmp/r.json" "${extra[@]}" >/dev/null 2>&1
         score "$tmp/m.onnx" > "$tmp/s.json"
-        python3 - "$tmp/r.json" "$tmp/s.json" "$label" <<'EOF'
+        "$py" - "$tmp/r.json" "$tmp/s.json" "$label" <<'EOF'
 import json, sys
 r, s = json.load(open(sys.argv[1])), json.load(open(sys.argv[2]))
 t = r["seconds"]

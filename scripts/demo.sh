@@ -8,7 +8,7 @@ root="$(cd "$(dirname "$0")/.." && pwd)"
 cd "$root"
 bash scripts/setup.sh
 cargo build --release --quiet
-mudsc=target/release/mudsc
+mudsc="${CARGO_TARGET_DIR:-target}/release/mudsc"
 pair="${1:-mlp}"
 method="${2:-mudsc-zip}"
 out="${TMPDIR:-/tmp}/mudsc-demo-${pair}-${method}.onnx"

@@ -6,18 +6,21 @@ set -euo pipefail
 ORT_VERSION="${ORT_VERSION:-1.31.1}"
 WHEEL_SHA256="${WHEEL_SHA256:-5752bd508126ae7c49894d3b9d2e83f0c3d487319246d04c444b393308d7ad7f}"
 root="$(cd "$(dirname "$0")/.." && pwd)"
+# The project's virtual environment (scripts/setup.sh) when there is one; pip only downloads.
+py="${PYTHON:-$root/.venv/bin/python}"
+[ -x "$py" ] || py=python3
 DEST="${1:-$root/third_party/onnxruntime}"
 mkdir -p "$DEST"
 lib="$DEST/libonnxruntime.so.$ORT_VERSION"
 if [ ! -f "$lib" ]; then
     tmp="$(mktemp -d)"
     trap 'rm -rf "$tmp"' EXIT
-    python3 -m pip download --quiet --no-deps --only-binary=:all: \
+    "$py" -m pip download --quiet --no-deps --only-binary=:all: \
         --python-version 3.11 --implementation cp --abi cp311 --platform manylinux_2_28_x86_64 \
         "onnxruntime==$ORT_VERSION" -d "$tmp" >&2
     whl="$(ls "$tmp"/onnxruntime-"$ORT_VERSION"-*.whl)"
     echo "$WHEEL_SHA256  $whl" | sha256sum -c --quiet - >&2
-    python3 - "$whl" "$DEST" "$ORT_VERSION" <<'PY'
+    "$py" - "$whl" "$DEST" "$ORT_VERSION" <<'PY'
 import os, sys, zipfile
 whl, dest, ver = sys.argv[1:]
 name = f"onnxruntime/capi/libonnxruntime.so.{ver}"

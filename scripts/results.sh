@@ -5,8 +5,10 @@
 set -euo pipefail
 root="$(cd "$(dirname "$0")/.." && pwd)"
 cd "$root"
+bash scripts/setup.sh
 cargo build --release --quiet
-mudsc=target/release/mudsc
+mudsc="${CARGO_TARGET_DIR:-target}/release/mudsc"
+py=.venv/bin/python  # the project's virtual environment (scripts/setup.sh)
 tmp="$(mktemp -d)"
 trap 'rm -rf "$tmp"' EXIT
 pairs=("$@")
@@ -21,7 +23,7 @@ printf '\n'
 for pair in "${pairs[@]}"; do
     a="fixtures/models/${pair}_a.onnx"
     b="fixtures/models/${pair}_b.onnx"
-    row=$(score "$a" "$b" --ensemble | python3 -c '
+    row=$(score "$a" "$b" --ensemble | "$py" -c '
 import json, sys
 d = json.load(sys.stdin)
 f = lambda r: "%.1f" % (100 * r["task_mean"])
@@ -31,7 +33,7 @@ print("%s | %s | %.1f / %s" % (f(a), f(b), 100 * e["top1"]["correct"] / e["top1"
     printf '| %s | %s |' "$pair" "$row"
     for m in "${methods[@]}"; do
         "$mudsc" merge "$a" "$b" -o "$tmp/m.onnx" --calib fixtures/data/calib.npz --method "$m" >/dev/null 2>&1
-        cell=$(score "$tmp/m.onnx" | python3 -c '
+        cell=$(score "$tmp/m.onnx" | "$py" -c '
 import json, sys
 r = json.load(sys.stdin)
 print("%.1f / %.1f" % (100 * r["top1"]["correct"] / r["top1"]["total"], 100 * r["task_mean"]))')

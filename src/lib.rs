@@ -4,7 +4,15 @@
 //! shapes) → [`runtime`] (inference, the calibration read points) → [`eval`]. Later stages
 //! (symmetry discovery, statistics, similarity, matching, rewrite) build on these.
 
+// The command line lives in the library (not only in the binary) so that the Python package's
+// `mudsc` command runs the very same code; its modules name the library `mudsc::`, as a
+// separate crate would.
+extern crate self as mudsc;
+
 pub mod atomic;
+pub mod card;
+#[doc(hidden)]
+pub mod cli;
 pub mod data;
 pub mod error;
 pub mod eval;
@@ -15,6 +23,8 @@ pub mod inspect;
 pub mod landscape;
 pub mod merge;
 pub mod onnx;
+#[cfg(feature = "python")]
+mod python;
 pub mod runtime;
 pub mod stats;
 pub mod symmetry;

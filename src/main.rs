@@ -1,9 +1,7 @@
 //! The `mudsc` command line: a thin shell over the library (see `cli/`).
 
-mod cli;
-
 use std::process::ExitCode;
 
 fn main() -> ExitCode {
-    cli::main()
+    mudsc::cli::main(std::env::args_os())
 }

@@ -4,6 +4,8 @@
 //! goes through the same entry points as the fuzz targets (`mudsc::fuzzing`). None may panic;
 //! an unbounded allocation aborts this test binary, which fails the test too.
 
+mod common;
+
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::path::{Path, PathBuf};
 
@@ -93,14 +95,14 @@ fn numpy_reader_reads_what_numpy_writes() {
     let dir = tempfile::tempdir().unwrap();
     let (onnx, npz) = (dir.path().join("onnx"), dir.path().join("npz"));
     let script = fuzz_dir("seeds/make_seeds.py");
-    let status = std::process::Command::new("python3")
+    let status = std::process::Command::new(common::python_exe())
         .args([
             script.to_str().unwrap(),
             onnx.to_str().unwrap(),
             npz.to_str().unwrap(),
         ])
         .status()
-        .expect("python3 must be installed (scripts/setup.sh)");
+        .expect("python must be installed (scripts/setup.sh)");
     assert!(status.success());
     for path in files(&npz) {
         let name = path.file_name().unwrap().to_str().unwrap().to_string();

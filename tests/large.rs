@@ -16,7 +16,7 @@ use mudsc::onnx;
 use mudsc::runtime::{open_session, run_batched, BackendKind, BackendOptions};
 
 fn generate(kind: &str, dir: &Path) {
-    let status = Command::new("python3")
+    let status = Command::new(common::python_exe())
         .arg(common::root().join("tests/py/make_large.py"))
         .args([kind, dir.to_str().unwrap()])
         .status()

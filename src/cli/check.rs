@@ -1,6 +1,8 @@
 use anyhow::{bail, Result};
 use clap::Args;
-use mudsc::symmetry::check::{check_report, ATOL, CONTROL_MARGIN, NOISE_FACTOR, RTOL};
+use mudsc::symmetry::check::{
+    check_report, CheckDocument, ATOL, CONTROL_MARGIN, NOISE_FACTOR, RTOL,
+};
 
 use super::groups::{discover, DiscoverArgs};
 use super::BackendArgs;
@@ -8,7 +10,11 @@ use super::BackendArgs;
 #[derive(Args)]
 pub struct CheckArgs {
     #[command(flatten)]
-    discover: DiscoverArgs,
+    pub discover: DiscoverArgs,
+    /// Print the verdict as JSON (`mudsc-check/1`: verdict, per-trial differences, the
+    /// tolerance and its parts); the exit code is the same (0 pass, 1 fail, 2 bad input).
+    #[arg(long)]
+    json: bool,
     /// Random permutations to try.
     #[arg(long, default_value_t = 3)]
     trials: usize,
@@ -22,7 +28,8 @@ pub struct CheckArgs {
     backend: BackendArgs,
 }
 
-pub fn run(args: CheckArgs) -> Result<()> {
+/// Runs the check and returns its document (`check --json`; `mudsc.check()` in Python).
+pub fn document(args: &CheckArgs) -> Result<CheckDocument> {
     if args.trials == 0 {
         return Err(mudsc::Error::Usage(
             "--trials must be at least 1: no trial proves nothing".into(),
@@ -47,10 +54,42 @@ pub fn run(args: CheckArgs) -> Result<()> {
         args.backend.kind(),
         &args.backend.options(),
     )?;
+    Ok(report.document(
+        &args.discover.model.display().to_string(),
+        d.discovery.groups.len(),
+    ))
+}
+
+pub fn run(args: CheckArgs) -> Result<()> {
+    let doc = document(&args)?;
+    let report = &doc.report;
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&doc)?);
+    } else {
+        print_report(&doc);
+    }
+    if !report.passed() {
+        bail!(
+            "the permuted model differs by more than the tolerance ({:.3e}): a group is wrong",
+            report.tolerance
+        );
+    }
+    if !report.discriminates() {
+        eprintln!(
+            "warning: a wrongly permuted tensor changes the outputs by less than \
+             {CONTROL_MARGIN} × the tolerance on this data; the check cannot tell a wrong group \
+             from rounding here (try --data with real inputs)"
+        );
+    }
+    Ok(())
+}
+
+fn print_report(doc: &CheckDocument) {
+    let report = &doc.report;
     println!(
         "{}: {} groups permuted, {} trials",
-        args.discover.model.display(),
-        d.discovery.groups.len(),
+        doc.model,
+        doc.groups,
         report.trials.len()
     );
     println!(
@@ -82,18 +121,4 @@ pub fn run(args: CheckArgs) -> Result<()> {
             }
         );
     }
-    if !report.passed() {
-        bail!(
-            "the permuted model differs by more than the tolerance ({:.3e}): a group is wrong",
-            report.tolerance
-        );
-    }
-    if !report.discriminates() {
-        eprintln!(
-            "warning: a wrongly permuted tensor changes the outputs by less than \
-             {CONTROL_MARGIN} × the tolerance on this data; the check cannot tell a wrong group \
-             from rounding here (try --data with real inputs)"
-        );
-    }
-    Ok(())
 }

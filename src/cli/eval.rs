@@ -3,7 +3,7 @@ use std::path::PathBuf;
 use anyhow::Result;
 use clap::Args;
 use mudsc::data;
-use mudsc::eval::{evaluate, ClassRange};
+use mudsc::eval::{evaluate, ClassRange, EvalReport};
 use ndarray::{Array2, Axis, Ix2};
 
 use super::BackendArgs;
@@ -38,6 +38,33 @@ pub struct EvalArgs {
     json: bool,
     #[command(flatten)]
     backend: BackendArgs,
+    /// Arrays given in memory (the Python API's numpy arrays), used instead of reading
+    /// `--data`, which then only names them in messages.
+    #[arg(skip)]
+    pub data_arrays: Option<data::NamedArrays>,
+}
+
+impl EvalArgs {
+    /// Scoring `models` on `data` for another command (`merge --eval-data`).
+    pub fn for_models(
+        models: Vec<PathBuf>,
+        data: PathBuf,
+        labels: String,
+        tasks: Option<Tasks>,
+        backend: BackendArgs,
+    ) -> EvalArgs {
+        EvalArgs {
+            models,
+            ensemble: false,
+            data,
+            labels,
+            tasks,
+            classes: None,
+            json: true,
+            backend,
+            data_arrays: None,
+        }
+    }
 }
 
 /// A task list as one argument (`0-4,5-9`).
@@ -50,14 +77,52 @@ pub(super) fn parse_tasks(s: &str) -> Result<Tasks, String> {
         .map_err(|e| e.to_string())
 }
 
-pub fn run(args: EvalArgs) -> Result<()> {
-    let mut arrays = data::read(&args.data)?;
+pub fn run(mut args: EvalArgs) -> Result<()> {
+    let reports = scores(&mut args)?;
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&document(&reports)?)?);
+        return Ok(());
+    }
+    let no_tasks = args.tasks.as_ref().is_none_or(|t| t.0.is_empty());
+    let label = if no_tasks { "top-1" } else { "joint" };
+    for (name, report) in &reports {
+        println!("{name}  {label:<10} {}", report.top1);
+        for t in &report.tasks {
+            let task = format!("task {}", t.classes);
+            println!("{name}  {task:<10} {}", t.accuracy);
+        }
+        if let Some(mean) = report.task_mean {
+            println!("{name}  task mean  {:6.2} %", 100.0 * mean);
+        }
+    }
+    Ok(())
+}
+
+/// `eval --json`'s document (`mudsc.evaluate()` in Python): one model's report, or the
+/// reports by model (and `ensemble`).
+pub fn document(reports: &[(String, EvalReport)]) -> Result<serde_json::Value> {
+    if let [(_, report)] = reports {
+        return Ok(serde_json::to_value(report)?);
+    }
+    let map: serde_json::Map<String, serde_json::Value> = reports
+        .iter()
+        .map(|(n, r)| Ok((n.clone(), serde_json::to_value(r)?)))
+        .collect::<Result<_>>()?;
+    Ok(serde_json::Value::Object(map))
+}
+
+/// Every model's accuracy (and the ensemble's), by the name the user gave it.
+pub fn scores(args: &mut EvalArgs) -> Result<Vec<(String, EvalReport)>> {
+    let mut arrays = match args.data_arrays.take() {
+        Some(a) => a,
+        None => data::read(&args.data)?,
+    };
     let labels = data::take_labels(&mut arrays, &args.labels, &args.data)?;
     let tasks = args.tasks.clone().map(|t| t.0).unwrap_or_default();
     let heads: Vec<Vec<Array2<f32>>> = args
         .models
         .iter()
-        .map(|path| heads_of(path, &arrays, &args))
+        .map(|path| heads_of(path, &arrays, args))
         .collect::<Result<_>>()?;
     let total_heads: usize = heads.iter().map(Vec::len).sum();
     let head_classes: Vec<Option<ClassRange>> = match &args.classes {
@@ -151,31 +216,7 @@ pub fn run(args: EvalArgs) -> Result<()> {
             evaluate(logits.view(), &labels, &tasks, span.as_ref())?,
         ));
     }
-    if args.json {
-        let map: serde_json::Map<String, serde_json::Value> = reports
-            .iter()
-            .map(|(n, r)| Ok((n.clone(), serde_json::to_value(r)?)))
-            .collect::<Result<_>>()?;
-        let value = if reports.len() == 1 {
-            serde_json::to_value(&reports[0].1)?
-        } else {
-            serde_json::Value::Object(map)
-        };
-        println!("{}", serde_json::to_string_pretty(&value)?);
-        return Ok(());
-    }
-    let label = if tasks.is_empty() { "top-1" } else { "joint" };
-    for (name, report) in &reports {
-        println!("{name}  {label:<10} {}", report.top1);
-        for t in &report.tasks {
-            let task = format!("task {}", t.classes);
-            println!("{name}  {task:<10} {}", t.accuracy);
-        }
-        if let Some(mean) = report.task_mean {
-            println!("{name}  task mean  {:6.2} %", 100.0 * mean);
-        }
-    }
-    Ok(())
+    Ok(reports)
 }
 
 /// Runs one model over the data and returns its logits heads: every output shaped

@@ -1,6 +1,6 @@
 use std::path::PathBuf;
 
-use anyhow::{Context, Result};
+use anyhow::{bail, Context, Result};
 use clap::Args;
 use mudsc::data;
 use mudsc::onnx::{Model, TensorData};
@@ -21,6 +21,10 @@ pub struct DiscoverArgs {
     /// `"fixed": true` stay in place.
     #[arg(long, value_name = "SPEC.json")]
     pub groups: Option<PathBuf>,
+    /// Arrays given in memory (the Python API's numpy arrays), used instead of reading
+    /// `--data`, which then only names them in messages.
+    #[arg(skip)]
+    pub data_arrays: Option<data::NamedArrays>,
 }
 
 fn parse_shape(s: &str) -> Result<(String, Vec<usize>), String> {
@@ -46,9 +50,10 @@ pub struct Discovered {
 
 pub fn discover(args: &DiscoverArgs) -> Result<Discovered> {
     let model = mudsc::onnx::load(&args.model)?;
-    let inputs = match &args.data {
-        Some(p) => Some(data::bind_inputs(&data::read(p)?, &model, p)?),
-        None => None,
+    let inputs = match (&args.data, &args.data_arrays) {
+        (Some(p), Some(arrays)) => Some(data::bind_inputs(arrays, &model, p)?),
+        (Some(p), None) => Some(data::bind_inputs(&data::read(p)?, &model, p)?),
+        (None, _) => None,
     };
     let shapes = data::input_shapes(&model, inputs.as_deref(), &args.shape, 1)?;
     let value_shapes = mudsc::graph::infer_shapes(&model, &shapes)?;
@@ -68,10 +73,25 @@ pub fn discover(args: &DiscoverArgs) -> Result<Discovered> {
 #[derive(Args)]
 pub struct GroupsArgs {
     #[command(flatten)]
-    discover: DiscoverArgs,
+    pub discover: DiscoverArgs,
     /// Print the stable JSON document (can be edited and fed back with --groups).
     #[arg(long)]
     json: bool,
+    /// Compare with a committed `groups --json` document: exit 0 when the groups are the same
+    /// up to numbering, else exit 1 listing what changed (groups that appeared or vanished,
+    /// widths, blocks, weight axes moved between groups). The CI gate for exported graphs.
+    #[arg(long, value_name = "SPEC.json")]
+    expect: Option<PathBuf>,
+}
+
+/// The `mudsc-groups/1` document of the model (`groups --json`; `mudsc.groups()` in Python).
+pub fn document(args: &DiscoverArgs) -> Result<serde_json::Value> {
+    let d = discover(args)?;
+    let name = args.model.display().to_string();
+    Ok(serde_json::to_value(symmetry::spec::report(
+        &name,
+        &d.discovery,
+    ))?)
 }
 
 pub fn run(args: GroupsArgs) -> Result<()> {
@@ -83,8 +103,40 @@ pub fn run(args: GroupsArgs) -> Result<()> {
             "{}",
             serde_json::to_string_pretty(&symmetry::spec::report(&name, disc))?
         );
-        return Ok(());
+    } else {
+        print_groups(&name, disc);
     }
+    if let Some(spec) = &args.expect {
+        let changes = symmetry::expect::compare(spec, disc)?;
+        // With --json, stdout is the document: the verdict goes to stderr.
+        let say = |line: String| {
+            if args.json {
+                eprintln!("{line}");
+            } else {
+                println!("{line}");
+            }
+        };
+        if !changes.is_empty() {
+            say(String::new());
+            for c in &changes {
+                say(c.to_string());
+            }
+            bail!(
+                "{name}: {} difference(s) from {}",
+                changes.len(),
+                spec.display()
+            );
+        }
+        say(format!(
+            "{name}: the {} groups match {} (up to numbering)",
+            disc.groups.len(),
+            spec.display()
+        ));
+    }
+    Ok(())
+}
+
+fn print_groups(name: &str, disc: &Discovery) {
     println!(
         "{name}: {} groups, {} fixed weight axes",
         disc.groups.len(),
@@ -136,5 +188,4 @@ pub fn run(args: GroupsArgs) -> Result<()> {
     for (op, n) in &disc.unknown_ops {
         println!("unknown op {op} ×{n}: its axes are fixed");
     }
-    Ok(())
 }

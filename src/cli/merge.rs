@@ -41,80 +41,147 @@ const MIN_CALIBRATION_SAMPLES: usize = 32;
 pub struct MergeArgs {
     /// The models to merge (same architecture; the first one gives names and opsets).
     #[arg(required = true, num_args = 2..)]
-    models: Vec<PathBuf>,
+    pub(super) models: Vec<PathBuf>,
     /// Output model.
     #[arg(long, short)]
-    output: PathBuf,
+    pub(super) output: PathBuf,
     /// Calibration inputs (.npz keyed by graph input name, .npy, .pb or test_data_set dir).
     #[arg(long)]
-    calib: PathBuf,
+    pub(super) calib: PathBuf,
     #[arg(long, value_enum, default_value_t = MethodArg::MudscZip)]
-    method: MethodArg,
+    pub(super) method: MethodArg,
     /// Weight-space share of the dual similarity (0 = activations only, 1 = weights only), or
     /// `auto`: try 0.1 … 0.9 on a held-out fifth of the calibration data (accuracy when it has
     /// --calib-labels, else top-1 agreement with the endpoints) and keep the best.
     #[arg(long, default_value = "0.5")]
-    alpha: String,
+    pub(super) alpha: String,
     /// Key of integer labels in the calibration file, for `--alpha auto` by accuracy.
     #[arg(long)]
-    calib_labels: Option<String>,
+    pub(super) calib_labels: Option<String>,
     /// Zip: similarity decay of merged clusters.
     #[arg(long, default_value_t = 0.5)]
-    zip_a: f64,
+    pub(super) zip_a: f64,
     /// Zip: same-model merge budget factor.
     #[arg(long, default_value_t = 1.0)]
-    zip_b: f64,
+    pub(super) zip_b: f64,
     /// Most sweeps of the iterative loop (it also stops after 5 sweeps without improvement).
     #[arg(long, default_value_t = 100)]
-    max_sweeps: usize,
+    pub(super) max_sweeps: usize,
     /// Seed of the group order in the iterative loop.
     #[arg(long, default_value_t = 0)]
-    seed: u64,
+    pub(super) seed: u64,
     /// Write a JSON report (per group: width, similarity, merge value; time per phase).
     #[arg(long)]
-    report: Option<PathBuf>,
+    pub(super) report: Option<PathBuf>,
     /// Store the initializers in one external data file beside the output.
     #[arg(long)]
-    external_data: bool,
+    pub(super) external_data: bool,
     /// Statistics repair (REPAIR folded into Conv/Gemm weights, BatchNorm reset) on this many
     /// calibration samples; 0 turns it off.
     #[arg(long, default_value_t = 256)]
-    repair_samples: usize,
+    pub(super) repair_samples: usize,
     /// Passes of the merged model for statistics repair: each runs the model with every
     /// corrected layer normalised in the graph (BatchNorms in training mode) and folds the
     /// measured statistics into the weights; 0 = one pass per layer, in graph order (the
     /// sequential scheme, as slow as the model is deep).
     #[arg(long, default_value_t = 1)]
-    repair_passes: usize,
+    pub(super) repair_passes: usize,
     /// Samples per batch of repair's pass over the merged model. One batch holding all
     /// --repair-samples makes it exactly the sequential scheme; a smaller one needs less
     /// memory on large models and pools per-batch statistics (within 0.5 points on the
     /// bundled pairs).
     #[arg(long, default_value_t = 256)]
-    repair_batch: usize,
+    pub(super) repair_batch: usize,
     /// Tap positions (pixels, tokens) used per calibration sample, evenly spread; 0 = all.
     /// Cuts the statistics arithmetic on large maps (e.g. 64 on 224² models).
     #[arg(long, default_value_t = 0)]
-    tap_positions: usize,
+    pub(super) tap_positions: usize,
     /// Partial zip: merge only up to a node (a node name, or the name of the value it makes)
     /// or a depth (the first K weight layers; -K: all but the last K), and keep each model's
     /// own layers after it, fed through its unmerge. The merged model then has one copy of
     /// every output per model, `<output>.m0`, `<output>.m1`, …
     #[arg(long, allow_hyphen_values = true, value_name = "NODE|DEPTH")]
-    zip_until: Option<String>,
+    pub(super) zip_until: Option<String>,
     /// Only use the first N calibration samples.
     #[arg(long)]
-    samples: Option<usize>,
+    pub(super) samples: Option<usize>,
     /// Activation statistics made by `mudsc stats` (shards of the calibration data, possibly
     /// computed elsewhere), summed and used instead of calibrating; --calib then gives the
     /// input shapes and statistics repair's samples only.
     #[arg(long, num_args = 1.., value_name = "FILE")]
-    stats: Vec<PathBuf>,
+    pub(super) stats: Vec<PathBuf>,
+    /// Write a model card (markdown) describing the merge: inputs with sha256, method and
+    /// options, groups merged and weight axes fixed, time per phase, and accuracies with
+    /// --eval-data.
+    #[arg(long, value_name = "CARD.md")]
+    pub card: Option<PathBuf>,
+    /// Labelled data on which the merged model and its inputs are scored after the merge (as
+    /// `mudsc eval`), for the card's accuracy lines and the report's `accuracy`.
+    #[arg(long, value_name = "DATA")]
+    pub eval_data: Option<PathBuf>,
+    /// Key of the integer labels in --eval-data.
+    #[arg(long, default_value = "labels", requires = "eval_data")]
+    pub eval_labels: String,
+    /// Tasks for --eval-data's per-task accuracy, e.g. 0-4,5-9.
+    #[arg(long, value_parser = super::eval::parse_tasks, requires = "eval_data")]
+    pub tasks: Option<super::eval::Tasks>,
     #[command(flatten)]
-    backend: BackendArgs,
+    pub(super) backend: BackendArgs,
+    /// Calibration arrays given in memory (the Python API's numpy arrays), used instead of
+    /// reading `--calib`, which then only names them in messages.
+    #[arg(skip)]
+    pub calib_arrays: Option<data::NamedArrays>,
+    /// Whether `calib_arrays` were given (they are consumed by the merge).
+    #[arg(skip)]
+    pub calib_arrays_given: bool,
 }
 
-pub fn run(args: MergeArgs) -> Result<()> {
+/// What a merge did: its report, and the report as `--report` writes it (`alpha_auto` and
+/// `accuracy` added when there are).
+pub struct Merged {
+    pub report: mudsc::merge::MergeReport,
+    pub json: serde_json::Value,
+}
+
+pub fn run(mut args: MergeArgs) -> Result<()> {
+    let Merged { report, .. } = execute(&mut args)?;
+    println!(
+        "merged {} models with {} (α {}) over {} groups, {} calibration samples on {} → {}",
+        args.models.len(),
+        report.method.name(),
+        report.alpha,
+        report.groups.len(),
+        report.calibration_samples,
+        report.engine,
+        args.output.display()
+    );
+    if let Some(t) = &report.partial {
+        println!(
+            "partial zip: {} trunk nodes merged up to '{}', {} remainder nodes kept per model, \
+             {} values unmerged",
+            t.trunk_nodes,
+            t.cut_node,
+            t.remainder_nodes,
+            t.cut_values.len()
+        );
+    }
+    let total: f64 = report.seconds.values().sum();
+    let phases: Vec<String> = report
+        .seconds
+        .iter()
+        .map(|(k, v)| format!("{k} {v:.2}s"))
+        .collect();
+    println!(
+        "time {total:.2}s ({}), peak memory {:.0} MiB",
+        phases.join(", "),
+        report.peak_rss_mib
+    );
+    Ok(())
+}
+
+/// The whole merge: outputs checked, models and calibration read, merged, written (the model,
+/// then `--report`); nothing on stdout (`mudsc.merge()` in Python returns `json`).
+pub fn execute(args: &mut MergeArgs) -> Result<Merged> {
     let alpha: Option<f64> = match args.alpha.as_str() {
         "auto" => None,
         v => match v.parse::<f64>() {
@@ -157,9 +224,20 @@ pub fn run(args: MergeArgs) -> Result<()> {
     if let Some(r) = &args.report {
         outputs.push(("--report", r.as_path()));
     }
+    if let Some(c) = &args.card {
+        outputs.push(("--card", c.as_path()));
+    }
     mudsc::atomic::refuse_same_outputs(&outputs)?;
     for (_, out) in &outputs {
         mudsc::atomic::check_output(out, &[])?;
+    }
+    // Read only after the merge: a missing file must not cost the merge first.
+    if let Some(p) = args.eval_data.as_ref().filter(|p| !p.exists()) {
+        return Err(mudsc::Error::Data {
+            path: p.clone(),
+            reason: "no such file or directory".into(),
+        }
+        .into());
     }
     let started = std::time::Instant::now();
     let zip_until = args
@@ -172,7 +250,13 @@ pub fn run(args: MergeArgs) -> Result<()> {
         .iter()
         .map(mudsc::onnx::load)
         .collect::<mudsc::Result<Vec<_>>>()?;
-    let mut arrays = data::read(&args.calib)?;
+    let mut arrays = match args.calib_arrays.take() {
+        Some(a) => {
+            args.calib_arrays_given = true;
+            a
+        }
+        None => data::read(&args.calib)?,
+    };
     let mut labels = match &args.calib_labels {
         Some(key) => Some(
             arrays
@@ -188,6 +272,7 @@ pub fn run(args: MergeArgs) -> Result<()> {
     let mut protect: Vec<PathBuf> = models.iter().flat_map(|m| m.source_files()).collect();
     protect.push(args.calib.clone());
     protect.extend(args.stats.iter().cloned());
+    protect.extend(args.eval_data.iter().cloned());
     if alpha.is_none() && !args.stats.is_empty() {
         return Err(mudsc::Error::Usage(
             "--alpha auto calibrates on part of --calib and scores on the rest: it cannot use \
@@ -286,49 +371,45 @@ pub fn run(args: MergeArgs) -> Result<()> {
         .insert("write".into(), clock.elapsed().as_secs_f64());
     report.seconds.insert("read".into(), read_seconds);
     report.peak_rss_mib = mudsc::merge::peak_rss_mib();
-    if let Some(path) = &args.report {
-        let mut json = serde_json::to_value(&report)?;
-        if let Some(c) = &choice {
-            json["alpha_auto"] = serde_json::to_value(c)?;
-        }
-        let json = serde_json::to_vec_pretty(&json)?;
-        // A report that cannot be written takes the model with it: nothing half-done stays.
-        // Only what this save wrote is removed (never a data file that was there before).
-        if let Err(e) = mudsc::atomic::write_atomic(path, &protect, &json) {
-            saved.remove();
-            return Err(e).with_context(|| format!("writing {}", path.display()));
-        }
+    let mut json = serde_json::to_value(&report)?;
+    if let Some(c) = &choice {
+        json["alpha_auto"] = serde_json::to_value(c)?;
     }
-    println!(
-        "merged {} models with {} (α {}) over {} groups, {} calibration samples on {} → {}",
-        models.len(),
-        report.method.name(),
-        report.alpha,
-        report.groups.len(),
-        report.calibration_samples,
-        report.engine,
-        args.output.display()
-    );
-    if let Some(t) = &report.partial {
-        println!(
-            "partial zip: {} trunk nodes merged up to '{}', {} remainder nodes kept per model, \
-             {} values unmerged",
-            t.trunk_nodes,
-            t.cut_node,
-            t.remainder_nodes,
-            t.cut_values.len()
-        );
+    // Everything after the save takes the model with it when it fails: nothing half-done
+    // stays. Only what this run wrote is removed (never a data file that was there before).
+    let finish = |json: &mut serde_json::Value| -> Result<()> {
+        let accuracy = match &args.eval_data {
+            Some(data) => Some(super::card::accuracy(args, data)?),
+            None => None,
+        };
+        if let Some(acc) = &accuracy {
+            json["accuracy"] = super::eval::document(&acc.scores)?;
+        }
+        let card = args
+            .card
+            .as_ref()
+            .map(|_| super::card::render(args, &report, choice.as_ref(), accuracy));
+        let mut written: Vec<&std::path::Path> = Vec::new();
+        let outputs = [(&args.report, None), (&args.card, card)];
+        for (path, text) in outputs {
+            let Some(path) = path else { continue };
+            let bytes = match text {
+                Some(t) => t.into_bytes(),
+                None => serde_json::to_vec_pretty(json)?,
+            };
+            if let Err(e) = mudsc::atomic::write_atomic(path, &protect, &bytes) {
+                for w in written {
+                    let _ = std::fs::remove_file(w);
+                }
+                return Err(e).with_context(|| format!("writing {}", path.display()));
+            }
+            written.push(path);
+        }
+        Ok(())
+    };
+    if let Err(e) = finish(&mut json) {
+        saved.remove();
+        return Err(e);
     }
-    let total: f64 = report.seconds.values().sum();
-    let phases: Vec<String> = report
-        .seconds
-        .iter()
-        .map(|(k, v)| format!("{k} {v:.2}s"))
-        .collect();
-    println!(
-        "time {total:.2}s ({}), peak memory {:.0} MiB",
-        phases.join(", "),
-        report.peak_rss_mib
-    );
-    Ok(())
+    Ok(Merged { report, json })
 }

@@ -1,12 +1,13 @@
 //! Command-line interface: argument parsing and human-readable output only; every computation
 //! is a library call. Exit codes: 0 ok, 1 runtime failure, 2 bad usage or bad input.
 
-mod check;
-mod eval;
-mod groups;
+mod card;
+pub mod check;
+pub mod eval;
+pub mod groups;
 mod inspect;
 mod landscape;
-mod merge;
+pub mod merge;
 mod progress;
 mod run;
 mod stats;
@@ -20,17 +21,18 @@ use mudsc::runtime::{BackendKind, BackendOptions, Device};
 #[derive(Parser)]
 #[command(
     name = "mudsc",
+    bin_name = "mudsc",
     version,
     about = "Merge neural networks given as ONNX files, without training (MuDSC)",
     long_about = None,
 )]
-struct Cli {
+pub struct Cli {
     #[command(subcommand)]
-    command: Command,
+    pub command: Command,
 }
 
 #[derive(Subcommand)]
-enum Command {
+pub enum Command {
     /// Show a model's IR version, opsets, inputs/outputs, op histogram and parameter count.
     #[command(
         after_help = "Example:\n  mudsc inspect fixtures/models/mlp_a.onnx\n  mudsc inspect model.onnx --json"
@@ -80,8 +82,9 @@ pub struct BackendArgs {
     /// Inference engine [default: ort where its library is found, else tract].
     #[arg(long, value_enum)]
     pub backend: Option<Backend>,
-    /// Path of libonnxruntime.so for --backend ort (default: $ORT_DYLIB_PATH, then the copy
-    /// fetched by scripts/fetch-onnxruntime.sh).
+    /// Path of libonnxruntime.so for --backend ort (default: $ORT_DYLIB_PATH, then the library
+    /// of an installed onnxruntime Python package, then the copy fetched by
+    /// scripts/fetch-onnxruntime.sh).
     #[arg(long, value_name = "PATH")]
     pub ort_lib: Option<PathBuf>,
     /// Samples per inference batch.
@@ -126,10 +129,25 @@ impl BackendArgs {
     }
 }
 
-pub fn main() -> ExitCode {
+/// Runs the command line `args` (the program name first) as the `mudsc` binary does, signal
+/// handling included.
+pub fn main<I, T>(args: I) -> ExitCode
+where
+    I: IntoIterator<Item = T>,
+    T: Into<std::ffi::OsString> + Clone,
+{
+    ExitCode::from(run(args))
+}
+
+/// [`main`] returning the exit status as a number: the Python package's `mudsc` command.
+pub fn run<I, T>(args: I) -> u8
+where
+    I: IntoIterator<Item = T>,
+    T: Into<std::ffi::OsString> + Clone,
+{
     reset_sigpipe();
     clean_up_on_signals();
-    let cli = Cli::parse(); // usage errors exit with code 2
+    let cli = Cli::parse_from(args); // usage errors exit with code 2
     let result = match cli.command {
         Command::Inspect(a) => inspect::run(a),
         Command::Run(a) => run::run(a),
@@ -141,7 +159,7 @@ pub fn main() -> ExitCode {
         Command::Stats(a) => stats::run(a),
     };
     match result {
-        Ok(()) => ExitCode::SUCCESS,
+        Ok(()) => 0,
         Err(e) => {
             eprintln!("error: {}", message(&e));
             exit_code(&e)
@@ -151,7 +169,7 @@ pub fn main() -> ExitCode {
 
 /// The error and its causes on one line, each cause only once: our I/O errors already name
 /// their OS error, which `{:#}` would print a second time as the source.
-fn message(e: &anyhow::Error) -> String {
+pub fn message(e: &anyhow::Error) -> String {
     let mut out = String::new();
     for cause in e.chain() {
         let text = cause.to_string();
@@ -189,12 +207,18 @@ fn reset_sigpipe() {
 }
 
 /// 2 when the input was at fault, 1 when the work itself failed.
-fn exit_code(e: &anyhow::Error) -> ExitCode {
-    match e.downcast_ref::<mudsc::Error>() {
-        Some(err) if !err.is_bad_input() => ExitCode::from(1),
-        Some(_) => ExitCode::from(2),
-        None => ExitCode::from(1),
+fn exit_code(e: &anyhow::Error) -> u8 {
+    if is_bad_input(e) {
+        2
+    } else {
+        1
     }
+}
+
+/// Whether an error is the user's input's fault (exit code 2; `BadInputError` in Python).
+pub fn is_bad_input(e: &anyhow::Error) -> bool {
+    e.downcast_ref::<mudsc::Error>()
+        .is_some_and(mudsc::Error::is_bad_input)
 }
 
 #[cfg(test)]

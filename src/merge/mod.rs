@@ -1024,7 +1024,7 @@ fn provenance(model: &mut Model, report: &MergeReport, inputs: &[Model]) {
 }
 
 /// The sha256 of a file, in hex; `None` when it cannot be read.
-fn sha256_hex(path: &std::path::Path) -> Option<String> {
+pub fn sha256_hex(path: &std::path::Path) -> Option<String> {
     use sha2::{Digest, Sha256};
     use std::io::Read;
     let mut file = std::fs::File::open(path).ok()?;

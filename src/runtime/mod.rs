@@ -6,6 +6,8 @@
 
 #[cfg(feature = "ort")]
 pub mod ort;
+#[cfg(feature = "ort")]
+pub mod ort_library;
 pub mod tract;
 
 use std::path::PathBuf;
@@ -41,7 +43,8 @@ impl BackendKind {
                 Err(why) => {
                     warn_once(&format!(
                         "{why}: running on tract, the embedded engine (slower; \
-                         scripts/fetch-onnxruntime.sh, ORT_DYLIB_PATH or --ort-lib give ONNX Runtime)"
+                         pip install onnxruntime, scripts/fetch-onnxruntime.sh, ORT_DYLIB_PATH or \
+                         --ort-lib give ONNX Runtime)"
                     ));
                     BackendKind::Tract
                 }
@@ -70,8 +73,9 @@ fn ort_library_found(_: &BackendOptions) -> std::result::Result<(), String> {
 /// Settings shared by the backends.
 #[derive(Clone, Debug, Default)]
 pub struct BackendOptions {
-    /// Path of `libonnxruntime.so` (ort backend); else `ORT_DYLIB_PATH`, else the copy that
-    /// `scripts/fetch-onnxruntime.sh` puts under `third_party/`.
+    /// Path of `libonnxruntime.so` (ort backend); else `ORT_DYLIB_PATH`, else the library of an
+    /// installed `onnxruntime` Python package, else the copy that `scripts/fetch-onnxruntime.sh`
+    /// puts under `third_party/` (see [`ort_library`]).
     pub ort_library: Option<PathBuf>,
     /// Intra-op threads (0 = the backend's default).
     pub threads: usize,

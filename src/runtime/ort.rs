@@ -5,7 +5,6 @@
 //! appending their names to `graph.output` (ORT infers their types), the technique ORT's own
 //! quantization calibration uses.
 
-use std::path::PathBuf;
 use std::sync::Mutex;
 
 use ort::session::Session as OrtInner;
@@ -30,17 +29,7 @@ fn err(reason: impl Into<String>) -> Error {
 /// The library is loaded once per process; later sessions share the environment.
 static ENVIRONMENT: Mutex<Option<ort::environment::Environment>> = Mutex::new(None);
 
-/// Where to find `libonnxruntime.so`: the explicit option, `ORT_DYLIB_PATH`, or the copy the
-/// setup script fetched into this source tree.
-pub fn library_path(options: &BackendOptions) -> PathBuf {
-    if let Some(p) = &options.ort_library {
-        return p.clone();
-    }
-    if let Some(p) = std::env::var_os("ORT_DYLIB_PATH") {
-        return PathBuf::from(p);
-    }
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("third_party/onnxruntime/libonnxruntime.so.1")
-}
+pub use super::ort_library::library_path;
 
 fn environment(options: &BackendOptions) -> Result<ort::environment::Environment> {
     let mut slot = ENVIRONMENT
@@ -52,8 +41,9 @@ fn environment(options: &BackendOptions) -> Result<ort::environment::Environment
     let path = library_path(options);
     if !path.is_file() {
         return Err(err(format!(
-            "ONNX Runtime library '{}' not found; run scripts/fetch-onnxruntime.sh, or set \
-             ORT_DYLIB_PATH / --ort-lib",
+            "ONNX Runtime library '{}' not found; pip install onnxruntime (mudsc finds the \
+             library in the package), run scripts/fetch-onnxruntime.sh, or set ORT_DYLIB_PATH / \
+             --ort-lib",
             path.display()
         )));
     }

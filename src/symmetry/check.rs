@@ -56,7 +56,53 @@ pub struct CheckReport {
     pub control: Option<Control>,
 }
 
+/// The format tag of `mudsc check --json`.
+pub const FORMAT: &str = "mudsc-check/1";
+
+/// The machine-readable verdict (`mudsc check --json`, `mudsc.check()` in Python): what CI
+/// gates on, with every number the verdict rests on and the constants of the tolerance rule.
+#[derive(Clone, Debug, Serialize)]
+pub struct CheckDocument {
+    pub format: &'static str,
+    pub model: String,
+    /// `pass`, `fail` (a trial beyond the tolerance: exit 1), or `inconclusive` (every trial
+    /// passed but the negative control stayed under [`CONTROL_MARGIN`] tolerances: exit 0
+    /// with a warning).
+    pub verdict: &'static str,
+    pub passed: bool,
+    pub discriminates: bool,
+    pub groups: usize,
+    pub atol: f32,
+    pub rtol: f32,
+    pub noise_factor: f32,
+    pub control_margin: f32,
+    #[serde(flatten)]
+    pub report: CheckReport,
+}
+
 impl CheckReport {
+    /// The document for `model` (as the user named it) with `groups` groups permuted.
+    pub fn document(self, model: &str, groups: usize) -> CheckDocument {
+        let verdict = match (self.passed(), self.discriminates()) {
+            (false, _) => "fail",
+            (true, false) => "inconclusive",
+            (true, true) => "pass",
+        };
+        CheckDocument {
+            format: FORMAT,
+            model: model.to_string(),
+            verdict,
+            passed: self.passed(),
+            discriminates: self.discriminates(),
+            groups,
+            atol: ATOL,
+            rtol: RTOL,
+            noise_factor: NOISE_FACTOR,
+            control_margin: CONTROL_MARGIN,
+            report: self,
+        }
+    }
+
     pub fn passed(&self) -> bool {
         self.trials.iter().all(|t| t.passed)
     }

@@ -12,6 +12,7 @@
 //! and everything read inside subgraphs are fixed, each with its reason.
 
 pub mod check;
+pub mod expect;
 pub mod groups;
 pub mod permute;
 pub mod rules;

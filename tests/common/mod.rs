@@ -31,15 +31,28 @@ pub fn model(name: &str) -> PathBuf {
     models().join(name)
 }
 
+/// The interpreter of the project's virtual environment, which `scripts/setup.sh` creates and
+/// fills with the reference packages; `python3` from PATH when there is none (a checkout set
+/// up by hand).
+pub fn python_exe() -> PathBuf {
+    let venv = root().join(".venv/bin/python");
+    if venv.exists() {
+        venv
+    } else {
+        PathBuf::from("python3")
+    }
+}
+
 /// Runs a Python script; panics with its stderr on failure.
 pub fn python(args: &[&str]) {
-    let out = Command::new("python3")
+    let out = Command::new(python_exe())
         .args(args)
         .output()
-        .expect("python3 must be installed (scripts/setup.sh)");
+        .expect("python must be installed (scripts/setup.sh)");
     assert!(
         out.status.success(),
-        "python3 {:?} failed:\n{}",
+        "{} {:?} failed:\n{}",
+        python_exe().display(),
         args,
         String::from_utf8_lossy(&out.stderr)
     );

@@ -34,9 +34,9 @@ pub fn reshape(ctx: &mut Ctx, node: &NodeProto) -> RuleResult {
     while i < ins.len() && j < outs.len() {
         let piece = if rem_in == rem_out {
             rem_in
-        } else if rem_in % rem_out == 0 {
+        } else if rem_in.is_multiple_of(rem_out) {
             rem_out
-        } else if rem_out % rem_in == 0 {
+        } else if rem_out.is_multiple_of(rem_in) {
             rem_in
         } else {
             return Err(format!("reshape {shx:?} → {shy:?} mixes axes"));
