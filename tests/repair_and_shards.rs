@@ -203,3 +203,51 @@ fn repair_keeps_float16_and_float64_graphs_valid() {
         assert!(y.iter().all(|v| v.is_finite()), "{name}");
     }
 }
+
+/// Statistics over the memory budget are calibrated in several passes over the data: every
+/// group sees the same samples, so the merge (repair included, whose endpoint statistics ride
+/// on the first pass) is the one-pass merge exactly.
+#[test]
+fn calibrating_in_several_passes_gives_the_one_pass_merge() {
+    let models = [
+        fixture("resnet20_bn_folded_a.onnx"),
+        fixture("resnet20_bn_folded_b.onnx"),
+    ];
+    let calib = common::head_rows(&bound(&models[0], "calib.npz", None), 128);
+    let opts = MergeOptions {
+        repair_samples: 64,
+        max_sweeps: 3,
+        ..Default::default()
+    };
+    let (one, r1) = merge(&models, &calib, &opts, &mut |_, _, _| {}).unwrap();
+    let tight = MergeOptions {
+        // Smaller than any group's statistics: a pass per group.
+        max_memory: Some(1),
+        ..opts.clone()
+    };
+    let (many, rm) = merge(&models, &calib, &tight, &mut |_, _, _| {}).unwrap();
+    assert_eq!(r1.calibration_passes, 1);
+    assert!(
+        rm.calibration_passes > 3,
+        "{} passes",
+        rm.calibration_passes
+    );
+    assert_eq!(r1.sweeps, rm.sweeps);
+    let mut compared = 0;
+    for (t, u) in one
+        .graph()
+        .initializer
+        .iter()
+        .zip(&many.graph().initializer)
+    {
+        assert_eq!(t.name, u.name);
+        assert_eq!(
+            TensorData::from_proto(t).unwrap().to_f32(),
+            TensorData::from_proto(u).unwrap().to_f32(),
+            "{:?}",
+            t.name
+        );
+        compared += 1;
+    }
+    assert!(compared > 20, "{compared} tensors");
+}

@@ -96,6 +96,11 @@ pub struct MergeArgs {
     /// Cuts the statistics arithmetic on large maps (e.g. 64 on 224² models).
     #[arg(long, default_value_t = 0)]
     pub(super) tap_positions: usize,
+    /// Memory the activation statistics may hold at once (bytes, or with K/M/G: 512M, 8G);
+    /// when all groups' Σxxᵀ exceed it, the groups are calibrated in several passes over the
+    /// data. Default: half of the machine's RAM.
+    #[arg(long, value_parser = parse_bytes, value_name = "SIZE")]
+    pub(super) max_memory: Option<u64>,
     /// Partial zip: merge only up to a node (a node name, or the name of the value it makes)
     /// or a depth (the first K weight layers; -K: all but the last K), and keep each model's
     /// own layers after it, fed through its unmerge. The merged model then has one copy of
@@ -328,6 +333,7 @@ pub fn execute(args: &mut MergeArgs) -> Result<Merged> {
         repair_passes: args.repair_passes,
         repair_batch: args.repair_batch.max(1),
         tap_positions: args.tap_positions,
+        max_memory: args.max_memory.or_else(half_of_ram),
         zip_until,
         max_sweeps: args.max_sweeps.max(1),
         ..Default::default()
@@ -412,4 +418,27 @@ pub fn execute(args: &mut MergeArgs) -> Result<Merged> {
         return Err(e);
     }
     Ok(Merged { report, json })
+}
+
+/// A byte count for `--max-memory`.
+fn parse_bytes(s: &str) -> Result<u64, String> {
+    crate::merge::parse_size(s)
+        .filter(|&b| b > 0)
+        .ok_or_else(|| {
+            format!("'{s}': expected a positive number of bytes, or with a K/M/G suffix (512M, 8G)")
+        })
+}
+
+/// Half of the machine's physical memory (Linux's /proc/meminfo), if it can be read.
+fn half_of_ram() -> Option<u64> {
+    let info = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let kib: u64 = info
+        .lines()
+        .find_map(|l| l.strip_prefix("MemTotal:"))?
+        .trim()
+        .trim_end_matches("kB")
+        .trim()
+        .parse()
+        .ok()?;
+    Some(kib * 1024 / 2)
 }

@@ -24,9 +24,10 @@ pub(super) fn group_bytes(g: &Group, models: usize, method: Method) -> (u64, u64
     if method == Method::Avg {
         return (maps, 0);
     }
-    // Σxxᵀ, turned into the correlation in place.
+    // The correlation held through the matching, in f32 (calibration's f64 Σxxᵀ of all
+    // groups at once is bounded separately, by `--max-memory`'s passes).
     let stats = if method.uses_activations() && g.tap.is_some() {
-        square(n, n)
+        square(n, n) / 2
     } else {
         0
     };
@@ -115,7 +116,8 @@ fn available_bytes() -> Option<u64> {
         .map(|kb| kb * 1024)
 }
 
-fn parse_size(s: &str) -> Option<u64> {
+/// A byte count: digits with an optional K, M or G suffix (powers of 1024), e.g. `512M`.
+pub(crate) fn parse_size(s: &str) -> Option<u64> {
     let s = s.trim();
     let (digits, mult) = match s.chars().last()? {
         'k' | 'K' => (&s[..s.len() - 1], 1u64 << 10),

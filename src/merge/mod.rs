@@ -12,9 +12,11 @@
 
 mod alpha;
 mod budget;
+pub(crate) use budget::parse_size;
 mod calib;
 mod matching;
 mod partial;
+mod passes;
 mod probe;
 mod repair;
 mod shard;
@@ -148,6 +150,9 @@ pub struct MergeOptions {
     /// Activation statistics computed beforehand (`statistics`, summed shards): used instead
     /// of calibrating; the calibration data then serve repair only.
     pub stats: Option<std::sync::Arc<Stats>>,
+    /// Bytes the calibration statistics may hold at once; beyond it the groups are calibrated
+    /// in several passes over the data (`passes`). `None`: one pass.
+    pub max_memory: Option<u64>,
 }
 
 impl Default for MergeOptions {
@@ -169,6 +174,7 @@ impl Default for MergeOptions {
             tap_positions: 0,
             zip_until: None,
             stats: None,
+            max_memory: None,
         }
     }
 }
@@ -194,6 +200,9 @@ pub struct MergeReport {
     pub calibration_samples: usize,
     pub groups: Vec<GroupReport>,
     pub sweeps: usize,
+    /// Passes over the calibration data for the activation statistics (more than one when
+    /// they exceed `--max-memory`; 0 when given as `--stats`).
+    pub calibration_passes: usize,
     /// Weight similarities are summed from one block per member tensor: blocks computed
     /// whole, updated by the columns a neighbour's new matching moved, and reused because no
     /// neighbour's matching had changed; and the columns correlated of the columns read
@@ -269,6 +278,7 @@ struct Matching {
     m: Matchings,
     values: Values,
     sweeps: usize,
+    calibration_passes: usize,
     similarities: similarity::Counts,
     /// Repair's endpoint statistics, when calibration gathered them.
     endpoint: Option<calib::SideMoments>,
@@ -319,6 +329,7 @@ pub fn merge(
         m,
         values,
         sweeps,
+        calibration_passes,
         similarities,
         endpoint,
     } = &matching;
@@ -417,6 +428,7 @@ pub fn merge(
             })
             .collect(),
         sweeps: *sweeps,
+        calibration_passes: *calibration_passes,
         weight_similarities_computed: similarities.computed,
         weight_similarities_updated: similarities.updated,
         weight_similarities_reused: similarities.reused,
@@ -557,7 +569,8 @@ pub fn statistics(
         names: Vec::new(),
         samples: 0,
     };
-    let (moments, _) = collect_moments(&disc, &names, models, calib, &none, opts, progress)?;
+    let all = disc.groups.iter().map(|g| g.id).collect();
+    let (moments, _) = collect_moments(&disc, &names, models, calib, &none, &all, opts, progress)?;
     Ok(Stats {
         models: models.iter().map(fingerprint).collect(),
         groups: shard_groups(&disc),
@@ -627,6 +640,7 @@ fn find_matchings(
         weights,
     } = prep;
     let mut endpoint = None;
+    let mut calibration_passes = 0;
     // Activation statistics: given, or calibrated here.
     // Held in f32 for the whole iterative loop: they only rank candidate pairs (as the f32
     // weight similarities do), and on a ViT-B pair the twelve 6,144-unit MLP groups' matrices
@@ -644,7 +658,7 @@ fn find_matchings(
                 stats.moments.clone()
             }
             None => {
-                // Repair's endpoint statistics ride on the same passes.
+                // Repair's endpoint statistics ride on the first pass.
                 let side = calib::Side {
                     names: names
                         .iter()
@@ -657,17 +671,42 @@ fn find_matchings(
                         .collect(),
                     samples: opts.repair_samples.min(crate::data::sample_count(calib)),
                 };
-                let (moments, side) =
-                    collect_moments(disc, names, models, calib, &side, opts, progress)?;
-                endpoint = Some(side);
-                moments
+                let tapped: Vec<(usize, usize)> = disc
+                    .groups
+                    .iter()
+                    .filter(|g| g.tap.is_some())
+                    .map(|g| (g.id, g.width * models.len()))
+                    .collect();
+                let plan = passes::plan(&tapped, opts.max_memory);
+                calibration_passes = plan.len();
+                for (k, pass) in plan.iter().enumerate() {
+                    let only: std::collections::HashSet<usize> = pass.iter().copied().collect();
+                    let none = calib::Side {
+                        names: vec![Vec::new(); models.len()],
+                        samples: 0,
+                    };
+                    let side = if k == 0 { &side } else { &none };
+                    let (moments, side) =
+                        collect_moments(disc, names, models, calib, side, &only, opts, progress)?;
+                    if k == 0 {
+                        endpoint = Some(side);
+                    }
+                    // Correlations now, so that only this pass's f64 moments are ever held.
+                    act.extend(
+                        moments
+                            .into_iter()
+                            .map(|(g, m)| (g, m.into_correlation().mapv(|v| v as f32))),
+                    );
+                }
+                HashMap::new()
             }
         };
         timer.lap("calibration");
-        act = moments
-            .into_iter()
-            .map(|(g, m)| (g, m.into_correlation().mapv(|v| v as f32)))
-            .collect();
+        act.extend(
+            moments
+                .into_iter()
+                .map(|(g, m)| (g, m.into_correlation().mapv(|v| v as f32))),
+        );
         timer.lap("statistics");
     }
 
@@ -818,6 +857,7 @@ fn find_matchings(
         m,
         values,
         sweeps,
+        calibration_passes,
         similarities,
         endpoint,
     })
@@ -830,12 +870,14 @@ fn collect_moments(
     models: &[Model],
     calib: &[TensorData],
     side: &calib::Side,
+    only: &std::collections::HashSet<usize>,
     opts: &MergeOptions,
     progress: &mut dyn FnMut(&str, usize, usize),
 ) -> Result<(HashMap<usize, crate::stats::Moments>, calib::SideMoments)> {
     let taps: Vec<calib::Tap> = disc
         .groups
         .iter()
+        .filter(|g| only.contains(&g.id))
         .filter_map(|g| {
             let (tap, axis) = (g.tap.clone()?, g.tap_axis?);
             let tap_names = names
