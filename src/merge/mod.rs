@@ -570,7 +570,11 @@ pub fn statistics(
         samples: 0,
     };
     let all = disc.groups.iter().map(|g| g.id).collect();
-    let (moments, _) = collect_moments(&disc, &names, models, calib, &none, &all, opts, progress)?;
+    let pass = Pass {
+        groups: &all,
+        side: &none,
+    };
+    let (moments, _) = collect_moments(&disc, &names, models, calib, pass, opts, progress)?;
     Ok(Stats {
         models: models.iter().map(fingerprint).collect(),
         groups: shard_groups(&disc),
@@ -686,8 +690,12 @@ fn find_matchings(
                         samples: 0,
                     };
                     let side = if k == 0 { &side } else { &none };
+                    let pass = Pass {
+                        groups: &only,
+                        side,
+                    };
                     let (moments, side) =
-                        collect_moments(disc, names, models, calib, side, &only, opts, progress)?;
+                        collect_moments(disc, names, models, calib, pass, opts, progress)?;
                     if k == 0 {
                         endpoint = Some(side);
                     }
@@ -863,17 +871,24 @@ fn find_matchings(
     })
 }
 
+/// One pass over the calibration data: the groups it taps, and the side values whose unit
+/// moments ride on it.
+struct Pass<'a> {
+    groups: &'a std::collections::HashSet<usize>,
+    side: &'a calib::Side,
+}
+
 /// Runs every model on the calibration data and streams each tapped group's moments.
 fn collect_moments(
     disc: &symmetry::Discovery,
     names: &[HashMap<String, String>],
     models: &[Model],
     calib: &[TensorData],
-    side: &calib::Side,
-    only: &std::collections::HashSet<usize>,
+    pass: Pass<'_>,
     opts: &MergeOptions,
     progress: &mut dyn FnMut(&str, usize, usize),
 ) -> Result<(HashMap<usize, crate::stats::Moments>, calib::SideMoments)> {
+    let Pass { groups: only, side } = pass;
     let taps: Vec<calib::Tap> = disc
         .groups
         .iter()
