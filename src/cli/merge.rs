@@ -333,7 +333,7 @@ pub fn execute(args: &mut MergeArgs) -> Result<Merged> {
         repair_passes: args.repair_passes,
         repair_batch: args.repair_batch.max(1),
         tap_positions: args.tap_positions,
-        max_memory: args.max_memory.or_else(half_of_ram),
+        max_memory: args.max_memory.or_else(crate::merge::half_of_ram),
         zip_until,
         max_sweeps: args.max_sweeps.max(1),
         ..Default::default()
@@ -427,18 +427,4 @@ fn parse_bytes(s: &str) -> Result<u64, String> {
         .ok_or_else(|| {
             format!("'{s}': expected a positive number of bytes, or with a K/M/G suffix (512M, 8G)")
         })
-}
-
-/// Half of the machine's physical memory (Linux's /proc/meminfo), if it can be read.
-fn half_of_ram() -> Option<u64> {
-    let info = std::fs::read_to_string("/proc/meminfo").ok()?;
-    let kib: u64 = info
-        .lines()
-        .find_map(|l| l.strip_prefix("MemTotal:"))?
-        .trim()
-        .trim_end_matches("kB")
-        .trim()
-        .parse()
-        .ok()?;
-    Some(kib * 1024 / 2)
 }

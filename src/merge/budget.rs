@@ -108,9 +108,19 @@ fn available_bytes() -> Option<u64> {
             return Some(b);
         }
     }
+    meminfo("MemAvailable:")
+}
+
+/// Half of the machine's physical memory: `--max-memory`'s default.
+pub(crate) fn half_of_ram() -> Option<u64> {
+    meminfo("MemTotal:").map(|b| b / 2)
+}
+
+/// A line of Linux's /proc/meminfo, in bytes; `None` where it cannot be read.
+fn meminfo(key: &str) -> Option<u64> {
     let info = std::fs::read_to_string("/proc/meminfo").ok()?;
     info.lines()
-        .find_map(|l| l.strip_prefix("MemAvailable:"))
+        .find_map(|l| l.strip_prefix(key))
         .and_then(|rest| rest.trim().strip_suffix("kB"))
         .and_then(|kb| kb.trim().parse::<u64>().ok())
         .map(|kb| kb * 1024)

@@ -12,7 +12,7 @@
 
 mod alpha;
 mod budget;
-pub(crate) use budget::parse_size;
+pub(crate) use budget::{half_of_ram, parse_size};
 mod calib;
 mod matching;
 mod partial;
