@@ -265,6 +265,13 @@ fn centre_rows(z: ArrayView2<f64>, centre: &[f64]) -> Array2<f32> {
 
 /// `gram += beta · x xᵀ` for x [rows, k] in f32, any strides.
 fn add_gram_f32(gram: &mut Array2<f32>, x: ArrayView2<f32>, beta: f32) {
+    add_outer(gram, x, 1.0, beta);
+}
+
+/// `gram = alpha · gram + beta · x xᵀ` for x [rows, k], any strides, in f32 or f64 (the gemm
+/// crate's kernel for either): the one GEMM call behind calibration's Σxxᵀ and the weight
+/// similarities' Gram blocks.
+fn add_outer<T: Copy + 'static>(gram: &mut Array2<T>, x: ArrayView2<T>, alpha: T, beta: T) {
     let (rows, k) = x.dim();
     assert_eq!(gram.dim(), (rows, rows), "gram matrix of {rows} rows");
     if rows == 0 || k == 0 {
@@ -274,9 +281,9 @@ fn add_gram_f32(gram: &mut Array2<f32>, x: ArrayView2<f32>, beta: f32) {
     let (d0, d1) = (gram.strides()[0], gram.strides()[1]);
     // SAFETY: `gram` is an owned rows×rows array whose element [i, j] sits at i·d0 + j·d1 from
     // its pointer. `x` is a view whose element [i, l] sits at i·s0 + l·s1, valid for i < rows,
-    // l < k. x xᵀ reads x as lhs (rows×k: row stride s0, column stride s1) and as rhs (k×rows:
-    // row stride s1, column stride s0); every index the kernel forms is one of those, and
-    // `gram` is a separate owned buffer.
+    // l < k (any strides, a transposed view included). x xᵀ reads x as lhs (rows×k: row
+    // stride s0, column stride s1) and as rhs (k×rows: row stride s1, column stride s0);
+    // every index the kernel forms is one of those, and `gram` is a separate owned buffer.
     unsafe {
         gemm::gemm(
             rows,
@@ -292,7 +299,7 @@ fn add_gram_f32(gram: &mut Array2<f32>, x: ArrayView2<f32>, beta: f32) {
             x.as_ptr(),
             s0,
             s1,
-            1.0f32,
+            alpha,
             beta,
             false,
             false,
@@ -370,42 +377,7 @@ pub fn row_correlation_of_blocks(blocks: &[&RowBlock]) -> Array2<f64> {
 /// matrixmultiply in f64 (`benches/scaling.rs`), with no system library to install. Any
 /// strides: a transposed view is read in place, never copied.
 pub fn add_gram(outer: &mut Array2<f64>, x: ArrayView2<f64>) {
-    let (n, c) = x.dim();
-    assert_eq!(outer.dim(), (c, c), "gram matrix of {c} units");
-    if n == 0 || c == 0 {
-        return;
-    }
-    let (s0, s1) = (x.strides()[0], x.strides()[1]);
-    let (d0, d1) = (outer.strides()[0], outer.strides()[1]);
-    // SAFETY: `outer` is an owned c×c array whose element [i, j] sits at i·d0 + j·d1 from its
-    // pointer. `x` is a view whose element [k, i] sits at k·s0 + i·s1 from its pointer, valid
-    // for k < n, i < c (any strides, a transposed view included). XᵀX reads x as lhs (c×n:
-    // lhs[i,k] = x[k,i], row stride s1, column stride s0) and as rhs (n×c: row stride s0,
-    // column stride s1); every index the kernel forms is one of those, and `outer` is a
-    // separate owned buffer.
-    unsafe {
-        gemm::gemm(
-            c,
-            c,
-            n,
-            outer.as_mut_ptr(),
-            d1,
-            d0,
-            true,
-            x.as_ptr(),
-            s0,
-            s1,
-            x.as_ptr(),
-            s1,
-            s0,
-            1.0,
-            1.0,
-            false,
-            false,
-            false,
-            gemm::Parallelism::None,
-        );
-    }
+    add_outer(outer, x.t(), 1.0, 1.0);
 }
 
 #[cfg(test)]

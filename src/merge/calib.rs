@@ -37,6 +37,16 @@ pub struct Side {
     pub samples: usize,
 }
 
+impl Side {
+    /// No side values: a pass that gathers only the groups' moments.
+    pub fn none() -> Side {
+        Side {
+            names: Vec::new(),
+            samples: 0,
+        }
+    }
+}
+
 /// Per model: each side value's moments, by model-0 name.
 pub type SideMoments = Vec<HashMap<String, UnitMoments>>;
 

@@ -565,10 +565,7 @@ pub fn statistics(
         ..opts.clone()
     };
     let (disc, names) = discover(models, calib, opts)?;
-    let none = calib::Side {
-        names: Vec::new(),
-        samples: 0,
-    };
+    let none = calib::Side::none();
     let all = disc.groups.iter().map(|g| g.id).collect();
     let pass = Pass {
         groups: &all,
@@ -683,12 +680,9 @@ fn find_matchings(
                     .collect();
                 let plan = passes::plan(&tapped, opts.max_memory);
                 calibration_passes = plan.len();
+                let none = calib::Side::none();
                 for (k, pass) in plan.iter().enumerate() {
                     let only: std::collections::HashSet<usize> = pass.iter().copied().collect();
-                    let none = calib::Side {
-                        names: vec![Vec::new(); models.len()],
-                        samples: 0,
-                    };
                     let side = if k == 0 { &side } else { &none };
                     let pass = Pass {
                         groups: &only,
