@@ -15,7 +15,12 @@
 #   101 GFLOP/s for the gemm crate on the 2-core reference machine; `numpy` measures a
 #   single-threaded numpy/OpenBLAS f64 2048³ product here instead, a stand-in for the gemm
 #   crate's kernel, which mudsc runs single-threaded), BATCH (samples per inference batch,
-#   passed to both `run` and `merge`; unset, both use mudsc's default).
+#   passed to both `run` and `merge`; unset, both use mudsc's default), BENCH_PYTHON (an
+#   interpreter that already has torch, torchvision, timm, onnx and onnxruntime: used instead
+#   of creating .venv-bench, e.g. on a machine without a package index; the table names the
+#   versions it has), DEVICE (`cpu`, the default, or `cuda`/`cuda:N`: passed as --device to
+#   both `run` and `merge`, ONNX Runtime's CUDA execution provider; needs the onnxruntime-gpu
+#   library, given by ORT_DYLIB_PATH).
 # time: the first run creates .venv-bench (~2 minutes, ~3 GB: PyTorch from PyPI brings its
 #   CUDA libraries) and generates the models (~30 s per pair); then, per pair, the passes and
 #   the merge. On 2 cores (mudsc of 2026-11-26) with 64 samples: resnet18 1 minute, resnet50
@@ -57,21 +62,29 @@ else
     batch="$("$mudsc" merge --help | sed -n '/--batch/,/default:/p' | sed -n 's/.*\[default: \([0-9]*\)\].*/\1/p')"
     batch="${batch:-?}, mudsc's default"
 fi
-"$root/scripts/fetch-onnxruntime.sh" >/dev/null
+# The library: $ORT_DYLIB_PATH when set (e.g. onnxruntime-gpu's for DEVICE=cuda), else the
+# pinned CPU wheel's.
+[ -n "${ORT_DYLIB_PATH:-}" ] || "$root/scripts/fetch-onnxruntime.sh" >/dev/null
+device="${DEVICE:-cpu}"
+batch_args+=(--device "$device")
 revision="commit $(git -C "$root" rev-parse --short HEAD 2>/dev/null || echo unknown)$(git -C "$root" diff --quiet HEAD -- src Cargo.toml 2>/dev/null || echo ' with uncommitted changes to src/'), binary built $(date -u -r "$mudsc" '+%Y-%m-%d %H:%M UTC')"
 
-# The virtual environment, (re)installed when the pins change.
-venv="$root/.venv-bench"
-pins="$root/scripts/bench/requirements.txt"
-if [ ! -x "$venv/bin/python" ]; then
-    python3 -m venv "$venv"
+# The virtual environment, (re)installed when the pins change, unless $BENCH_PYTHON is given.
+if [ -n "${BENCH_PYTHON:-}" ]; then
+    py="$BENCH_PYTHON"
+else
+    venv="$root/.venv-bench"
+    pins="$root/scripts/bench/requirements.txt"
+    if [ ! -x "$venv/bin/python" ]; then
+        python3 -m venv "$venv"
+    fi
+    if ! cmp -s "$pins" "$venv/.pins"; then
+        echo "Installing $(grep -c '==' "$pins") pinned packages into .venv-bench ..." >&2
+        "$venv/bin/python" -m pip install --quiet --disable-pip-version-check -r "$pins"
+        cp "$pins" "$venv/.pins"
+    fi
+    py="$venv/bin/python"
 fi
-if ! cmp -s "$pins" "$venv/.pins"; then
-    echo "Installing $(grep -c '==' "$pins") pinned packages into .venv-bench ..." >&2
-    "$venv/bin/python" -m pip install --quiet --disable-pip-version-check -r "$pins"
-    cp "$pins" "$venv/.pins"
-fi
-py="$venv/bin/python"
 
 # The GEMM peak of the limit.
 if [ "${GEMM_GFLOPS:-}" = numpy ]; then
@@ -136,12 +149,17 @@ for pair in "${pairs[@]}"; do
             continue
         }
     echo "  $(tail -1 "$d/merge.time") (s, KiB)" >&2
+    # A CUDA provider that did not start leaves the merge on the CPU with a warning: show it.
+    grep -i 'cuda' "$d/merge.log" >&2 || true
     rm -f "$d/merged.onnx"
 done
 
 table="$("$py" "$root/scripts/bench/real_table.py" "$cache" "$work" "${pairs[@]}" \
     --samples "$samples" --gemm-gflops "$gemm" --notes "$work/notes.txt")"
 machine="$(nproc) cores, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | sed 's/^ //'), $(free -g | awk '/Mem:/ {print $2}') GiB"
+if [ "$device" != cpu ]; then
+    machine="$machine; --device $device: $(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -1 || echo 'GPU not named')"
+fi
 echo
 echo "Machine: $machine"
 echo "$gemm_note"

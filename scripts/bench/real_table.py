@@ -113,7 +113,7 @@ def row(cache: str, work: str, pair: str, samples: int, gemm_gflops: float) -> t
     ]
     notes = [f"{pair}: {n}" for n in notes]
     notes.append(
-        f"{pair}: {len(groups['groups'])} groups ({report.get('fixed_weight_axes', '?')} fixed weight axes, "
+        f"{pair}: engine {report.get('engine', '?')}; {len(groups['groups'])} groups ({report.get('fixed_weight_axes', '?')} fixed weight axes, "
         f"{report.get('repaired_layers', '?')} repaired layers, {report.get('sweeps', '?')} sweeps"
         + (f", unknown ops {report['unknown_ops']}" if report.get("unknown_ops") else "")
         + "); seconds per phase: "

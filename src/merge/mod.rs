@@ -401,7 +401,7 @@ pub fn merge(
 
     let report = MergeReport {
         method: opts.method,
-        engine: opts.backend.name().into(),
+        engine: crate::runtime::engine_name(opts.backend.resolve(&opts.backend_options)),
         alpha: opts.alpha,
         models: models.iter().map(Model::display_name).collect(),
         calibration_samples: crate::data::sample_count(calib),

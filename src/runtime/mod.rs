@@ -110,6 +110,34 @@ impl std::str::FromStr for Device {
 }
 
 /// Prints `message` on stderr once per process (device fallbacks would repeat per session).
+/// GPUs on which ONNX Runtime's CUDA execution provider started for some session, so that the
+/// report names the device that actually ran (a failed start falls back to the CPU with only
+/// a warning).
+static CUDA_DEVICES: std::sync::Mutex<Vec<i32>> = std::sync::Mutex::new(Vec::new());
+
+#[cfg_attr(not(feature = "ort"), allow(dead_code))]
+pub(crate) fn note_cuda_device(id: i32) {
+    if let Ok(mut ids) = CUDA_DEVICES.lock() {
+        if !ids.contains(&id) {
+            ids.push(id);
+        }
+    }
+}
+
+/// The engine's name for reports: the backend, with the CUDA devices it ran on if any
+/// (`ort`, `ort on cuda:0`, `tract`).
+pub fn engine_name(kind: BackendKind) -> String {
+    let ids = CUDA_DEVICES
+        .lock()
+        .map(|ids| ids.clone())
+        .unwrap_or_default();
+    if ids.is_empty() {
+        return kind.name().to_string();
+    }
+    let devices: Vec<String> = ids.iter().map(|id| format!("cuda:{id}")).collect();
+    format!("{} on {}", kind.name(), devices.join(", "))
+}
+
 pub(crate) fn warn_once(message: &str) {
     static SAID: std::sync::Mutex<Vec<String>> = std::sync::Mutex::new(Vec::new());
     if let Ok(mut said) = SAID.lock() {

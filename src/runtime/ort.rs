@@ -95,16 +95,15 @@ fn with_cuda(
     let fallback = |why: String| {
         super::warn_once(&format!(
             "--device cuda:{id}: {why}; running on the CPU (use the onnxruntime-gpu wheel's \
-             library with --ort-lib, and CUDA 12/cuDNN 9 libraries on the loader path)"
+             library with --ort-lib, and the CUDA 13 and cuDNN 9 libraries it needs on the loader path)"
         ))
     };
     let cuda = ort::ep::CUDA::default().with_device_id(id);
     match ort::ep::CUDA::is_available() {
-        Ok(true) => {
-            if let Err(e) = cuda.register(&mut builder) {
-                fallback(format!("the CUDA execution provider failed to start: {e}"));
-            }
-        }
+        Ok(true) => match cuda.register(&mut builder) {
+            Ok(()) => super::note_cuda_device(id),
+            Err(e) => fallback(format!("the CUDA execution provider failed to start: {e}")),
+        },
         Ok(false) => fallback(format!(
             "the ONNX Runtime library '{}' has no CUDA execution provider",
             library_path(options).display()
