@@ -272,6 +272,32 @@ fn add_gram_f32(gram: &mut Array2<f32>, x: ArrayView2<f32>, beta: f32) {
 /// crate's kernel for either): the one GEMM call behind calibration's Σxxᵀ and the weight
 /// similarities' Gram blocks.
 fn add_outer<T: Copy + 'static>(gram: &mut Array2<T>, x: ArrayView2<T>, alpha: T, beta: T) {
+    add_outer_on(gram, x, alpha, beta, gemm_threads());
+}
+
+/// The GEMM kernel's parallelism: every core on a machine with more than two. On two cores
+/// (the reference machine: about one under numeric load) calibration already runs the engine
+/// and the statistics side by side, and a threaded kernel only contends with the engine; on
+/// sixteen, one thread left matching and the statistics on one core while fifteen idled
+/// (docs/benchmarks-real.md, the H100 machine). The kernel splits the output, not the sums,
+/// so the result does not depend on the thread count (tested).
+fn gemm_threads() -> gemm::Parallelism {
+    static CORES: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    let cores = *CORES.get_or_init(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
+    if cores > 2 {
+        gemm::Parallelism::Rayon(cores)
+    } else {
+        gemm::Parallelism::None
+    }
+}
+
+fn add_outer_on<T: Copy + 'static>(
+    gram: &mut Array2<T>,
+    x: ArrayView2<T>,
+    alpha: T,
+    beta: T,
+    parallelism: gemm::Parallelism,
+) {
     let (rows, k) = x.dim();
     assert_eq!(gram.dim(), (rows, rows), "gram matrix of {rows} rows");
     if rows == 0 || k == 0 {
@@ -304,7 +330,7 @@ fn add_outer<T: Copy + 'static>(gram: &mut Array2<T>, x: ArrayView2<T>, alpha: T
             false,
             false,
             false,
-            gemm::Parallelism::None,
+            parallelism,
         );
     }
 }
@@ -406,6 +432,33 @@ mod tests {
                 assert!((outer[[i, j]] - want).abs() < 1e-9, "[{i},{j}]");
             }
         }
+    }
+
+    #[test]
+    fn threaded_gemm_gives_the_single_threaded_sums_bit_for_bit() {
+        // Large enough to pass the kernel's threading threshold; x xᵀ as Σxxᵀ forms it (the
+        // transposed view of a samples × units batch), in f64 and f32.
+        let (units, samples) = (512, 1024);
+        let x = Array2::from_shape_fn((samples, units), |(i, j)| {
+            (((i * 7919 + j * 104_729) % 1000) as f64 / 137.0).sin()
+        });
+        let mut one = Array2::from_elem((units, units), 0.25);
+        let mut many = one.clone();
+        add_outer_on(&mut one, x.t(), 1.0, 1.0, gemm::Parallelism::None);
+        add_outer_on(&mut many, x.t(), 1.0, 1.0, gemm::Parallelism::Rayon(4));
+        assert!(one
+            .iter()
+            .zip(&many)
+            .all(|(a, b)| a.to_bits() == b.to_bits()));
+        let x32 = x.mapv(|v| v as f32);
+        let mut one = Array2::<f32>::zeros((units, units));
+        let mut many = one.clone();
+        add_outer_on(&mut one, x32.t(), 0.0, 1.0, gemm::Parallelism::None);
+        add_outer_on(&mut many, x32.t(), 0.0, 1.0, gemm::Parallelism::Rayon(4));
+        assert!(one
+            .iter()
+            .zip(&many)
+            .all(|(a, b)| a.to_bits() == b.to_bits()));
     }
 
     #[test]

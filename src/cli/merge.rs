@@ -67,6 +67,10 @@ pub struct MergeArgs {
     /// Most sweeps of the iterative loop (it also stops after 5 sweeps without improvement).
     #[arg(long, default_value_t = 100)]
     pub(super) max_sweeps: usize,
+    /// Improvement of the iterative loop's mean merge value, relative, below which a sweep
+    /// counts as no improvement (its matchings are still kept); 0: any rise counts.
+    #[arg(long, default_value_t = crate::merge::DEFAULT_TOL)]
+    pub(super) tol: f64,
     /// Seed of the group order in the iterative loop.
     #[arg(long, default_value_t = 0)]
     pub(super) seed: u64,
@@ -336,6 +340,11 @@ pub fn execute(args: &mut MergeArgs) -> Result<Merged> {
         max_memory: args.max_memory.or_else(crate::merge::half_of_ram),
         zip_until,
         max_sweeps: args.max_sweeps.max(1),
+        tol: if args.tol.is_finite() {
+            args.tol.max(0.0)
+        } else {
+            0.0
+        },
         ..Default::default()
     };
     let mut opts = opts;
