@@ -11,6 +11,7 @@
 //!   merge and unmerge, P4); identical for alignment.
 
 mod alpha;
+mod bn_fold;
 mod budget;
 pub(crate) use budget::{half_of_ram, parse_size};
 mod calib;
@@ -285,6 +286,8 @@ struct Prepared {
     disc: symmetry::Discovery,
     names: Vec<HashMap<String, String>>,
     weights: weights::Weights,
+    /// BatchNorm-kept layers as if folded: how they are compared and averaged.
+    folded: bn_fold::Folded,
 }
 
 /// The outcome of matching: per-group matrices, merge values, the sweeps it took, and how
@@ -340,6 +343,7 @@ pub fn merge(
         disc,
         names,
         weights,
+        folded,
     } = &prep;
     let Matching {
         m,
@@ -363,6 +367,18 @@ pub fn merge(
             }
             let value = weights::merged_tensor(&name, &layout, &disc.slots, weights, m, &inputs)?;
             store_float(t, value);
+        }
+        let folded_merge = bn_fold::merged_pairs(
+            folded,
+            |name, w| weights::merged_tensor(name, &layout, &disc.slots, w, m, &inputs),
+            weights,
+        )?;
+        let mut folded_merge: HashMap<String, ndarray::ArrayD<f64>> =
+            folded_merge.into_iter().collect();
+        for t in &mut g.initializer {
+            if let Some(value) = t.name.as_ref().and_then(|n| folded_merge.remove(n)) {
+                store_float(t, value);
+            }
         }
     }
     timer.lap("rewrite");
@@ -561,11 +577,13 @@ fn prepare(
             Ok(out)
         })
         .collect::<Result<_>>()?;
+    let folded = bn_fold::fold(&Graph::new(base)?, &weights);
     timer.lap("load");
     Ok(Prepared {
         disc,
         names,
         weights,
+        folded,
     })
 }
 
@@ -657,6 +675,7 @@ fn find_matchings(
         disc,
         names,
         weights,
+        ..
     } = prep;
     let mut endpoint = None;
     let mut calibration_passes = 0;
@@ -775,8 +794,13 @@ fn find_matchings(
             values.insert(g.id, (f64::NAN, "identity".into()));
         }
     } else {
-        let mut wsim =
-            similarity::WeightSimilarity::new(&disc.groups, &layout, &disc.slots, weights);
+        let mut wsim = similarity::WeightSimilarity::new(
+            &disc.groups,
+            &layout,
+            &disc.slots,
+            weights,
+            &prep.folded,
+        );
         // Start: activations where the method uses them.
         if opts.method.uses_activations() {
             for unit in &units {

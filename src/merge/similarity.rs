@@ -12,6 +12,7 @@ use std::collections::HashMap;
 
 use ndarray::Array2;
 
+use super::bn_fold::Folded;
 use super::units::{Layout, Matchings, Unmerge};
 use super::weights::{member_vectors, Weights};
 use crate::stats::{row_correlation_of_blocks, RowBlock};
@@ -46,6 +47,8 @@ pub struct WeightSimilarity<'a> {
     layout: &'a Layout<'a>,
     slots: &'a Slots,
     weights: &'a Weights,
+    /// BatchNorm-kept layers as if folded (`bn_fold`).
+    folded: &'a Folded,
     /// Per group, per member: the matchings that member's vectors read.
     deps: HashMap<usize, Vec<Vec<(usize, bool)>>>,
     cache: HashMap<(usize, usize), (State, RowBlock)>,
@@ -59,6 +62,7 @@ impl<'a> WeightSimilarity<'a> {
         layout: &'a Layout<'a>,
         slots: &'a Slots,
         weights: &'a Weights,
+        folded: &'a Folded,
     ) -> WeightSimilarity<'a> {
         let deps = groups
             .iter()
@@ -85,6 +89,7 @@ impl<'a> WeightSimilarity<'a> {
             layout,
             slots,
             weights,
+            folded,
             deps,
             cache: HashMap::new(),
             bytes: 0,
@@ -100,6 +105,9 @@ impl<'a> WeightSimilarity<'a> {
         let mut fresh = Vec::new();
         let mut order: Vec<Result<usize, usize>> = Vec::new();
         for (k, member) in g.members.iter().enumerate() {
+            if self.folded.left_out.contains(&member.tensor) {
+                continue;
+            }
             let state = self.state(g.id, k, m);
             if let Some((seen, _)) = self.cache.get(&(g.id, k)) {
                 if *seen == state {
@@ -108,7 +116,15 @@ impl<'a> WeightSimilarity<'a> {
                     continue;
                 }
             }
-            let z = member_vectors(g, member, self.layout, self.slots, self.weights, m)?;
+            let z = member_vectors(
+                g,
+                member,
+                self.layout,
+                self.slots,
+                self.weights,
+                self.folded,
+                m,
+            )?;
             if let Some((seen, block)) = self.cache.get_mut(&(g.id, k)) {
                 // A neighbour moved: only the columns it moved change.
                 let before = block.bytes();
@@ -237,15 +253,27 @@ mod tests {
                 moved.blocks.insert(g.id, b);
             }
         }
-        let mut cached = WeightSimilarity::new(groups, &layout, &prep.disc.slots, &prep.weights);
+        let mut cached = WeightSimilarity::new(
+            groups,
+            &layout,
+            &prep.disc.slots,
+            &prep.weights,
+            &prep.folded,
+        );
         for g in groups {
             cached.get(g, &m);
         }
         let mut compared = 0;
         for g in groups {
             let again = cached.get(g, &moved);
-            let fresh = WeightSimilarity::new(groups, &layout, &prep.disc.slots, &prep.weights)
-                .get(g, &moved);
+            let fresh = WeightSimilarity::new(
+                groups,
+                &layout,
+                &prep.disc.slots,
+                &prep.weights,
+                &prep.folded,
+            )
+            .get(g, &moved);
             match (again, fresh) {
                 (Some(a), Some(f)) => {
                     let d = (&a - &f).iter().fold(0f64, |x, v| x.max(v.abs()));

@@ -5,6 +5,7 @@ use std::collections::{HashMap, HashSet};
 
 use ndarray::{Array2, ArrayD, Axis};
 
+use super::bn_fold::Folded;
 use super::units::{apply_axis, Layout, Matchings, Role};
 use crate::error::{Error, Result};
 use crate::graph::Graph;
@@ -57,7 +58,8 @@ pub fn stored(t: TensorData) -> Option<Stored> {
     }
 }
 
-/// One member tensor's share of group `g`'s unit weight vectors, every model stacked
+/// One member tensor's share of group `g`'s unit weight vectors (BatchNorm-kept layers read
+/// through `folded`), every model stacked
 /// model-major: `[N·W, F]`. The tensor has its other axes mapped into merged coordinates by
 /// the current matchings (the unmerge P, so that alignment-matched neighbours line up), then
 /// its lanes along the group's axis are the units' features. A group's vectors are its
@@ -69,6 +71,7 @@ pub fn member_vectors(
     layout: &Layout,
     slots: &Slots,
     weights: &Weights,
+    folded: &Folded,
     m: &Matchings,
 ) -> Option<Array2<f64>> {
     let axes = slots.of(&member.tensor)?;
@@ -83,8 +86,9 @@ pub fn member_vectors(
     }
     // Filled in place: on a residual stream the members hold every block's weights.
     let mut out: Option<Array2<f64>> = None;
-    for (i, w) in weights.iter().enumerate() {
-        let t = map_axes(w.get(&member.tensor)?.to_f64(), axes, layout, m, i, |a| {
+    for i in 0..weights.len() {
+        let w = folded.get(weights, i, &member.tensor)?;
+        let t = map_axes(w.to_f64(), axes, layout, m, i, |a| {
             (a != member.axis).then_some(Role::Unmerge)
         });
         // As [outer, lanes, inner] (standard layout after the maps): each lane is `outer` runs
