@@ -167,14 +167,11 @@ fn fold_one(
     eps: f64,
 ) -> Option<(Stored, Stored)> {
     let channels = *w.shape().first()?;
-    let values = |t: &ArrayD<f64>| (t.len() == channels).then(|| t.iter().copied().collect());
-    let (gamma, beta, mean, var, bias): (Vec<f64>, Vec<f64>, Vec<f64>, Vec<f64>, Vec<f64>) = (
-        values(gamma)?,
-        values(beta)?,
-        values(mean)?,
-        values(var)?,
-        values(bias)?,
-    );
+    let values = |t: &ArrayD<f64>| -> Option<Vec<f64>> {
+        (t.len() == channels).then(|| t.iter().copied().collect())
+    };
+    let (gamma, beta, mean) = (values(gamma)?, values(beta)?, values(mean)?);
+    let (var, bias) = (values(var)?, values(bias)?);
     let scale: Vec<f64> = (0..channels)
         .map(|c| {
             let s = gamma[c] / (var[c] + eps).sqrt();
