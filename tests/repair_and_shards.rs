@@ -96,6 +96,45 @@ fn one_pass_repair_matches_the_sequential_scheme() {
     }
 }
 
+/// Token layers (a transformer's MatMul + bias Add, units on the last axis): the one-pass
+/// repair, which normalises them in the graph as [N·L, D, 1], measures what the sequential
+/// scheme measures along the last axis, and the option adds them to the corrected layers.
+#[test]
+fn token_layer_repair_in_one_pass_matches_the_sequential_scheme() {
+    let models = [fixture("vit_a.onnx"), fixture("vit_b.onnx")];
+    let calib = common::head_rows(&bound(&models[0], "calib.npz", None), 300);
+    let merged = |passes: usize, tokens: bool| {
+        let opts = MergeOptions {
+            method: Method::MudscZip,
+            max_sweeps: 2,
+            repair_samples: 128,
+            repair_passes: passes,
+            repair_batch: 128,
+            repair_token_layers: tokens,
+            ..Default::default()
+        };
+        merge(&models, &calib, &opts, &mut |_, _, _| {}).unwrap()
+    };
+    let (_, without) = merged(1, false);
+    let (sequential, with) = merged(0, true);
+    let (exact, _) = merged(1, true);
+    // Four blocks × (Q, K, V, out, fc1, fc2) = 24 token layers beside the conv layers.
+    assert!(
+        with.repaired_layers >= without.repaired_layers + 24,
+        "{} repaired with token layers, {} without",
+        with.repaired_layers,
+        without.repaired_layers
+    );
+    let x = common::head_rows(&bound(&models[0], "test.npz", Some("input")), 200);
+    let (ls, le) = (logits(&sequential, &x), logits(&exact, &x));
+    let scale = ls.iter().fold(0f32, |m, v| m.max(v.abs()));
+    let diff = (&ls - &le).iter().fold(0f32, |m, v| m.max(v.abs()));
+    assert!(
+        diff <= 1e-3 * scale,
+        "one pass differs by {diff} (scale {scale})"
+    );
+}
+
 /// Activation moments add up: statistics of two halves of the calibration data, saved, read
 /// back and summed, give the merge of the whole file (same matchings, weights within 1e-6);
 /// shards of other models are refused by name.

@@ -96,6 +96,10 @@ pub struct MergeArgs {
     /// bundled pairs).
     #[arg(long, default_value_t = 256)]
     pub(super) repair_batch: usize,
+    /// Statistics repair also corrects token layers (a transformer's MatMul + bias Add, units
+    /// on the last axis); off by default (no gain on the bundled ViT pairs)
+    #[arg(long)]
+    pub(super) repair_token_layers: bool,
     /// Tap positions (pixels, tokens) used per calibration sample, evenly spread; 0 = all.
     /// Cuts the statistics arithmetic on large maps (e.g. 64 on 224² models).
     #[arg(long, default_value_t = 0)]
@@ -336,6 +340,7 @@ pub fn execute(args: &mut MergeArgs) -> Result<Merged> {
         repair_samples: args.repair_samples,
         repair_passes: args.repair_passes,
         repair_batch: args.repair_batch.max(1),
+        repair_token_layers: args.repair_token_layers,
         tap_positions: args.tap_positions,
         max_memory: args.max_memory.or_else(crate::merge::half_of_ram),
         zip_until,

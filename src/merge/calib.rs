@@ -34,6 +34,8 @@ pub struct Tap {
 /// no passes of their own. `names[i]` are model i's names; results are keyed by `names[0]`.
 pub struct Side {
     pub names: Vec<Vec<String>>,
+    /// Per value (aligned with `names[0]`): its units' axis, `None` for the rank's default.
+    pub axes: Vec<Option<usize>>,
     pub samples: usize,
 }
 
@@ -42,6 +44,7 @@ impl Side {
     pub fn none() -> Side {
         Side {
             names: Vec::new(),
+            axes: Vec::new(),
             samples: 0,
         }
     }
@@ -148,7 +151,9 @@ pub fn collect(
             if start < side.samples {
                 let rows = side.samples.min(end) - start;
                 for (i, outs) in per_model.iter().enumerate() {
-                    for (name, key) in side.names[i].iter().zip(&side.names[0]) {
+                    for ((name, key), axis) in
+                        side.names[i].iter().zip(&side.names[0]).zip(&side.axes)
+                    {
                         let Some(whole) = outs.get(name) else {
                             continue;
                         };
@@ -161,7 +166,7 @@ pub fn collect(
                         };
                         side_moments[i]
                             .entry(key.clone())
-                            .or_insert_with(|| UnitMoments::new(unit_width(v)))
+                            .or_insert_with(|| UnitMoments::along(unit_width(v, *axis), *axis))
                             .add(v, name)?;
                     }
                 }

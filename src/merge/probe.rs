@@ -23,6 +23,8 @@ pub struct Normalise<'a> {
     pub dtype: i32,
     pub goal_mean: &'a Array1<f64>,
     pub goal_sd: &'a Array1<f64>,
+    /// Units on the last axis ([B, N, D] of a token layer) rather than axis 1.
+    pub units_last: bool,
 }
 
 /// A BatchNormalization to run on its batch statistics: the node and its float type.
@@ -106,13 +108,22 @@ impl Builder {
 
     /// `x` as float32 [N, C, L] with its batch mean [1, C, 1], centred values and batch
     /// variance [1, C, 1]; the per-unit mean and variance become the probe.
-    fn batch_stats(&mut self, x: &str, dtype: i32) -> (String, String, String, String, Probe) {
+    /// With `last` units (`Some(C)`), [.., C] is read as [N·L, C, 1].
+    fn batch_stats(
+        &mut self,
+        x: &str,
+        dtype: i32,
+        last: Option<usize>,
+    ) -> (String, String, String, String, Probe) {
         let x32 = if dtype == Dt::Float as i32 {
             x.to_string()
         } else {
             self.cast(x, Dt::Float as i32)
         };
-        let r = self.reshape(&x32, &[0, 0, -1]);
+        let r = match last {
+            Some(c) => self.reshape(&x32, &[-1, c as i64, 1]),
+            None => self.reshape(&x32, &[0, 0, -1]),
+        };
         let m3 = self.mean_nl(&r);
         let d = self.node("Sub", &[&r, &m3], vec![]);
         let sq = self.node("Mul", &[&d, &d], vec![]);
@@ -192,8 +203,8 @@ pub fn instrument(
             ));
         }
         node.output[0] = raw.clone();
-        let (x32, d, v3, _, probe) = b.batch_stats(&raw, t.dtype);
         let c = t.goal_mean.len();
+        let (x32, d, v3, _, probe) = b.batch_stats(&raw, t.dtype, t.units_last.then_some(c));
         let sd3 = b.node("Sqrt", &[&v3], vec![]);
         let eps = b.f32s(&[1], vec![1e-8]);
         let one = b.f32s(&[1], vec![1.0]);
@@ -234,7 +245,7 @@ pub fn instrument(
                 n.node
             )));
         };
-        let (_, _, _, _, probe) = b.batch_stats(&x, n.dtype);
+        let (_, _, _, _, probe) = b.batch_stats(&x, n.dtype, None);
         let (mut mean, mut var) = (probe.mean.clone(), probe.var.clone());
         if n.dtype != Dt::Float as i32 {
             mean = b.cast(&mean, n.dtype);

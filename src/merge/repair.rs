@@ -46,6 +46,8 @@ struct Producer {
     weight_axis: usize,
     bias: Option<String>,
     width: usize,
+    /// The output's unit axis when the rank alone does not say it (token layers: last).
+    unit_axis: Option<usize>,
 }
 
 pub struct RepairReport {
@@ -80,6 +82,8 @@ pub struct Passes<'a> {
     pub probe_batch: usize,
     /// Merged-model passes; 0 = sequential (one pass per layer).
     pub passes: usize,
+    /// Also correct token layers (`token_layer`: a transformer's MatMul + bias Add).
+    pub token_layers: bool,
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -97,11 +101,12 @@ pub fn repair(
 ) -> Result<RepairReport> {
     let graph = Graph::new(&models[0])?;
     let in_scope = |n: usize| scope.is_none_or(|s| s.contains(&n));
-    let mut producers = find_producers(&graph, layout, slots, groups);
+    let mut producers = find_producers(&graph, layout, slots, groups, run.token_layers);
     producers.retain(|p| in_scope(p.node) && m.p.contains_key(&p.group));
     // Endpoint statistics of every producer: from the calibration passes when they gathered
     // them, else one pass per model.
     let taps: Vec<String> = producers.iter().map(|p| p.output.clone()).collect();
+    let axes: Vec<Option<usize>> = producers.iter().map(|p| p.unit_axis).collect();
     let mut endpoint: Vec<Vec<UnitMoments>> = Vec::new();
     for (i, (model, map)) in models.iter().zip(names).enumerate() {
         let gathered: Option<Vec<UnitMoments>> = known
@@ -114,7 +119,7 @@ pub fn repair(
                     .iter()
                     .map(|t| map.get(t).cloned().unwrap_or(t.clone()))
                     .collect();
-                endpoint.push(measure(model, &mapped, run)?);
+                endpoint.push(measure(model, &mapped, &axes, run)?);
             }
         }
     }
@@ -155,11 +160,12 @@ pub fn endpoint_taps(
     slots: &Slots,
     groups: &[Group],
     scope: Option<&HashSet<usize>>,
-) -> Vec<String> {
-    find_producers(graph, layout, slots, groups)
+    token_layers: bool,
+) -> Vec<(String, Option<usize>)> {
+    find_producers(graph, layout, slots, groups, token_layers)
         .into_iter()
         .filter(|p| scope.is_none_or(|s| s.contains(&p.node)))
-        .map(|p| p.output)
+        .map(|p| (p.output, p.unit_axis))
         .collect()
 }
 
@@ -181,7 +187,7 @@ pub fn repair_remainders(
         .topological_order()
         .iter()
         .filter(|n| remainder.contains(n))
-        .filter_map(|&n| correctable(&graph, n))
+        .filter_map(|&n| correctable(&graph, n, &|_| None))
         .collect();
     let merged_graph = Graph::new(merged)?;
     let mut targets = Vec::new();
@@ -191,7 +197,8 @@ pub fn repair_remainders(
             .iter()
             .map(|l| map.get(&l.output).cloned().unwrap_or(l.output.clone()))
             .collect();
-        let goals = measure(model, &taps, run)?;
+        let axes: Vec<Option<usize>> = layers.iter().map(|l| l.unit_axis).collect();
+        let goals = measure(model, &taps, &axes, run)?;
         for (layer, goal) in layers.iter().zip(goals) {
             let output = copy_name(&layer.output, i);
             let Some(Source::Node { node, .. }) = merged_graph.source(&output) else {
@@ -207,6 +214,7 @@ pub fn repair_remainders(
                     weight_axis: layer.weight_axis,
                     bias: layer.bias.as_ref().map(|b| copy_name(b, i)),
                     width: goal_mean.len(),
+                    unit_axis: layer.unit_axis,
                 },
                 goal_mean,
                 goal_sd,
@@ -261,11 +269,16 @@ fn correct(
         for (_, step) in steps {
             match step {
                 Ok(t) => {
-                    let now = measure(merged, std::slice::from_ref(&t.producer.output), run)?;
+                    let now = measure(
+                        merged,
+                        std::slice::from_ref(&t.producer.output),
+                        &[t.producer.unit_axis],
+                        run,
+                    )?;
                     fix(merged, t, &now[0])?;
                 }
                 Err(n) => {
-                    let now = measure(merged, std::slice::from_ref(&n.input), run)?;
+                    let now = measure(merged, std::slice::from_ref(&n.input), &[None], run)?;
                     reset_norm(merged, n, &now[0])?;
                 }
             }
@@ -289,6 +302,7 @@ fn correct(
                     dtype: dtype(&t.producer.weight),
                     goal_mean: &t.goal_mean,
                     goal_sd: &t.goal_sd,
+                    units_last: t.producer.unit_axis.is_some(),
                 })
                 .collect();
             let train: Vec<TrainMode> = norms
@@ -340,7 +354,12 @@ fn std_ratio(goal: &Array1<f64>, sd: &Array1<f64>) -> Vec<f64> {
 
 /// Per-unit moments of `model`'s values `taps` on the calibration data, in one streamed pass
 /// (batches are folded in and dropped, never concatenated).
-fn measure(model: &Model, taps: &[String], run: &Passes) -> Result<Vec<UnitMoments>> {
+fn measure(
+    model: &Model,
+    taps: &[String],
+    axes: &[Option<usize>],
+    run: &Passes,
+) -> Result<Vec<UnitMoments>> {
     let mut s = open_session(run.backend, model, taps, run.options)?;
     let names = s.output_names().to_vec();
     let index: Vec<usize> = taps
@@ -357,9 +376,9 @@ fn measure(model: &Model, taps: &[String], run: &Passes) -> Result<Vec<UnitMomen
         .collect::<Result<_>>()?;
     let mut stats: Vec<Option<UnitMoments>> = vec![None; taps.len()];
     for_each_batch(s.as_mut(), run.calib, run.batch, |_, outs| {
-        for ((k, stat), tap) in index.iter().zip(stats.iter_mut()).zip(taps) {
+        for (((k, stat), tap), axis) in index.iter().zip(stats.iter_mut()).zip(taps).zip(axes) {
             let out = &outs[*k];
-            stat.get_or_insert_with(|| UnitMoments::new(unit_width(out)))
+            stat.get_or_insert_with(|| UnitMoments::along(unit_width(out, *axis), *axis))
                 .add(out, tap)?;
         }
         Ok(())
@@ -408,10 +427,17 @@ fn find_producers(
     layout: &Layout,
     slots: &Slots,
     groups: &[Group],
+    token_layers: bool,
 ) -> Vec<Producer> {
     let mut out = Vec::new();
     for &n in graph.topological_order() {
-        let Some(layer) = correctable(graph, n) else {
+        // Token layers need their output's rank; without it they are not taken.
+        let rank = |value: &str| {
+            token_layers
+                .then(|| slots.of(value).map(<[_]>::len))
+                .flatten()
+        };
+        let Some(layer) = correctable(graph, n, &rank) else {
             continue;
         };
         let Some(s) = slots.slot(&layer.output, layer.out_axis) else {
@@ -425,13 +451,14 @@ fn find_producers(
             continue;
         };
         out.push(Producer {
-            node: n,
+            node: layer.node,
             output: layer.output,
             group: g.id,
             weight: layer.weight,
             weight_axis: layer.weight_axis,
             bias: layer.bias,
             width: g.width,
+            unit_axis: layer.unit_axis,
         });
     }
     out
@@ -439,18 +466,25 @@ fn find_producers(
 
 /// A Conv/Gemm layer whose output statistics can be corrected in its own initializers.
 struct Layer {
+    /// The node that writes `output`: the layer itself, or a token layer's bias Add.
+    node: usize,
     output: String,
     out_axis: usize,
     weight: String,
     weight_axis: usize,
     bias: Option<String>,
+    unit_axis: Option<usize>,
 }
 
 /// Node `n` as a correctable layer: a Conv or Gemm with an untied weight initializer, not
 /// followed by a BatchNormalization (whose reset handles the statistics), with its bias when
-/// that is an untied initializer too.
-fn correctable(graph: &Graph, n: usize) -> Option<Layer> {
+/// that is an untied initializer too; or a token layer (`token_layer`). `rank` gives a
+/// value's rank where known.
+fn correctable(graph: &Graph, n: usize, rank: &dyn Fn(&str) -> Option<usize>) -> Option<Layer> {
     let node = graph.node(n);
+    if node.op_type.as_deref() == Some("MatMul") {
+        return token_layer(graph, n, rank);
+    }
     let uses = |name: &str| graph.consumers(name).len();
     let w = node
         .input
@@ -469,12 +503,56 @@ fn correctable(graph: &Graph, n: usize) -> Option<Layer> {
         return None;
     }
     Some(Layer {
+        node: n,
         output: y.clone(),
         out_axis,
         weight: w.clone(),
         weight_axis,
         bias: bias.filter(|b| !b.is_empty() && graph.initializer(b).is_some() && uses(b) == 1),
+        unit_axis: None,
     })
+}
+
+/// A linear layer of a transformer as exporters write it: `MatMul(x, W)` with W an untied
+/// [in, out] initializer, then `Add` of an untied [out] bias initializer, its output [.., out]
+/// with the units last. The correction goes into W's columns and the bias, and the layer's
+/// output is the Add's. Without a bias Add there is nowhere to put the shift: not corrected.
+fn token_layer(graph: &Graph, n: usize, rank: &dyn Fn(&str) -> Option<usize>) -> Option<Layer> {
+    let node = graph.node(n);
+    let uses = |name: &str| graph.consumers(name).len();
+    let w = node.input.get(1).filter(|w| uses(w) == 1)?;
+    let out_units = *dims(graph.initializer(w)?)?.get(1)?;
+    let y = node.output.first()?;
+    let &[(add, _)] = graph.consumers(y) else {
+        return None;
+    };
+    let add_node = graph.node(add);
+    if add_node.op_type.as_deref() != Some("Add") || add_node.input.len() != 2 {
+        return None;
+    }
+    let bias = add_node.input.iter().find(|i| *i != y)?;
+    if uses(bias) != 1 || dims(graph.initializer(bias)?)? != [out_units] {
+        return None;
+    }
+    let output = add_node.output.first()?;
+    let r = rank(output)?;
+    if r < 2 {
+        return None;
+    }
+    Some(Layer {
+        node: add,
+        output: output.clone(),
+        out_axis: r - 1,
+        weight: w.clone(),
+        weight_axis: 1,
+        bias: Some(bias.clone()),
+        unit_axis: Some(r - 1),
+    })
+}
+
+/// An initializer's dimensions.
+fn dims(t: &crate::onnx::proto::TensorProto) -> Option<Vec<usize>> {
+    t.dims.iter().map(|&d| usize::try_from(d).ok()).collect()
 }
 
 /// y' = s·(y − μ) + goal: weight rows scaled by s, bias b' = s·(b − μ) + goal.
@@ -519,6 +597,13 @@ fn apply(
                 let v = ArrayD::from_shape_vec(b.shape(), new_bias(&flat)).expect("same size");
                 store_float(&mut graph.initializer[i], v);
             }
+        }
+        None if !matches!(
+            graph.node.get(p.node).and_then(|n| n.op_type.as_deref()),
+            Some("Conv" | "Gemm")
+        ) =>
+        {
+            return Ok(()); // a token layer's bias went missing: nothing to shift
         }
         None => {
             // No bias yet: give the layer one (an optional input of Conv and Gemm), in the

@@ -135,26 +135,34 @@ pub struct UnitMoments {
     pub count: u64,
     pub sum: Array1<f64>,
     pub sumsq: Array1<f64>,
+    /// The units' axis; `None`: axis 1 for rank ≥ 3 (channels of a map), else the last.
+    pub axis: Option<usize>,
 }
 
 impl UnitMoments {
     pub fn new(units: usize) -> UnitMoments {
+        UnitMoments::along(units, None)
+    }
+
+    /// Moments of `units` units on `axis` (`None` as in `new`): a token layer's [B, N, D]
+    /// output has its units last, which the rank alone cannot tell from channels.
+    pub fn along(units: usize, axis: Option<usize>) -> UnitMoments {
         UnitMoments {
             count: 0,
             sum: Array1::zeros(units),
             sumsq: Array1::zeros(units),
+            axis,
         }
     }
 
-    /// Folds in a batch of tap `t`, units on axis 1 for rank ≥ 3 (channels of a map), else
-    /// on the last axis. NaN and ±inf count as 0.
+    /// Folds in a batch of tap `t`, units on `self.axis`. NaN and ±inf count as 0.
     pub fn add(&mut self, t: &TensorData, name: &str) -> Result<()> {
         let v = as_f32(t);
-        let axis = if v.ndim() >= 3 {
+        let axis = self.axis.unwrap_or(if v.ndim() >= 3 {
             1
         } else {
             v.ndim().saturating_sub(1)
-        };
+        });
         let width = self.sum.len();
         if v.shape().get(axis) != Some(&width) {
             return Err(Error::tensor(
@@ -189,7 +197,7 @@ impl UnitMoments {
     /// batches give the moments of all of them.
     pub fn add_batch(&mut self, n: u64, mean: &[f32], var: &[f32]) {
         if self.sum.len() != mean.len() {
-            *self = UnitMoments::new(mean.len());
+            *self = UnitMoments::along(mean.len(), self.axis);
         }
         let w = n as f64;
         for (u, (&m, &v)) in mean.iter().zip(var).enumerate() {
@@ -217,12 +225,13 @@ impl UnitMoments {
 }
 
 /// The width of a tap's unit axis, as `UnitMoments::add` reads it.
-pub fn unit_width(t: &TensorData) -> usize {
+pub fn unit_width(t: &TensorData, axis: Option<usize>) -> usize {
     let s = t.shape();
-    match s.len() {
-        0 => 1,
-        1 | 2 => s[s.len() - 1],
-        _ => s[1],
+    match (axis, s.len()) {
+        (Some(a), _) => s.get(a).copied().unwrap_or(0),
+        (None, 0) => 1,
+        (None, 1 | 2) => s[s.len() - 1],
+        (None, _) => s[1],
     }
 }
 
