@@ -75,6 +75,7 @@ fn permuted_copy(model: &Model, inputs: &[TensorData]) -> Model {
 fn merging_with_a_permuted_copy_gives_the_model_back() {
     for name in [
         "vit_a.onnx",
+        "vit_mha_a.onnx",
         "dwcnn_a.onnx",
         "mlp_a.onnx",
         "resnet20_bn_folded_a.onnx",

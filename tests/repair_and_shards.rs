@@ -135,6 +135,58 @@ fn token_layer_repair_in_one_pass_matches_the_sequential_scheme() {
     );
 }
 
+/// A ViT's class-token groups are observed at every token tensor a layer reads (`--taps
+/// tokens`, the default): statistics files record the observation points, and shards taken
+/// at one tap per group (`--taps one`) are refused by a default merge, naming the group.
+#[test]
+fn statistics_record_where_groups_were_observed() {
+    let models = [fixture("vit_a.onnx"), fixture("vit_b.onnx")];
+    let calib = common::head_rows(&bound(&models[0], "calib.npz", None), 64);
+    let stats = |token_taps: bool| {
+        let opts = MergeOptions {
+            token_taps,
+            ..Default::default()
+        };
+        statistics(&models, &calib, &opts, &mut |_, _, _| {}).unwrap()
+    };
+    let (tokens, one) = (stats(true), stats(false));
+    let points = |s: &Stats| -> Vec<usize> {
+        s.groups
+            .iter()
+            .map(|g| g.tap.split(" + ").count())
+            .collect()
+    };
+    // The residual stream (read by every block's two LayerNorm'd layers) gains a point per
+    // reading; groups already observed at every token keep their one tap.
+    assert!(points(&one).iter().all(|&n| n == 1));
+    let widened = points(&tokens).into_iter().filter(|&n| n > 1).count();
+    assert!(widened >= 1, "no group observed at more than one point");
+    assert!(
+        tokens
+            .groups
+            .iter()
+            .zip(&one.groups)
+            .any(|(t, o)| { t.tap.split(" + ").count() >= 8 && t.tap.starts_with(&o.tap) }),
+        "the stream is observed at its {} class-token tap only",
+        one.groups.len()
+    );
+    let merged = merge(
+        &models,
+        &calib,
+        &MergeOptions {
+            stats: Some(std::sync::Arc::new(one)),
+            repair_samples: 0,
+            ..Default::default()
+        },
+        &mut |_, _, _| {},
+    );
+    let err = merged
+        .err()
+        .expect("shards of other taps refused")
+        .to_string();
+    assert!(err.contains("statistics of other groups: group"), "{err}");
+}
+
 /// Activation moments add up: statistics of two halves of the calibration data, saved, read
 /// back and summed, give the merge of the whole file (same matchings, weights within 1e-6);
 /// shards of other models are refused by name.

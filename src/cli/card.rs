@@ -62,6 +62,7 @@ pub fn render(
         ("repair samples", args.repair_samples.to_string()),
         ("repair passes", args.repair_passes.to_string()),
         ("tap positions", args.tap_positions.to_string()),
+        ("taps", format!("{:?}", args.taps).to_lowercase()),
     ]);
     if let Some(z) = &args.zip_until {
         options.push(("zip until", z.clone()));

@@ -100,6 +100,11 @@ pub struct MergeArgs {
     /// on the last axis); off by default (no gain on the bundled ViT pairs)
     #[arg(long)]
     pub(super) repair_token_layers: bool,
+    /// Where groups are observed: `tokens` also observes a group seen at one token per sample
+    /// (a class token) at every token tensor a layer reads; `one`: one tap per group (the
+    /// reference)
+    #[arg(long, value_enum, default_value_t = super::TapMode::Tokens)]
+    pub(super) taps: super::TapMode,
     /// Tap positions (pixels, tokens) used per calibration sample, evenly spread; 0 = all.
     /// Cuts the statistics arithmetic on large maps (e.g. 64 on 224² models).
     #[arg(long, default_value_t = 0)]
@@ -342,6 +347,7 @@ pub fn execute(args: &mut MergeArgs) -> Result<Merged> {
         repair_batch: args.repair_batch.max(1),
         repair_token_layers: args.repair_token_layers,
         tap_positions: args.tap_positions,
+        token_taps: args.taps == super::TapMode::Tokens,
         max_memory: args.max_memory.or_else(crate::merge::half_of_ram),
         zip_until,
         max_sweeps: args.max_sweeps.max(1),

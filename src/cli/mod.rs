@@ -100,6 +100,15 @@ fn parse_device(s: &str) -> Result<Device, String> {
     s.parse().map_err(|e: mudsc::Error| e.to_string())
 }
 
+/// Where calibration observes each group (`merge --taps`, `stats --taps`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum TapMode {
+    /// One tap per group, as the reference.
+    One,
+    /// Groups seen at one token per sample also at every token tensor a layer reads.
+    Tokens,
+}
+
 #[derive(Clone, Copy, Debug, ValueEnum)]
 pub enum Backend {
     /// Embedded pure-Rust engine.

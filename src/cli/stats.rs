@@ -21,6 +21,9 @@ pub struct StatsArgs {
     /// Tap positions used per calibration sample, evenly spread; 0 = all (as `merge`).
     #[arg(long, default_value_t = 0)]
     tap_positions: usize,
+    /// Where groups are observed (as `merge`; shards taken otherwise are refused there).
+    #[arg(long, value_enum, default_value_t = super::TapMode::Tokens)]
+    taps: super::TapMode,
     #[command(flatten)]
     backend: BackendArgs,
 }
@@ -42,6 +45,7 @@ pub fn run(args: StatsArgs) -> Result<()> {
         backend_options: args.backend.options(),
         batch: args.backend.batch.min(64),
         tap_positions: args.tap_positions,
+        token_taps: args.taps == super::TapMode::Tokens,
         ..Default::default()
     };
     let mut progress = super::progress::Progress::default();

@@ -16,6 +16,7 @@ mod budget;
 pub(crate) use budget::{half_of_ram, parse_size};
 mod calib;
 mod matching;
+mod observe;
 mod partial;
 mod passes;
 mod probe;
@@ -158,6 +159,11 @@ pub struct MergeOptions {
     /// default: on the bundled ViT pairs it moved mudsc-zip by +0.4 / +0.3 task-mean points
     /// and −3.8 / −0.3 joint (zipit +4.4 / −3.0 task mean), not a gain to make the default.
     pub repair_token_layers: bool,
+    /// Groups seen at one position per sample (a class token, units on the last axis of a
+    /// [B, D] value) are also observed at every token tensor that carries their units and
+    /// that a layer reads, all positions (`observe`); false: one tap per group, as the
+    /// reference.
+    pub token_taps: bool,
     /// Tap positions (pixels, tokens) kept per calibration sample and group, evenly spread;
     /// 0 keeps all. On 224² models the Σxxᵀ arithmetic over every position can outweigh
     /// the forward passes, and a correlation of a few hundred units needs far fewer samples.
@@ -190,6 +196,7 @@ impl Default for MergeOptions {
             repair_passes: 1,
             repair_batch: 256,
             repair_token_layers: false,
+            token_taps: true,
             tap_positions: 0,
             zip_until: None,
             stats: None,
@@ -624,25 +631,38 @@ pub fn statistics(
     let (moments, _) = collect_moments(&disc, &names, models, calib, pass, opts, progress)?;
     Ok(Stats {
         models: models.iter().map(fingerprint).collect(),
-        groups: shard_groups(&disc),
+        groups: shard_groups(&disc, &models[0], opts.token_taps)?,
         samples: crate::data::sample_count(calib),
         moments,
     })
 }
 
-/// The groups whose activations are calibrated, as statistics files record them.
-fn shard_groups(disc: &symmetry::Discovery) -> Vec<ShardGroup> {
-    disc.groups
+/// The groups whose activations are calibrated, as statistics files record them: each with
+/// the values it is observed at (`observe`, joined by " + "), so that statistics taken at
+/// other points (`--taps`) are refused.
+fn shard_groups(
+    disc: &symmetry::Discovery,
+    model: &Model,
+    token_taps: bool,
+) -> Result<Vec<ShardGroup>> {
+    let graph = Graph::new(model)?;
+    let layout = Layout::new(&disc.structure, &disc.groups);
+    Ok(disc
+        .groups
         .iter()
         .filter_map(|g| {
-            g.tap_axis?;
-            Some(ShardGroup {
+            let points = observe::tap_points(g, &graph, &disc.slots, &layout, token_taps);
+            (!points.is_empty()).then(|| ShardGroup {
                 id: g.id,
                 width: g.width,
-                tap: g.tap.clone()?,
+                tap: points
+                    .iter()
+                    .map(|(t, _)| t.as_str())
+                    .collect::<Vec<_>>()
+                    .join(" + "),
             })
         })
-        .collect()
+        .collect())
 }
 
 /// Model 0's groups, discovered at the calibration batch shape, and every model's value names
@@ -705,7 +725,7 @@ fn find_matchings(
                 stats.check(
                     std::path::Path::new("--stats"),
                     &fingerprints,
-                    &shard_groups(disc),
+                    &shard_groups(disc, &models[0], opts.token_taps)?,
                 )?;
                 stats.moments.clone()
             }
@@ -950,23 +970,26 @@ fn collect_moments(
     progress: &mut dyn FnMut(&str, usize, usize),
 ) -> Result<(HashMap<usize, crate::stats::Moments>, calib::SideMoments)> {
     let Pass { groups: only, side } = pass;
+    let layout = Layout::new(&disc.structure, &disc.groups);
+    let graph = Graph::new(&models[0])?;
     let taps: Vec<calib::Tap> = disc
         .groups
         .iter()
         .filter(|g| only.contains(&g.id))
-        .filter_map(|g| {
-            let (tap, axis) = (g.tap.clone()?, g.tap_axis?);
-            let tap_names = names
-                .iter()
-                .map(|m| m.get(&tap).cloned().unwrap_or(tap.clone()))
-                .collect();
-            Some(calib::Tap {
-                group: g.id,
-                names: tap_names,
-                axis,
-                width: g.width,
-                positions: opts.tap_positions,
-            })
+        .flat_map(|g| {
+            observe::tap_points(g, &graph, &disc.slots, &layout, opts.token_taps)
+                .into_iter()
+                .map(|(tap, axis)| calib::Tap {
+                    group: g.id,
+                    names: names
+                        .iter()
+                        .map(|m| m.get(&tap).cloned().unwrap_or(tap.clone()))
+                        .collect(),
+                    axis,
+                    width: g.width,
+                    positions: opts.tap_positions,
+                })
+                .collect::<Vec<_>>()
         })
         .collect();
     calib::collect(
