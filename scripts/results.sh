@@ -12,7 +12,7 @@ py=.venv/bin/python  # the project's virtual environment (scripts/setup.sh)
 tmp="$(mktemp -d)"
 trap 'rm -rf "$tmp"' EXIT
 pairs=("$@")
-[ ${#pairs[@]} -gt 0 ] || pairs=(mlp resnet20_bn_folded resnet20_bn_kept resnet20_bn_dynamo resnet20_gn vit dwcnn)
+[ ${#pairs[@]} -gt 0 ] || pairs=(mlp resnet20_bn_folded resnet20_bn_kept resnet20_bn_dynamo resnet20_gn vit vit_mha dwcnn)
 methods=(avg rebasin act-align zipit weight-zip mudsc-align mudsc-zip)
 score() { "$mudsc" eval "$@" --data fixtures/data/test.npz --tasks 0-4,5-9 --json; }
 printf '| pair | A (task mean) | B | ensemble joint / task mean |'
