@@ -379,26 +379,28 @@ pub fn merge(
     // Rewrite.
     let inputs = weights::input_axes(&graph);
     let mut merged = models[0].clone();
+    // Folded Conv → BatchNorm pairs are merged as their folded layers; every other float
+    // initializer by its plain merge.
+    let mut folded_merge: HashMap<String, ndarray::ArrayD<f64>> = bn_fold::merged_pairs(
+        folded,
+        |name, w| weights::merged_tensor(name, &layout, &disc.slots, w, m, &inputs),
+        weights,
+    )?
+    .into_iter()
+    .collect();
     if let Some(g) = merged.proto.graph.as_mut() {
         for t in &mut g.initializer {
             let name = t.name.clone().unwrap_or_default();
-            if !weights[0].contains_key(&name) || weights.iter().any(|w| !w.contains_key(&name)) {
-                continue;
-            }
-            let value = weights::merged_tensor(&name, &layout, &disc.slots, weights, m, &inputs)?;
+            let value = match folded_merge.remove(&name) {
+                Some(value) => value,
+                None if !weights[0].contains_key(&name)
+                    || weights.iter().any(|w| !w.contains_key(&name)) =>
+                {
+                    continue
+                }
+                None => weights::merged_tensor(&name, &layout, &disc.slots, weights, m, &inputs)?,
+            };
             store_float(t, value);
-        }
-        let folded_merge = bn_fold::merged_pairs(
-            folded,
-            |name, w| weights::merged_tensor(name, &layout, &disc.slots, w, m, &inputs),
-            weights,
-        )?;
-        let mut folded_merge: HashMap<String, ndarray::ArrayD<f64>> =
-            folded_merge.into_iter().collect();
-        for t in &mut g.initializer {
-            if let Some(value) = t.name.as_ref().and_then(|n| folded_merge.remove(n)) {
-                store_float(t, value);
-            }
         }
     }
     timer.lap("rewrite");

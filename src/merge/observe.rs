@@ -13,6 +13,7 @@
 //! (BN ResNet-20) and 7 (GroupNorm). The reference observes one tap (`--taps one`).
 
 use crate::graph::Graph;
+use crate::symmetry::groups::read_by_layer;
 use crate::symmetry::slots::Slots;
 use crate::symmetry::Group;
 
@@ -54,17 +55,4 @@ pub fn tap_points(
         }
     }
     out
-}
-
-/// Whether `value` is the data input of a Conv, Gemm or MatMul with an initializer weight.
-fn read_by_layer(graph: &Graph, value: &str) -> bool {
-    graph.consumers(value).iter().any(|&(n, slot)| {
-        let node = graph.node(n);
-        slot == 0
-            && matches!(node.op_type.as_deref(), Some("Conv" | "Gemm" | "MatMul"))
-            && node
-                .input
-                .get(1)
-                .is_some_and(|w| graph.initializer(w).is_some())
-    })
 }

@@ -270,18 +270,7 @@ fn choose_taps(groups: &mut [Group], st: &Structure, slots: &Slots, graph: &Grap
             .collect();
         let mut taps: Vec<(usize, String, bool)> = names
             .into_iter()
-            .map(|name| {
-                let read_by_layer = graph.consumers(name).iter().any(|&(n, slot)| {
-                    let node = graph.node(n);
-                    slot == 0
-                        && matches!(node.op_type.as_deref(), Some("Conv" | "Gemm" | "MatMul"))
-                        && node
-                            .input
-                            .get(1)
-                            .is_some_and(|w| graph.initializer(w).is_some())
-                });
-                (order[name], name.clone(), read_by_layer)
-            })
+            .map(|name| (order[name], name.clone(), read_by_layer(graph, name)))
             .collect();
         taps.sort();
         g.tap = taps
@@ -297,4 +286,18 @@ fn choose_taps(groups: &mut [Group], st: &Structure, slots: &Slots, graph: &Grap
                 .position(|s| s.is_some_and(|s| comps.contains(&st.comp_of[s])))
         });
     }
+}
+
+/// Whether `value` is the data input of a Conv, Gemm or MatMul with an initializer weight:
+/// where a layer reads a group's units (discovery's tap, and calibration's token taps).
+pub(crate) fn read_by_layer(graph: &Graph, value: &str) -> bool {
+    graph.consumers(value).iter().any(|&(n, slot)| {
+        let node = graph.node(n);
+        slot == 0
+            && matches!(node.op_type.as_deref(), Some("Conv" | "Gemm" | "MatMul"))
+            && node
+                .input
+                .get(1)
+                .is_some_and(|w| graph.initializer(w).is_some())
+    })
 }
