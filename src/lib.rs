@@ -26,6 +26,7 @@ pub mod onnx;
 #[cfg(feature = "python")]
 mod python;
 pub mod runtime;
+pub mod same_base;
 pub mod stats;
 pub mod symmetry;
 

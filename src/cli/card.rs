@@ -42,7 +42,13 @@ pub fn render(
             sha256: None,
         }
     } else {
-        Input::file(&args.calib)
+        match &args.calib {
+            Some(c) => Input::file(c),
+            None => Input {
+                name: "none".into(),
+                sha256: None,
+            },
+        }
     };
     let mut options: Vec<(&'static str, String)> = Vec::new();
     if let Some(c) = choice {

@@ -5,10 +5,11 @@ use clap::{Args, ValueEnum};
 use mudsc::data;
 use mudsc::merge::{merge, MergeOptions, Method};
 use mudsc::onnx::{ExternalData, SaveOptions};
+use mudsc::same_base::Combine;
 
 use super::BackendArgs;
 
-#[derive(Clone, Copy, Debug, ValueEnum)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 pub enum MethodArg {
     Avg,
     Rebasin,
@@ -17,18 +18,42 @@ pub enum MethodArg {
     WeightZip,
     MudscAlign,
     MudscZip,
+    /// Same-base: θ_base + λ Σ wᵢ τᵢ (needs --base).
+    TaskArithmetic,
+    /// Same-base: TIES (trim to --density, elect signs, disjoint mean; needs --base).
+    Ties,
+    /// Same-base: DARE drop-and-rescale, then task arithmetic (needs --base).
+    DareLinear,
+    /// Same-base: DARE drop-and-rescale, then TIES's sign election (needs --base).
+    DareTies,
+    /// Same-base: spherical interpolation of two models at --t.
+    Slerp,
+    /// Same-base: weighted average with --weights (normalised; equal by default).
+    Linear,
 }
 
-impl From<MethodArg> for Method {
-    fn from(m: MethodArg) -> Method {
-        match m {
-            MethodArg::Avg => Method::Avg,
-            MethodArg::Rebasin => Method::Rebasin,
-            MethodArg::ActAlign => Method::ActAlign,
-            MethodArg::Zipit => Method::Zipit,
-            MethodArg::WeightZip => Method::WeightZip,
-            MethodArg::MudscAlign => Method::MudscAlign,
-            MethodArg::MudscZip => Method::MudscZip,
+/// What `--method` names: a permutation merge, or a same-base one.
+pub enum Kind {
+    Permutation(Method),
+    SameBase(Combine),
+}
+
+impl MethodArg {
+    pub fn kind(self) -> Kind {
+        match self {
+            MethodArg::Avg => Kind::Permutation(Method::Avg),
+            MethodArg::Rebasin => Kind::Permutation(Method::Rebasin),
+            MethodArg::ActAlign => Kind::Permutation(Method::ActAlign),
+            MethodArg::Zipit => Kind::Permutation(Method::Zipit),
+            MethodArg::WeightZip => Kind::Permutation(Method::WeightZip),
+            MethodArg::MudscAlign => Kind::Permutation(Method::MudscAlign),
+            MethodArg::MudscZip => Kind::Permutation(Method::MudscZip),
+            MethodArg::TaskArithmetic => Kind::SameBase(Combine::TaskArithmetic),
+            MethodArg::Ties => Kind::SameBase(Combine::Ties),
+            MethodArg::DareLinear => Kind::SameBase(Combine::DareLinear),
+            MethodArg::DareTies => Kind::SameBase(Combine::DareTies),
+            MethodArg::Slerp => Kind::SameBase(Combine::Slerp),
+            MethodArg::Linear => Kind::SameBase(Combine::Linear),
         }
     }
 }
@@ -46,10 +71,37 @@ pub struct MergeArgs {
     #[arg(long, short)]
     pub(super) output: PathBuf,
     /// Calibration inputs (.npz keyed by graph input name, .npy, .pb or test_data_set dir).
+    /// Needed by every method except the same-base ones (unless --align-first).
     #[arg(long)]
-    pub(super) calib: PathBuf,
+    pub(super) calib: Option<PathBuf>,
+    /// The merge method: the permutation methods (mudsc-zip, the default, and the baselines of
+    /// the MuDSC paper) for models trained from different initialisations; the same-base ones
+    /// (task-arithmetic, ties, dare-linear, dare-ties, slerp, linear) for fine-tunes of one
+    /// checkpoint (--base).
     #[arg(long, value_enum, default_value_t = MethodArg::MudscZip)]
     pub(super) method: MethodArg,
+    /// Same-base methods: the checkpoint the models were fine-tuned from (task vectors are
+    /// each model minus it).
+    #[arg(long, value_name = "BASE.onnx")]
+    pub(super) base: Option<PathBuf>,
+    /// Same-base methods: scale of the merged task vector.
+    #[arg(long, default_value_t = 1.0)]
+    pub(super) lambda: f64,
+    /// ties: fraction of each task vector's entries kept (largest magnitudes, per tensor);
+    /// dare-*: probability that an entry survives the drop (p = 1 − density).
+    #[arg(long, default_value_t = 0.2)]
+    pub(super) density: f64,
+    /// slerp: interpolation point (0 = the first model, 1 = the second).
+    #[arg(long, default_value_t = 0.5)]
+    pub(super) t: f64,
+    /// Same-base methods: one weight per model, comma-separated (linear: normalised to sum 1;
+    /// the task-vector methods: each task vector's weight). Default: equal.
+    #[arg(long, value_delimiter = ',', num_args = 1.., allow_hyphen_values = true)]
+    pub(super) weights: Option<Vec<f64>>,
+    /// Same-base methods on models of different initialisations: put every model (and the
+    /// base) in the first model's unit order by mudsc-align matching on --calib first.
+    #[arg(long)]
+    pub(super) align_first: bool,
     /// Weight-space share of the dual similarity (0 = activations only, 1 = weights only), or
     /// `auto`: try 0.1 … 0.9 on a held-out fifth of the calibration data (accuracy when it has
     /// --calib-labels, else top-1 agreement with the endpoints) and keep the best.
@@ -154,16 +206,23 @@ pub struct MergeArgs {
     pub calib_arrays_given: bool,
 }
 
-/// What a merge did: its report, and the report as `--report` writes it (`alpha_auto` and
-/// `accuracy` added when there are).
+/// What a merge did: its summary for the terminal, and the report as `--report` writes it
+/// (`alpha_auto` and `accuracy` added when there are).
 pub struct Merged {
-    pub report: mudsc::merge::MergeReport,
+    pub summary: Vec<String>,
     pub json: serde_json::Value,
 }
 
 pub fn run(mut args: MergeArgs) -> Result<()> {
-    let Merged { report, .. } = execute(&mut args)?;
-    println!(
+    for line in execute(&mut args)?.summary {
+        println!("{line}");
+    }
+    Ok(())
+}
+
+/// The terminal summary of a permutation merge.
+fn summary(args: &MergeArgs, report: &mudsc::merge::MergeReport) -> Vec<String> {
+    let mut lines = vec![format!(
         "merged {} models with {} (α {}) over {} groups, {} calibration samples on {} → {}",
         args.models.len(),
         report.method.name(),
@@ -172,16 +231,16 @@ pub fn run(mut args: MergeArgs) -> Result<()> {
         report.calibration_samples,
         report.engine,
         args.output.display()
-    );
+    )];
     if let Some(t) = &report.partial {
-        println!(
+        lines.push(format!(
             "partial zip: {} trunk nodes merged up to '{}', {} remainder nodes kept per model, \
              {} values unmerged",
             t.trunk_nodes,
             t.cut_node,
             t.remainder_nodes,
             t.cut_values.len()
-        );
+        ));
     }
     let total: f64 = report.seconds.values().sum();
     let phases: Vec<String> = report
@@ -189,74 +248,24 @@ pub fn run(mut args: MergeArgs) -> Result<()> {
         .iter()
         .map(|(k, v)| format!("{k} {v:.2}s"))
         .collect();
-    println!(
+    lines.push(format!(
         "time {total:.2}s ({}), peak memory {:.0} MiB",
         phases.join(", "),
         report.peak_rss_mib
-    );
-    Ok(())
+    ));
+    lines
 }
 
 /// The whole merge: outputs checked, models and calibration read, merged, written (the model,
 /// then `--report`); nothing on stdout (`mudsc.merge()` in Python returns `json`).
 pub fn execute(args: &mut MergeArgs) -> Result<Merged> {
-    let alpha: Option<f64> = match args.alpha.as_str() {
-        "auto" => None,
-        v => match v.parse::<f64>() {
-            Ok(a) if (0.0..=1.0).contains(&a) => Some(a),
-            _ => {
-                return Err(
-                    mudsc::Error::Usage(format!("--alpha {v} is not 'auto' or in [0, 1]")).into(),
-                )
-            }
-        },
+    let method = match args.method.kind() {
+        Kind::SameBase(combine) => return super::same_base::execute(args, combine),
+        Kind::Permutation(m) => m,
     };
-    for (flag, v) in [("--zip-a", args.zip_a), ("--zip-b", args.zip_b)] {
-        if !v.is_finite() || v < 0.0 {
-            return Err(
-                mudsc::Error::Usage(format!("{flag} {v} must be a finite number ≥ 0")).into(),
-            );
-        }
-    }
-    let save = SaveOptions {
-        external_data: if args.external_data {
-            ExternalData::Always(None)
-        } else {
-            ExternalData::Auto
-        },
-        protect: Vec::new(),
-    };
-    // Every output is checked before any work (directories, special files, one file under two
-    // names), so that a refusal costs nothing and nothing is overwritten by another output.
-    // Without --external-data a model over 2 GiB still gets `<output>.data`: no other output
-    // may take that name either.
-    let always = SaveOptions {
-        external_data: ExternalData::Always(None),
-        protect: Vec::new(),
-    };
-    let data_file = mudsc::onnx::data_file_for(&args.output, &always);
-    let mut outputs: Vec<(&str, &std::path::Path)> = vec![("-o", args.output.as_path())];
-    if let Some(d) = &data_file {
-        outputs.push(("the external data file", d.as_path()));
-    }
-    if let Some(r) = &args.report {
-        outputs.push(("--report", r.as_path()));
-    }
-    if let Some(c) = &args.card {
-        outputs.push(("--card", c.as_path()));
-    }
-    mudsc::atomic::refuse_same_outputs(&outputs)?;
-    for (_, out) in &outputs {
-        mudsc::atomic::check_output(out, &[])?;
-    }
-    // Read only after the merge: a missing file must not cost the merge first.
-    if let Some(p) = args.eval_data.as_ref().filter(|p| !p.exists()) {
-        return Err(mudsc::Error::Data {
-            path: p.clone(),
-            reason: "no such file or directory".into(),
-        }
-        .into());
-    }
+    refuse_same_base_options(args)?;
+    let alpha = parse_alpha(&args.alpha)?;
+    let outputs = Outputs::check(args)?;
     let started = std::time::Instant::now();
     let zip_until = args
         .zip_until
@@ -268,12 +277,18 @@ pub fn execute(args: &mut MergeArgs) -> Result<Merged> {
         .iter()
         .map(mudsc::onnx::load)
         .collect::<mudsc::Result<Vec<_>>>()?;
+    let calib_path = args.calib.clone().ok_or_else(|| {
+        mudsc::Error::Usage(format!(
+            "--method {} needs --calib: the calibration data its statistics come from",
+            method.name()
+        ))
+    })?;
     let mut arrays = match args.calib_arrays.take() {
         Some(a) => {
             args.calib_arrays_given = true;
             a
         }
-        None => data::read(&args.calib)?,
+        None => data::read(&calib_path)?,
     };
     let mut labels = match &args.calib_labels {
         Some(key) => Some(
@@ -281,14 +296,14 @@ pub fn execute(args: &mut MergeArgs) -> Result<Merged> {
                 .take(key)
                 .and_then(|t| t.to_labels())
                 .ok_or_else(|| mudsc::Error::Data {
-                    path: args.calib.clone(),
+                    path: calib_path.clone(),
                     reason: format!("no integer labels under '{key}'"),
                 })?,
         ),
         None => None,
     };
     let mut protect: Vec<PathBuf> = models.iter().flat_map(|m| m.source_files()).collect();
-    protect.push(args.calib.clone());
+    protect.push(calib_path.clone());
     protect.extend(args.stats.iter().cloned());
     protect.extend(args.eval_data.iter().cloned());
     if alpha.is_none() && !args.stats.is_empty() {
@@ -299,30 +314,16 @@ pub fn execute(args: &mut MergeArgs) -> Result<Merged> {
         )
         .into());
     }
-    for (what, out) in &outputs {
-        // The data file an inline model might get is checked at save time, if it comes to it.
-        if args.external_data || *what != "the external data file" {
-            mudsc::atomic::refuse_protected(out, &protect)?;
-        }
-    }
-    let mut calib = data::bind_inputs(&arrays, &models[0], &args.calib)?;
+    outputs.refuse_protected(args, &protect)?;
+    let mut calib = data::bind_inputs(&arrays, &models[0], &calib_path)?;
     if let Some(n) = args.samples {
-        if n == 0 {
-            return Err(mudsc::Error::Usage("--samples must be at least 1".into()).into());
-        }
-        calib = calib
-            .iter()
-            .map(|t| t.slice_rows(0, n.min(t.shape()[0])))
-            .collect();
+        calib = first_samples(&calib, n)?;
         if let Some(l) = labels.as_mut() {
             l.truncate(n);
         }
     }
     let samples = data::sample_count(&calib);
-    let by_activations = !matches!(
-        args.method,
-        MethodArg::Avg | MethodArg::Rebasin | MethodArg::WeightZip
-    );
+    let by_activations = !matches!(method, Method::Avg | Method::Rebasin | Method::WeightZip);
     if by_activations && samples < MIN_CALIBRATION_SAMPLES {
         eprintln!(
             "warning: {samples} calibration sample(s): unit correlations estimated from so few \
@@ -331,34 +332,7 @@ pub fn execute(args: &mut MergeArgs) -> Result<Merged> {
         );
     }
     let read_seconds = started.elapsed().as_secs_f64();
-    let opts = MergeOptions {
-        method: args.method.into(),
-        alpha: alpha.unwrap_or(0.5),
-        zip_a: args.zip_a,
-        zip_b: args.zip_b,
-        seed: args.seed,
-        backend: args.backend.kind(),
-        backend_options: args.backend.options(),
-        // Calibration streams its taps: batches of 64 keep the engine's activations small
-        // at no cost in accuracy (statistics are exact sums over any batching).
-        batch: args.backend.batch.min(64),
-        repair_samples: args.repair_samples,
-        repair_passes: args.repair_passes,
-        repair_batch: args.repair_batch.max(1),
-        repair_token_layers: args.repair_token_layers,
-        tap_positions: args.tap_positions,
-        token_taps: args.taps == super::TapMode::Tokens,
-        max_memory: args.max_memory.or_else(crate::merge::half_of_ram),
-        zip_until,
-        max_sweeps: args.max_sweeps.max(1),
-        tol: if args.tol.is_finite() {
-            args.tol.max(0.0)
-        } else {
-            0.0
-        },
-        ..Default::default()
-    };
-    let mut opts = opts;
+    let mut opts = options(args, method, alpha.unwrap_or(0.5), zip_until);
     if !args.stats.is_empty() {
         let shards = args
             .stats
@@ -386,12 +360,18 @@ pub fn execute(args: &mut MergeArgs) -> Result<Merged> {
         progress.update(phase, done, total)
     })?;
     progress.finish();
-    let save = SaveOptions {
-        protect: protect.clone(),
-        ..save
-    };
+    if let Some(r) = report.identity_weight_correlation {
+        if r >= mudsc::same_base::SAME_BASE {
+            eprintln!(
+                "note: the models look fine-tuned from one base (their weights correlate {r:.3} \
+                 unit for unit): no matching is needed; with the base checkpoint, --base \
+                 BASE.onnx --method ties (or task-arithmetic, dare-ties) usually merges them \
+                 better, and --method linear needs no base"
+            );
+        }
+    }
     let clock = std::time::Instant::now();
-    let saved = mudsc::onnx::save(&merged.proto, &args.output, &save)?;
+    let saved = mudsc::onnx::save(&merged.proto, &args.output, &outputs.save(protect.clone()))?;
     report
         .seconds
         .insert("write".into(), clock.elapsed().as_secs_f64());
@@ -403,41 +383,209 @@ pub fn execute(args: &mut MergeArgs) -> Result<Merged> {
     }
     // Everything after the save takes the model with it when it fails: nothing half-done
     // stays. Only what this run wrote is removed (never a data file that was there before).
-    let finish = |json: &mut serde_json::Value| -> Result<()> {
-        let accuracy = match &args.eval_data {
-            Some(data) => Some(super::card::accuracy(args, data)?),
-            None => None,
-        };
-        if let Some(acc) = &accuracy {
-            json["accuracy"] = super::eval::document(&acc.scores)?;
-        }
-        let card = args
-            .card
+    let card = |accuracy| {
+        args.card
             .as_ref()
-            .map(|_| super::card::render(args, &report, choice.as_ref(), accuracy));
-        let mut written: Vec<&std::path::Path> = Vec::new();
-        let outputs = [(&args.report, None), (&args.card, card)];
-        for (path, text) in outputs {
-            let Some(path) = path else { continue };
-            let bytes = match text {
-                Some(t) => t.into_bytes(),
-                None => serde_json::to_vec_pretty(json)?,
-            };
-            if let Err(e) = mudsc::atomic::write_atomic(path, &protect, &bytes) {
-                for w in written {
-                    let _ = std::fs::remove_file(w);
-                }
-                return Err(e).with_context(|| format!("writing {}", path.display()));
-            }
-            written.push(path);
-        }
-        Ok(())
+            .map(|_| super::card::render(args, &report, choice.as_ref(), accuracy))
     };
-    if let Err(e) = finish(&mut json) {
+    if let Err(e) = finish(args, &mut json, &protect, card) {
         saved.remove();
         return Err(e);
     }
-    Ok(Merged { report, json })
+    Ok(Merged {
+        summary: summary(args, &report),
+        json,
+    })
+}
+
+/// After the model is saved: `--eval-data`'s accuracy into the report, then `--report` and
+/// `--card` (made by `card` from the accuracy). On an error, what this wrote is removed again.
+pub(super) fn finish(
+    args: &MergeArgs,
+    json: &mut serde_json::Value,
+    protect: &[PathBuf],
+    card: impl FnOnce(Option<mudsc::card::Accuracy>) -> Option<String>,
+) -> Result<()> {
+    let accuracy = match &args.eval_data {
+        Some(data) => Some(super::card::accuracy(args, data)?),
+        None => None,
+    };
+    if let Some(acc) = &accuracy {
+        json["accuracy"] = super::eval::document(&acc.scores)?;
+    }
+    let card = card(accuracy);
+    let mut written: Vec<&std::path::Path> = Vec::new();
+    let outputs = [(&args.report, None), (&args.card, card)];
+    for (path, text) in outputs {
+        let Some(path) = path else { continue };
+        let bytes = match text {
+            Some(t) => t.into_bytes(),
+            None => serde_json::to_vec_pretty(json)?,
+        };
+        if let Err(e) = mudsc::atomic::write_atomic(path, protect, &bytes) {
+            for w in written {
+                let _ = std::fs::remove_file(w);
+            }
+            return Err(e).with_context(|| format!("writing {}", path.display()));
+        }
+        written.push(path);
+    }
+    Ok(())
+}
+
+/// `--alpha`: a number in [0, 1], or `None` for `auto`.
+fn parse_alpha(v: &str) -> Result<Option<f64>> {
+    match v {
+        "auto" => Ok(None),
+        v => match v.parse::<f64>() {
+            Ok(a) if (0.0..=1.0).contains(&a) => Ok(Some(a)),
+            _ => Err(mudsc::Error::Usage(format!("--alpha {v} is not 'auto' or in [0, 1]")).into()),
+        },
+    }
+}
+
+/// The same-base options mean nothing to a permutation merge: refused rather than ignored.
+fn refuse_same_base_options(args: &MergeArgs) -> Result<()> {
+    let given = [
+        ("--base", args.base.is_some()),
+        ("--weights", args.weights.is_some()),
+        ("--align-first", args.align_first),
+    ];
+    if let Some((flag, _)) = given.iter().find(|(_, g)| *g) {
+        return Err(mudsc::Error::Usage(format!(
+            "{flag} belongs to the same-base methods (task-arithmetic, ties, dare-linear, \
+             dare-ties, slerp, linear), not to --method {:?}",
+            args.method
+        ))
+        .into());
+    }
+    Ok(())
+}
+
+/// The first `n` calibration samples.
+pub(super) fn first_samples(
+    calib: &[mudsc::onnx::TensorData],
+    n: usize,
+) -> Result<Vec<mudsc::onnx::TensorData>> {
+    if n == 0 {
+        return Err(mudsc::Error::Usage("--samples must be at least 1".into()).into());
+    }
+    Ok(calib
+        .iter()
+        .map(|t| t.slice_rows(0, n.min(t.shape()[0])))
+        .collect())
+}
+
+/// The permutation merge's options from the command line.
+pub(super) fn options(
+    args: &MergeArgs,
+    method: Method,
+    alpha: f64,
+    zip_until: Option<mudsc::merge::Cut>,
+) -> MergeOptions {
+    MergeOptions {
+        method,
+        alpha,
+        zip_a: args.zip_a,
+        zip_b: args.zip_b,
+        seed: args.seed,
+        backend: args.backend.kind(),
+        backend_options: args.backend.options(),
+        // Calibration streams its taps: batches of 64 keep the engine's activations small
+        // at no cost in accuracy (statistics are exact sums over any batching).
+        batch: args.backend.batch.min(64),
+        repair_samples: args.repair_samples,
+        repair_passes: args.repair_passes,
+        repair_batch: args.repair_batch.max(1),
+        repair_token_layers: args.repair_token_layers,
+        tap_positions: args.tap_positions,
+        token_taps: args.taps == super::TapMode::Tokens,
+        max_memory: args.max_memory.or_else(crate::merge::half_of_ram),
+        zip_until,
+        max_sweeps: args.max_sweeps.max(1),
+        tol: if args.tol.is_finite() {
+            args.tol.max(0.0)
+        } else {
+            0.0
+        },
+        ..Default::default()
+    }
+}
+
+/// Every output of a merge, checked before any work (directories, special files, one file
+/// under two names), so that a refusal costs nothing and nothing is overwritten by another
+/// output. Without --external-data a model over 2 GiB still gets `<output>.data`: no other
+/// output may take that name either.
+pub(super) struct Outputs {
+    paths: Vec<(&'static str, PathBuf)>,
+    external_data: bool,
+}
+
+impl Outputs {
+    pub(super) fn check(args: &MergeArgs) -> Result<Outputs> {
+        for (flag, v) in [("--zip-a", args.zip_a), ("--zip-b", args.zip_b)] {
+            if !v.is_finite() || v < 0.0 {
+                return Err(
+                    mudsc::Error::Usage(format!("{flag} {v} must be a finite number ≥ 0")).into(),
+                );
+            }
+        }
+        let always = SaveOptions {
+            external_data: ExternalData::Always(None),
+            protect: Vec::new(),
+        };
+        let mut paths = vec![("-o", args.output.clone())];
+        if let Some(d) = mudsc::onnx::data_file_for(&args.output, &always) {
+            paths.push(("the external data file", d));
+        }
+        if let Some(r) = &args.report {
+            paths.push(("--report", r.clone()));
+        }
+        if let Some(c) = &args.card {
+            paths.push(("--card", c.clone()));
+        }
+        let named: Vec<(&str, &std::path::Path)> =
+            paths.iter().map(|(w, p)| (*w, p.as_path())).collect();
+        mudsc::atomic::refuse_same_outputs(&named)?;
+        for (_, out) in &paths {
+            mudsc::atomic::check_output(out, &[])?;
+        }
+        // Read only after the merge: a missing file must not cost the merge first.
+        if let Some(p) = args.eval_data.as_ref().filter(|p| !p.exists()) {
+            return Err(mudsc::Error::Data {
+                path: p.clone(),
+                reason: "no such file or directory".into(),
+            }
+            .into());
+        }
+        Ok(Outputs {
+            paths,
+            external_data: args.external_data,
+        })
+    }
+
+    /// No output may be one of the inputs.
+    pub(super) fn refuse_protected(&self, args: &MergeArgs, protect: &[PathBuf]) -> Result<()> {
+        for (what, out) in &self.paths {
+            // The data file an inline model might get is checked at save time, if it comes to it.
+            if args.external_data || *what != "the external data file" {
+                mudsc::atomic::refuse_protected(out, protect)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// How the merged model is saved.
+    pub(super) fn save(&self, protect: Vec<PathBuf>) -> SaveOptions {
+        SaveOptions {
+            external_data: if self.external_data {
+                ExternalData::Always(None)
+            } else {
+                ExternalData::Auto
+            },
+            protect,
+        }
+    }
 }
 
 /// A byte count for `--max-memory`.

@@ -10,6 +10,7 @@ mod landscape;
 pub mod merge;
 mod progress;
 mod run;
+mod same_base;
 mod stats;
 
 use std::path::PathBuf;

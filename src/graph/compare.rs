@@ -78,9 +78,18 @@ pub fn same_architecture(a: &Model, b: &Model) -> Result<()> {
         for (k, (p, q)) in x.input.iter().zip(&y.input).enumerate() {
             let (sp, sq) = (origin(&ga, p), origin(&gb, q));
             if sp != sq {
+                // Names are not compared, but they say which tensor to look at.
+                let named = |g: &Graph, v: &str, s: String| match g.initializer(v) {
+                    Some(_) => format!("{s} ('{v}')"),
+                    None => s,
+                };
                 return Err(mismatch(
                     label,
-                    format!("input {k} comes from {sp} vs {sq}"),
+                    format!(
+                        "input {k} comes from {} vs {}",
+                        named(&ga, p, sp),
+                        named(&gb, q, sq)
+                    ),
                 ));
             }
         }

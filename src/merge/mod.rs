@@ -46,6 +46,7 @@ pub use matching::{align, group_align, group_zip, lap, zip, Matched};
 pub use partial::{Cut, Trunk};
 pub use shard::{fingerprint, ShardGroup, Stats};
 pub use units::{Layout, Matchings, Role, Unmerge};
+pub(crate) use weights::as_f64 as float_array;
 
 /// The merge methods of the MuDSC paper's comparison.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
@@ -246,6 +247,10 @@ pub struct MergeReport {
     pub repaired_layers: usize,
     pub reset_batch_norms: usize,
     pub unknown_ops: BTreeMap<String, usize>,
+    /// Mean correlation of the other models' weights with model 0's, tensor by tensor, on the
+    /// identity matching (before any matching): near 1 when the models were fine-tuned from
+    /// one base (the same-base methods then serve better), near 0 for different inits.
+    pub identity_weight_correlation: Option<f64>,
     /// The merged trunk, for a partial zip.
     pub partial: Option<Trunk>,
     /// Seconds per phase.
@@ -495,6 +500,7 @@ pub fn merge(
         repaired_layers,
         reset_batch_norms,
         unknown_ops: disc.unknown_ops.clone(),
+        identity_weight_correlation: identity_correlation(weights),
         partial: trunk,
         seconds: timer.seconds,
         peak_rss_mib: peak_rss_mib(),
@@ -546,9 +552,31 @@ pub fn align_to_first(
         .collect()
 }
 
+/// How alike the models' weights are unit for unit, before any matching: see
+/// [`crate::same_base::Kinship`].
+fn identity_correlation(weights: &weights::Weights) -> Option<f64> {
+    let mut kinship = crate::same_base::Kinship::default();
+    let mut names: Vec<&String> = weights[0].keys().collect();
+    names.sort();
+    for w in &weights[1..] {
+        for name in &names {
+            if let Some(other) = w.get(*name) {
+                let (a, b) = (weights[0][*name].to_f64(), other.to_f64());
+                if a.shape() == b.shape() {
+                    kinship.add(
+                        &a.iter().copied().collect::<Vec<_>>(),
+                        &b.iter().copied().collect::<Vec<_>>(),
+                    );
+                }
+            }
+        }
+    }
+    kinship.value()
+}
+
 /// Writes `value` into initializer `t`, in the float type its header names (not re-read from
 /// its data).
-pub(super) fn store_float(t: &mut crate::onnx::proto::TensorProto, value: ndarray::ArrayD<f64>) {
+pub(crate) fn store_float(t: &mut crate::onnx::proto::TensorProto, value: ndarray::ArrayD<f64>) {
     let name = t.name.clone().unwrap_or_default();
     let data = match crate::onnx::DataType::from_onnx(t.data_type.unwrap_or(0)) {
         Some(crate::onnx::DataType::F64) => TensorData::F64(value),

@@ -1,0 +1,175 @@
+//! `merge --method task-arithmetic|ties|dare-linear|dare-ties|slerp|linear`: the same-base
+//! merges (`mudsc::same_base`), optionally after putting every model in the first one's unit
+//! order (`--align-first`).
+
+use std::path::PathBuf;
+
+use anyhow::Result;
+use mudsc::merge::Method;
+use mudsc::onnx::Model;
+use mudsc::same_base::{Combine, SameBaseOptions, DIFFERENT_BASES};
+
+use super::merge::{finish, first_samples, options, MergeArgs, Merged, Outputs};
+
+pub fn execute(args: &mut MergeArgs, combine: Combine) -> Result<Merged> {
+    refuse_permutation_options(args, combine)?;
+    let outputs = Outputs::check(args)?;
+    let started = std::time::Instant::now();
+    let models = args
+        .models
+        .iter()
+        .map(mudsc::onnx::load)
+        .collect::<mudsc::Result<Vec<_>>>()?;
+    let base = args.base.as_ref().map(mudsc::onnx::load).transpose()?;
+    let mut protect: Vec<PathBuf> = models
+        .iter()
+        .chain(&base)
+        .flat_map(|m| m.source_files())
+        .collect();
+    protect.extend(args.calib.iter().cloned());
+    protect.extend(args.eval_data.iter().cloned());
+    outputs.refuse_protected(args, &protect)?;
+    let read_seconds = started.elapsed().as_secs_f64();
+    let opts = SameBaseOptions {
+        combine,
+        weights: args.weights.clone(),
+        lambda: args.lambda,
+        density: args.density,
+        t: args.t,
+        seed: args.seed,
+    };
+    let (models, base, align_seconds) = if args.align_first {
+        let clock = std::time::Instant::now();
+        let (models, base) = align_first(args, models, base)?;
+        (models, base, Some(clock.elapsed().as_secs_f64()))
+    } else {
+        (models, base, None)
+    };
+    let (merged, mut report) = mudsc::same_base::merge(&models, base.as_ref(), &opts)?;
+    report.aligned_first = args.align_first;
+    warn_if_unrelated(&report.identity_weight_correlation, args.align_first);
+    let clock = std::time::Instant::now();
+    let saved = mudsc::onnx::save(&merged.proto, &args.output, &outputs.save(protect.clone()))?;
+    report
+        .seconds
+        .insert("write".into(), clock.elapsed().as_secs_f64());
+    report.seconds.insert("read".into(), read_seconds);
+    if let Some(s) = align_seconds {
+        report.seconds.insert("align".into(), s);
+    }
+    let mut json = serde_json::to_value(&report)?;
+    json["peak_rss_mib"] = mudsc::merge::peak_rss_mib().into();
+    if let Err(e) = finish(args, &mut json, &protect, |_| None) {
+        saved.remove();
+        return Err(e);
+    }
+    let total: f64 = report.seconds.values().sum();
+    let summary = vec![format!(
+        "merged {} models with {}{} over {} tensors ({} parameters; {} equal in all, {} not \
+         float) → {} in {total:.2}s",
+        args.models.len(),
+        combine.name(),
+        if args.align_first {
+            " after aligning them to the first"
+        } else {
+            ""
+        },
+        report.tensors_merged,
+        report.parameters_merged,
+        report.tensors_equal,
+        report.tensors_not_float,
+        args.output.display()
+    )];
+    Ok(Merged { summary, json })
+}
+
+/// The models (and the base) in the first model's unit order, by mudsc-align matching on
+/// `--calib`.
+fn align_first(
+    args: &mut MergeArgs,
+    models: Vec<Model>,
+    base: Option<Model>,
+) -> Result<(Vec<Model>, Option<Model>)> {
+    let calib_path = args.calib.clone().ok_or_else(|| {
+        mudsc::Error::Usage("--align-first matches units on --calib: give it".into())
+    })?;
+    let arrays = match args.calib_arrays.take() {
+        Some(a) => {
+            args.calib_arrays_given = true;
+            a
+        }
+        None => mudsc::data::read(&calib_path)?,
+    };
+    let mut calib = mudsc::data::bind_inputs(&arrays, &models[0], &calib_path)?;
+    if let Some(n) = args.samples {
+        calib = first_samples(&calib, n)?;
+    }
+    let alpha = match args.alpha.parse::<f64>() {
+        Ok(a) if (0.0..=1.0).contains(&a) => a,
+        _ => {
+            return Err(mudsc::Error::Usage(format!(
+                "--alpha {} with --align-first: give a number in [0, 1]",
+                args.alpha
+            ))
+            .into())
+        }
+    };
+    let opts = options(args, Method::MudscAlign, alpha, None);
+    let had_base = base.is_some();
+    let mut all = models;
+    all.extend(base);
+    let mut progress = super::progress::Progress::default();
+    let mut aligned =
+        mudsc::merge::align_to_first(&all, &calib, &opts, &mut |phase, done, total| {
+            progress.update(phase, done, total)
+        })?;
+    progress.finish();
+    // The aligned copies are model 0's graph: keep each input's file name for the report.
+    for (a, m) in aligned.iter_mut().zip(&all) {
+        a.path = m.path.clone();
+    }
+    let base = if had_base { aligned.pop() } else { None };
+    Ok((aligned, base))
+}
+
+/// Same-base arithmetic on models whose units are in unrelated orders averages unrelated
+/// units: say so (the merge still runs: the user may know better).
+fn warn_if_unrelated(correlations: &[Option<f64>], aligned: bool) {
+    let low = correlations
+        .iter()
+        .flatten()
+        .copied()
+        .fold(f64::INFINITY, f64::min);
+    if low < DIFFERENT_BASES {
+        eprintln!(
+            "warning: the models do not look fine-tuned from one base (weights correlate {low:.3} \
+             unit for unit{}): their units are likely in different orders, and entry-by-entry \
+             arithmetic mixes unrelated units; {}",
+            if aligned { " after alignment" } else { "" },
+            if aligned {
+                "a permutation merge (--method mudsc-zip) may serve better"
+            } else {
+                "add --align-first (with --calib) to match units first, or use a permutation \
+                 method (--method mudsc-zip)"
+            }
+        );
+    }
+}
+
+/// The permutation merge's options mean nothing here: refused rather than ignored.
+fn refuse_permutation_options(args: &MergeArgs, combine: Combine) -> Result<()> {
+    let given = [
+        ("--zip-until", args.zip_until.is_some()),
+        ("--stats", !args.stats.is_empty()),
+        ("--card", args.card.is_some()),
+        ("--calib-labels", args.calib_labels.is_some()),
+    ];
+    if let Some((flag, _)) = given.iter().find(|(_, g)| *g) {
+        return Err(mudsc::Error::Usage(format!(
+            "{flag} applies to the permutation methods, not to --method {}",
+            combine.name()
+        ))
+        .into());
+    }
+    Ok(())
+}
