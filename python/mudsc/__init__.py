@@ -104,9 +104,15 @@ def _run(argv: list[str], arrays: dict[str, np.ndarray] | None = None) -> dict:
 def merge(
     models: Sequence[PathLike],
     output: PathLike,
-    calib: Data,
+    calib: Data | None = None,
     *,
     method: str | None = None,
+    base: PathLike | None = None,
+    lambda_: float | None = None,
+    density: float | None = None,
+    t: float | None = None,
+    weights: Sequence[float] | None = None,
+    align_first: bool = False,
     alpha: float | str | None = None,
     zip_until: str | int | None = None,
     repair_samples: int | None = None,
@@ -133,10 +139,17 @@ def merge(
 ) -> dict:
     """``mudsc merge``: merges ``models`` into ``output`` and returns the merge report (what
     ``--report`` writes: per group width, kind, similarity and merge value; seconds per phase;
-    the engine that ran)."""
+    the engine that ran).
+
+    The same-base methods (``method=`` "task-arithmetic", "ties", "dare-linear", "dare-ties",
+    "slerp", "linear") take ``base``, ``lambda_`` (the command's ``--lambda``), ``density``,
+    ``t`` and ``weights``, and need ``calib`` only with ``align_first``."""
     argv = ["merge", *map(os.fspath, models), "--output", os.fspath(output)]
     arrays = _data(argv, "calib", calib)
-    options = dict(method=method, alpha=alpha, zip_until=zip_until, repair_samples=repair_samples,
+    if weights is not None:
+        argv += ["--weights", ",".join(repr(float(w)) for w in weights)]
+    options = dict(method=method, base=base, density=density, t=t, align_first=align_first,
+                   alpha=alpha, zip_until=zip_until, repair_samples=repair_samples,
                    report=report, card=card, eval_data=eval_data, eval_labels=eval_labels,
                    tasks=tasks, seed=seed,
                    samples=samples, calib_labels=calib_labels, stats=stats,
@@ -145,6 +158,7 @@ def merge(
                    tap_positions=tap_positions)
     for name, value in options.items():
         _flag(argv, name, value)
+    _flag(argv, "lambda", lambda_)
     _backend(argv, backend, ort_lib, batch, device)
     return _run(argv, arrays)
 

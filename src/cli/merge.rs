@@ -96,7 +96,7 @@ pub struct MergeArgs {
     pub(super) t: f64,
     /// Same-base methods: one weight per model, comma-separated (linear: normalised to sum 1;
     /// the task-vector methods: each task vector's weight). Default: equal.
-    #[arg(long, value_delimiter = ',', num_args = 1.., allow_hyphen_values = true)]
+    #[arg(long, value_delimiter = ',', allow_hyphen_values = true)]
     pub(super) weights: Option<Vec<f64>>,
     /// Same-base methods on models of different initialisations: put every model (and the
     /// base) in the first model's unit order by mudsc-align matching on --calib first.

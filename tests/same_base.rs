@@ -1,0 +1,348 @@
+//! Same-base merges (task arithmetic, TIES, DARE, SLERP, linear) on the bundled fine-tunes of
+//! one base: identities between the methods (DARE keeping everything is task arithmetic; task
+//! arithmetic at λ = 1/N is the average, whatever the base), the merged weights against an
+//! average computed here from the input tensors, the merges' accuracy against the endpoints,
+//! the kinship hint and warning, --align-first against mudsc-align, and bad input. TIES and
+//! DARE are checked entry by entry against a numpy implementation in tests/python.
+
+mod common;
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::process::Command;
+
+use mudsc::onnx::{self, Model, TensorData};
+use mudsc::same_base::{merge, Combine, SameBaseOptions};
+
+fn fixture(name: &str) -> PathBuf {
+    common::root().join("fixtures/models").join(name)
+}
+
+fn load(name: &str) -> Model {
+    onnx::load(fixture(name)).unwrap()
+}
+
+/// The float initializers of a model, by name, in f64.
+fn floats(m: &Model) -> HashMap<String, Vec<f64>> {
+    m.graph()
+        .initializer
+        .iter()
+        .filter(|t| t.data_type == Some(1))
+        .filter_map(|t| {
+            let d = TensorData::from_proto(t).ok()?;
+            Some((
+                t.name.clone()?,
+                d.to_f32().iter().map(|&x| f64::from(x)).collect(),
+            ))
+        })
+        .collect()
+}
+
+fn same_base(combine: Combine, lambda: f64, density: f64) -> Model {
+    let (a, b, base) = (
+        load("mlp_ft_a.onnx"),
+        load("mlp_ft_b.onnx"),
+        load("mlp_ft_base.onnx"),
+    );
+    let opts = SameBaseOptions {
+        combine,
+        lambda,
+        density,
+        ..Default::default()
+    };
+    merge(&[a, b], Some(&base), &opts).unwrap().0
+}
+
+fn bytes(m: &Model) -> Vec<Vec<u8>> {
+    m.graph()
+        .initializer
+        .iter()
+        .map(|t| TensorData::from_proto(t).unwrap().to_raw_bytes())
+        .collect()
+}
+
+#[test]
+fn dare_keeping_every_entry_is_task_arithmetic() {
+    let ta = same_base(Combine::TaskArithmetic, 0.7, 1.0);
+    assert_eq!(bytes(&same_base(Combine::DareLinear, 0.7, 1.0)), bytes(&ta));
+    // And dropping changes it (the identity above is not vacuous).
+    assert_ne!(bytes(&same_base(Combine::DareLinear, 0.7, 0.9)), bytes(&ta));
+}
+
+#[test]
+fn task_arithmetic_at_one_over_n_is_the_average_computed_from_the_inputs() {
+    let merged = floats(&same_base(Combine::TaskArithmetic, 0.5, 1.0));
+    let linear = floats(&same_base(Combine::Linear, 1.0, 1.0));
+    let (a, b) = (
+        floats(&load("mlp_ft_a.onnx")),
+        floats(&load("mlp_ft_b.onnx")),
+    );
+    let mut checked = 0;
+    for (name, m) in &merged {
+        let avg: Vec<f64> = a[name]
+            .iter()
+            .zip(&b[name])
+            .map(|(x, y)| (x + y) / 2.0)
+            .collect();
+        for ((x, y), z) in m.iter().zip(&avg).zip(&linear[name]) {
+            assert!(
+                (x - y).abs() <= 1e-6 * (1.0 + y.abs()),
+                "{name}: {x} vs {y}"
+            );
+            assert!(
+                (z - y).abs() <= 1e-6 * (1.0 + y.abs()),
+                "{name}: linear {z} vs {y}"
+            );
+        }
+        checked += m.len();
+    }
+    assert!(checked > 200_000, "{checked} entries");
+}
+
+/// Task mean over the two tasks of the bundled test set, in percent.
+fn task_mean(path: &std::path::Path) -> f64 {
+    let out = Command::new(env!("CARGO_BIN_EXE_mudsc"))
+        .args(["eval", path.to_str().unwrap(), "--data"])
+        .arg(common::root().join("fixtures/data/test.npz"))
+        .args(["--tasks", "0-4,5-9", "--json"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let r: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    100.0 * r["task_mean"].as_f64().unwrap()
+}
+
+fn mudsc(args: &[&str]) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_mudsc"))
+        .args(args)
+        .output()
+        .unwrap()
+}
+
+/// Each fine-tune forgets the other task (task means about 70 %); a same-base merge keeps
+/// both: every method's task mean must clear the better endpoint's by 5 points.
+#[test]
+fn every_same_base_method_keeps_both_tasks() {
+    let dir = tempfile::tempdir().unwrap();
+    let endpoints = ["mlp_ft_a.onnx", "mlp_ft_b.onnx"].map(|m| task_mean(&fixture(m)));
+    let best = endpoints[0].max(endpoints[1]);
+    let (a, b, base) = (
+        fixture("mlp_ft_a.onnx"),
+        fixture("mlp_ft_b.onnx"),
+        fixture("mlp_ft_base.onnx"),
+    );
+    for args in [
+        vec!["--method", "linear"],
+        vec!["--method", "slerp"],
+        vec!["--method", "task-arithmetic", "--lambda", "0.5"],
+        vec!["--method", "ties", "--density", "0.2", "--lambda", "0.7"],
+        vec![
+            "--method",
+            "dare-linear",
+            "--density",
+            "0.5",
+            "--lambda",
+            "0.5",
+        ],
+    ] {
+        let out = dir.path().join("m.onnx");
+        let mut cmd = vec![
+            "merge",
+            a.to_str().unwrap(),
+            b.to_str().unwrap(),
+            "-o",
+            out.to_str().unwrap(),
+        ];
+        cmd.extend(&args);
+        if args[1] != "linear" && args[1] != "slerp" {
+            cmd.extend(["--base", base.to_str().unwrap()]);
+        }
+        let run = mudsc(&cmd);
+        assert!(
+            run.status.success(),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&run.stderr)
+        );
+        let score = task_mean(&out);
+        assert!(
+            score > best + 5.0,
+            "{args:?}: task mean {score:.1} vs endpoints {endpoints:?}"
+        );
+    }
+}
+
+/// Fine-tunes of one base correlate near 1 on the identity matching, models of different
+/// inits near 0: `merge` says so in its report and on stderr, both ways.
+#[test]
+fn the_merge_tells_fine_tunes_from_different_inits() {
+    let dir = tempfile::tempdir().unwrap();
+    let calib = common::root().join("fixtures/data/calib.npz");
+    let out = dir.path().join("m.onnx");
+    let report = dir.path().join("r.json");
+    let correlation = |pair: &str| {
+        let run = mudsc(&[
+            "merge",
+            fixture(&format!("{pair}_a.onnx")).to_str().unwrap(),
+            fixture(&format!("{pair}_b.onnx")).to_str().unwrap(),
+            "-o",
+            out.to_str().unwrap(),
+            "--calib",
+            calib.to_str().unwrap(),
+            "--method",
+            "avg",
+            "--repair-samples",
+            "0",
+            "--report",
+            report.to_str().unwrap(),
+        ]);
+        assert!(run.status.success());
+        let r: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(&report).unwrap()).unwrap();
+        let stderr = String::from_utf8_lossy(&run.stderr).to_string();
+        (r["identity_weight_correlation"].as_f64().unwrap(), stderr)
+    };
+    let (same, note) = correlation("mlp_ft");
+    assert!(same > 0.8, "{same}");
+    assert!(note.contains("fine-tuned from one base") && note.contains("--method ties"));
+    let (different, quiet) = correlation("mlp");
+    assert!(different.abs() < 0.1, "{different}");
+    assert!(!quiet.contains("fine-tuned"));
+    // A same-base method on models of different inits warns and points to --align-first.
+    let run = mudsc(&[
+        "merge",
+        fixture("mlp_a.onnx").to_str().unwrap(),
+        fixture("mlp_b.onnx").to_str().unwrap(),
+        "-o",
+        out.to_str().unwrap(),
+        "--method",
+        "linear",
+    ]);
+    assert!(run.status.success());
+    let stderr = String::from_utf8_lossy(&run.stderr);
+    assert!(stderr.contains("--align-first"), "{stderr}");
+}
+
+/// --align-first then a plain average is mudsc-align's merge without repair: the same
+/// matchings, the same averaged weights.
+#[test]
+fn align_first_then_linear_is_mudsc_align() {
+    let dir = tempfile::tempdir().unwrap();
+    let calib = common::root().join("fixtures/data/calib.npz");
+    let (a, b) = (fixture("mlp_a.onnx"), fixture("mlp_b.onnx"));
+    let run = |out: &std::path::Path, extra: &[&str]| {
+        let mut cmd = vec![
+            "merge",
+            a.to_str().unwrap(),
+            b.to_str().unwrap(),
+            "-o",
+            out.to_str().unwrap(),
+            "--calib",
+            calib.to_str().unwrap(),
+        ];
+        cmd.extend(extra);
+        let r = mudsc(&cmd);
+        assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
+        floats(&onnx::load(out).unwrap())
+    };
+    let aligned = run(
+        &dir.path().join("l.onnx"),
+        &["--method", "linear", "--align-first"],
+    );
+    let reference = run(
+        &dir.path().join("r.onnx"),
+        &["--method", "mudsc-align", "--repair-samples", "0"],
+    );
+    let plain = run(
+        &dir.path().join("p.onnx"),
+        &["--method", "avg", "--repair-samples", "0"],
+    );
+    let max_diff = |x: &HashMap<String, Vec<f64>>| {
+        x.iter()
+            .flat_map(|(n, v)| v.iter().zip(&reference[n]).map(|(p, q)| (p - q).abs()))
+            .fold(0.0, f64::max)
+    };
+    assert!(max_diff(&aligned) < 1e-6, "{}", max_diff(&aligned));
+    assert!(max_diff(&plain) > 1e-2, "the alignment moved nothing");
+}
+
+#[test]
+fn bad_same_base_input_is_named() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("m.onnx");
+    let (a, b) = (fixture("mlp_ft_a.onnx"), fixture("mlp_ft_b.onnx"));
+    let try_merge = |extra: &[&str]| {
+        let mut cmd = vec![
+            "merge",
+            a.to_str().unwrap(),
+            b.to_str().unwrap(),
+            "-o",
+            out.to_str().unwrap(),
+        ];
+        cmd.extend(extra);
+        let r = mudsc(&cmd);
+        assert_eq!(r.status.code(), Some(2), "{extra:?}");
+        assert!(!out.exists(), "{extra:?} left an output");
+        String::from_utf8_lossy(&r.stderr).to_string()
+    };
+    assert!(try_merge(&["--method", "ties"]).contains("needs --base"));
+    let base = fixture("mlp_ft_base.onnx");
+    let base = base.to_str().unwrap();
+    assert!(
+        try_merge(&["--method", "ties", "--base", base, "--density", "0"]).contains("--density")
+    );
+    assert!(
+        try_merge(&["--method", "linear", "--weights", "1,2,3"]).contains("3 weights for 2 models")
+    );
+    assert!(try_merge(&["--method", "mudsc-zip", "--base", base]).contains("same-base"));
+    // A base of another width: the error names the tensor.
+    let mut other = load("mlp_ft_base.onnx");
+    let g = other.proto.graph.as_mut().unwrap();
+    let t = g
+        .initializer
+        .iter_mut()
+        .find(|t| t.dims.len() == 1)
+        .unwrap();
+    let name = t.name.clone().unwrap();
+    t.dims[0] += 1;
+    let mut raw = t.raw_data.clone().unwrap().to_vec();
+    raw.extend([0u8; 4]);
+    t.raw_data = Some(raw.into());
+    let wide = dir.path().join("wide_base.onnx");
+    onnx::save(&other.proto, &wide, &Default::default()).unwrap();
+    let message = try_merge(&["--method", "ties", "--base", wide.to_str().unwrap()]);
+    assert!(message.contains(&name), "{message}");
+    // A NaN in one fine-tune's weights.
+    let mut nan = load("mlp_ft_b.onnx");
+    let g = nan.proto.graph.as_mut().unwrap();
+    let t = g
+        .initializer
+        .iter_mut()
+        .find(|t| t.dims.len() == 2)
+        .unwrap();
+    let name = t.name.clone().unwrap();
+    let mut raw = t.raw_data.clone().unwrap().to_vec();
+    raw[..4].copy_from_slice(&f32::NAN.to_le_bytes());
+    t.raw_data = Some(raw.into());
+    let bad = dir.path().join("nan.onnx");
+    onnx::save(&nan.proto, &bad, &Default::default()).unwrap();
+    let r = mudsc(&[
+        "merge",
+        a.to_str().unwrap(),
+        bad.to_str().unwrap(),
+        "-o",
+        out.to_str().unwrap(),
+        "--method",
+        "linear",
+    ]);
+    assert_eq!(r.status.code(), Some(2));
+    let message = String::from_utf8_lossy(&r.stderr);
+    assert!(
+        message.contains(&name) && message.contains("NaN"),
+        "{message}"
+    );
+    assert!(!out.exists());
+}
