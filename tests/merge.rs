@@ -111,6 +111,7 @@ fn merging_with_a_permuted_copy_gives_the_model_back() {
             Method::MudscAlign,
             Method::MudscZip,
             Method::Rebasin,
+            Method::Cca,
         ] {
             // Weight matching alone is a local search from unaligned neighbours; on the ViT it
             // stalls far from the permutation (as Git Re-Basin does on transformers), which is

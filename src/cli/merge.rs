@@ -18,6 +18,9 @@ pub enum MethodArg {
     WeightZip,
     MudscAlign,
     MudscZip,
+    /// CCA Merge: linear maps from canonical correlation analysis where units meet only linear
+    /// layers, mudsc-align's permutations elsewhere; averaged.
+    Cca,
     /// Same-base: θ_base + λ Σ wᵢ τᵢ (needs --base).
     TaskArithmetic,
     /// Same-base: TIES (trim to --density, elect signs, disjoint mean; needs --base).
@@ -48,6 +51,7 @@ impl MethodArg {
             MethodArg::WeightZip => Kind::Permutation(Method::WeightZip),
             MethodArg::MudscAlign => Kind::Permutation(Method::MudscAlign),
             MethodArg::MudscZip => Kind::Permutation(Method::MudscZip),
+            MethodArg::Cca => Kind::Permutation(Method::Cca),
             MethodArg::TaskArithmetic => Kind::SameBase(Combine::TaskArithmetic),
             MethodArg::Ties => Kind::SameBase(Combine::Ties),
             MethodArg::DareLinear => Kind::SameBase(Combine::DareLinear),
@@ -80,6 +84,11 @@ pub struct MergeArgs {
     /// checkpoint (--base).
     #[arg(long, value_enum, default_value_t = MethodArg::MudscZip)]
     pub(super) method: MethodArg,
+    /// --method cca: ridge added to each model's activation covariance, relative to its mean
+    /// variance, before whitening (small: exact CCA, noisy directions at full gain; large:
+    /// tends to an orthogonal Procrustes rotation).
+    #[arg(long, default_value_t = crate::merge::DEFAULT_CCA_RIDGE)]
+    pub(super) cca_ridge: f64,
     /// Same-base methods: the checkpoint the models were fine-tuned from (task vectors are
     /// each model minus it).
     #[arg(long, value_name = "BASE.onnx")]
@@ -502,6 +511,11 @@ pub(super) fn options(
         token_taps: args.taps == super::TapMode::Tokens,
         max_memory: args.max_memory.or_else(crate::merge::half_of_ram),
         zip_until,
+        cca_ridge: if args.cca_ridge.is_finite() {
+            args.cca_ridge.max(0.0)
+        } else {
+            crate::merge::DEFAULT_CCA_RIDGE
+        },
         max_sweeps: args.max_sweeps.max(1),
         tol: if args.tol.is_finite() {
             args.tol.max(0.0)

@@ -15,6 +15,7 @@ mod bn_fold;
 mod budget;
 pub(crate) use budget::{half_of_ram, parse_size};
 mod calib;
+pub(crate) mod cca;
 mod matching;
 mod observe;
 mod partial;
@@ -66,10 +67,14 @@ pub enum Method {
     MudscAlign,
     /// Zip-based MuDSC (the default).
     MudscZip,
+    /// CCA Merge: every group whose units only meet linear layers (and elementwise activations)
+    /// is aligned to model 0 by CCA's linear map (`cca`); the others by mudsc-align's
+    /// permutation. Averaged, not zipped.
+    Cca,
 }
 
 impl Method {
-    pub const ALL: [Method; 7] = [
+    pub const ALL: [Method; 8] = [
         Method::Avg,
         Method::Rebasin,
         Method::ActAlign,
@@ -77,6 +82,7 @@ impl Method {
         Method::WeightZip,
         Method::MudscAlign,
         Method::MudscZip,
+        Method::Cca,
     ];
 
     pub fn name(self) -> &'static str {
@@ -88,6 +94,7 @@ impl Method {
             Method::WeightZip => "weight-zip",
             Method::MudscAlign => "mudsc-align",
             Method::MudscZip => "mudsc-zip",
+            Method::Cca => "cca",
         }
     }
 
@@ -96,7 +103,7 @@ impl Method {
         match self {
             Method::Zipit => Method::ActAlign,
             Method::WeightZip => Method::Rebasin,
-            Method::MudscZip => Method::MudscAlign,
+            Method::MudscZip | Method::Cca => Method::MudscAlign,
             other => other,
         }
     }
@@ -104,14 +111,18 @@ impl Method {
     fn uses_activations(self) -> bool {
         matches!(
             self,
-            Method::ActAlign | Method::Zipit | Method::MudscAlign | Method::MudscZip
+            Method::ActAlign | Method::Zipit | Method::MudscAlign | Method::MudscZip | Method::Cca
         )
     }
 
     fn iterates(self) -> bool {
         matches!(
             self,
-            Method::Rebasin | Method::WeightZip | Method::MudscAlign | Method::MudscZip
+            Method::Rebasin
+                | Method::WeightZip
+                | Method::MudscAlign
+                | Method::MudscZip
+                | Method::Cca
         )
     }
 
@@ -123,6 +134,9 @@ impl Method {
 /// The default `MergeOptions::tol`: every bundled pair's loop ends on the same matchings as
 /// with the reference's rule (tol 0), in fewer or as many sweeps.
 pub const DEFAULT_TOL: f64 = 1e-3;
+
+/// The default `MergeOptions::cca_ridge` (see the measurements in docs/which-method.md).
+pub const DEFAULT_CCA_RIDGE: f64 = 2.0;
 
 #[derive(Clone, Debug)]
 pub struct MergeOptions {
@@ -174,6 +188,9 @@ pub struct MergeOptions {
     /// Activation statistics computed beforehand (`statistics`, summed shards): used instead
     /// of calibrating; the calibration data then serve repair only.
     pub stats: Option<std::sync::Arc<Stats>>,
+    /// `--method cca`: ridge added to the covariances, relative to their mean variance
+    /// (`cca::maps`).
+    pub cca_ridge: f64,
     /// Bytes the calibration statistics may hold at once; beyond it the groups are calibrated
     /// in several passes over the data (`passes`). `None`: one pass.
     pub max_memory: Option<u64>,
@@ -201,6 +218,7 @@ impl Default for MergeOptions {
             tap_positions: 0,
             zip_until: None,
             stats: None,
+            cca_ridge: DEFAULT_CCA_RIDGE,
             max_memory: None,
         }
     }
@@ -337,6 +355,13 @@ pub fn merge(
     let prep = prepare(models, calib, opts, &mut timer)?;
     budget::check(&prep.disc.groups, models.len(), opts)?;
     let graph = Graph::new(&models[0])?;
+    if opts.method == Method::Cca && opts.zip_until.is_some() {
+        return Err(Error::Usage(
+            "--zip-until with --method cca: a partial merge unmerges the cut by permutation, \
+             which a linear map is not"
+                .into(),
+        ));
+    }
     let trunk = match &opts.zip_until {
         Some(cut) => Some(partial::trunk(&graph, cut)?),
         None => None,
@@ -748,6 +773,14 @@ fn find_matchings(
     // weight similarities do), and on a ViT-B pair the twelve 6,144-unit MLP groups' matrices
     // are 3.6 GB in f64.
     let mut act: HashMap<usize, Array2<f32>> = HashMap::new();
+    // CCA: the groups a linear map can align, and their maps (from the moments, before those
+    // become correlations).
+    let cca_scope = if opts.method == Method::Cca {
+        cca::scope(&disc.groups, &Graph::new(&models[0])?)
+    } else {
+        std::collections::BTreeMap::new()
+    };
+    let mut cca_sd: HashMap<usize, ndarray::Array1<f64>> = HashMap::new();
     if opts.method.uses_activations() {
         let moments = match &opts.stats {
             Some(stats) => {
@@ -757,6 +790,7 @@ fn find_matchings(
                     &fingerprints,
                     &shard_groups(disc, &models[0], opts.token_taps)?,
                 )?;
+                keep_sd(&stats.moments, &cca_scope, &mut cca_sd);
                 stats.moments.clone()
             }
             None => {
@@ -795,6 +829,7 @@ fn find_matchings(
                     if k == 0 {
                         endpoint = Some(side);
                     }
+                    keep_sd(&moments, &cca_scope, &mut cca_sd);
                     // Correlations now, so that only this pass's f64 moments are ever held.
                     act.extend(
                         moments
@@ -970,6 +1005,26 @@ fn find_matchings(
         }
         similarities = wsim.counts;
     }
+    // CCA's linear maps replace the permutations of the groups they can align (a group every
+    // model holds identically stays as it is), anchored to those permutations where the
+    // activations leave the map undetermined (dead units).
+    for (g, sd) in cca_sd {
+        let (Some(r), Some(p)) = (act.get(&g), m.p.get(&g)) else {
+            continue;
+        };
+        if pinned.contains_key(&g) {
+            continue;
+        }
+        let cov = Array2::from_shape_fn(r.dim(), |(i, j)| f64::from(r[[i, j]]) * sd[i] * sd[j]);
+        let maps = cca::maps(&cov, p, opts.cca_ridge)?;
+        values.insert(g, (maps.unit_correlation, "cca".into()));
+        m.linear.insert(g, std::sync::Arc::new(maps.maps));
+    }
+    for (g, scope) in &cca_scope {
+        if let (Err(why), Some(v)) = (scope, values.get_mut(g)) {
+            v.1 = format!("{} (cca: kept a permutation: {why})", v.1);
+        }
+    }
     timer.lap("matching");
     Ok(Matching {
         m,
@@ -980,6 +1035,20 @@ fn find_matchings(
         similarities,
         endpoint,
     })
+}
+
+/// The per-unit standard deviations of the groups in `scope` that `moments` hold: with the
+/// correlations, the covariances CCA needs after the matching loop.
+fn keep_sd(
+    moments: &HashMap<usize, crate::stats::Moments>,
+    scope: &std::collections::BTreeMap<usize, std::result::Result<(), String>>,
+    out: &mut HashMap<usize, ndarray::Array1<f64>>,
+) {
+    for (g, m) in moments {
+        if matches!(scope.get(g), Some(Ok(()))) {
+            out.insert(*g, m.mean_std().1);
+        }
+    }
 }
 
 /// One pass over the calibration data: the groups it taps, and the side values whose unit

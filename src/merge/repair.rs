@@ -127,6 +127,14 @@ pub fn repair(
         .into_iter()
         .enumerate()
         .map(|(k, p)| {
+            if let Some(maps) = m.linear.get(&p.group) {
+                let (goal_mean, goal_sd) = linear_goal(&endpoint, k, maps);
+                return Target {
+                    producer: p,
+                    goal_mean,
+                    goal_sd,
+                };
+            }
             // Goal: the average of the cluster's endpoint statistics.
             let pm = &m.p[&p.group];
             let sizes = pm.cluster_sizes();
@@ -150,6 +158,23 @@ pub fn repair(
         .collect();
     let norms = batch_norms(merged, &in_scope)?;
     correct(merged, &targets, &norms, run)
+}
+
+/// The goal of a layer whose units were aligned by linear maps Tᵢ (CCA): the mean of the
+/// mapped means Tᵢ μᵢ, and model 0's standard deviations, which every mapped model reproduces
+/// (CCA's map gives Cov(Tᵢ xᵢ) = C₀₀ where it was measured).
+fn linear_goal(
+    endpoint: &[Vec<UnitMoments>],
+    k: usize,
+    maps: &[super::cca::LinearMap],
+) -> (Array1<f64>, Array1<f64>) {
+    let (_, sd0) = endpoint[0][k].mean_std();
+    let mut goal = Array1::<f64>::zeros(sd0.len());
+    for (stats, map) in endpoint.iter().zip(maps) {
+        goal += &map.t.dot(&stats[k].mean_std().0);
+    }
+    goal /= endpoint.len() as f64;
+    (goal, sd0)
 }
 
 /// The values whose endpoint statistics `repair` needs (model-0 names): the outputs of the

@@ -22,6 +22,9 @@ pub struct Matchings {
     pub models: usize,
     pub p: HashMap<usize, Unmerge>,
     pub blocks: HashMap<usize, Unmerge>,
+    /// Groups aligned by a linear map instead of their permutation (`--method cca`): model i's
+    /// map into model 0's units. Takes precedence over `p` on every axis.
+    pub linear: HashMap<usize, std::sync::Arc<Vec<super::cca::LinearMap>>>,
 }
 
 /// An unmerge matrix P ([models·width, merged], 0/1, one 1 per row) stored as the merged unit
@@ -140,6 +143,9 @@ impl<'a> Layout<'a> {
         }
         if let Some(&g) = self.by_leaf.get(&c) {
             if self.groups[g].block.is_none() {
+                if let Some(maps) = m.linear.get(&g) {
+                    return Some(linear_map(&maps[model], role));
+                }
                 return m.p.get(&g).map(|p| model_map(p, model, m.models, role));
             }
         }
@@ -275,6 +281,16 @@ fn model_map(p: &Unmerge, model: usize, models: usize, role: Role) -> Array2<f64
         };
     }
     out
+}
+
+/// A linear alignment as the matrix applied to an axis (x'[j] = Σ_k x[k] r[k, j]): output
+/// axes take Tᵀ (rows become T W), input axes T⁻¹ (columns become V T⁻¹), so that a layer
+/// pair computes what it did; activations and weight vectors are mapped as outputs.
+fn linear_map(map: &super::cca::LinearMap, role: Role) -> Array2<f64> {
+    match role {
+        Role::Out | Role::Unmerge => map.t.t().to_owned(),
+        Role::In => map.inverse.clone(),
+    }
 }
 
 fn kron(a: &Array2<f64>, b: &Array2<f64>) -> Array2<f64> {
