@@ -63,7 +63,7 @@ pub enum Command {
     #[command(
         after_help = "Example:\n  mudsc merge fixtures/models/mlp_a.onnx fixtures/models/mlp_b.onnx -o merged.onnx --calib fixtures/data/calib.npz\n  mudsc merge a.onnx b.onnx -o m.onnx --calib c.npz --method zipit --report merge.json"
     )]
-    Merge(merge::MergeArgs),
+    Merge(Box<merge::MergeArgs>),
     /// Draw the loss landscape on the plane through A, B (aligned to A) and their merge.
     #[command(
         after_help = "Example:\n  mudsc merge fixtures/models/mlp_a.onnx fixtures/models/mlp_b.onnx -o merged.onnx --calib fixtures/data/calib.npz\n  mudsc landscape fixtures/models/mlp_a.onnx fixtures/models/mlp_b.onnx merged.onnx --data fixtures/data/test.npz --tasks 0-4,5-9 -o landscape.png --csv landscape.csv\n  mudsc landscape a.onnx b.onnx m.onnx --data test.npz --tasks 0-4,5-9 -o l.png --grid 11 --samples 500"
@@ -164,7 +164,7 @@ where
         Command::Eval(a) => eval::run(a),
         Command::Groups(a) => groups::run(a),
         Command::Check(a) => check::run(a),
-        Command::Merge(a) => merge::run(a),
+        Command::Merge(a) => merge::run(*a),
         Command::Landscape(a) => landscape::run(a),
         Command::Stats(a) => stats::run(a),
     };
