@@ -6,7 +6,7 @@ use std::path::PathBuf;
 
 use anyhow::Result;
 use mudsc::merge::Method;
-use mudsc::onnx::Model;
+use mudsc::onnx::{Model, TensorData};
 use mudsc::same_base::{Combine, SameBaseOptions, DIFFERENT_BASES};
 
 use super::merge::{finish, first_samples, options, MergeArgs, Merged, Outputs};
@@ -38,16 +38,30 @@ pub fn execute(args: &mut MergeArgs, combine: Combine) -> Result<Merged> {
         t: args.t,
         seed: args.seed,
     };
+    let calib = read_calib(args, &models[0])?;
     let (models, base, align_seconds) = if args.align_first {
+        let calib = calib.as_deref().ok_or_else(|| {
+            mudsc::Error::Usage("--align-first matches units on --calib: give it".into())
+        })?;
         let clock = std::time::Instant::now();
-        let (models, base) = align_first(args, models, base)?;
+        let (models, base) = align_first(args, models, base, calib)?;
         (models, base, Some(clock.elapsed().as_secs_f64()))
     } else {
         (models, base, None)
     };
-    let (merged, mut report) = mudsc::same_base::merge(&models, base.as_ref(), &opts)?;
+    let (mut merged, mut report) = mudsc::same_base::merge(&models, base.as_ref(), &opts)?;
     report.aligned_first = args.align_first;
     warn_if_unrelated(&report.identity_weight_correlation, args.align_first);
+    if let (Some(calib), true) = (&calib, args.repair_samples > 0) {
+        let clock = std::time::Instant::now();
+        let repair = options(args, Method::Avg, 0.5, None);
+        let (layers, norms) = mudsc::merge::repair_merged(&models, &mut merged, calib, &repair)?;
+        report.repaired_layers = layers;
+        report.reset_batch_norms = norms;
+        report
+            .seconds
+            .insert("repair".into(), clock.elapsed().as_secs_f64());
+    }
     let clock = std::time::Instant::now();
     let saved = mudsc::onnx::save(&merged.proto, &args.output, &outputs.save(protect.clone()))?;
     report
@@ -66,7 +80,7 @@ pub fn execute(args: &mut MergeArgs, combine: Combine) -> Result<Merged> {
     let total: f64 = report.seconds.values().sum();
     let summary = vec![format!(
         "merged {} models with {}{} over {} tensors ({} parameters; {} equal in all, {} not \
-         float) → {} in {total:.2}s",
+         float){} → {} in {total:.2}s",
         args.models.len(),
         combine.name(),
         if args.align_first {
@@ -78,32 +92,47 @@ pub fn execute(args: &mut MergeArgs, combine: Combine) -> Result<Merged> {
         report.parameters_merged,
         report.tensors_equal,
         report.tensors_not_float,
+        if report.repaired_layers + report.reset_batch_norms > 0 {
+            format!(
+                ", repaired {} layers and {} BatchNorms",
+                report.repaired_layers, report.reset_batch_norms
+            )
+        } else {
+            String::new()
+        },
         args.output.display()
     )];
     Ok(Merged { summary, json })
 }
 
-/// The models (and the base) in the first model's unit order, by mudsc-align matching on
-/// `--calib`.
-fn align_first(
-    args: &mut MergeArgs,
-    models: Vec<Model>,
-    base: Option<Model>,
-) -> Result<(Vec<Model>, Option<Model>)> {
-    let calib_path = args.calib.clone().ok_or_else(|| {
-        mudsc::Error::Usage("--align-first matches units on --calib: give it".into())
-    })?;
+/// `--calib` (or the Python API's arrays) bound to the models' inputs, when given: it serves
+/// `--align-first` and statistics repair.
+fn read_calib(args: &mut MergeArgs, model: &Model) -> Result<Option<Vec<TensorData>>> {
+    let Some(path) = args.calib.clone() else {
+        return Ok(None);
+    };
     let arrays = match args.calib_arrays.take() {
         Some(a) => {
             args.calib_arrays_given = true;
             a
         }
-        None => mudsc::data::read(&calib_path)?,
+        None => mudsc::data::read(&path)?,
     };
-    let mut calib = mudsc::data::bind_inputs(&arrays, &models[0], &calib_path)?;
+    let mut calib = mudsc::data::bind_inputs(&arrays, model, &path)?;
     if let Some(n) = args.samples {
         calib = first_samples(&calib, n)?;
     }
+    Ok(Some(calib))
+}
+
+/// The models (and the base) in the first model's unit order, by mudsc-align matching on
+/// the calibration data.
+fn align_first(
+    args: &MergeArgs,
+    models: Vec<Model>,
+    base: Option<Model>,
+    calib: &[TensorData],
+) -> Result<(Vec<Model>, Option<Model>)> {
     let alpha = match args.alpha.parse::<f64>() {
         Ok(a) if (0.0..=1.0).contains(&a) => a,
         _ => {
@@ -120,7 +149,7 @@ fn align_first(
     all.extend(base);
     let mut progress = super::progress::Progress::default();
     let mut aligned =
-        mudsc::merge::align_to_first(&all, &calib, &opts, &mut |phase, done, total| {
+        mudsc::merge::align_to_first(&all, calib, &opts, &mut |phase, done, total| {
             progress.update(phase, done, total)
         })?;
     progress.finish();

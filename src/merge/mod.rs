@@ -577,6 +577,62 @@ pub fn align_to_first(
         .collect()
 }
 
+/// Statistics repair of a model merged elsewhere (a same-base merge) from `models`, whose units
+/// are in one order (fine-tunes of one base, or models aligned to the first): with identity
+/// matchings, every correctable layer of `merged` gets the average of the models' statistics
+/// and every BatchNorm its statistics on the calibration data, as after a permutation merge.
+/// Returns the layers repaired and the BatchNorms reset.
+pub fn repair_merged(
+    models: &[Model],
+    merged: &mut Model,
+    calib: &[TensorData],
+    opts: &MergeOptions,
+) -> Result<(usize, usize)> {
+    let opts = MergeOptions {
+        method: Method::Avg,
+        backend: opts.backend.resolve(&opts.backend_options),
+        ..opts.clone()
+    };
+    let mut timer = Timer::new();
+    let prep = prepare(models, calib, &opts, &mut timer)?;
+    let matching = find_matchings(
+        &prep,
+        models,
+        calib,
+        &opts,
+        &[],
+        &mut |_, _, _| {},
+        &mut timer,
+    )?;
+    let layout = Layout::new(&prep.disc.structure, &prep.disc.groups);
+    let subset: Vec<TensorData> = calib
+        .iter()
+        .map(|t| t.slice_rows(0, opts.repair_samples.min(t.shape()[0])))
+        .collect();
+    let passes = repair::Passes {
+        calib: &subset,
+        backend: opts.backend,
+        options: &opts.backend_options,
+        batch: opts.batch,
+        probe_batch: opts.repair_batch,
+        passes: opts.repair_passes,
+        token_layers: opts.repair_token_layers,
+    };
+    let r = repair::repair(
+        models,
+        &prep.names,
+        merged,
+        &layout,
+        &prep.disc.slots,
+        &prep.disc.groups,
+        &matching.m,
+        None,
+        None,
+        &passes,
+    )?;
+    Ok((r.layers, r.batch_norms))
+}
+
 /// How alike the models' weights are unit for unit, before any matching: see
 /// [`crate::same_base::Kinship`].
 fn identity_correlation(weights: &weights::Weights) -> Option<f64> {

@@ -124,6 +124,10 @@ pub struct SameBaseReport {
     pub sign_conflicts: Option<f64>,
     /// The models were put in model 0's unit order by permutation matching first.
     pub aligned_first: bool,
+    /// Statistics repair afterwards (`crate::merge::repair_merged`, with calibration data):
+    /// layers corrected and BatchNorms reset.
+    pub repaired_layers: usize,
+    pub reset_batch_norms: usize,
     pub seconds: BTreeMap<String, f64>,
 }
 
@@ -249,6 +253,8 @@ pub fn merge(
             .elects_signs()
             .then(|| tally.conflicts as f64 / tally.parameters.max(1) as f64),
         aligned_first: false,
+        repaired_layers: 0,
+        reset_batch_norms: 0,
         seconds: BTreeMap::from([("merge".to_string(), clock.elapsed().as_secs_f64())]),
     };
     provenance(&mut merged, &report, models, base);
