@@ -113,6 +113,7 @@ def merge(
     t: float | None = None,
     weights: Sequence[float] | None = None,
     align_first: bool = False,
+    cca_ridge: float | None = None,
     alpha: float | str | None = None,
     zip_until: str | int | None = None,
     repair_samples: int | None = None,
@@ -149,7 +150,7 @@ def merge(
     if weights is not None:
         argv += ["--weights", ",".join(repr(float(w)) for w in weights)]
     options = dict(method=method, base=base, density=density, t=t, align_first=align_first,
-                   alpha=alpha, zip_until=zip_until, repair_samples=repair_samples,
+                   cca_ridge=cca_ridge, alpha=alpha, zip_until=zip_until, repair_samples=repair_samples,
                    report=report, card=card, eval_data=eval_data, eval_labels=eval_labels,
                    tasks=tasks, seed=seed,
                    samples=samples, calib_labels=calib_labels, stats=stats,
