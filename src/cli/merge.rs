@@ -84,6 +84,12 @@ pub struct MergeArgs {
     /// checkpoint (--base).
     #[arg(long, value_enum, default_value_t = MethodArg::MudscZip)]
     pub(super) method: MethodArg,
+    /// Zip methods: merged units per group as a factor of one model's width (1 = one model's
+    /// size; the number of models = every unit kept). The least similar units stay apart;
+    /// attention heads and GroupNorm groups keep one model's width. Parameters grow about as
+    /// the square of the factor (the report gives both counts).
+    #[arg(long, default_value_t = 1.0)]
+    pub(super) width: f64,
     /// --method cca: ridge added to each model's activation covariance, relative to its mean
     /// variance, before whitening (small: exact CCA, noisy directions at full gain; large:
     /// tends to an orthogonal Procrustes rotation).
@@ -511,6 +517,7 @@ pub(super) fn options(
         token_taps: args.taps == super::TapMode::Tokens,
         max_memory: args.max_memory.or_else(crate::merge::half_of_ram),
         zip_until,
+        width: args.width,
         cca_ridge: if args.cca_ridge.is_finite() {
             args.cca_ridge.max(0.0)
         } else {

@@ -184,9 +184,15 @@ pub fn block_scores(
 /// all instead of the reference's O(O³). The pairs chosen are exactly the reference's
 /// (the test checks it against a plain scan).
 pub fn zip(sim: ArrayView2<f64>, models: usize, a: f64, b: f64) -> Matched {
+    zip_to(sim, models, a, b, sim.nrows() / models.max(1))
+}
+
+/// `zip` down to `target` merged units (one model's width up to all models' units): wider
+/// targets stop merging earlier, so the least similar units stay apart (each model's own).
+pub fn zip_to(sim: ArrayView2<f64>, models: usize, a: f64, b: f64, target: usize) -> Matched {
     let o = sim.nrows();
     let w = o / models;
-    let target = w;
+    let target = target.clamp(w.min(o), o);
     let mut s = sim.to_owned();
     for k in 0..o {
         s[[k, k]] = f64::NEG_INFINITY;

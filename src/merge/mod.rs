@@ -27,6 +27,7 @@ mod similarity;
 mod taps;
 mod units;
 mod weights;
+mod widen;
 
 use std::collections::{BTreeMap, HashMap};
 use std::time::Instant;
@@ -43,7 +44,7 @@ use crate::symmetry::permute::SplitMix;
 use crate::symmetry::{self, GroupKind};
 
 pub use alpha::{choose_alpha, AlphaChoice, AlphaPoint};
-pub use matching::{align, group_align, group_zip, lap, zip, Matched};
+pub use matching::{align, group_align, group_zip, lap, zip, zip_to, Matched};
 pub use partial::{Cut, Trunk};
 pub use shard::{fingerprint, ShardGroup, Stats};
 pub use units::{Layout, Matchings, Role, Unmerge};
@@ -188,6 +189,10 @@ pub struct MergeOptions {
     /// Activation statistics computed beforehand (`statistics`, summed shards): used instead
     /// of calibrating; the calibration data then serve repair only.
     pub stats: Option<std::sync::Arc<Stats>>,
+    /// Zip: merged units per plain group, as a factor of one model's width (1: one model's
+    /// size; the number of models: no unit merged). Blocked groups (heads, norm groups) keep
+    /// one model's width.
+    pub width: f64,
     /// `--method cca`: ridge added to the covariances, relative to their mean variance
     /// (`cca::maps`).
     pub cca_ridge: f64,
@@ -219,6 +224,7 @@ impl Default for MergeOptions {
             zip_until: None,
             stats: None,
             cca_ridge: DEFAULT_CCA_RIDGE,
+            width: 1.0,
             max_memory: None,
         }
     }
@@ -265,6 +271,9 @@ pub struct MergeReport {
     pub repaired_layers: usize,
     pub reset_batch_norms: usize,
     pub unknown_ops: BTreeMap<String, usize>,
+    /// Float parameters of the merged model and of model 0 (they differ under `--width`).
+    pub merged_parameters: usize,
+    pub model_parameters: usize,
     /// Mean correlation of the other models' weights with model 0's, tensor by tensor, on the
     /// identity matching (before any matching): near 1 when the models were fine-tuned from
     /// one base (the same-base methods then serve better), near 0 for different inits.
@@ -355,6 +364,15 @@ pub fn merge(
     let prep = prepare(models, calib, opts, &mut timer)?;
     budget::check(&prep.disc.groups, models.len(), opts)?;
     let graph = Graph::new(&models[0])?;
+    if opts.width != 1.0 {
+        let n = models.len() as f64;
+        if !opts.method.zips() || !(1.0..=n).contains(&opts.width) || opts.zip_until.is_some() {
+            return Err(Error::Usage(format!(
+                "--width {} needs a zip method, a factor in [1, {n}] and no --zip-until",
+                opts.width
+            )));
+        }
+    }
     if opts.method == Method::Cca && opts.zip_until.is_some() {
         return Err(Error::Usage(
             "--zip-until with --method cca: a partial merge unmerges the cut by permutation, \
@@ -431,6 +449,11 @@ pub fn merge(
                 None => weights::merged_tensor(&name, &layout, &disc.slots, weights, m, &inputs)?,
             };
             store_float(t, value);
+        }
+        if opts.width != 1.0 {
+            // Widened groups change intermediate shapes; the recorded ones would contradict
+            // them (engines infer shapes again).
+            g.value_info.clear();
         }
     }
     timer.lap("rewrite");
@@ -526,6 +549,8 @@ pub fn merge(
         reset_batch_norms,
         unknown_ops: disc.unknown_ops.clone(),
         identity_weight_correlation: identity_correlation(weights),
+        merged_parameters: float_parameters(&merged),
+        model_parameters: float_parameters(&models[0]),
         partial: trunk,
         seconds: timer.seconds,
         peak_rss_mib: peak_rss_mib(),
@@ -631,6 +656,17 @@ pub fn repair_merged(
         &passes,
     )?;
     Ok((r.layers, r.batch_norms))
+}
+
+/// Entries of a model's float initializers.
+fn float_parameters(model: &Model) -> usize {
+    model
+        .graph()
+        .initializer
+        .iter()
+        .filter(|t| matches!(t.data_type, Some(1 | 10 | 11 | 16)))
+        .map(|t| t.dims.iter().product::<i64>().max(0) as usize)
+        .sum()
 }
 
 /// How alike the models' weights are unit for unit, before any matching: see
@@ -837,6 +873,21 @@ fn find_matchings(
         std::collections::BTreeMap::new()
     };
     let mut cca_sd: HashMap<usize, ndarray::Array1<f64>> = HashMap::new();
+    // `--width`: the merged width of each group that may be widened.
+    let widen_scope = if opts.width != 1.0 {
+        widen::scope(&disc.groups, &Graph::new(&models[0])?)
+    } else {
+        std::collections::BTreeMap::new()
+    };
+    let targets: HashMap<usize, usize> = disc
+        .groups
+        .iter()
+        .filter(|g| matches!(widen_scope.get(&g.id), Some(Ok(()))))
+        .map(|g| {
+            let wide = (g.width as f64 * opts.width).round() as usize;
+            (g.id, wide.clamp(g.width, models.len() * g.width))
+        })
+        .collect();
     if opts.method.uses_activations() {
         let moments = match &opts.stats {
             Some(stats) => {
@@ -980,7 +1031,7 @@ fn find_matchings(
                         }
                     })
                     .collect();
-                match_unit(&disc.groups, &sims, opts, &mut m, &mut values)?;
+                match_unit(&disc.groups, &sims, opts, &targets, &mut m, &mut values)?;
             }
         }
         if opts.method.iterates() {
@@ -1018,7 +1069,7 @@ fn find_matchings(
                             }
                         })
                         .collect();
-                    match_unit(&disc.groups, &sims, opts, &mut m, &mut values)?;
+                    match_unit(&disc.groups, &sims, opts, &targets, &mut m, &mut values)?;
                 }
                 let mean = values
                     .values()
@@ -1075,6 +1126,11 @@ fn find_matchings(
         let maps = cca::maps(&cov, p, opts.cca_ridge)?;
         values.insert(g, (maps.unit_correlation, "cca".into()));
         m.linear.insert(g, std::sync::Arc::new(maps.maps));
+    }
+    for (g, scope) in &widen_scope {
+        if let (Err(why), Some(v)) = (scope, values.get_mut(g)) {
+            v.1 = format!("{} (kept one model's width: {why})", v.1);
+        }
     }
     for (g, scope) in &cca_scope {
         if let (Err(why), Some(v)) = (scope, values.get_mut(g)) {
@@ -1203,6 +1259,7 @@ fn match_unit(
     groups: &[symmetry::Group],
     sims: &[(usize, Array2<f64>, String)],
     opts: &MergeOptions,
+    targets: &HashMap<usize, usize>,
     m: &mut Matchings,
     values: &mut Values,
 ) -> Result<()> {
@@ -1210,7 +1267,8 @@ fn match_unit(
     match sims {
         [(g, s, how)] if groups[*g].block.is_none() => {
             let matched = if opts.method.zips() {
-                zip(s.view(), n, opts.zip_a, opts.zip_b)
+                let target = targets.get(g).copied().unwrap_or(groups[*g].width);
+                matching::zip_to(s.view(), n, opts.zip_a, opts.zip_b, target)
             } else {
                 align(s.view(), n)?
             };

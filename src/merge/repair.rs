@@ -138,8 +138,11 @@ pub fn repair(
             // Goal: the average of the cluster's endpoint statistics.
             let pm = &m.p[&p.group];
             let sizes = pm.cluster_sizes();
-            let (mut goal_mean, mut goal_sd) =
-                (Array1::<f64>::zeros(p.width), Array1::<f64>::zeros(p.width));
+            // Merged units: one model's width, or more under `--width`.
+            let (mut goal_mean, mut goal_sd) = (
+                Array1::<f64>::zeros(pm.merged),
+                Array1::<f64>::zeros(pm.merged),
+            );
             for (i, stats) in endpoint.iter().enumerate() {
                 let (mean, sd) = stats[k].mean_std();
                 for u in 0..p.width {

@@ -1,0 +1,61 @@
+//! `--width`: which groups may keep more merged units than one model has. A wider group
+//! changes the sizes of every tensor that holds its units, so the graph must not carry those
+//! sizes anywhere but in the tensors themselves: a Reshape whose target is read off another
+//! value's shape (a transformer's `x.reshape(B, N, C)`), a grouped convolution's `group`
+//! attribute, a Split's sizes. Widening is offered only where the units meet nothing but
+//! dense layers, added terms, BatchNorm and elementwise functions; the other groups keep one
+//! model's width, and the report says which.
+
+use std::collections::BTreeMap;
+
+use crate::graph::Graph;
+use crate::symmetry::rules::attr_int;
+use crate::symmetry::{Group, GroupKind};
+
+/// Ops that read the shape of a value (or slice it by constants): a value of a widened group
+/// may not reach them.
+const SHAPE_READERS: &[&str] = &[
+    "Shape",
+    "Reshape",
+    "Split",
+    "Slice",
+    "Expand",
+    "Tile",
+    "Size",
+    "ConstantOfShape",
+    "Gather",
+];
+
+/// Per group: `Ok` when it may be widened, else why not.
+pub fn scope(groups: &[Group], graph: &Graph) -> BTreeMap<usize, Result<(), String>> {
+    groups.iter().map(|g| (g.id, widenable(g, graph))).collect()
+}
+
+fn widenable(g: &Group, graph: &Graph) -> Result<(), String> {
+    if !matches!(g.kind, GroupKind::Plain) {
+        return Err("blocked group (heads or norm groups)".into());
+    }
+    for member in &g.members {
+        for &(node, slot) in graph.consumers(&member.tensor) {
+            let n = graph.node(node);
+            let op = n.op_type.as_deref().unwrap_or("");
+            let ok = match op {
+                "Conv" => attr_int(n, "group").unwrap_or(1) == 1 && slot >= 1,
+                "Gemm" | "MatMul" | "Add" | "Sub" | "BatchNormalization" => true,
+                _ => false,
+            };
+            if !ok {
+                return Err(format!("'{}' feeds {op}", member.tensor));
+            }
+        }
+    }
+    for value in &g.taps {
+        for &(node, _) in graph.consumers(value) {
+            let op = graph.node(node).op_type.as_deref().unwrap_or("");
+            if SHAPE_READERS.contains(&op) {
+                return Err(format!("'{value}' feeds {op}"));
+            }
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,188 @@
+//! `merge --width`: zip to more merged units than one model has. At the number of models no
+//! unit is merged (every unit keeps its own weights: checked against the inputs' rows); in
+//! between, the merged model is valid ONNX that ONNX Runtime runs, its widenable groups have the
+//! asked width and the others one model's (with the reason in the report), and accuracy grows
+//! with the width on the BN ResNet. Bad widths are refused.
+
+mod common;
+
+use std::process::Command;
+
+use mudsc::onnx::{self, Model, TensorData};
+
+fn fixture(name: &str) -> std::path::PathBuf {
+    common::root().join("fixtures/models").join(name)
+}
+
+fn mudsc(args: &[&str]) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_mudsc"))
+        .args(args)
+        .output()
+        .unwrap()
+}
+
+/// Merges a pair at `width`; returns the merged model, its report and its task mean (%).
+fn merged(pair: &str, width: &str, extra: &[&str]) -> (Model, serde_json::Value, f64) {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("m.onnx");
+    let report = dir.path().join("r.json");
+    let calib = common::root().join("fixtures/data/calib.npz");
+    let (a, b) = (
+        fixture(&format!("{pair}_a.onnx")),
+        fixture(&format!("{pair}_b.onnx")),
+    );
+    let mut cmd = vec![
+        "merge",
+        a.to_str().unwrap(),
+        b.to_str().unwrap(),
+        "-o",
+        out.to_str().unwrap(),
+        "--calib",
+        calib.to_str().unwrap(),
+        "--width",
+        width,
+        "--report",
+        report.to_str().unwrap(),
+    ];
+    cmd.extend(extra);
+    let r = mudsc(&cmd);
+    assert!(
+        r.status.success(),
+        "{pair} {width}: {}",
+        String::from_utf8_lossy(&r.stderr)
+    );
+    let eval = mudsc(&[
+        "eval",
+        out.to_str().unwrap(),
+        "--data",
+        common::root()
+            .join("fixtures/data/test.npz")
+            .to_str()
+            .unwrap(),
+        "--tasks",
+        "0-4,5-9",
+        "--json",
+    ]);
+    assert!(
+        eval.status.success(),
+        "{}",
+        String::from_utf8_lossy(&eval.stderr)
+    );
+    let e: serde_json::Value = serde_json::from_slice(&eval.stdout).unwrap();
+    let r: serde_json::Value = serde_json::from_slice(&std::fs::read(&report).unwrap()).unwrap();
+    (
+        onnx::load(&out).unwrap(),
+        r,
+        100.0 * e["task_mean"].as_f64().unwrap(),
+    )
+}
+
+fn rows(m: &Model, name: &str) -> Vec<Vec<f32>> {
+    let t = m
+        .graph()
+        .initializer
+        .iter()
+        .find(|t| t.name.as_deref() == Some(name))
+        .unwrap();
+    let a = TensorData::from_proto(t).unwrap().to_f32();
+    a.outer_iter()
+        .map(|r| r.iter().copied().collect())
+        .collect()
+}
+
+#[test]
+fn at_the_number_of_models_every_unit_keeps_its_own_weights() {
+    let (m, report, _) = merged("mlp", "2", &["--repair-samples", "0"]);
+    let (a, b) = (
+        onnx::load(fixture("mlp_a.onnx")).unwrap(),
+        onnx::load(fixture("mlp_b.onnx")).unwrap(),
+    );
+    let merged_rows = rows(&m, "fc1.weight");
+    let mut inputs = rows(&a, "fc1.weight");
+    inputs.extend(rows(&b, "fc1.weight"));
+    assert_eq!(merged_rows.len(), inputs.len());
+    // Every input row appears among the merged rows (scaled by N / (1 + 1e-5), the merge
+    // matrix's convention, then averaged over N).
+    for row in &inputs {
+        let found = merged_rows.iter().any(|r| {
+            r.iter()
+                .zip(row)
+                .all(|(x, y)| (x - y).abs() <= 1e-4 * (1.0 + y.abs()))
+        });
+        assert!(found, "an input row of fc1 is not in the merged model");
+    }
+    assert!(report["merged_parameters"].as_u64() > report["model_parameters"].as_u64());
+}
+
+#[test]
+fn wider_merges_run_and_buy_accuracy_with_parameters() {
+    let (_, r1, one) = merged("resnet20_bn_folded", "1", &[]);
+    let (m, r15, wide) = merged("resnet20_bn_folded", "1.5", &[]);
+    let (_, _, wider) = merged("resnet20_bn_folded", "2", &[]);
+    let params = |r: &serde_json::Value| r["merged_parameters"].as_f64().unwrap();
+    assert_eq!(params(&r1), r1["model_parameters"].as_f64().unwrap());
+    assert!(
+        params(&r15) > 1.5 * params(&r1),
+        "{} vs {}",
+        params(&r15),
+        params(&r1)
+    );
+    // The first conv's output channels: 16 per model, 24 merged at 1.5.
+    let first = m
+        .graph()
+        .initializer
+        .iter()
+        .find(|t| t.dims.len() == 4)
+        .unwrap();
+    assert_eq!(first.dims[0], 24, "{:?}", first.dims);
+    // Measured 77.0 → 87.1 → 92.0 % task mean (the ensemble: 88.7).
+    assert!(
+        wide > one + 3.0 && wider > wide + 2.0,
+        "{one:.1} {wide:.1} {wider:.1}"
+    );
+}
+
+#[test]
+fn groups_whose_width_the_graph_spells_out_keep_it() {
+    let (_, r, _) = merged("vit", "1.5", &[]);
+    let groups = r["groups"].as_array().unwrap();
+    let kept: Vec<&str> = groups
+        .iter()
+        .filter_map(|g| g["similarity"].as_str())
+        .filter(|s| s.contains("kept one model's width"))
+        .collect();
+    // The residual stream (its width is read off its shape for the heads' reshapes) and the
+    // attention heads keep their widths; the MLP hidden layers widen.
+    assert!(kept.iter().any(|s| s.contains("cls_token")), "{kept:?}");
+    assert!(kept.iter().any(|s| s.contains("blocked")), "{kept:?}");
+    assert!(kept.len() < groups.len());
+}
+
+#[test]
+fn bad_widths_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("m.onnx");
+    let calib = common::root().join("fixtures/data/calib.npz");
+    for (width, method) in [
+        ("3", "mudsc-zip"),
+        ("0.5", "mudsc-zip"),
+        ("1.5", "mudsc-align"),
+    ] {
+        let r = mudsc(&[
+            "merge",
+            fixture("mlp_a.onnx").to_str().unwrap(),
+            fixture("mlp_b.onnx").to_str().unwrap(),
+            "-o",
+            out.to_str().unwrap(),
+            "--calib",
+            calib.to_str().unwrap(),
+            "--width",
+            width,
+            "--method",
+            method,
+        ]);
+        assert_eq!(r.status.code(), Some(2), "{width} {method}");
+        assert!(String::from_utf8_lossy(&r.stderr).contains("--width"));
+        assert!(!out.exists());
+    }
+}
