@@ -186,3 +186,66 @@ fn bad_widths_are_refused() {
         assert!(!out.exists());
     }
 }
+
+/// `--zip-until auto --max-params X`: every candidate scored is within the budget, the choice
+/// is the best scored one, and the final merge has the chosen shape and parameter count.
+#[test]
+fn the_automatic_shape_stays_within_its_budget() {
+    for budget in ["1.6", "1.0"] {
+        let dir = tempfile::tempdir().unwrap();
+        let out = dir.path().join("m.onnx");
+        let report = dir.path().join("r.json");
+        let calib = common::root().join("fixtures/data/calib.npz");
+        let r = mudsc(&[
+            "merge",
+            fixture("resnet20_bn_folded_a.onnx").to_str().unwrap(),
+            fixture("resnet20_bn_folded_b.onnx").to_str().unwrap(),
+            "-o",
+            out.to_str().unwrap(),
+            "--calib",
+            calib.to_str().unwrap(),
+            "--calib-labels",
+            "labels",
+            "--zip-until",
+            "auto",
+            "--max-params",
+            budget,
+            "--report",
+            report.to_str().unwrap(),
+        ]);
+        assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
+        let r: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(&report).unwrap()).unwrap();
+        let c = &r["shape_auto"];
+        let limit: f64 = budget.parse().unwrap();
+        let curve = c["curve"].as_array().unwrap();
+        assert!(curve.len() >= 3, "{curve:?}");
+        let scored: Vec<&serde_json::Value> =
+            curve.iter().filter(|p| !p["score"].is_null()).collect();
+        for p in &scored {
+            let full_width_one = p["zip_until"].is_null() && p["width"].as_f64() == Some(1.0);
+            assert!(
+                full_width_one || p["parameters"].as_f64().unwrap() <= limit,
+                "{p}"
+            );
+        }
+        let best = scored
+            .iter()
+            .map(|p| p["score"].as_f64().unwrap())
+            .fold(f64::MIN, f64::max);
+        let chosen = scored
+            .iter()
+            .find(|p| p["zip_until"] == c["zip_until"] && p["width"] == c["width"])
+            .unwrap();
+        assert_eq!(chosen["score"].as_f64().unwrap(), best);
+        assert_eq!(c["criterion"], "accuracy");
+        let ratio =
+            r["merged_parameters"].as_f64().unwrap() / r["model_parameters"].as_f64().unwrap();
+        assert!(
+            (ratio - c["parameters"].as_f64().unwrap()).abs() < 0.01,
+            "{ratio} vs {c}"
+        );
+        assert!(ratio <= limit.max(1.0) + 1e-9);
+        assert_eq!(r["partial"].is_null(), c["zip_until"].is_null());
+    }
+}

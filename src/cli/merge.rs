@@ -84,6 +84,11 @@ pub struct MergeArgs {
     /// checkpoint (--base).
     #[arg(long, value_enum, default_value_t = MethodArg::MudscZip)]
     pub(super) method: MethodArg,
+    /// --zip-until auto: the budget, in parameters relative to one model, within which the
+    /// cut or the width is chosen (best calibration agreement, or accuracy with
+    /// --calib-labels, on a held-out fifth of --calib).
+    #[arg(long, default_value_t = 1.5)]
+    pub(super) max_params: f64,
     /// Zip methods: merged units per group as a factor of one model's width (1 = one model's
     /// size; the number of models = every unit kept). The least similar units stay apart;
     /// attention heads and GroupNorm groups keep one model's width. Parameters grow about as
@@ -184,8 +189,9 @@ pub struct MergeArgs {
     /// Partial zip: merge only up to a node (a node name, or the name of the value it makes)
     /// or a depth (the first K weight layers; -K: all but the last K), and keep each model's
     /// own layers after it, fed through its unmerge. The merged model then has one copy of
-    /// every output per model, `<output>.m0`, `<output>.m1`, …
-    #[arg(long, allow_hyphen_values = true, value_name = "NODE|DEPTH")]
+    /// every output per model, `<output>.m0`, `<output>.m1`, … `auto`: choose the cut, or a
+    /// --width, within --max-params on held-out calibration data.
+    #[arg(long, allow_hyphen_values = true, value_name = "NODE|DEPTH|auto")]
     pub(super) zip_until: Option<String>,
     /// Only use the first N calibration samples.
     #[arg(long)]
@@ -282,9 +288,17 @@ pub fn execute(args: &mut MergeArgs) -> Result<Merged> {
     let alpha = parse_alpha(&args.alpha)?;
     let outputs = Outputs::check(args)?;
     let started = std::time::Instant::now();
+    let shape_auto = args.zip_until.as_deref() == Some("auto");
+    if shape_auto && args.width != 1.0 {
+        return Err(mudsc::Error::Usage(
+            "--zip-until auto chooses the width itself: leave --width out".into(),
+        )
+        .into());
+    }
     let zip_until = args
         .zip_until
         .as_deref()
+        .filter(|_| !shape_auto)
         .map(str::parse::<mudsc::merge::Cut>)
         .transpose()?;
     let models = args
@@ -321,6 +335,14 @@ pub fn execute(args: &mut MergeArgs) -> Result<Merged> {
     protect.push(calib_path.clone());
     protect.extend(args.stats.iter().cloned());
     protect.extend(args.eval_data.iter().cloned());
+    if shape_auto && !args.stats.is_empty() {
+        return Err(mudsc::Error::Usage(
+            "--zip-until auto merges on part of --calib and scores on the rest: it cannot use \
+             --stats"
+                .into(),
+        )
+        .into());
+    }
     if alpha.is_none() && !args.stats.is_empty() {
         return Err(mudsc::Error::Usage(
             "--alpha auto calibrates on part of --calib and scores on the rest: it cannot use \
@@ -370,6 +392,38 @@ pub fn execute(args: &mut MergeArgs) -> Result<Merged> {
         opts.alpha = c.alpha;
         choice = Some(c);
     }
+    let mut shape = None;
+    if shape_auto {
+        let c =
+            mudsc::merge::choose_shape(&models, &calib, labels.as_deref(), &opts, args.max_params)?;
+        for p in &c.curve {
+            let what = match p.zip_until {
+                Some(k) => format!("last {k} layer(s) separate"),
+                None => format!("width {}", p.width),
+            };
+            match p.score {
+                Some(s) => eprintln!(
+                    "{what}: {:.2}× parameters, {} {s:.4}",
+                    p.parameters, c.criterion
+                ),
+                None => eprintln!("{what}: {:.2}× parameters, over the budget", p.parameters),
+            }
+        }
+        eprintln!(
+            "chose {} ({:.2}× parameters, budget {}×; {} on {} held-out samples)",
+            match c.zip_until {
+                Some(k) => format!("--zip-until -{k}"),
+                None => format!("--width {}", c.width),
+            },
+            c.parameters,
+            c.max_params,
+            c.criterion,
+            c.held_out
+        );
+        opts.zip_until = c.cut();
+        opts.width = c.width;
+        shape = Some(c);
+    }
     let mut progress = super::progress::Progress::default();
     let (merged, mut report) = merge(&models, &calib, &opts, &mut |phase, done, total| {
         progress.update(phase, done, total)
@@ -395,6 +449,9 @@ pub fn execute(args: &mut MergeArgs) -> Result<Merged> {
     let mut json = serde_json::to_value(&report)?;
     if let Some(c) = &choice {
         json["alpha_auto"] = serde_json::to_value(c)?;
+    }
+    if let Some(c) = &shape {
+        json["shape_auto"] = serde_json::to_value(c)?;
     }
     // Everything after the save takes the model with it when it fails: nothing half-done
     // stays. Only what this run wrote is removed (never a data file that was there before).

@@ -16,12 +16,14 @@ mod budget;
 pub(crate) use budget::{half_of_ram, parse_size};
 mod calib;
 pub(crate) mod cca;
+mod held_out;
 mod matching;
 mod observe;
 mod partial;
 mod passes;
 mod probe;
 mod repair;
+mod shape_search;
 mod shard;
 mod similarity;
 mod taps;
@@ -46,6 +48,7 @@ use crate::symmetry::{self, GroupKind};
 pub use alpha::{choose_alpha, AlphaChoice, AlphaPoint};
 pub use matching::{align, group_align, group_zip, lap, zip, zip_to, Matched};
 pub use partial::{Cut, Trunk};
+pub use shape_search::{choose_shape, ShapeChoice, ShapePoint};
 pub use shard::{fingerprint, ShardGroup, Stats};
 pub use units::{Layout, Matchings, Role, Unmerge};
 pub(crate) use weights::as_f64 as float_array;
@@ -129,6 +132,13 @@ impl Method {
 
     fn zips(self) -> bool {
         matches!(self, Method::Zipit | Method::WeightZip | Method::MudscZip)
+    }
+}
+
+impl MergeOptions {
+    /// Whether the method zips (and so can keep more than one model's width).
+    pub fn method_zips(&self) -> bool {
+        self.method.zips()
     }
 }
 
