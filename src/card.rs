@@ -8,6 +8,7 @@ use std::fmt::Write;
 
 use crate::eval::EvalReport;
 use crate::merge::MergeReport;
+use crate::same_base::SameBaseReport;
 
 /// A file that went into the merge: its name and sha256 (`None` for arrays given in memory).
 #[derive(Clone, Debug)]
@@ -131,48 +132,139 @@ impl Card<'_> {
             r.peak_rss_mib
         );
         if let Some(acc) = &self.accuracy {
-            self.accuracy_section(&mut md, acc);
+            accuracy_section(&mut md, acc);
         }
         md
     }
+}
 
-    fn accuracy_section(&self, md: &mut String, acc: &Accuracy) {
+/// The accuracy table: the merged model, then every input, on one labelled data set.
+fn accuracy_section(md: &mut String, acc: &Accuracy) {
+    let _ = writeln!(
+        md,
+        "\n## Accuracy\n\nTop-1 on {} ({}):\n",
+        acc.data.name,
+        sha(&acc.data)
+    );
+    let tasks: Vec<String> = acc
+        .scores
+        .first()
+        .map(|(_, r)| r.tasks.iter().map(|t| t.classes.to_string()).collect())
+        .unwrap_or_default();
+    let joint = if tasks.is_empty() { "top-1" } else { "joint" };
+    let _ = write!(md, "| model | {joint} |");
+    for t in &tasks {
+        let _ = write!(md, " task {t} |");
+    }
+    if !tasks.is_empty() {
+        md.push_str(" task mean |");
+    }
+    let _ = writeln!(
+        md,
+        "\n|---|---|{}",
+        "---|".repeat(tasks.len() + usize::from(!tasks.is_empty()))
+    );
+    for (i, (name, r)) in acc.scores.iter().enumerate() {
+        let merged = if i == 0 { " (merged)" } else { "" };
+        let _ = write!(md, "| {name}{merged} | {} |", percent(r.top1.value()));
+        for t in &r.tasks {
+            let _ = write!(md, " {} |", percent(t.accuracy.value()));
+        }
+        if let Some(mean) = r.task_mean {
+            let _ = write!(md, " {} |", percent(mean));
+        } else if !tasks.is_empty() {
+            md.push_str(" – |");
+        }
+        md.push('\n');
+    }
+}
+
+/// The card of a same-base merge (`merge --base … --method ties --card merged.md`).
+pub struct SameBaseCard<'a> {
+    pub output: String,
+    pub models: Vec<Input>,
+    pub base: Option<Input>,
+    /// Calibration data, when given (for `--align-first` and statistics repair).
+    pub calibration: Option<Input>,
+    pub report: &'a SameBaseReport,
+    pub accuracy: Option<Accuracy>,
+}
+
+impl SameBaseCard<'_> {
+    /// The card as markdown.
+    pub fn render(&self) -> String {
+        let r = self.report;
+        let mut md = String::new();
         let _ = writeln!(
             md,
-            "\n## Accuracy\n\nTop-1 on {} ({}):\n",
-            acc.data.name,
-            sha(&acc.data)
+            "# {}
+",
+            self.output
         );
-        let tasks: Vec<String> = acc
-            .scores
-            .first()
-            .map(|(_, r)| r.tasks.iter().map(|t| t.classes.to_string()).collect())
-            .unwrap_or_default();
-        let joint = if tasks.is_empty() { "top-1" } else { "joint" };
-        let _ = write!(md, "| model | {joint} |");
-        for t in &tasks {
-            let _ = write!(md, " task {t} |");
+        let _ = writeln!(
+            md,
+            "Merged from {} models with **{}**{} by mudsc {}, without training.\n",
+            self.models.len(),
+            r.method.name(),
+            if r.aligned_first {
+                " after aligning every model to the first"
+            } else {
+                ""
+            },
+            env!("CARGO_PKG_VERSION")
+        );
+        md.push_str("## Inputs\n\n| input | file | sha256 |\n|---|---|---|\n");
+        for (i, m) in self.models.iter().enumerate() {
+            let _ = writeln!(md, "| model {} | {} | {} |", i, m.name, sha(m));
         }
-        if !tasks.is_empty() {
-            md.push_str(" task mean |");
+        if let Some(b) = &self.base {
+            let _ = writeln!(md, "| base | {} | {} |", b.name, sha(b));
+        }
+        if let Some(c) = &self.calibration {
+            let _ = writeln!(md, "| calibration | {} | {} |", c.name, sha(c));
+        }
+        md.push_str("\n## Method\n\n| option | value |\n|---|---|\n");
+        let _ = writeln!(md, "| method | {} |", r.method.name());
+        let _ = writeln!(md, "| weights | {:?} |", r.weights);
+        for (name, value) in [("lambda", r.lambda), ("density", r.density), ("t", r.t)] {
+            if let Some(v) = value {
+                let _ = writeln!(md, "| {name} | {v} |");
+            }
+        }
+        if let Some(s) = r.seed {
+            let _ = writeln!(md, "| seed | {s} |");
         }
         let _ = writeln!(
             md,
-            "\n|---|---|{}",
-            "---|".repeat(tasks.len() + usize::from(!tasks.is_empty()))
+            "\n## Tensors\n\n{} float tensors merged ({} parameters); {} equal in every model \
+             (copied); {} not float (model 0's); {} layers repaired, {} BatchNorms reset.\n",
+            r.tensors_merged,
+            r.parameters_merged,
+            r.tensors_equal,
+            r.tensors_not_float,
+            r.repaired_layers,
+            r.reset_batch_norms
         );
-        for (i, (name, r)) in acc.scores.iter().enumerate() {
-            let merged = if i == 0 { " (merged)" } else { "" };
-            let _ = write!(md, "| {name}{merged} | {} |", percent(r.top1.value()));
-            for t in &r.tasks {
-                let _ = write!(md, " {} |", percent(t.accuracy.value()));
-            }
-            if let Some(mean) = r.task_mean {
-                let _ = write!(md, " {} |", percent(mean));
-            } else if !tasks.is_empty() {
-                md.push_str(" – |");
-            }
-            md.push('\n');
+        md.push_str(
+            "| model | weight correlation with the base (identity matching) |\n|---|---|\n",
+        );
+        for (m, c) in self.models.iter().zip(&r.identity_weight_correlation) {
+            let c = c.map_or_else(|| "–".into(), |c| format!("{c:.4}"));
+            let _ = writeln!(md, "| {} | {c} |", m.name);
         }
+        if let Some(k) = r.kept_fraction {
+            let _ = writeln!(md, "\nTask-vector entries kept: {}.", percent(k));
+        }
+        if let Some(c) = r.sign_conflicts {
+            let _ = writeln!(md, "Parameters with conflicting signs: {}.", percent(c));
+        }
+        md.push_str("\n## Time\n\n| phase | seconds |\n|---|---|\n");
+        for (phase, s) in &r.seconds {
+            let _ = writeln!(md, "| {phase} | {s:.2} |");
+        }
+        if let Some(acc) = &self.accuracy {
+            accuracy_section(&mut md, acc);
+        }
+        md
     }
 }

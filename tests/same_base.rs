@@ -405,3 +405,55 @@ fn calibration_data_add_statistics_repair() {
     assert!(layers >= 19, "{layers} layers repaired");
     assert!(repaired > plain, "repair {repaired:.1} vs plain {plain:.1}");
 }
+
+/// `--card` for a same-base merge: the inputs with their sha256 (the base included), the
+/// method's options, and the accuracy lines.
+#[test]
+fn a_same_base_merge_writes_its_card() {
+    use sha2::{Digest, Sha256};
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("m.onnx");
+    let card = dir.path().join("m.md");
+    let (a, b, base) = (
+        fixture("mlp_ft_a.onnx"),
+        fixture("mlp_ft_b.onnx"),
+        fixture("mlp_ft_base.onnx"),
+    );
+    let r = mudsc(&[
+        "merge",
+        a.to_str().unwrap(),
+        b.to_str().unwrap(),
+        "--base",
+        base.to_str().unwrap(),
+        "--method",
+        "ties",
+        "--density",
+        "0.5",
+        "-o",
+        out.to_str().unwrap(),
+        "--card",
+        card.to_str().unwrap(),
+        "--eval-data",
+        common::root()
+            .join("fixtures/data/test.npz")
+            .to_str()
+            .unwrap(),
+        "--tasks",
+        "0-4,5-9",
+    ]);
+    assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
+    let text = std::fs::read_to_string(&card).unwrap();
+    let base_sha = format!("{:x}", Sha256::digest(std::fs::read(&base).unwrap()));
+    assert!(
+        text.contains(&format!("| base | mlp_ft_base.onnx | `{base_sha}` |")),
+        "{text}"
+    );
+    assert!(
+        text.contains("**ties**") && text.contains("| density | 0.5 |"),
+        "{text}"
+    );
+    assert!(
+        text.contains("| m.onnx (merged) |") && text.contains("task mean"),
+        "{text}"
+    );
+}

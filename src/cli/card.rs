@@ -4,7 +4,7 @@
 use std::path::{Path, PathBuf};
 
 use anyhow::Result;
-use mudsc::card::{Accuracy, Card, Input};
+use mudsc::card::{Accuracy, Card, Input, SameBaseCard};
 use mudsc::merge::{AlphaChoice, MergeReport};
 
 use super::merge::MergeArgs;
@@ -73,6 +73,12 @@ pub fn render(
     if let Some(z) = &args.zip_until {
         options.push(("zip until", z.clone()));
     }
+    if args.width != 1.0 {
+        options.push(("width", args.width.to_string()));
+    }
+    if report.method == mudsc::merge::Method::Cca {
+        options.push(("cca ridge", args.cca_ridge.to_string()));
+    }
     if let Some(n) = args.samples {
         options.push(("calibration samples used", n.to_string()));
     }
@@ -85,6 +91,31 @@ pub fn render(
         models: args.models.iter().map(|p| Input::file(p)).collect(),
         calibration,
         options,
+        report,
+        accuracy,
+    }
+    .render()
+}
+
+/// The card of a same-base merge.
+pub fn render_same_base(
+    args: &MergeArgs,
+    report: &mudsc::same_base::SameBaseReport,
+    accuracy: Option<Accuracy>,
+) -> String {
+    let calibration = match (&args.calib, args.calib_arrays_given) {
+        (_, true) => Some(Input {
+            name: "numpy arrays".into(),
+            sha256: None,
+        }),
+        (Some(c), false) => Some(Input::file(c)),
+        (None, false) => None,
+    };
+    SameBaseCard {
+        output: Input::file(&args.output).name,
+        models: args.models.iter().map(|p| Input::file(p)).collect(),
+        base: args.base.as_deref().map(Input::file),
+        calibration,
         report,
         accuracy,
     }

@@ -73,7 +73,12 @@ pub fn execute(args: &mut MergeArgs, combine: Combine) -> Result<Merged> {
     }
     let mut json = serde_json::to_value(&report)?;
     json["peak_rss_mib"] = mudsc::merge::peak_rss_mib().into();
-    if let Err(e) = finish(args, &mut json, &protect, |_| None) {
+    let card = |accuracy| {
+        args.card
+            .as_ref()
+            .map(|_| super::card::render_same_base(args, &report, accuracy))
+    };
+    if let Err(e) = finish(args, &mut json, &protect, card) {
         saved.remove();
         return Err(e);
     }
@@ -190,7 +195,6 @@ fn refuse_permutation_options(args: &MergeArgs, combine: Combine) -> Result<()> 
     let given = [
         ("--zip-until", args.zip_until.is_some()),
         ("--stats", !args.stats.is_empty()),
-        ("--card", args.card.is_some()),
         ("--calib-labels", args.calib_labels.is_some()),
     ];
     if let Some((flag, _)) = given.iter().find(|(_, g)| *g) {
