@@ -235,7 +235,11 @@ fn the_automatic_shape_stays_within_its_budget() {
             .fold(f64::MIN, f64::max);
         let chosen = scored
             .iter()
-            .find(|p| p["zip_until"] == c["zip_until"] && p["width"] == c["width"])
+            .find(|p| {
+                p["zip_until"] == c["zip_until"]
+                    && p["width"] == c["width"]
+                    && p["worst"] == c["worst"]
+            })
             .unwrap();
         assert_eq!(chosen["score"].as_f64().unwrap(), best);
         assert_eq!(c["criterion"], "accuracy");
@@ -248,4 +252,41 @@ fn the_automatic_shape_stays_within_its_budget() {
         assert!(ratio <= limit.max(1.0) + 1e-9);
         assert_eq!(r["partial"].is_null(), c["zip_until"].is_null());
     }
+}
+
+/// `--widen worst` gives the width's extra units to the groups the loop merged worst. On the BN
+/// ResNet at `--width 1.2` that stays within 1.5× one model's parameters and comes within 5
+/// points of the ensemble (computed here); measured 87.5 % against 88.7 %, where the even
+/// spread reaches 78.0 % at 1.20×.
+#[test]
+fn widening_the_worst_merged_groups_first_nears_the_ensemble() {
+    let pair = "resnet20_bn_folded";
+    let (_, even_report, even) = merged(pair, "1.2", &[]);
+    let (_, r, worst) = merged(pair, "1.2", &["--widen", "worst"]);
+    let ratio = r["merged_parameters"].as_f64().unwrap() / r["model_parameters"].as_f64().unwrap();
+    assert!(ratio > 1.0 && ratio <= 1.5, "{ratio}");
+    let ens = mudsc(&[
+        "eval",
+        fixture(&format!("{pair}_a.onnx")).to_str().unwrap(),
+        fixture(&format!("{pair}_b.onnx")).to_str().unwrap(),
+        "--ensemble",
+        "--data",
+        common::root()
+            .join("fixtures/data/test.npz")
+            .to_str()
+            .unwrap(),
+        "--tasks",
+        "0-4,5-9",
+        "--json",
+    ]);
+    let e: serde_json::Value = serde_json::from_slice(&ens.stdout).unwrap();
+    let ensemble = 100.0 * e["ensemble"]["task_mean"].as_f64().unwrap();
+    assert!(
+        worst >= ensemble - 5.0,
+        "worst-first {worst:.1} vs ensemble {ensemble:.1}"
+    );
+    assert!(
+        worst > even,
+        "worst-first {worst:.1} vs even {even:.1} ({even_report})"
+    );
 }

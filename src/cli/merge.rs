@@ -35,6 +35,13 @@ pub enum MethodArg {
     Linear,
 }
 
+/// How `--width` spreads its extra units.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum Widen {
+    All,
+    Worst,
+}
+
 /// What `--method` names: a permutation merge, or a same-base one.
 pub enum Kind {
     Permutation(Method),
@@ -95,6 +102,10 @@ pub struct MergeArgs {
     /// the square of the factor (the report gives both counts).
     #[arg(long, default_value_t = 1.0)]
     pub(super) width: f64,
+    /// With --width: `all` widens every widenable group by the factor; `worst` gives the same
+    /// number of extra units to the groups the matching merged worst (mudsc-zip, weight-zip).
+    #[arg(long, value_enum, default_value_t = Widen::All)]
+    pub(super) widen: Widen,
     /// --method cca: ridge added to each model's activation covariance, relative to its mean
     /// variance, before whitening (small: exact CCA, noisy directions at full gain; large:
     /// tends to an orthogonal Procrustes rotation).
@@ -399,7 +410,11 @@ pub fn execute(args: &mut MergeArgs) -> Result<Merged> {
         for p in &c.curve {
             let what = match p.zip_until {
                 Some(k) => format!("last {k} layer(s) separate"),
-                None => format!("width {}", p.width),
+                None => format!(
+                    "width {}{}",
+                    p.width,
+                    if p.worst { " (worst first)" } else { "" }
+                ),
             };
             match p.score {
                 Some(s) => eprintln!(
@@ -413,6 +428,7 @@ pub fn execute(args: &mut MergeArgs) -> Result<Merged> {
             "chose {} ({:.2}× parameters, budget {}×; {} on {} held-out samples)",
             match c.zip_until {
                 Some(k) => format!("--zip-until -{k}"),
+                None if c.worst => format!("--width {} --widen worst", c.width),
                 None => format!("--width {}", c.width),
             },
             c.parameters,
@@ -422,6 +438,7 @@ pub fn execute(args: &mut MergeArgs) -> Result<Merged> {
         );
         opts.zip_until = c.cut();
         opts.width = c.width;
+        opts.widen_worst = c.worst;
         shape = Some(c);
     }
     let mut progress = super::progress::Progress::default();
@@ -575,6 +592,7 @@ pub(super) fn options(
         max_memory: args.max_memory.or_else(crate::merge::half_of_ram),
         zip_until,
         width: args.width,
+        widen_worst: args.widen == Widen::Worst,
         cca_ridge: if args.cca_ridge.is_finite() {
             args.cca_ridge.max(0.0)
         } else {

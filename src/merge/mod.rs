@@ -140,6 +140,11 @@ impl MergeOptions {
     pub fn method_zips(&self) -> bool {
         self.method.zips()
     }
+
+    /// Whether the method runs the iterative loop (whose merge values `--widen worst` reads).
+    pub fn method_iterates(&self) -> bool {
+        self.method.iterates()
+    }
 }
 
 /// The default `MergeOptions::tol`: every bundled pair's loop ends on the same matchings as
@@ -203,6 +208,9 @@ pub struct MergeOptions {
     /// size; the number of models: no unit merged). Blocked groups (heads, norm groups) keep
     /// one model's width.
     pub width: f64,
+    /// `--width` goes to the groups merged worst (their merge value after the loop) instead
+    /// of every widenable group alike; the same number of extra units in all.
+    pub widen_worst: bool,
     /// `--method cca`: ridge added to the covariances, relative to their mean variance
     /// (`cca::maps`).
     pub cca_ridge: f64,
@@ -235,6 +243,7 @@ impl Default for MergeOptions {
             stats: None,
             cca_ridge: DEFAULT_CCA_RIDGE,
             width: 1.0,
+            widen_worst: false,
             max_memory: None,
         }
     }
@@ -382,6 +391,13 @@ pub fn merge(
                 opts.width
             )));
         }
+    }
+    if opts.widen_worst && opts.width != 1.0 && !opts.method.iterates() {
+        return Err(Error::Usage(format!(
+            "--widen worst reads the merge values of the iterative loop: {} has none (use \
+             mudsc-zip or weight-zip)",
+            opts.method.name()
+        )));
     }
     if opts.method == Method::Cca && opts.zip_until.is_some() {
         return Err(Error::Usage(
@@ -889,7 +905,7 @@ fn find_matchings(
     } else {
         std::collections::BTreeMap::new()
     };
-    let targets: HashMap<usize, usize> = disc
+    let uniform: HashMap<usize, usize> = disc
         .groups
         .iter()
         .filter(|g| matches!(widen_scope.get(&g.id), Some(Ok(()))))
@@ -898,6 +914,13 @@ fn find_matchings(
             (g.id, wide.clamp(g.width, models.len() * g.width))
         })
         .collect();
+    // `--widen worst`: the loop matches at one model's width; the extra units go afterwards
+    // to the groups it merged worst.
+    let targets = if opts.widen_worst {
+        HashMap::new()
+    } else {
+        uniform.clone()
+    };
     if opts.method.uses_activations() {
         let moments = match &opts.stats {
             Some(stats) => {
@@ -1120,6 +1143,32 @@ fn find_matchings(
                 values = bv;
             }
         }
+        if opts.widen_worst && !uniform.is_empty() {
+            let worst = worst_first(&uniform, &disc.groups, &values, n);
+            for (&g, &target) in &worst {
+                let w = wsim.get(&disc.groups[g], &m);
+                let sim = match (w, act.get(&g), opts.method.uses_activations()) {
+                    (Some(mut w), Some(a), true) => {
+                        let alpha = opts.alpha;
+                        w.zip_mut_with(a, |w, &a| *w = *w * alpha + f64::from(a) * (1.0 - alpha));
+                        w
+                    }
+                    (Some(w), _, _) => w,
+                    (None, Some(a), _) => a.mapv(f64::from),
+                    (None, None, _) => continue,
+                };
+                let how = values.get(&g).map(|v| v.1.clone()).unwrap_or_default();
+                let one = HashMap::from([(g, target)]);
+                match_unit(
+                    &disc.groups,
+                    &[(g, sim, how)],
+                    opts,
+                    &one,
+                    &mut m,
+                    &mut values,
+                )?;
+            }
+        }
         similarities = wsim.counts;
     }
     // CCA's linear maps replace the permutations of the groups they can align (a group every
@@ -1157,6 +1206,32 @@ fn find_matchings(
         similarities,
         endpoint,
     })
+}
+
+/// `--widen worst`: the extra merged units that `uniform` gives the widenable groups, in all,
+/// reassigned to the groups with the lowest merge values first (each up to all of its units),
+/// so that the budget keeps apart the units the matching could pair least well.
+fn worst_first(
+    uniform: &HashMap<usize, usize>,
+    groups: &[symmetry::Group],
+    values: &Values,
+    models: usize,
+) -> BTreeMap<usize, usize> {
+    let mut extra: usize = uniform.iter().map(|(g, t)| t - groups[*g].width).sum();
+    let mut order: Vec<usize> = uniform.keys().copied().collect();
+    let value = |g: &usize| values.get(g).map_or(f64::INFINITY, |v| v.0);
+    order.sort_by(|a, b| value(a).total_cmp(&value(b)).then(a.cmp(b)));
+    let mut out = BTreeMap::new();
+    for g in order {
+        if extra == 0 {
+            break;
+        }
+        let w = groups[g].width;
+        let more = extra.min((models - 1) * w);
+        extra -= more;
+        out.insert(g, w + more);
+    }
+    out
 }
 
 /// The per-unit standard deviations of the groups in `scope` that `moments` hold: with the

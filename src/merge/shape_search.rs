@@ -1,9 +1,10 @@
 //! `--zip-until auto --max-params X`: the merged model's shape chosen on held-out calibration
 //! data. Partial zip (each model keeps its last layers) and `--width` (wider zipped groups) both
 //! buy accuracy with parameters; within a budget of X times one model's parameters, every
-//! candidate — full merges at widths 1, 1.1, 1.25, 1.5, … and cuts keeping the last 1, 2, 3, 4,
-//! 6, 8 weight layers separate — is merged on four fifths of the data and scored on the rest
-//! (`held_out`), and the best is kept (on equal scores, the one met first: fewer parameters).
+//! candidate — full merges at widths 1, 1.1, 1.2, 1.25, 1.5, … (spread evenly and worst-first)
+//! and cuts keeping the last 1, 2, 3, 4, 6, 8 weight layers separate — is merged on four fifths
+//! of the data and scored on the rest (`held_out`), and the best is kept (on equal scores, the
+//! one met first: fewer parameters).
 
 use serde::Serialize;
 
@@ -12,8 +13,9 @@ use super::{Cut, MergeOptions};
 use crate::error::Result;
 use crate::onnx::{Model, TensorData};
 
-/// Width factors tried (those up to the number of models).
-const WIDTHS: &[f64] = &[1.0, 1.1, 1.25, 1.5, 1.75, 2.0, 2.5, 3.0, 4.0];
+/// Width factors tried (those up to the number of models), each spread over every widenable
+/// group and, for the iterating zip methods, given to the worst-merged groups first.
+const WIDTHS: &[f64] = &[1.0, 1.1, 1.2, 1.25, 1.5, 1.75, 2.0, 2.5, 3.0, 4.0];
 /// Weight layers kept separate at the end, as cuts tried.
 const CUTS: &[i64] = &[1, 2, 3, 4, 6, 8];
 
@@ -22,6 +24,8 @@ pub struct ShapePoint {
     /// `--zip-until` of the candidate (`null`: a full merge).
     pub zip_until: Option<i64>,
     pub width: f64,
+    /// The width's extra units went to the worst-merged groups (`--widen worst`).
+    pub worst: bool,
     /// Merged parameters ÷ one model's.
     pub parameters: f64,
     /// Held-out score; `null` when over the budget (not scored).
@@ -32,6 +36,7 @@ pub struct ShapePoint {
 pub struct ShapeChoice {
     pub zip_until: Option<i64>,
     pub width: f64,
+    pub worst: bool,
     pub parameters: f64,
     pub max_params: f64,
     pub criterion: String,
@@ -56,10 +61,11 @@ pub fn choose_shape(
 ) -> Result<ShapeChoice> {
     let held = HeldOut::new(models, calib, labels, opts, "--zip-until auto")?;
     let mut curve: Vec<ShapePoint> = Vec::new();
-    let mut try_one = |zip_until: Option<i64>, width: f64| -> Result<bool> {
+    let mut try_one = |zip_until: Option<i64>, width: f64, worst: bool| -> Result<bool> {
         let candidate = MergeOptions {
             zip_until: zip_until.map(|k| Cut::Depth(-k)),
             width,
+            widen_worst: worst,
             ..opts.clone()
         };
         let (score, report) = held.score(&candidate)?;
@@ -68,21 +74,31 @@ pub fn choose_shape(
         curve.push(ShapePoint {
             zip_until,
             width,
+            worst,
             parameters,
             score: within.then_some(score),
         });
         Ok(within)
     };
     let n = models.len() as f64;
-    for &w in WIDTHS.iter().filter(|&&w| w <= n) {
-        // Widening needs a zip method; parameters only grow with the width.
-        if (w != 1.0 && !opts.method_zips()) || !try_one(None, w)? {
-            break;
+    // Widening needs a zip method (and the worst-first spread its iterative loop); parameters
+    // only grow with the width.
+    let spreads: &[bool] = match (opts.method_zips(), opts.method_iterates()) {
+        (true, true) => &[false, true],
+        (true, false) => &[false],
+        _ => &[],
+    };
+    try_one(None, 1.0, false)?;
+    for &worst in spreads {
+        for &w in WIDTHS.iter().filter(|&&w| w > 1.0 && w <= n) {
+            if !try_one(None, w, worst)? {
+                break;
+            }
         }
     }
     for &k in CUTS {
         // A cut past the first layer is refused by the merge: the list ends there.
-        match try_one(Some(k), 1.0) {
+        match try_one(Some(k), 1.0, false) {
             Ok(true) => {}
             Ok(false) | Err(crate::Error::Usage(_)) => break,
             Err(e) => return Err(e),
@@ -100,6 +116,7 @@ pub fn choose_shape(
     Ok(ShapeChoice {
         zip_until: best.zip_until,
         width: best.width,
+        worst: best.worst,
         parameters: best.parameters,
         max_params,
         criterion: held.criterion().into(),
