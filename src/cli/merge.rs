@@ -456,11 +456,7 @@ pub fn execute(args: &mut MergeArgs) -> Result<Merged> {
             );
         }
     }
-    let clock = std::time::Instant::now();
-    let saved = mudsc::onnx::save(&merged.proto, &args.output, &outputs.save(protect.clone()))?;
-    report
-        .seconds
-        .insert("write".into(), clock.elapsed().as_secs_f64());
+    let saved = outputs.write(&merged, &args.output, &protect, &mut report.seconds)?;
     report.seconds.insert("read".into(), read_seconds);
     report.peak_rss_mib = mudsc::merge::peak_rss_mib();
     let mut json = serde_json::to_value(&report)?;
@@ -671,16 +667,27 @@ impl Outputs {
         Ok(())
     }
 
-    /// How the merged model is saved.
-    pub(super) fn save(&self, protect: Vec<PathBuf>) -> SaveOptions {
-        SaveOptions {
+    /// Saves the merged model to `output` (atomically, never over one of `protect`) and
+    /// records the seconds it took as the `write` phase.
+    pub(super) fn write(
+        &self,
+        merged: &mudsc::onnx::Model,
+        output: &std::path::Path,
+        protect: &[PathBuf],
+        seconds: &mut std::collections::BTreeMap<String, f64>,
+    ) -> Result<mudsc::onnx::Saved> {
+        let clock = std::time::Instant::now();
+        let options = SaveOptions {
             external_data: if self.external_data {
                 ExternalData::Always(None)
             } else {
                 ExternalData::Auto
             },
-            protect,
-        }
+            protect: protect.to_vec(),
+        };
+        let saved = mudsc::onnx::save(&merged.proto, output, &options)?;
+        seconds.insert("write".into(), clock.elapsed().as_secs_f64());
+        Ok(saved)
     }
 }
 

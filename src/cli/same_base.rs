@@ -62,11 +62,7 @@ pub fn execute(args: &mut MergeArgs, combine: Combine) -> Result<Merged> {
             .seconds
             .insert("repair".into(), clock.elapsed().as_secs_f64());
     }
-    let clock = std::time::Instant::now();
-    let saved = mudsc::onnx::save(&merged.proto, &args.output, &outputs.save(protect.clone()))?;
-    report
-        .seconds
-        .insert("write".into(), clock.elapsed().as_secs_f64());
+    let saved = outputs.write(&merged, &args.output, &protect, &mut report.seconds)?;
     report.seconds.insert("read".into(), read_seconds);
     if let Some(s) = align_seconds {
         report.seconds.insert("align".into(), s);

@@ -20,7 +20,6 @@ use ndarray::{s, Array1, Array2};
 use super::units::Unmerge;
 use crate::error::{Error, Result};
 use crate::graph::Graph;
-use crate::symmetry::rules::attr_int;
 use crate::symmetry::{Group, GroupKind};
 
 /// One model's map into model 0's units.
@@ -32,8 +31,8 @@ pub struct LinearMap {
     pub inverse: Array2<f64>,
 }
 
-/// The maps of every model (model 0: the identity) and the mean canonical correlation of each
-/// model with model 0 (the group's merge value).
+/// The maps of every model (model 0: the identity), and how well the mapped units correlate
+/// with model 0's (the group's merge value).
 #[derive(Clone, Debug)]
 pub struct GroupMaps {
     pub maps: Vec<LinearMap>,
@@ -61,22 +60,7 @@ fn linear_use(g: &Group, graph: &Graph) -> std::result::Result<(), String> {
     if g.tap.is_none() {
         return Err("no activation tap".into());
     }
-    for member in &g.members {
-        for &(node, slot) in graph.consumers(&member.tensor) {
-            let n = graph.node(node);
-            let op = n.op_type.as_deref().unwrap_or("");
-            let linear = match op {
-                "Conv" => attr_int(n, "group").unwrap_or(1) == 1 && slot >= 1,
-                "Gemm" | "MatMul" | "Add" | "Sub" => true,
-                _ => false,
-            };
-            if !linear {
-                let depthwise = if op == "Conv" { " (grouped)" } else { "" };
-                return Err(format!("'{}' feeds {op}{depthwise}", member.tensor));
-            }
-        }
-    }
-    Ok(())
+    super::dense_use::only_dense_use(g, graph, &[])
 }
 
 /// CCA maps from one group's covariance over all models' units (model-major, models × width),

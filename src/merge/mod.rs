@@ -16,6 +16,7 @@ mod budget;
 pub(crate) use budget::{half_of_ram, parse_size};
 mod calib;
 pub(crate) mod cca;
+mod dense_use;
 mod held_out;
 mod matching;
 mod observe;
@@ -485,19 +486,8 @@ pub fn merge(
     timer.lap("rewrite");
 
     let (mut repaired_layers, mut reset_batch_norms) = (0, 0);
-    let subset: Vec<TensorData> = calib
-        .iter()
-        .map(|t| t.slice_rows(0, opts.repair_samples.min(t.shape()[0])))
-        .collect();
-    let passes = repair::Passes {
-        calib: &subset,
-        backend: opts.backend,
-        options: &opts.backend_options,
-        batch: opts.batch,
-        probe_batch: opts.repair_batch,
-        passes: opts.repair_passes,
-        token_layers: opts.repair_token_layers,
-    };
+    let subset = repair_samples(calib, opts);
+    let passes = repair_passes(&subset, opts);
     if opts.repair_samples > 0 {
         let r = repair::repair(
             models,
@@ -656,19 +646,8 @@ pub fn repair_merged(
         &mut timer,
     )?;
     let layout = Layout::new(&prep.disc.structure, &prep.disc.groups);
-    let subset: Vec<TensorData> = calib
-        .iter()
-        .map(|t| t.slice_rows(0, opts.repair_samples.min(t.shape()[0])))
-        .collect();
-    let passes = repair::Passes {
-        calib: &subset,
-        backend: opts.backend,
-        options: &opts.backend_options,
-        batch: opts.batch,
-        probe_batch: opts.repair_batch,
-        passes: opts.repair_passes,
-        token_layers: opts.repair_token_layers,
-    };
+    let subset = repair_samples(calib, &opts);
+    let passes = repair_passes(&subset, &opts);
     let r = repair::repair(
         models,
         &prep.names,
@@ -693,6 +672,27 @@ fn float_parameters(model: &Model) -> usize {
         .filter(|t| matches!(t.data_type, Some(1 | 10 | 11 | 16)))
         .map(|t| t.dims.iter().product::<i64>().max(0) as usize)
         .sum()
+}
+
+/// The calibration samples statistics repair runs on: the first `repair_samples`.
+fn repair_samples(calib: &[TensorData], opts: &MergeOptions) -> Vec<TensorData> {
+    calib
+        .iter()
+        .map(|t| t.slice_rows(0, opts.repair_samples.min(t.shape()[0])))
+        .collect()
+}
+
+/// Statistics repair's passes over `subset`, as `opts` asks for them.
+fn repair_passes<'a>(subset: &'a [TensorData], opts: &'a MergeOptions) -> repair::Passes<'a> {
+    repair::Passes {
+        calib: subset,
+        backend: opts.backend,
+        options: &opts.backend_options,
+        batch: opts.batch,
+        probe_batch: opts.repair_batch,
+        passes: opts.repair_passes,
+        token_layers: opts.repair_token_layers,
+    }
 }
 
 /// How alike the models' weights are unit for unit, before any matching: see
@@ -1427,19 +1427,40 @@ fn identity(g: &symmetry::Group, n: usize) -> (Array2<f64>, Option<Array2<f64>>)
     (stack(g.width), bp)
 }
 
-/// Records how the model was made, in its metadata. Input models are named by file name and
-/// sha256 of the file: a record that identifies them without leaking the user's paths.
+/// Records how the model was made, in its metadata.
 fn provenance(model: &mut Model, report: &MergeReport, inputs: &[Model]) {
-    let models: Vec<String> = inputs
-        .iter()
-        .map(|m| match m.path.as_deref().and_then(sha256_hex) {
-            Some(h) => format!("{} (sha256 {h})", m.file_name()),
-            None => m.file_name(),
-        })
-        .collect();
+    let models: Vec<String> = inputs.iter().map(provenance_name).collect();
+    let mut entries = vec![
+        ("mudsc.method", report.method.name().to_string()),
+        ("mudsc.alpha", report.alpha.to_string()),
+        (
+            "mudsc.calibration_samples",
+            report.calibration_samples.to_string(),
+        ),
+        ("mudsc.models", models.join(", ")),
+        ("mudsc.version", env!("CARGO_PKG_VERSION").to_string()),
+    ];
+    if let Some(t) = &report.partial {
+        entries.push(("mudsc.zip_until", t.cut_node.clone()));
+    }
+    stamp_provenance(model, entries);
+}
+
+/// An input model as a merged model's metadata names it: its file name and the file's sha256,
+/// a record that identifies it without leaking the user's paths.
+pub(crate) fn provenance_name(m: &Model) -> String {
+    match m.path.as_deref().and_then(sha256_hex) {
+        Some(h) => format!("{} (sha256 {h})", m.file_name()),
+        None => m.file_name(),
+    }
+}
+
+/// Marks `model` as made by mudsc and sets each `(key, value)` of `entries` in its metadata,
+/// replacing an earlier value of the key (a merged model starts as model 0's copy).
+pub(crate) fn stamp_provenance(model: &mut Model, entries: Vec<(&str, String)>) {
     model.proto.producer_name = Some("mudsc".into());
     model.proto.producer_version = Some(env!("CARGO_PKG_VERSION").into());
-    let mut put = |k: &str, v: String| {
+    for (k, v) in entries {
         model
             .proto
             .metadata_props
@@ -1448,17 +1469,6 @@ fn provenance(model: &mut Model, report: &MergeReport, inputs: &[Model]) {
             key: Some(k.into()),
             value: Some(v),
         });
-    };
-    put("mudsc.method", report.method.name().into());
-    put("mudsc.alpha", report.alpha.to_string());
-    put(
-        "mudsc.calibration_samples",
-        report.calibration_samples.to_string(),
-    );
-    put("mudsc.models", models.join(", "));
-    put("mudsc.version", env!("CARGO_PKG_VERSION").into());
-    if let Some(t) = &report.partial {
-        put("mudsc.zip_until", t.cut_node.clone());
     }
 }
 

@@ -9,7 +9,6 @@
 use std::collections::BTreeMap;
 
 use crate::graph::Graph;
-use crate::symmetry::rules::attr_int;
 use crate::symmetry::{Group, GroupKind};
 
 /// Ops that read the shape of a value (or slice it by constants): a value of a widened group
@@ -35,20 +34,7 @@ fn widenable(g: &Group, graph: &Graph) -> Result<(), String> {
     if !matches!(g.kind, GroupKind::Plain) {
         return Err("blocked group (heads or norm groups)".into());
     }
-    for member in &g.members {
-        for &(node, slot) in graph.consumers(&member.tensor) {
-            let n = graph.node(node);
-            let op = n.op_type.as_deref().unwrap_or("");
-            let ok = match op {
-                "Conv" => attr_int(n, "group").unwrap_or(1) == 1 && slot >= 1,
-                "Gemm" | "MatMul" | "Add" | "Sub" | "BatchNormalization" => true,
-                _ => false,
-            };
-            if !ok {
-                return Err(format!("'{}' feeds {op}", member.tensor));
-            }
-        }
-    }
+    super::dense_use::only_dense_use(g, graph, &["BatchNormalization"])?;
     for value in &g.taps {
         for &(node, _) in graph.consumers(value) {
             let op = graph.node(node).op_type.as_deref().unwrap_or("");

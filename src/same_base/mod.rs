@@ -19,7 +19,7 @@ use serde::Serialize;
 
 use crate::error::{Error, Result};
 use crate::graph::{same_architecture, value_map};
-use crate::onnx::proto::{StringStringEntryProto, TensorProto};
+use crate::onnx::proto::TensorProto;
 use crate::onnx::{Model, TensorData};
 
 pub use dare::key as dare_key;
@@ -451,23 +451,22 @@ fn same_bits(a: &[f64], b: &[f64]) -> bool {
 
 /// The method, its parameters and the inputs, in the merged model's metadata.
 fn provenance(model: &mut Model, report: &SameBaseReport, inputs: &[Model], base: Option<&Model>) {
-    let name = |m: &Model| match m.path.as_deref().and_then(crate::merge::sha256_hex) {
-        Some(h) => format!("{} (sha256 {h})", m.file_name()),
-        None => m.file_name(),
-    };
-    model.proto.producer_name = Some("mudsc".into());
-    model.proto.producer_version = Some(env!("CARGO_PKG_VERSION").into());
+    use crate::merge::provenance_name;
     let mut entries = vec![
         ("mudsc.method", report.method.name().to_string()),
         (
             "mudsc.models",
-            inputs.iter().map(name).collect::<Vec<_>>().join(", "),
+            inputs
+                .iter()
+                .map(provenance_name)
+                .collect::<Vec<_>>()
+                .join(", "),
         ),
         ("mudsc.weights", format!("{:?}", report.weights)),
         ("mudsc.version", env!("CARGO_PKG_VERSION").to_string()),
     ];
     if let Some(b) = base {
-        entries.push(("mudsc.base", name(b)));
+        entries.push(("mudsc.base", provenance_name(b)));
     }
     for (k, v) in [
         ("mudsc.lambda", report.lambda),
@@ -481,14 +480,5 @@ fn provenance(model: &mut Model, report: &SameBaseReport, inputs: &[Model], base
     if let Some(s) = report.seed {
         entries.push(("mudsc.seed", s.to_string()));
     }
-    for (k, v) in entries {
-        model
-            .proto
-            .metadata_props
-            .retain(|e| e.key.as_deref() != Some(k));
-        model.proto.metadata_props.push(StringStringEntryProto {
-            key: Some(k.into()),
-            value: Some(v),
-        });
-    }
+    crate::merge::stamp_provenance(model, entries);
 }
