@@ -7,16 +7,12 @@
 
 mod common;
 
+use common::{fixture, mudsc, task_mean};
+
 use std::collections::HashMap;
-use std::path::PathBuf;
-use std::process::Command;
 
 use mudsc::onnx::{self, Model, TensorData};
 use mudsc::same_base::{merge, Combine, SameBaseOptions};
-
-fn fixture(name: &str) -> PathBuf {
-    common::root().join("fixtures/models").join(name)
-}
 
 fn load(name: &str) -> Model {
     onnx::load(fixture(name)).unwrap()
@@ -97,30 +93,6 @@ fn task_arithmetic_at_one_over_n_is_the_average_computed_from_the_inputs() {
         checked += m.len();
     }
     assert!(checked > 200_000, "{checked} entries");
-}
-
-/// Task mean over the two tasks of the bundled test set, in percent.
-fn task_mean(path: &std::path::Path) -> f64 {
-    let out = Command::new(env!("CARGO_BIN_EXE_mudsc"))
-        .args(["eval", path.to_str().unwrap(), "--data"])
-        .arg(common::root().join("fixtures/data/test.npz"))
-        .args(["--tasks", "0-4,5-9", "--json"])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let r: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-    100.0 * r["task_mean"].as_f64().unwrap()
-}
-
-fn mudsc(args: &[&str]) -> std::process::Output {
-    Command::new(env!("CARGO_BIN_EXE_mudsc"))
-        .args(args)
-        .output()
-        .unwrap()
 }
 
 /// Each fine-tune forgets the other task (task means about 70 %); a same-base merge keeps

@@ -6,20 +6,9 @@
 
 mod common;
 
-use std::process::Command;
+use common::{fixture, mudsc, task_mean};
 
 use mudsc::onnx::{self, Model, TensorData};
-
-fn fixture(name: &str) -> std::path::PathBuf {
-    common::root().join("fixtures/models").join(name)
-}
-
-fn mudsc(args: &[&str]) -> std::process::Output {
-    Command::new(env!("CARGO_BIN_EXE_mudsc"))
-        .args(args)
-        .output()
-        .unwrap()
-}
 
 /// Merges a pair at `width`; returns the merged model, its report and its task mean (%).
 fn merged(pair: &str, width: &str, extra: &[&str]) -> (Model, serde_json::Value, f64) {
@@ -51,30 +40,8 @@ fn merged(pair: &str, width: &str, extra: &[&str]) -> (Model, serde_json::Value,
         "{pair} {width}: {}",
         String::from_utf8_lossy(&r.stderr)
     );
-    let eval = mudsc(&[
-        "eval",
-        out.to_str().unwrap(),
-        "--data",
-        common::root()
-            .join("fixtures/data/test.npz")
-            .to_str()
-            .unwrap(),
-        "--tasks",
-        "0-4,5-9",
-        "--json",
-    ]);
-    assert!(
-        eval.status.success(),
-        "{}",
-        String::from_utf8_lossy(&eval.stderr)
-    );
-    let e: serde_json::Value = serde_json::from_slice(&eval.stdout).unwrap();
     let r: serde_json::Value = serde_json::from_slice(&std::fs::read(&report).unwrap()).unwrap();
-    (
-        onnx::load(&out).unwrap(),
-        r,
-        100.0 * e["task_mean"].as_f64().unwrap(),
-    )
+    (onnx::load(&out).unwrap(), r, task_mean(&out))
 }
 
 fn rows(m: &Model, name: &str) -> Vec<Vec<f32>> {

@@ -146,3 +146,38 @@ pub fn head_rows(arrays: &[TensorData], n: usize) -> Vec<TensorData> {
         .map(|t| t.slice_rows(0, n.min(t.shape()[0])))
         .collect()
 }
+
+/// A bundled trained model of `fixtures/models`.
+pub fn fixture(name: &str) -> PathBuf {
+    root().join("fixtures/models").join(name)
+}
+
+/// Runs the `mudsc` binary these tests were built with.
+pub fn mudsc(args: &[&str]) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_mudsc"))
+        .args(args)
+        .output()
+        .unwrap()
+}
+
+/// Per-task mean accuracy (%) of a model over tasks 0-4 and 5-9 of the bundled test set, as
+/// `mudsc eval` scores it.
+pub fn task_mean(path: &Path) -> f64 {
+    let data = root().join("fixtures/data/test.npz");
+    let out = mudsc(&[
+        "eval",
+        path.to_str().unwrap(),
+        "--data",
+        data.to_str().unwrap(),
+        "--tasks",
+        "0-4,5-9",
+        "--json",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let r: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    100.0 * r["task_mean"].as_f64().unwrap()
+}
