@@ -33,6 +33,17 @@ fn logits(model: &Model, x: &[TensorData]) -> ndarray::Array2<f32> {
         .unwrap()
 }
 
+/// The one-pass repair's logits on `x` equal the sequential scheme's within 1e-3 of their scale.
+fn assert_one_pass_matches(sequential: &Model, one_pass: &Model, x: &[TensorData], what: &str) {
+    let (ls, le) = (logits(sequential, x), logits(one_pass, x));
+    let scale = ls.iter().fold(0f32, |m, v| m.max(v.abs()));
+    let diff = (&ls - &le).iter().fold(0f32, |m, v| m.max(v.abs()));
+    assert!(
+        diff <= 1e-3 * scale,
+        "{what}: one pass differs by {diff} (scale {scale})"
+    );
+}
+
 fn task_mean(model: &Model) -> f64 {
     let test = common::root().join("fixtures/data/test.npz");
     let labels = data::read(&test)
@@ -80,13 +91,7 @@ fn one_pass_repair_matches_the_sequential_scheme() {
         let sequential = merged(0, 256);
         let exact = merged(1, 256);
         let x = common::head_rows(&bound(&models[0], "test.npz", Some("input")), 200);
-        let (ls, le) = (logits(&sequential, &x), logits(&exact, &x));
-        let scale = ls.iter().fold(0f32, |m, v| m.max(v.abs()));
-        let diff = (&ls - &le).iter().fold(0f32, |m, v| m.max(v.abs()));
-        assert!(
-            diff <= 1e-3 * scale,
-            "{pair}: one batch differs by {diff} (scale {scale})"
-        );
+        assert_one_pass_matches(&sequential, &exact, &x, &format!("{pair}, one batch"));
         let pooled = merged(1, 64);
         let (a, b) = (task_mean(&sequential), task_mean(&pooled));
         assert!(
@@ -126,13 +131,7 @@ fn token_layer_repair_in_one_pass_matches_the_sequential_scheme() {
         without.repaired_layers
     );
     let x = common::head_rows(&bound(&models[0], "test.npz", Some("input")), 200);
-    let (ls, le) = (logits(&sequential, &x), logits(&exact, &x));
-    let scale = ls.iter().fold(0f32, |m, v| m.max(v.abs()));
-    let diff = (&ls - &le).iter().fold(0f32, |m, v| m.max(v.abs()));
-    assert!(
-        diff <= 1e-3 * scale,
-        "one pass differs by {diff} (scale {scale})"
-    );
+    assert_one_pass_matches(&sequential, &exact, &x, "token layers");
 }
 
 /// A ViT's class-token groups are observed at every token tensor a layer reads (`--taps
