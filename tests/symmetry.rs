@@ -280,7 +280,8 @@ fn resnet20_matches_the_hand_spec() {
 }
 
 /// ViT: one residual stream, and per block a Q/K group, a V/O group (both head-blocked, sharing
-/// the head order) and an MLP group; plus the embedding projection.
+/// the head order) and an MLP group; plus the head's projection. The same with separate
+/// projections (vit) and with nn.MultiheadAttention's packed in-projection (vit_mha).
 #[test]
 fn vit_matches_the_hand_spec() {
     for name in ["vit_a.onnx", "vit_mha_a.onnx"] {
@@ -308,19 +309,15 @@ fn vit_matches_the_hand_spec() {
             residual.members.len() > 20,
             "{name}: residual stream spans the depth"
         );
-        if name == "vit_a.onnx" {
-            assert_eq!(d.groups.len(), 1 + 4 * 3 + 1, "{name}");
-            assert_eq!(
-                blocked,
-                vec![(4, 1); 8],
-                "{name}: Q/K and V/O per block, sharing heads"
-            );
-            assert_eq!(mlp, 4, "{name}");
-        } else {
-            // Packed in-projection split by Gather on a [3, …] axis: Q, K and V share one
-            // within-head permutation (sound, less free); the MLP groups stay.
-            assert_eq!(mlp, 4, "{name}");
-        }
+        // vit_mha packs Q, K and V into one in-projection, stacked on a [3, …] axis and taken
+        // apart by Gather: it must get the same two groups per block as separate projections.
+        assert_eq!(d.groups.len(), 1 + 4 * 3 + 1, "{name}");
+        assert_eq!(
+            blocked,
+            vec![(4, 1); 8],
+            "{name}: Q/K and V/O per block, sharing heads"
+        );
+        assert_eq!(mlp, 4, "{name}");
     }
 }
 

@@ -125,20 +125,34 @@ pub fn infer_shapes(model: &Model, inputs: &HashMap<String, Vec<usize>>) -> Resu
                 }
             }
         }
-        // An op tract cannot type (a custom op, say): keep what the analysis alone derives.
-        // Values downstream of it stay without a shape, and discovery fixes what touches them.
-        Err(_) => {
-            tract_backend::guarded(&name, "inferring the shapes of", || {
-                let _ = tm.analyse(true);
-                Ok(())
-            })?;
-            for node in tm.nodes() {
-                for slot in 0..node.outputs.len() {
-                    let outlet = OutletId::new(node.id, slot);
-                    let shape = node.outputs[slot].fact.shape.as_concrete_finite();
-                    if let (Some(label), Ok(Some(shape))) = (tm.outlet_label(outlet), shape) {
-                        shapes.insert(label.to_string(), shape.to_vec());
-                    }
+        // An op tract cannot type (a custom op, say): the analysis alone (below) gives what it
+        // can. Values downstream of it stay without a shape, and discovery fixes what touches
+        // them.
+        Err(_) => {}
+    }
+    // The typed translation folds values computed from shapes alone (an attention scale
+    // `1/sqrt(head_dim)` made from `Shape`) into constants and drops their names; a value
+    // without a shape fixes every axis of the nodes that read it. The inference analysis keeps
+    // every name: fill in what the typed model lost.
+    let missing = model
+        .graph()
+        .node
+        .iter()
+        .flat_map(|n| &n.output)
+        .any(|o| !o.is_empty() && !shapes.contains_key(o));
+    if missing {
+        tract_backend::guarded(&name, "inferring the shapes of", || {
+            let _ = tm.analyse(true);
+            Ok(())
+        })?;
+        for node in tm.nodes() {
+            for slot in 0..node.outputs.len() {
+                let outlet = OutletId::new(node.id, slot);
+                let shape = node.outputs[slot].fact.shape.as_concrete_finite();
+                if let (Some(label), Ok(Some(shape))) = (tm.outlet_label(outlet), shape) {
+                    shapes
+                        .entry(label.to_string())
+                        .or_insert_with(|| shape.to_vec());
                 }
             }
         }

@@ -67,6 +67,7 @@ pub fn discover(model: &Model, shapes: &ShapeMap) -> Result<Discovery> {
     }
 
     let mut unknown_ops = BTreeMap::new();
+    let mut unstacked = rules::Unstacked::new();
     for &n in graph.topological_order() {
         let node = graph.node(n);
         let op = node.op_type.clone().unwrap_or_default();
@@ -81,6 +82,7 @@ pub fn discover(model: &Model, shapes: &ShapeMap) -> Result<Discovery> {
                     slots: &mut slots,
                     graph: &graph,
                     shapes,
+                    unstacked: &mut unstacked,
                 };
                 rule(&mut ctx, node).err()
             }

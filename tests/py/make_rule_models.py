@@ -153,6 +153,42 @@ model("attention_packed_qkv", 2, [
     "s3": np.array([3 * D], np.int64), "ax": np.array([2], np.int64), "hshape": np.array([0, 0, H, hd], np.int64),
     "dshape": np.array([0, 0, D], np.int64), "wo": w(D, 5)}, blocked=2)
 
+# The same attention, packed the way timm and nn.MultiheadAttention export it: the packed
+# output is reshaped to stack Q, K and V on an axis of their own, moved to the front, and taken
+# apart by constant Gathers (timm's `qkv[0]`) or by a Split into ones and Squeezes (`unbind`).
+# Q/K and V/O must still come out as two blocked groups.
+def stacked_attention(name, take):
+    model(name, 2, [
+        h.make_node("MatMul", ["t", "wqkv"], ["qkv"]),
+        h.make_node("Reshape", ["qkv", "sshape"], ["st"]),
+        h.make_node("Transpose", ["st"], ["stt"], perm=[2, 0, 3, 1, 4]),
+        *take,
+        h.make_node("Transpose", ["kh"], ["kt"], perm=[0, 1, 3, 2]),
+        h.make_node("MatMul", ["qh", "kt"], ["sc"]),
+        h.make_node("Softmax", ["sc"], ["p"], axis=-1),
+        h.make_node("MatMul", ["p", "vh"], ["o"]),
+        h.make_node("Transpose", ["o"], ["ot"], perm=[0, 2, 1, 3]),
+        h.make_node("Reshape", ["ot", "dshape"], ["om"]),
+        h.make_node("MatMul", ["om", "wo"], ["y"]),
+    ], [fin("t", "N", T, 6)], [fin("y", "N", T, 5)], {
+        "wqkv": w(6, 3 * D), "sshape": np.array([0, 0, 3, H, hd], np.int64),
+        "i0": np.array(0, np.int64), "i1": np.array(1, np.int64), "i2": np.array(-1, np.int64),
+        "ones": np.array([1, 1, 1], np.int64), "ax0": np.array([0], np.int64),
+        "dshape": np.array([0, 0, D], np.int64), "wo": w(D, 5)}, blocked=2)
+
+
+stacked_attention("attention_stacked_gather", [
+    h.make_node("Gather", ["stt", "i0"], ["qh"], axis=0),
+    h.make_node("Gather", ["stt", "i1"], ["kh"], axis=0),
+    h.make_node("Gather", ["stt", "i2"], ["vh"], axis=0),
+])
+stacked_attention("attention_stacked_split", [
+    h.make_node("Split", ["stt", "ones"], ["q1", "k1", "v1"], axis=0),
+    h.make_node("Squeeze", ["q1", "ax0"], ["qh"]),
+    h.make_node("Squeeze", ["k1", "ax0"], ["kh"]),
+    h.make_node("Squeeze", ["v1", "ax0"], ["vh"]),
+])
+
 # Embedding lookup tied to the output projection.
 model("tied_embedding", 2, [
     h.make_node("Gather", ["emb", "ids"], ["e"]),

@@ -2,8 +2,11 @@
 //! (an embedding table's vocabulary, a constant head selector) and fixed; the other data axes
 //! pass through, and the indices' axes become the output's middle axes.
 
+use std::collections::HashMap;
+
 use super::{attr_int, input, need, norm_axis, output, Ctx, RuleResult};
 use crate::onnx::proto::NodeProto;
+use crate::symmetry::slots::SlotId;
 
 pub fn gather(ctx: &mut Ctx, node: &NodeProto) -> RuleResult {
     let data = need(input(node, 0), "data")?;
@@ -17,14 +20,27 @@ pub fn gather(ctx: &mut Ctx, node: &NodeProto) -> RuleResult {
     if let Some(s) = sd[axis] {
         ctx.slots.fix(s, "gathered axis (indexed by data)");
     }
+    // A part taken out of a packed projection holds its own range's units.
+    let parts: HashMap<usize, SlotId> = ctx
+        .unstacked
+        .remove(y)
+        .unwrap_or_default()
+        .into_iter()
+        .collect();
+    let pass = |ctx: &mut Ctx, from: Option<SlotId>, to: usize, why: &str| match parts.get(&to) {
+        Some(&part) => ctx
+            .slots
+            .equal_opt(Some(part), sy[to], "range of a packed projection"),
+        None => ctx.slots.equal_opt(from, sy[to], why),
+    };
     for a in 0..axis {
-        ctx.slots.equal_opt(sd[a], sy[a], "gather");
+        pass(ctx, sd[a], a, "gather");
     }
     for (k, s) in si.iter().enumerate() {
-        ctx.slots.equal_opt(*s, sy[axis + k], "gather indices");
+        pass(ctx, *s, axis + k, "gather indices");
     }
     for a in axis + 1..sd.len() {
-        ctx.slots.equal_opt(sd[a], sy[a - 1 + si.len()], "gather");
+        pass(ctx, sd[a], a - 1 + si.len(), "gather");
     }
     Ok(())
 }

@@ -17,6 +17,9 @@ mod norm;
 mod pool;
 mod reduce;
 mod shape;
+mod stacked;
+
+use std::collections::HashMap;
 
 use crate::graph::{Graph, ShapeMap};
 use crate::onnx::proto::NodeProto;
@@ -78,7 +81,13 @@ pub struct Ctx<'a, 'm> {
     pub slots: &'a mut Slots,
     pub graph: &'a Graph<'m>,
     pub shapes: &'a ShapeMap,
+    /// Axes of values that take one part out of a packed projection, and the range slots
+    /// they hold ([`stacked`]): the take's rule links them there instead of to its input.
+    pub unstacked: &'a mut Unstacked,
 }
+
+/// Value name → `(axis, slot)` links recorded by the packed-projection reading.
+pub type Unstacked = HashMap<String, Vec<(usize, SlotId)>>;
 
 impl Ctx<'_, '_> {
     /// Shape of a value; `Err` when inference did not give one.

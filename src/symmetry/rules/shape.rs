@@ -1,7 +1,9 @@
 //! Ops that move data between axes without computing: Reshape and its kin, Transpose, Concat,
 //! Split, Slice, Pad, Tile, and the shape-computing ops whose outputs are never data units.
 
-use super::{attr_int, attr_ints, input, need, norm_axis, output, present_inputs, Ctx, RuleResult};
+use super::{
+    attr_int, attr_ints, input, need, norm_axis, output, present_inputs, stacked, Ctx, RuleResult,
+};
 use crate::onnx::proto::NodeProto;
 use crate::symmetry::slots::{Piece, SlotId};
 
@@ -10,22 +12,35 @@ use crate::symmetry::slots::{Piece, SlotId};
 /// the product of a run of those factors. Shapes with no common refinement (an axis size that
 /// divides neither way) mix units, and fix every axis involved.
 pub fn reshape(ctx: &mut Ctx, node: &NodeProto) -> RuleResult {
+    if let Some(done) = stacked::unstack(ctx, node) {
+        return done;
+    }
     let x = need(input(node, 0), "input")?;
     let y = need(output(node, 0), "output")?;
     let (shx, shy) = (ctx.shape(x)?, ctx.shape(y)?);
     let (sx, sy) = (ctx.axes(x)?, ctx.axes(y)?);
-    let ins: Vec<(usize, usize)> = shx
+    let (fine_in, fine_out) = refine(&shx, &shy)?;
+    // One fresh slot per common factor, in order; both sides point at the same ones.
+    let factors: Vec<SlotId> = fine_in
         .iter()
-        .copied()
-        .enumerate()
-        .filter(|d| d.1 > 1)
+        .flatten()
+        .map(|&size| ctx.slots.fresh(y, size))
         .collect();
-    let outs: Vec<(usize, usize)> = shy
-        .iter()
-        .copied()
-        .enumerate()
-        .filter(|d| d.1 > 1)
-        .collect();
+    link_factors(ctx, &sx, &fine_in, &factors, &[]);
+    link_factors(ctx, &sy, &fine_out, &factors, &[]);
+    Ok(())
+}
+
+/// The common row-major refinement of two shapes: for every axis, the sizes of the common
+/// factors it is made of, in order (size-1 axes have none).
+pub(super) fn refine(
+    shx: &[usize],
+    shy: &[usize],
+) -> Result<(Vec<Vec<usize>>, Vec<Vec<usize>>), String> {
+    let non_unit = |sh: &[usize]| -> Vec<(usize, usize)> {
+        sh.iter().copied().enumerate().filter(|d| d.1 > 1).collect()
+    };
+    let (ins, outs) = (non_unit(shx), non_unit(shy));
     let mut fine_in: Vec<Vec<usize>> = vec![vec![]; shx.len()];
     let mut fine_out: Vec<Vec<usize>> = vec![vec![]; shy.len()];
     let (mut i, mut j) = (0, 0);
@@ -57,26 +72,24 @@ pub fn reshape(ctx: &mut Ctx, node: &NodeProto) -> RuleResult {
     if i != ins.len() || j != outs.len() {
         return Err(format!("reshape {shx:?} → {shy:?}: sizes differ"));
     }
-    // One fresh slot per common factor, in order; both sides point at the same ones.
-    let total: usize = fine_in.iter().map(Vec::len).sum();
-    let factors: Vec<SlotId> = fine_in
-        .iter()
-        .flatten()
-        .map(|&size| ctx.slots.fresh(y, size))
-        .collect();
-    debug_assert_eq!(factors.len(), total);
-    let mut link = |axes: &[Option<SlotId>], fine: &[Vec<usize>]| {
-        let mut k = 0;
-        for (axis, sizes) in fine.iter().enumerate() {
-            if let Some(s) = axes[axis] {
-                ctx.slots.factor(s, factors[k..k + sizes.len()].to_vec());
-            }
-            k += sizes.len();
+    Ok((fine_in, fine_out))
+}
+
+/// Each axis (but those in `skip`) is the product of its run of common `factors`.
+pub(super) fn link_factors(
+    ctx: &mut Ctx,
+    axes: &[Option<SlotId>],
+    fine: &[Vec<usize>],
+    factors: &[SlotId],
+    skip: &[usize],
+) {
+    let mut k = 0;
+    for (axis, sizes) in fine.iter().enumerate() {
+        if let (Some(s), false) = (axes[axis], skip.contains(&axis)) {
+            ctx.slots.factor(s, factors[k..k + sizes.len()].to_vec());
         }
-    };
-    link(&sx, &fine_in);
-    link(&sy, &fine_out);
-    Ok(())
+        k += sizes.len();
+    }
 }
 
 pub fn transpose(ctx: &mut Ctx, node: &NodeProto) -> RuleResult {
@@ -156,7 +169,23 @@ pub fn split(ctx: &mut Ctx, node: &NodeProto) -> RuleResult {
         return Err("Split with an unused output".into());
     }
     for y in &outputs {
-        equal_except(ctx, x, y, axis)?;
+        match ctx.unstacked.remove(y.as_str()) {
+            // A part taken out of a packed projection holds its own range's units.
+            Some(parts) => {
+                let (sx, sy) = (ctx.axes(x)?, ctx.axes(y)?);
+                for (i, (p, q)) in sx.iter().zip(&sy).enumerate() {
+                    match parts.iter().find(|l| l.0 == i) {
+                        Some(&(_, part)) => {
+                            ctx.slots
+                                .equal_opt(Some(part), *q, "range of a packed projection")
+                        }
+                        None if i != axis => ctx.slots.equal_opt(*p, *q, "split"),
+                        None => {}
+                    }
+                }
+            }
+            None => equal_except(ctx, x, y, axis)?,
+        }
     }
     if let Some(whole) = ctx.axes(x)?[axis] {
         let p = pieces(ctx, &outputs, axis, x)?;
