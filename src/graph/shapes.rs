@@ -111,24 +111,21 @@ pub fn infer_shapes(model: &Model, inputs: &HashMap<String, Vec<usize>>) -> Resu
     } else {
         Err(TractError::msg("graph too large for the typed translation"))
     };
-    match typed {
-        Ok(typed) => {
-            for node in typed.nodes() {
-                for slot in 0..node.outputs.len() {
-                    let outlet = OutletId::new(node.id, slot);
-                    if let (Some(label), Some(shape)) = (
-                        typed.outlet_label(outlet),
-                        node.outputs[slot].fact.shape.as_concrete(),
-                    ) {
-                        shapes.insert(label.to_string(), shape.to_vec());
-                    }
+    // An op tract cannot type (a custom op, say): the analysis alone (below) gives what it
+    // can. Values downstream of it stay without a shape, and discovery fixes what touches
+    // them.
+    if let Ok(typed) = typed {
+        for node in typed.nodes() {
+            for slot in 0..node.outputs.len() {
+                let outlet = OutletId::new(node.id, slot);
+                if let (Some(label), Some(shape)) = (
+                    typed.outlet_label(outlet),
+                    node.outputs[slot].fact.shape.as_concrete(),
+                ) {
+                    shapes.insert(label.to_string(), shape.to_vec());
                 }
             }
         }
-        // An op tract cannot type (a custom op, say): the analysis alone (below) gives what it
-        // can. Values downstream of it stay without a shape, and discovery fixes what touches
-        // them.
-        Err(_) => {}
     }
     // The typed translation folds values computed from shapes alone (an attention scale
     // `1/sqrt(head_dim)` made from `Shape`) into constants and drops their names; a value

@@ -33,14 +33,14 @@ pub fn gather(ctx: &mut Ctx, node: &NodeProto) -> RuleResult {
             .equal_opt(Some(part), sy[to], "range of a packed projection"),
         None => ctx.slots.equal_opt(from, sy[to], why),
     };
-    for a in 0..axis {
-        pass(ctx, sd[a], a, "gather");
+    for (a, &s) in sd.iter().enumerate().take(axis) {
+        pass(ctx, s, a, "gather");
     }
     for (k, s) in si.iter().enumerate() {
         pass(ctx, *s, axis + k, "gather indices");
     }
-    for a in axis + 1..sd.len() {
-        pass(ctx, sd[a], a - 1 + si.len(), "gather");
+    for (a, &s) in sd.iter().enumerate().skip(axis + 1) {
+        pass(ctx, s, a - 1 + si.len(), "gather");
     }
     Ok(())
 }

@@ -31,12 +31,11 @@ pub fn reshape(ctx: &mut Ctx, node: &NodeProto) -> RuleResult {
     Ok(())
 }
 
-/// The common row-major refinement of two shapes: for every axis, the sizes of the common
-/// factors it is made of, in order (size-1 axes have none).
-pub(super) fn refine(
-    shx: &[usize],
-    shy: &[usize],
-) -> Result<(Vec<Vec<usize>>, Vec<Vec<usize>>), String> {
+/// For every axis of a shape, the sizes of the common factors it is made of, in order.
+pub(super) type Refinement = Vec<Vec<usize>>;
+
+/// The common row-major refinement of two shapes (size-1 axes have no factors).
+pub(super) fn refine(shx: &[usize], shy: &[usize]) -> Result<(Refinement, Refinement), String> {
     let non_unit = |sh: &[usize]| -> Vec<(usize, usize)> {
         sh.iter().copied().enumerate().filter(|d| d.1 > 1).collect()
     };
