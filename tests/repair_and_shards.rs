@@ -103,35 +103,43 @@ fn one_pass_repair_matches_the_sequential_scheme() {
 
 /// Token layers (a transformer's MatMul + bias Add, units on the last axis): the one-pass
 /// repair, which normalises them in the graph as [N·L, D, 1], measures what the sequential
-/// scheme measures along the last axis, and the option adds them to the corrected layers.
+/// scheme measures along the last axis, and the option adds them to the corrected layers. On
+/// `vit_mha` (nn.MultiheadAttention, sequence-first [L, N, D] values) the packed QKV
+/// projection is one of them: its Q, K and V ranges are corrected segment by segment.
 #[test]
 fn token_layer_repair_in_one_pass_matches_the_sequential_scheme() {
-    let models = [fixture("vit_a.onnx"), fixture("vit_b.onnx")];
-    let calib = common::head_rows(&bound(&models[0], "calib.npz", None), 300);
-    let merged = |passes: usize, tokens: bool| {
-        let opts = MergeOptions {
-            method: Method::MudscZip,
-            max_sweeps: 2,
-            repair_samples: 128,
-            repair_passes: passes,
-            repair_batch: 128,
-            repair_token_layers: tokens,
-            ..Default::default()
+    // vit: 4 blocks × (Q, K, V, out, fc1, fc2); vit_mha: 4 × (packed QKV, fc1, fc2), its
+    // attention output is a Gemm, corrected either way.
+    for (pair, token_layers) in [("vit", 24), ("vit_mha", 12)] {
+        let models = [
+            fixture(&format!("{pair}_a.onnx")),
+            fixture(&format!("{pair}_b.onnx")),
+        ];
+        let calib = common::head_rows(&bound(&models[0], "calib.npz", None), 300);
+        let merged = |passes: usize, tokens: bool| {
+            let opts = MergeOptions {
+                method: Method::MudscZip,
+                max_sweeps: 2,
+                repair_samples: 128,
+                repair_passes: passes,
+                repair_batch: 128,
+                repair_token_layers: tokens,
+                ..Default::default()
+            };
+            merge(&models, &calib, &opts, &mut |_, _, _| {}).unwrap()
         };
-        merge(&models, &calib, &opts, &mut |_, _, _| {}).unwrap()
-    };
-    let (_, without) = merged(1, false);
-    let (sequential, with) = merged(0, true);
-    let (exact, _) = merged(1, true);
-    // Four blocks × (Q, K, V, out, fc1, fc2) = 24 token layers beside the conv layers.
-    assert!(
-        with.repaired_layers >= without.repaired_layers + 24,
-        "{} repaired with token layers, {} without",
-        with.repaired_layers,
-        without.repaired_layers
-    );
-    let x = common::head_rows(&bound(&models[0], "test.npz", Some("input")), 200);
-    assert_one_pass_matches(&sequential, &exact, &x, "token layers");
+        let (_, without) = merged(1, false);
+        let (sequential, with) = merged(0, true);
+        let (exact, _) = merged(1, true);
+        assert!(
+            with.repaired_layers >= without.repaired_layers + token_layers,
+            "{pair}: {} repaired with token layers, {} without",
+            with.repaired_layers,
+            without.repaired_layers
+        );
+        let x = common::head_rows(&bound(&models[0], "test.npz", Some("input")), 200);
+        assert_one_pass_matches(&sequential, &exact, &x, &format!("{pair} token layers"));
+    }
 }
 
 /// A ViT's class-token groups are observed at every token tensor a layer reads (`--taps

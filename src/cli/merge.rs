@@ -180,8 +180,9 @@ pub struct MergeArgs {
     #[arg(long, default_value_t = 256)]
     pub(super) repair_batch: usize,
     /// Statistics repair also corrects token layers (a transformer's MatMul + bias Add, units
-    /// on the last axis); off by default (+7 points on one bundled ViT pair, −2 on the other)
-    #[arg(long)]
+    /// on the last axis, a packed QKV projection included): `false` leaves them alone (the
+    /// bundled ViT pairs lose 7 and 3 task-mean points)
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set, value_name = "BOOL")]
     pub(super) repair_token_layers: bool,
     /// Where groups are observed: `tokens` also observes a group seen at one token per sample
     /// (a class token) at every token tensor a layer reads; `one`: one tap per group (the

@@ -104,7 +104,13 @@ pub fn collect(
             // within the budget (two batches are alive at once: one folded, one computed).
             let mut size = batch.min(4);
             while start < total {
-                let end = (start + size).min(total);
+                // A batch never straddles the end of the side samples: side values are
+                // taken whole, whatever axis holds their batch (a sequence-first
+                // transformer's [L, N, D]).
+                let mut end = (start + size).min(total);
+                if start < side.samples {
+                    end = end.min(side.samples);
+                }
                 let slice: Vec<TensorData> =
                     inputs.iter().map(|t| t.slice_rows(start, end)).collect();
                 let sessions = match (&mut with_side, start < side.samples) {
@@ -149,20 +155,12 @@ pub fn collect(
         for received in rx {
             let (start, end, per_model) = received?;
             if start < side.samples {
-                let rows = side.samples.min(end) - start;
                 for (i, outs) in per_model.iter().enumerate() {
                     for ((name, key), axis) in
                         side.names[i].iter().zip(&side.names[0]).zip(&side.axes)
                     {
-                        let Some(whole) = outs.get(name) else {
+                        let Some(v) = outs.get(name) else {
                             continue;
-                        };
-                        let head;
-                        let v = if rows < end - start {
-                            head = whole.slice_rows(0, rows);
-                            &head
-                        } else {
-                            whole
                         };
                         side_moments[i]
                             .entry(key.clone())

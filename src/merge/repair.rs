@@ -36,18 +36,25 @@ use crate::runtime::{for_each_batch, open_session, BackendKind, BackendOptions};
 use crate::symmetry::slots::Slots;
 use crate::symmetry::Group;
 
-/// A layer whose output units are one group: its weight (and the axis holding the units) and
-/// its bias (an initializer, or `None` when it has to be created).
+/// A layer whose output units are whole groups laid end to end (one group, or the Q, K and V
+/// ranges of a packed projection): its weight (and the axis holding the units) and its bias
+/// (an initializer, or `None` when it has to be created).
 struct Producer {
     node: usize,
     output: String,
-    group: usize,
+    segments: Vec<Segment>,
     weight: String,
     weight_axis: usize,
     bias: Option<String>,
-    width: usize,
     /// The output's unit axis when the rank alone does not say it (token layers: last).
     unit_axis: Option<usize>,
+}
+
+/// Positions `offset..offset + group's width` of a layer's output hold a group's units in order.
+#[derive(Clone, Copy)]
+struct Segment {
+    offset: usize,
+    group: usize,
 }
 
 pub struct RepairReport {
@@ -102,7 +109,12 @@ pub fn repair(
     let graph = Graph::new(&models[0])?;
     let in_scope = |n: usize| scope.is_none_or(|s| s.contains(&n));
     let mut producers = find_producers(&graph, layout, slots, groups, run.token_layers);
-    producers.retain(|p| in_scope(p.node) && m.p.contains_key(&p.group));
+    producers.retain(|p| {
+        in_scope(p.node)
+            && p.segments.iter().all(|s| m.p.contains_key(&s.group))
+            && (p.segments.len() == 1
+                || p.segments.iter().all(|s| !m.linear.contains_key(&s.group)))
+    });
     // Endpoint statistics of every producer: from the calibration passes when they gathered
     // them, else one pass per model.
     let taps: Vec<String> = producers.iter().map(|p| p.output.clone()).collect();
@@ -127,31 +139,10 @@ pub fn repair(
         .into_iter()
         .enumerate()
         .map(|(k, p)| {
-            if let Some(maps) = m.linear.get(&p.group) {
-                let (goal_mean, goal_sd) = linear_goal(&endpoint, k, maps);
-                return Target {
-                    producer: p,
-                    goal_mean,
-                    goal_sd,
-                };
-            }
-            // Goal: the average of the cluster's endpoint statistics.
-            let pm = &m.p[&p.group];
-            let sizes = pm.cluster_sizes();
-            // Merged units: one model's width, or more under `--width`.
-            let (mut goal_mean, mut goal_sd) = (
-                Array1::<f64>::zeros(pm.merged),
-                Array1::<f64>::zeros(pm.merged),
-            );
-            for (i, stats) in endpoint.iter().enumerate() {
-                let (mean, sd) = stats[k].mean_std();
-                for u in 0..p.width {
-                    let j = pm.target[i * p.width + u] as usize;
-                    let w = 1.0 / (sizes[j] as f64 + 1e-12);
-                    goal_mean[j] += w * mean[u];
-                    goal_sd[j] += w * sd[u];
-                }
-            }
+            let (goal_mean, goal_sd) = match m.linear.get(&p.segments[0].group) {
+                Some(maps) => linear_goal(&endpoint, k, maps),
+                None => cluster_goal(&endpoint, k, &p.segments, groups, m),
+            };
             Target {
                 producer: p,
                 goal_mean,
@@ -161,6 +152,37 @@ pub fn repair(
         .collect();
     let norms = batch_norms(merged, &in_scope)?;
     correct(merged, &targets, &norms, run)
+}
+
+/// The goal of a layer whose units were matched: each merged unit gets the average of its
+/// cluster's endpoint statistics, segment by segment (merged segments follow each other at
+/// their merged widths, as the rewrite lays them out).
+fn cluster_goal(
+    endpoint: &[Vec<UnitMoments>],
+    k: usize,
+    segments: &[Segment],
+    groups: &[Group],
+    m: &Matchings,
+) -> (Array1<f64>, Array1<f64>) {
+    let merged: usize = segments.iter().map(|s| m.p[&s.group].merged).sum();
+    let (mut goal_mean, mut goal_sd) = (Array1::<f64>::zeros(merged), Array1::<f64>::zeros(merged));
+    let mut at = 0;
+    for seg in segments {
+        let pm = &m.p[&seg.group];
+        let width = groups[seg.group].width;
+        let sizes = pm.cluster_sizes();
+        for (i, stats) in endpoint.iter().enumerate() {
+            let (mean, sd) = stats[k].mean_std();
+            for u in 0..width {
+                let j = pm.target[i * width + u] as usize;
+                let w = 1.0 / (sizes[j] as f64 + 1e-12);
+                goal_mean[at + j] += w * mean[seg.offset + u];
+                goal_sd[at + j] += w * sd[seg.offset + u];
+            }
+        }
+        at += pm.merged;
+    }
+    (goal_mean, goal_sd)
 }
 
 /// The goal of a layer whose units were aligned by linear maps Tᵢ (CCA): the mean of the
@@ -237,11 +259,10 @@ pub fn repair_remainders(
                 producer: Producer {
                     node,
                     output,
-                    group: usize::MAX,
+                    segments: Vec::new(),
                     weight: copy_name(&layer.weight, i),
                     weight_axis: layer.weight_axis,
                     bias: layer.bias.as_ref().map(|b| copy_name(b, i)),
-                    width: goal_mean.len(),
                     unit_axis: layer.unit_axis,
                 },
                 goal_mean,
@@ -471,25 +492,50 @@ fn find_producers(
         let Some(s) = slots.slot(&layer.output, layer.out_axis) else {
             continue;
         };
-        let comp = layout.st.comp_of[s];
-        let Some(g) = groups.iter().find(|g| {
-            let units = layout.units_along(comp, g);
-            units.len() == g.width && units.iter().enumerate().all(|(i, u)| *u == Some(i))
-        }) else {
+        let Some(segments) = segments(layout, layout.st.comp_of[s], groups) else {
             continue;
         };
         out.push(Producer {
             node: layer.node,
             output: layer.output,
-            group: g.id,
+            segments,
             weight: layer.weight,
             weight_axis: layer.weight_axis,
             bias: layer.bias,
-            width: g.width,
             unit_axis: layer.unit_axis,
         });
     }
     out
+}
+
+/// How an output axis is made of whole groups, each in its own unit order: one group, or
+/// several end to end (a packed projection's Q, K and V ranges, where Q and K hold the same
+/// group). `None` when a position holds no group's unit, or units in another order.
+fn segments(layout: &Layout, comp: usize, groups: &[Group]) -> Option<Vec<Segment>> {
+    let size = layout.st.comps[comp].size;
+    let mut owner: Vec<Option<(usize, usize)>> = vec![None; size];
+    for g in groups {
+        for (pos, unit) in layout.units_along(comp, g).into_iter().enumerate() {
+            if let Some(u) = unit {
+                if owner[pos].replace((g.id, u)).is_some() {
+                    return None;
+                }
+            }
+        }
+    }
+    let mut out = Vec::new();
+    let mut pos = 0;
+    while pos < size {
+        let (group, _) = owner[pos]?;
+        let width = groups[group].width;
+        let in_order = (0..width).all(|u| owner.get(pos + u) == Some(&Some((group, u))));
+        if !in_order {
+            return None;
+        }
+        out.push(Segment { offset: pos, group });
+        pos += width;
+    }
+    Some(out)
 }
 
 /// A Conv/Gemm layer whose output statistics can be corrected in its own initializers.
