@@ -5,8 +5,25 @@
 //! grouped convolution does not.
 
 use crate::graph::Graph;
+use crate::onnx::proto::NodeProto;
 use crate::symmetry::rules::attr_int;
 use crate::symmetry::Group;
+
+/// In `also`: a depthwise convolution (one filter per channel) counts as a dense use; its
+/// `group` attribute then has to follow the width ([`set_depthwise_groups`]).
+pub const DEPTHWISE: &str = "depthwise Conv";
+
+/// A Conv with one filter per channel: weight `[C, 1, k…]` and `group` = C > 1.
+pub fn is_depthwise(n: &NodeProto, graph: &Graph) -> bool {
+    let group = attr_int(n, "group").unwrap_or(1);
+    let dims = n
+        .input
+        .get(1)
+        .and_then(|w| graph.initializer(w))
+        .map(|t| t.dims.clone())
+        .unwrap_or_default();
+    group > 1 && dims.len() >= 3 && dims[0] == group && dims[1] == 1
+}
 
 /// `Ok` when every consumer of every member tensor of `g` is a dense use or one of the ops in
 /// `also`; else which tensor feeds what.
@@ -16,6 +33,7 @@ pub fn only_dense_use(g: &Group, graph: &Graph, also: &[&str]) -> Result<(), Str
             let n = graph.node(node);
             let op = n.op_type.as_deref().unwrap_or("");
             let dense = match op {
+                "Conv" if also.contains(&DEPTHWISE) && is_depthwise(n, graph) => true,
                 "Conv" => attr_int(n, "group").unwrap_or(1) == 1 && slot >= 1,
                 "Gemm" | "MatMul" | "Add" | "Sub" => true,
                 _ => also.contains(&op),

@@ -482,6 +482,7 @@ pub fn merge(
             // Widened groups change intermediate shapes; the recorded ones would contradict
             // them (engines infer shapes again).
             g.value_info.clear();
+            widen::set_depthwise_groups(&Graph::new(&models[0])?, g);
         }
     }
     timer.lap("rewrite");

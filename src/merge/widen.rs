@@ -8,7 +8,10 @@
 
 use std::collections::BTreeMap;
 
+use super::dense_use::{is_depthwise, DEPTHWISE};
 use crate::graph::Graph;
+use crate::onnx::proto::GraphProto;
+use crate::symmetry::rules::attr_int;
 use crate::symmetry::{Group, GroupKind};
 
 /// Ops that read the shape of a value (or slice it by constants): a value of a widened group
@@ -34,7 +37,7 @@ fn widenable(g: &Group, graph: &Graph) -> Result<(), String> {
     if !matches!(g.kind, GroupKind::Plain) {
         return Err("blocked group (heads or norm groups)".into());
     }
-    super::dense_use::only_dense_use(g, graph, &["BatchNormalization"])?;
+    super::dense_use::only_dense_use(g, graph, &["BatchNormalization", DEPTHWISE])?;
     for value in &g.taps {
         for &(node, _) in graph.consumers(value) {
             let op = graph.node(node).op_type.as_deref().unwrap_or("");
@@ -44,4 +47,34 @@ fn widenable(g: &Group, graph: &Graph) -> Result<(), String> {
         }
     }
     Ok(())
+}
+
+/// After the rewrite: every depthwise convolution of `original` whose weight now has another
+/// channel count in `merged` (its group was widened) gets that count as its `group`.
+pub fn set_depthwise_groups(original: &Graph, merged: &mut GraphProto) {
+    let channels: BTreeMap<String, i64> = merged
+        .initializer
+        .iter()
+        .filter_map(|t| Some((t.name.clone()?, *t.dims.first()?)))
+        .collect();
+    for (n, node) in merged.node.iter_mut().enumerate() {
+        let Some(before) = original.nodes().get(n) else {
+            continue;
+        };
+        if node.op_type.as_deref() != Some("Conv") || !is_depthwise(before, original) {
+            continue;
+        }
+        let Some(&now) = node.input.get(1).and_then(|w| channels.get(w)) else {
+            continue;
+        };
+        if attr_int(node, "group") != Some(now) {
+            if let Some(a) = node
+                .attribute
+                .iter_mut()
+                .find(|a| a.name.as_deref() == Some("group"))
+            {
+                a.i = Some(now);
+            }
+        }
+    }
 }
