@@ -514,7 +514,14 @@ fn find_producers(
 fn segments(layout: &Layout, comp: usize, groups: &[Group]) -> Option<Vec<Segment>> {
     let size = layout.st.comps[comp].size;
     let mut owner: Vec<Option<(usize, usize)>> = vec![None; size];
-    for g in groups {
+    // Only groups whose leaf the axis is made of can hold its positions (all are asked when
+    // the axis has too many readings to list).
+    let leaves: Option<HashSet<usize>> = layout
+        .st
+        .leaf_paths(comp, 4096)
+        .map(|paths| paths.into_iter().flatten().collect());
+    let made_of = |g: &&Group| leaves.as_ref().is_none_or(|l| l.contains(&g.leaf));
+    for g in groups.iter().filter(made_of) {
         for (pos, unit) in layout.units_along(comp, g).into_iter().enumerate() {
             if let Some(u) = unit {
                 if owner[pos].replace((g.id, u)).is_some() {
