@@ -37,6 +37,9 @@ pub struct Counts {
     pub reused: usize,
     pub columns_correlated: usize,
     pub columns_read: usize,
+    /// Matchings of the iterative loop not recomputed: nothing they read had changed since
+    /// they were last computed (`WeightSimilarity::inputs`).
+    pub matchings_kept: usize,
 }
 
 /// The matchings a member's block was computed under (the ones it reads), up to the
@@ -160,6 +163,15 @@ impl<'a> WeightSimilarity<'a> {
             .filter(|b| b.features() > 0)
             .collect();
         (!blocks.is_empty()).then(|| row_correlation_of_blocks(&blocks))
+    }
+
+    /// Everything group `g`'s similarity is made of that can change during the loop: the
+    /// matchings each member's vectors read. The activation correlations are fixed, so equal
+    /// inputs give the same similarity, hence the same matching.
+    pub fn inputs(&self, g: &Group, m: &Matchings) -> Vec<State> {
+        (0..g.members.len())
+            .map(|k| self.state(g.id, k, m))
+            .collect()
     }
 
     /// The current matchings that member `k` of group `group` reads.
