@@ -134,6 +134,8 @@ def merge(
     repair_passes: int | None = None,
     repair_batch: int | None = None,
     tap_positions: int | None = None,
+    taps: str | None = None,
+    repair_token_layers: bool | None = None,
     ort_lib: PathLike | None = None,
     batch: int | None = None,
     device: str | None = None,
@@ -156,9 +158,11 @@ def merge(
                    samples=samples, calib_labels=calib_labels, stats=stats,
                    external_data=external_data, zip_a=zip_a, zip_b=zip_b, max_sweeps=max_sweeps,
                    repair_passes=repair_passes, repair_batch=repair_batch,
-                   tap_positions=tap_positions)
+                   tap_positions=tap_positions, taps=taps)
     for name, value in options.items():
         _flag(argv, name, value)
+    if repair_token_layers is not None:  # a valued switch: --repair-token-layers true|false
+        argv += ["--repair-token-layers", "true" if repair_token_layers else "false"]
     _flag(argv, "lambda", lambda_)
     _backend(argv, backend, ort_lib, batch, device)
     return _run(argv, arrays)
