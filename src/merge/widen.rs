@@ -11,7 +11,6 @@ use std::collections::BTreeMap;
 use super::dense_use::{is_depthwise, DEPTHWISE};
 use crate::graph::Graph;
 use crate::onnx::proto::GraphProto;
-use crate::symmetry::rules::attr_int;
 use crate::symmetry::{Group, GroupKind};
 
 /// Ops that read the shape of a value (or slice it by constants): a value of a widened group
@@ -67,14 +66,12 @@ pub fn set_depthwise_groups(original: &Graph, merged: &mut GraphProto) {
         let Some(&now) = node.input.get(1).and_then(|w| channels.get(w)) else {
             continue;
         };
-        if attr_int(node, "group") != Some(now) {
-            if let Some(a) = node
-                .attribute
-                .iter_mut()
-                .find(|a| a.name.as_deref() == Some("group"))
-            {
-                a.i = Some(now);
-            }
+        if let Some(a) = node
+            .attribute
+            .iter_mut()
+            .find(|a| a.name.as_deref() == Some("group"))
+        {
+            a.i = Some(now);
         }
     }
 }

@@ -125,15 +125,26 @@ fn pieces(ctx: &mut Ctx, parts: &[String], axis: usize, owner: &str) -> Result<V
     Ok(out)
 }
 
-/// The non-split axes of `a` and `b` are equal; `axis` is handled by the caller.
-fn equal_except(ctx: &mut Ctx, a: &str, b: &str, axis: usize) -> RuleResult {
+/// The non-split axes of `a` and `b` are equal; `axis` is handled by the caller. An axis of
+/// `b` in `parts` holds a range of a packed projection (`stacked`) and is linked there instead.
+fn equal_except(
+    ctx: &mut Ctx,
+    a: &str,
+    b: &str,
+    axis: usize,
+    parts: &[(usize, SlotId)],
+) -> RuleResult {
     let (sa, sb) = (ctx.axes(a)?, ctx.axes(b)?);
     if sa.len() != sb.len() {
         return Err("ranks differ".into());
     }
     for (i, (p, q)) in sa.iter().zip(&sb).enumerate() {
-        if i != axis {
-            ctx.slots.equal_opt(*p, *q, "concat/split");
+        match parts.iter().find(|l| l.0 == i) {
+            Some(&(_, part)) => ctx
+                .slots
+                .equal_opt(Some(part), *q, "range of a packed projection"),
+            None if i != axis => ctx.slots.equal_opt(*p, *q, "concat/split"),
+            None => {}
         }
     }
     Ok(())
@@ -145,7 +156,7 @@ pub fn concat(ctx: &mut Ctx, node: &NodeProto) -> RuleResult {
     let axis = norm_axis(attr_int(node, "axis").ok_or("axis")?, rank)?;
     let inputs: Vec<String> = present_inputs(node);
     for x in &inputs {
-        equal_except(ctx, x, y, axis)?;
+        equal_except(ctx, x, y, axis, &[])?;
     }
     if let Some(whole) = ctx.axes(y)?[axis] {
         let p = pieces(ctx, &inputs, axis, y)?;
@@ -168,23 +179,9 @@ pub fn split(ctx: &mut Ctx, node: &NodeProto) -> RuleResult {
         return Err("Split with an unused output".into());
     }
     for y in &outputs {
-        match ctx.unstacked.remove(y.as_str()) {
-            // A part taken out of a packed projection holds its own range's units.
-            Some(parts) => {
-                let (sx, sy) = (ctx.axes(x)?, ctx.axes(y)?);
-                for (i, (p, q)) in sx.iter().zip(&sy).enumerate() {
-                    match parts.iter().find(|l| l.0 == i) {
-                        Some(&(_, part)) => {
-                            ctx.slots
-                                .equal_opt(Some(part), *q, "range of a packed projection")
-                        }
-                        None if i != axis => ctx.slots.equal_opt(*p, *q, "split"),
-                        None => {}
-                    }
-                }
-            }
-            None => equal_except(ctx, x, y, axis)?,
-        }
+        // A part taken out of a packed projection holds its own range's units.
+        let parts = ctx.unstacked.remove(y.as_str()).unwrap_or_default();
+        equal_except(ctx, x, y, axis, &parts)?;
     }
     if let Some(whole) = ctx.axes(x)?[axis] {
         let p = pieces(ctx, &outputs, axis, x)?;
