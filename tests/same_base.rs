@@ -7,7 +7,7 @@
 
 mod common;
 
-use common::{fixture, mudsc, task_mean};
+use common::{calib_set, fixture, merge_cli, task_mean};
 
 use std::collections::HashMap;
 
@@ -122,18 +122,11 @@ fn every_same_base_method_keeps_both_tasks() {
         ],
     ] {
         let out = dir.path().join("m.onnx");
-        let mut cmd = vec![
-            "merge",
-            a.to_str().unwrap(),
-            b.to_str().unwrap(),
-            "-o",
-            out.to_str().unwrap(),
-        ];
-        cmd.extend(&args);
+        let mut extra = args.to_vec();
         if args[1] != "linear" && args[1] != "slerp" {
-            cmd.extend(["--base", base.to_str().unwrap()]);
+            extra.extend(["--base", base.to_str().unwrap()]);
         }
-        let run = mudsc(&cmd);
+        let run = merge_cli(&a, &b, &out, &extra);
         assert!(
             run.status.success(),
             "{args:?}: {}",
@@ -152,25 +145,25 @@ fn every_same_base_method_keeps_both_tasks() {
 #[test]
 fn the_merge_tells_fine_tunes_from_different_inits() {
     let dir = tempfile::tempdir().unwrap();
-    let calib = common::root().join("fixtures/data/calib.npz");
+    let calib = calib_set();
     let out = dir.path().join("m.onnx");
     let report = dir.path().join("r.json");
     let correlation = |pair: &str| {
-        let run = mudsc(&[
-            "merge",
-            fixture(&format!("{pair}_a.onnx")).to_str().unwrap(),
-            fixture(&format!("{pair}_b.onnx")).to_str().unwrap(),
-            "-o",
-            out.to_str().unwrap(),
-            "--calib",
-            calib.to_str().unwrap(),
-            "--method",
-            "avg",
-            "--repair-samples",
-            "0",
-            "--report",
-            report.to_str().unwrap(),
-        ]);
+        let run = merge_cli(
+            &fixture(&format!("{pair}_a.onnx")),
+            &fixture(&format!("{pair}_b.onnx")),
+            &out,
+            &[
+                "--calib",
+                calib.to_str().unwrap(),
+                "--method",
+                "avg",
+                "--repair-samples",
+                "0",
+                "--report",
+                report.to_str().unwrap(),
+            ],
+        );
         assert!(run.status.success());
         let r: serde_json::Value =
             serde_json::from_slice(&std::fs::read(&report).unwrap()).unwrap();
@@ -184,15 +177,12 @@ fn the_merge_tells_fine_tunes_from_different_inits() {
     assert!(different.abs() < 0.1, "{different}");
     assert!(!quiet.contains("fine-tuned"));
     // A same-base method on models of different inits warns and points to --align-first.
-    let run = mudsc(&[
-        "merge",
-        fixture("mlp_a.onnx").to_str().unwrap(),
-        fixture("mlp_b.onnx").to_str().unwrap(),
-        "-o",
-        out.to_str().unwrap(),
-        "--method",
-        "linear",
-    ]);
+    let run = merge_cli(
+        &fixture("mlp_a.onnx"),
+        &fixture("mlp_b.onnx"),
+        &out,
+        &["--method", "linear"],
+    );
     assert!(run.status.success());
     let stderr = String::from_utf8_lossy(&run.stderr);
     assert!(stderr.contains("--align-first"), "{stderr}");
@@ -204,21 +194,13 @@ fn the_merge_tells_fine_tunes_from_different_inits() {
 #[test]
 fn align_first_then_linear_is_mudsc_align() {
     let dir = tempfile::tempdir().unwrap();
-    let calib = common::root().join("fixtures/data/calib.npz");
+    let calib = calib_set();
     let (a, b) = (fixture("mlp_a.onnx"), fixture("mlp_b.onnx"));
     let run = |out: &str, extra: &[&str]| {
         let out = dir.path().join(out);
-        let mut cmd = vec![
-            "merge",
-            a.to_str().unwrap(),
-            b.to_str().unwrap(),
-            "-o",
-            out.to_str().unwrap(),
-            "--calib",
-            calib.to_str().unwrap(),
-        ];
-        cmd.extend(extra);
-        let r = mudsc(&cmd);
+        let mut args = vec!["--calib", calib.to_str().unwrap()];
+        args.extend(extra);
+        let r = merge_cli(&a, &b, &out, &args);
         assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
         floats(&onnx::load(&out).unwrap())
     };
@@ -271,15 +253,7 @@ fn bad_same_base_input_is_named() {
     let out = dir.path().join("m.onnx");
     let (a, b) = (fixture("mlp_ft_a.onnx"), fixture("mlp_ft_b.onnx"));
     let try_merge = |extra: &[&str]| {
-        let mut cmd = vec![
-            "merge",
-            a.to_str().unwrap(),
-            b.to_str().unwrap(),
-            "-o",
-            out.to_str().unwrap(),
-        ];
-        cmd.extend(extra);
-        let r = mudsc(&cmd);
+        let r = merge_cli(&a, &b, &out, extra);
         assert_eq!(r.status.code(), Some(2), "{extra:?}");
         assert!(!out.exists(), "{extra:?} left an output");
         String::from_utf8_lossy(&r.stderr).to_string()
@@ -325,15 +299,7 @@ fn bad_same_base_input_is_named() {
     t.raw_data = Some(raw.into());
     let bad = dir.path().join("nan.onnx");
     onnx::save(&nan.proto, &bad, &Default::default()).unwrap();
-    let r = mudsc(&[
-        "merge",
-        a.to_str().unwrap(),
-        bad.to_str().unwrap(),
-        "-o",
-        out.to_str().unwrap(),
-        "--method",
-        "linear",
-    ]);
+    let r = merge_cli(&a, &bad, &out, &["--method", "linear"]);
     assert_eq!(r.status.code(), Some(2));
     let message = String::from_utf8_lossy(&r.stderr);
     assert!(
@@ -348,24 +314,14 @@ fn bad_same_base_input_is_named() {
 #[test]
 fn calibration_data_add_statistics_repair() {
     let dir = tempfile::tempdir().unwrap();
-    let calib = common::root().join("fixtures/data/calib.npz");
+    let calib = calib_set();
     let (a, b) = (fixture("resnet20_ft_a.onnx"), fixture("resnet20_ft_b.onnx"));
     let merged = |name: &str, extra: &[&str]| {
         let out = dir.path().join(name);
         let report = dir.path().join(format!("{name}.json"));
-        let mut cmd = vec![
-            "merge",
-            a.to_str().unwrap(),
-            b.to_str().unwrap(),
-            "-o",
-            out.to_str().unwrap(),
-            "--method",
-            "linear",
-            "--report",
-            report.to_str().unwrap(),
-        ];
-        cmd.extend(extra);
-        let r = mudsc(&cmd);
+        let mut args = vec!["--method", "linear", "--report", report.to_str().unwrap()];
+        args.extend(extra);
+        let r = merge_cli(&a, &b, &out, &args);
         assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
         let r: serde_json::Value =
             serde_json::from_slice(&std::fs::read(&report).unwrap()).unwrap();
@@ -391,28 +347,26 @@ fn a_same_base_merge_writes_its_card() {
         fixture("mlp_ft_b.onnx"),
         fixture("mlp_ft_base.onnx"),
     );
-    let r = mudsc(&[
-        "merge",
-        a.to_str().unwrap(),
-        b.to_str().unwrap(),
-        "--base",
-        base.to_str().unwrap(),
-        "--method",
-        "ties",
-        "--density",
-        "0.5",
-        "-o",
-        out.to_str().unwrap(),
-        "--card",
-        card.to_str().unwrap(),
-        "--eval-data",
-        common::root()
-            .join("fixtures/data/test.npz")
-            .to_str()
-            .unwrap(),
-        "--tasks",
-        "0-4,5-9",
-    ]);
+    let test_set = common::root().join("fixtures/data/test.npz");
+    let r = merge_cli(
+        &a,
+        &b,
+        &out,
+        &[
+            "--base",
+            base.to_str().unwrap(),
+            "--method",
+            "ties",
+            "--density",
+            "0.5",
+            "--card",
+            card.to_str().unwrap(),
+            "--eval-data",
+            test_set.to_str().unwrap(),
+            "--tasks",
+            "0-4,5-9",
+        ],
+    );
     assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
     let text = std::fs::read_to_string(&card).unwrap();
     let base_sha = format!("{:x}", Sha256::digest(std::fs::read(&base).unwrap()));

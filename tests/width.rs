@@ -6,7 +6,7 @@
 
 mod common;
 
-use common::{fixture, mudsc, task_mean};
+use common::{calib_set, eval_tasks, fixture, merge_cli, task_mean};
 
 use mudsc::onnx::{self, Model, TensorData};
 
@@ -15,17 +15,12 @@ fn merged(pair: &str, width: &str, extra: &[&str]) -> (Model, serde_json::Value,
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("m.onnx");
     let report = dir.path().join("r.json");
-    let calib = common::root().join("fixtures/data/calib.npz");
+    let calib = calib_set();
     let (a, b) = (
         fixture(&format!("{pair}_a.onnx")),
         fixture(&format!("{pair}_b.onnx")),
     );
-    let mut cmd = vec![
-        "merge",
-        a.to_str().unwrap(),
-        b.to_str().unwrap(),
-        "-o",
-        out.to_str().unwrap(),
+    let mut args = vec![
         "--calib",
         calib.to_str().unwrap(),
         "--width",
@@ -33,8 +28,8 @@ fn merged(pair: &str, width: &str, extra: &[&str]) -> (Model, serde_json::Value,
         "--report",
         report.to_str().unwrap(),
     ];
-    cmd.extend(extra);
-    let r = mudsc(&cmd);
+    args.extend(extra);
+    let r = merge_cli(&a, &b, &out, &args);
     assert!(
         r.status.success(),
         "{pair} {width}: {}",
@@ -191,25 +186,25 @@ fn groups_whose_width_the_graph_spells_out_keep_it() {
 fn bad_widths_are_refused() {
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("m.onnx");
-    let calib = common::root().join("fixtures/data/calib.npz");
+    let calib = calib_set();
     for (width, method) in [
         ("3", "mudsc-zip"),
         ("0.5", "mudsc-zip"),
         ("1.5", "mudsc-align"),
     ] {
-        let r = mudsc(&[
-            "merge",
-            fixture("mlp_a.onnx").to_str().unwrap(),
-            fixture("mlp_b.onnx").to_str().unwrap(),
-            "-o",
-            out.to_str().unwrap(),
-            "--calib",
-            calib.to_str().unwrap(),
-            "--width",
-            width,
-            "--method",
-            method,
-        ]);
+        let r = merge_cli(
+            &fixture("mlp_a.onnx"),
+            &fixture("mlp_b.onnx"),
+            &out,
+            &[
+                "--calib",
+                calib.to_str().unwrap(),
+                "--width",
+                width,
+                "--method",
+                method,
+            ],
+        );
         assert_eq!(r.status.code(), Some(2), "{width} {method}");
         assert!(String::from_utf8_lossy(&r.stderr).contains("--width"));
         assert!(!out.exists());
@@ -224,24 +219,24 @@ fn the_automatic_shape_stays_within_its_budget() {
         let dir = tempfile::tempdir().unwrap();
         let out = dir.path().join("m.onnx");
         let report = dir.path().join("r.json");
-        let calib = common::root().join("fixtures/data/calib.npz");
-        let r = mudsc(&[
-            "merge",
-            fixture("resnet20_bn_folded_a.onnx").to_str().unwrap(),
-            fixture("resnet20_bn_folded_b.onnx").to_str().unwrap(),
-            "-o",
-            out.to_str().unwrap(),
-            "--calib",
-            calib.to_str().unwrap(),
-            "--calib-labels",
-            "labels",
-            "--zip-until",
-            "auto",
-            "--max-params",
-            budget,
-            "--report",
-            report.to_str().unwrap(),
-        ]);
+        let calib = calib_set();
+        let r = merge_cli(
+            &fixture("resnet20_bn_folded_a.onnx"),
+            &fixture("resnet20_bn_folded_b.onnx"),
+            &out,
+            &[
+                "--calib",
+                calib.to_str().unwrap(),
+                "--calib-labels",
+                "labels",
+                "--zip-until",
+                "auto",
+                "--max-params",
+                budget,
+                "--report",
+                report.to_str().unwrap(),
+            ],
+        );
         assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
         let r: serde_json::Value =
             serde_json::from_slice(&std::fs::read(&report).unwrap()).unwrap();
@@ -294,21 +289,13 @@ fn widening_the_worst_merged_groups_first_nears_the_ensemble() {
     let (_, r, worst) = merged(pair, "1.2", &["--widen", "worst"]);
     let ratio = r["merged_parameters"].as_f64().unwrap() / r["model_parameters"].as_f64().unwrap();
     assert!(ratio > 1.0 && ratio <= 1.5, "{ratio}");
-    let ens = mudsc(&[
-        "eval",
-        fixture(&format!("{pair}_a.onnx")).to_str().unwrap(),
-        fixture(&format!("{pair}_b.onnx")).to_str().unwrap(),
-        "--ensemble",
-        "--data",
-        common::root()
-            .join("fixtures/data/test.npz")
-            .to_str()
-            .unwrap(),
-        "--tasks",
-        "0-4,5-9",
-        "--json",
-    ]);
-    let e: serde_json::Value = serde_json::from_slice(&ens.stdout).unwrap();
+    let e = eval_tasks(
+        &[
+            &fixture(&format!("{pair}_a.onnx")),
+            &fixture(&format!("{pair}_b.onnx")),
+        ],
+        &["--ensemble"],
+    );
     let ensemble = 100.0 * e["ensemble"]["task_mean"].as_f64().unwrap();
     assert!(
         worst >= ensemble - 5.0,

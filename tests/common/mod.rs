@@ -163,21 +163,46 @@ pub fn mudsc(args: &[&str]) -> std::process::Output {
 /// Per-task mean accuracy (%) of a model over tasks 0-4 and 5-9 of the bundled test set, as
 /// `mudsc eval` scores it.
 pub fn task_mean(path: &Path) -> f64 {
+    100.0 * eval_tasks(&[path], &[])["task_mean"].as_f64().unwrap()
+}
+
+/// `mudsc eval MODEL… --tasks 0-4,5-9 --json` on the bundled test set, followed by `extra`
+/// (`--ensemble`): the JSON it prints.
+pub fn eval_tasks(models: &[&Path], extra: &[&str]) -> serde_json::Value {
     let data = root().join("fixtures/data/test.npz");
-    let out = mudsc(&[
-        "eval",
-        path.to_str().unwrap(),
+    let mut args = vec!["eval"];
+    args.extend(models.iter().map(|m| m.to_str().unwrap()));
+    args.extend([
         "--data",
         data.to_str().unwrap(),
         "--tasks",
         "0-4,5-9",
         "--json",
     ]);
+    args.extend(extra);
+    let out = mudsc(&args);
     assert!(
         out.status.success(),
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let r: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-    100.0 * r["task_mean"].as_f64().unwrap()
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+/// The bundled calibration set.
+pub fn calib_set() -> PathBuf {
+    root().join("fixtures/data/calib.npz")
+}
+
+/// Runs `mudsc merge A B -o OUT` followed by `extra`.
+pub fn merge_cli(a: &Path, b: &Path, out: &Path, extra: &[&str]) -> std::process::Output {
+    let mut args = vec![
+        "merge",
+        a.to_str().unwrap(),
+        b.to_str().unwrap(),
+        "-o",
+        out.to_str().unwrap(),
+    ];
+    args.extend(extra);
+    mudsc(&args)
 }

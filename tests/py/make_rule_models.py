@@ -135,19 +135,27 @@ def heads(src, dst):
     ]
 
 
+def attend():
+    """Unscaled softmax attention of heads `qh`, `kh`, `vh` ([N, H, T, hd]) and the output
+    projection to `y`."""
+    return [
+        h.make_node("Transpose", ["kh"], ["kt"], perm=[0, 1, 3, 2]),
+        h.make_node("MatMul", ["qh", "kt"], ["sc"]),
+        h.make_node("Softmax", ["sc"], ["p"], axis=-1),
+        h.make_node("MatMul", ["p", "vh"], ["o"]),
+        h.make_node("Transpose", ["o"], ["ot"], perm=[0, 2, 1, 3]),
+        h.make_node("Reshape", ["ot", "dshape"], ["om"]),
+        h.make_node("MatMul", ["om", "wo"], ["y"]),
+    ]
+
+
 model("attention_packed_qkv", 2, [
     h.make_node("MatMul", ["t", "wqkv"], ["qkv"]),
     h.make_node("Slice", ["qkv", "s0", "s1", "ax"], ["q"]),
     h.make_node("Slice", ["qkv", "s1", "s2", "ax"], ["k"]),
     h.make_node("Slice", ["qkv", "s2", "s3", "ax"], ["v"]),
     *heads("q", "qh"), *heads("k", "kh"), *heads("v", "vh"),
-    h.make_node("Transpose", ["kh"], ["kt"], perm=[0, 1, 3, 2]),
-    h.make_node("MatMul", ["qh", "kt"], ["sc"]),
-    h.make_node("Softmax", ["sc"], ["p"], axis=-1),
-    h.make_node("MatMul", ["p", "vh"], ["o"]),
-    h.make_node("Transpose", ["o"], ["ot"], perm=[0, 2, 1, 3]),
-    h.make_node("Reshape", ["ot", "dshape"], ["om"]),
-    h.make_node("MatMul", ["om", "wo"], ["y"]),
+    *attend(),
 ], [fin("t", "N", T, 6)], [fin("y", "N", T, 5)], {
     "wqkv": w(6, 3 * D), "s0": np.array([0], np.int64), "s1": np.array([D], np.int64), "s2": np.array([2 * D], np.int64),
     "s3": np.array([3 * D], np.int64), "ax": np.array([2], np.int64), "hshape": np.array([0, 0, H, hd], np.int64),
@@ -163,13 +171,7 @@ def stacked_attention(name, take):
         h.make_node("Reshape", ["qkv", "sshape"], ["st"]),
         h.make_node("Transpose", ["st"], ["stt"], perm=[2, 0, 3, 1, 4]),
         *take,
-        h.make_node("Transpose", ["kh"], ["kt"], perm=[0, 1, 3, 2]),
-        h.make_node("MatMul", ["qh", "kt"], ["sc"]),
-        h.make_node("Softmax", ["sc"], ["p"], axis=-1),
-        h.make_node("MatMul", ["p", "vh"], ["o"]),
-        h.make_node("Transpose", ["o"], ["ot"], perm=[0, 2, 1, 3]),
-        h.make_node("Reshape", ["ot", "dshape"], ["om"]),
-        h.make_node("MatMul", ["om", "wo"], ["y"]),
+        *attend(),
     ], [fin("t", "N", T, 6)], [fin("y", "N", T, 5)], {
         "wqkv": w(6, 3 * D), "sshape": np.array([0, 0, 3, H, hd], np.int64),
         "i0": np.array(0, np.int64), "i1": np.array(1, np.int64), "i2": np.array(-1, np.int64),
