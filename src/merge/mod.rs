@@ -976,21 +976,13 @@ fn find_matchings(
                     }
                     keep_sd(&moments, &cca_scope, &mut cca_sd);
                     // Correlations now, so that only this pass's f64 moments are ever held.
-                    act.extend(
-                        moments
-                            .into_iter()
-                            .map(|(g, m)| (g, m.into_correlation().mapv(|v| v as f32))),
-                    );
+                    act.extend(moments.into_iter().map(|(g, m)| (g, m.correlation_f32())));
                 }
                 HashMap::new()
             }
         };
         timer.lap("calibration");
-        act.extend(
-            moments
-                .into_iter()
-                .map(|(g, m)| (g, m.into_correlation().mapv(|v| v as f32))),
-        );
+        act.extend(moments.into_iter().map(|(g, m)| (g, m.correlation_f32())));
         timer.lap("statistics");
     }
 

@@ -20,7 +20,7 @@ use sha2::{Digest, Sha256};
 
 use crate::error::{Error, Result};
 use crate::onnx::Model;
-use crate::stats::Moments;
+use crate::stats::{Moments, SymmetricGram};
 
 const MAGIC: &[u8] = b"MUDSC-STATS/1\n";
 
@@ -84,7 +84,7 @@ impl Stats {
                 if let Some(t) = total.moments.get_mut(&g) {
                     t.count += m.count;
                     t.sum += &m.sum;
-                    t.outer += &m.outer;
+                    t.outer.add_assign(&m.outer);
                 }
             }
             total.samples += s.samples;
@@ -156,7 +156,15 @@ impl Stats {
                 )));
             }
             if let Some(m) = m {
-                for v in m.sum.iter().chain(m.outer.iter()) {
+                // Σxxᵀ whole, row-major: the format predates its triangular storage.
+                let u = m.sum.len();
+                let outer = (0..u).flat_map(|i| (0..u).map(move |j| (i, j)));
+                for v in m
+                    .sum
+                    .iter()
+                    .copied()
+                    .chain(outer.map(|(i, j)| m.outer.get(i, j)))
+                {
                     bytes
                         .write_all(&v.to_le_bytes())
                         .map_err(|e| Error::io(path, e))?;
@@ -209,8 +217,11 @@ impl Stats {
         for (g, count) in &header.groups {
             let u = header.models.len() * g.width;
             let sum = Array1::from_vec(read(u)?);
-            let outer =
-                Array2::from_shape_vec((u, u), read(u * u)?).map_err(|e| bad(&e.to_string()))?;
+            let outer = SymmetricGram::from_full(
+                Array2::from_shape_vec((u, u), read(u * u)?)
+                    .map_err(|e| bad(&e.to_string()))?
+                    .view(),
+            );
             moments.insert(
                 g.id,
                 Moments {

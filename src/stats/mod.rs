@@ -4,12 +4,17 @@
 
 use ndarray::{Array1, Array2, ArrayView2, Axis};
 
+mod symmetric;
+
+pub use symmetric::SymmetricGram;
+
 /// Σx and Σxxᵀ over samples, for `units` units.
 #[derive(Clone, Debug)]
 pub struct Moments {
     pub count: u64,
     pub sum: Array1<f64>,
-    pub outer: Array2<f64>,
+    /// Σxxᵀ, symmetric: its upper triangle (half the memory and half the GEMM).
+    pub outer: SymmetricGram,
 }
 
 impl Moments {
@@ -17,7 +22,7 @@ impl Moments {
         Moments {
             count: 0,
             sum: Array1::zeros(units),
-            outer: Array2::zeros((units, units)),
+            outer: SymmetricGram::zeros(units),
         }
     }
 
@@ -32,42 +37,42 @@ impl Moments {
     pub fn add_f64(&mut self, clean: ArrayView2<f64>) {
         self.count += clean.nrows() as u64;
         self.sum += &clean.sum_axis(Axis(0));
-        add_gram(&mut self.outer, clean);
+        self.outer.add(clean);
     }
 
     /// Pearson correlation: Cov ⊘ max(σσᵀ, 1e-7), as the reference computes it. Variances are
     /// clamped at 0 (E[x²]−μ² can round below it); a dead unit (σ = 0) correlates 0 with all.
     pub fn correlation(&self) -> Array2<f64> {
-        self.clone().into_correlation()
+        self.correlation_as(|r| r)
     }
 
-    /// `correlation` computed in the Σxxᵀ buffer itself: on wide groups the statistics are
-    /// the merge's largest allocation, and this way they are never held twice.
-    pub fn into_correlation(self) -> Array2<f64> {
+    /// `correlation` rounded to f32 as it is computed (what matching holds: on wide groups
+    /// the correlations are the largest thing it keeps), never a full f64 matrix.
+    pub fn correlation_f32(&self) -> Array2<f32> {
+        self.correlation_as(|r| r as f32)
+    }
+
+    fn correlation_as<T: Copy + Default>(&self, cast: impl Fn(f64) -> T) -> Array2<T> {
         let n = self.count.max(1) as f64;
         let mean = &self.sum / n;
-        let mut cov = self.outer;
         let units = mean.len();
-        let second: Vec<f64> = (0..units).map(|i| cov[[i, i]] / n).collect();
-        for ((i, j), c) in cov.indexed_iter_mut() {
-            *c = *c / n - mean[i] * mean[j];
-        }
+        let second: Vec<f64> = (0..units).map(|i| self.outer.get(i, i) / n).collect();
+        let var: Vec<f64> = (0..units).map(|i| second[i] - mean[i] * mean[i]).collect();
         // A unit whose variance is rounding noise relative to its second moment is dead:
         // E[x²]−μ² of a constant is ~1e-16·x², not 0, and dividing by the 1e-7 clamp would
         // turn that noise into spurious correlations.
         let dead: Vec<bool> = (0..units)
-            .map(|i| cov[[i, i]] <= 1e-12 * second[i].max(f64::MIN_POSITIVE))
+            .map(|i| var[i] <= 1e-12 * second[i].max(f64::MIN_POSITIVE))
             .collect();
-        let sd: Vec<f64> = (0..units).map(|i| cov[[i, i]].max(0.0).sqrt()).collect();
-        for ((i, j), c) in cov.indexed_iter_mut() {
-            let r = *c / (sd[i] * sd[j]).max(1e-7);
-            *c = if dead[i] || dead[j] || !r.is_finite() {
+        let sd: Vec<f64> = var.iter().map(|v| v.max(0.0).sqrt()).collect();
+        self.outer.map_full(|i, j, outer| {
+            let r = (outer / n - mean[i] * mean[j]) / (sd[i] * sd[j]).max(1e-7);
+            cast(if dead[i] || dead[j] || !r.is_finite() {
                 0.0
             } else {
                 r
-            };
-        }
-        cov
+            })
+        })
     }
 
     /// Mean and standard deviation per unit (for statistics repair).
@@ -75,7 +80,9 @@ impl Moments {
         let n = self.count.max(1) as f64;
         let mean = &self.sum / n;
         let sd = Array1::from_shape_fn(mean.len(), |i| {
-            (self.outer[[i, i]] / n - mean[i] * mean[i]).max(0.0).sqrt()
+            (self.outer.get(i, i) / n - mean[i] * mean[i])
+                .max(0.0)
+                .sqrt()
         });
         (mean, sd)
     }
@@ -91,7 +98,7 @@ pub fn row_correlation(z: ArrayView2<f64>) -> Array2<f64> {
     } else {
         m.add_f64(z.t().mapv(|v| if v.is_finite() { v } else { 0.0 }).view());
     }
-    m.into_correlation()
+    m.correlation()
 }
 
 /// `row_correlation` with the Gram product in f32 over rows centred in f64: weight similarity
@@ -298,33 +305,54 @@ fn add_outer_on<T: Copy + 'static>(
     beta: T,
     parallelism: gemm::Parallelism,
 ) {
-    let (rows, k) = x.dim();
+    let rows = x.nrows();
     assert_eq!(gram.dim(), (rows, rows), "gram matrix of {rows} rows");
-    if rows == 0 || k == 0 {
+    product_on(gram, x, x.t(), alpha, beta, parallelism);
+}
+
+/// `c += a·b` (f64, the machine's cores as `gemm_threads` says).
+fn add_product(c: &mut Array2<f64>, a: ArrayView2<f64>, b: ArrayView2<f64>) {
+    product_on(c, a, b, 1.0, 1.0, gemm_threads());
+}
+
+/// `c = alpha·c + beta·a·b` for views of any strides (a transposed view is read in place).
+fn product_on<T: Copy + 'static>(
+    c: &mut Array2<T>,
+    a: ArrayView2<T>,
+    b: ArrayView2<T>,
+    alpha: T,
+    beta: T,
+    parallelism: gemm::Parallelism,
+) {
+    let ((m, k), n) = (a.dim(), b.ncols());
+    assert_eq!(b.nrows(), k, "inner dimensions");
+    assert_eq!(c.dim(), (m, n), "product of {m}×{n}");
+    if m == 0 || n == 0 || k == 0 {
         return;
     }
-    let (s0, s1) = (x.strides()[0], x.strides()[1]);
-    let (d0, d1) = (gram.strides()[0], gram.strides()[1]);
-    // SAFETY: `gram` is an owned rows×rows array whose element [i, j] sits at i·d0 + j·d1 from
-    // its pointer. `x` is a view whose element [i, l] sits at i·s0 + l·s1, valid for i < rows,
-    // l < k (any strides, a transposed view included). x xᵀ reads x as lhs (rows×k: row
-    // stride s0, column stride s1) and as rhs (k×rows: row stride s1, column stride s0);
-    // every index the kernel forms is one of those, and `gram` is a separate owned buffer.
+    let (a0, a1) = (a.strides()[0], a.strides()[1]);
+    let (b0, b1) = (b.strides()[0], b.strides()[1]);
+    let (c0, c1) = (c.strides()[0], c.strides()[1]);
+    // SAFETY: `c` is an owned m×n array whose element [i, j] sits at i·c0 + j·c1 from its
+    // pointer; `a` (m×k) and `b` (k×n) are views whose element [i, l] sits at i·s0 + l·s1,
+    // valid within their dims (any strides, transposed views included). The kernel takes
+    // column then row strides and forms only those indices; `c` is a separate owned buffer,
+    // so it aliases neither input.
     unsafe {
         gemm::gemm(
-            rows,
-            rows,
+            m,
+            n,
             k,
-            gram.as_mut_ptr(),
-            d1,
-            d0,
+            c.as_mut_ptr(),
+            c1,
+            c0,
             true,
-            x.as_ptr(),
-            s1,
-            s0,
-            x.as_ptr(),
-            s0,
-            s1,
+            a.as_ptr(),
+            a1,
+            a0,
+            b.as_ptr(),
+            b1,
+            b0,
             alpha,
             beta,
             false,
@@ -337,7 +365,7 @@ fn add_outer_on<T: Copy + 'static>(
 
 /// The Pearson correlation between rows of the matrix whose column blocks are `blocks` (all
 /// with the same rows). A row whose variance is rounding noise is dead: its correlations are
-/// 0, as in `Moments::into_correlation`.
+/// 0, as in `Moments::correlation`.
 pub fn row_correlation_of_blocks(blocks: &[&RowBlock]) -> Array2<f64> {
     let units = blocks.first().map_or(0, |b| b.mean.len());
     let features: usize = blocks.iter().map(|b| b.features).sum();
