@@ -116,6 +116,9 @@ pub fn collect(
                 let sessions = match (&mut with_side, start < side.samples) {
                     (Some(s), true) => s,
                     _ => {
+                        // The side sessions go first: both sets alive at once would hold
+                        // every model twice more.
+                        with_side = None;
                         if plain.is_none() {
                             match open(false) {
                                 Ok(s) => plain = Some(s),
@@ -125,7 +128,6 @@ pub fn collect(
                                 }
                             }
                         }
-                        with_side = None; // no longer needed: free its memory
                         plain.as_mut().expect("opened above")
                     }
                 };

@@ -190,10 +190,17 @@ pub fn zip(sim: ArrayView2<f64>, models: usize, a: f64, b: f64) -> Matched {
 /// `zip` down to `target` merged units (one model's width up to all models' units): wider
 /// targets stop merging earlier, so the least similar units stay apart (each model's own).
 pub fn zip_to(sim: ArrayView2<f64>, models: usize, a: f64, b: f64, target: usize) -> Matched {
+    zip_owned(sim.to_owned(), models, a, b, target)
+}
+
+/// `zip_to` working in `sim` itself, which it consumes: on a wide group the similarity is the
+/// largest matrix a matching holds (6,144² f64 on a ViT-B MLP group: 302 MB), and the caller
+/// has no use for it after.
+pub fn zip_owned(sim: Array2<f64>, models: usize, a: f64, b: f64, target: usize) -> Matched {
     let o = sim.nrows();
     let w = o / models;
     let target = target.clamp(w.min(o), o);
-    let mut s = sim.to_owned();
+    let mut s = sim;
     for k in 0..o {
         s[[k, k]] = f64::NEG_INFINITY;
     }

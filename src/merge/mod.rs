@@ -895,7 +895,7 @@ fn find_matchings(
     // Held in f32 for the whole iterative loop: they only rank candidate pairs (as the f32
     // weight similarities do), and on a ViT-B pair the twelve 6,144-unit MLP groups' matrices
     // are 3.6 GB in f64.
-    let mut act: HashMap<usize, Array2<f32>> = HashMap::new();
+    let mut act: HashMap<usize, crate::stats::Symmetric<f32>> = HashMap::new();
     // CCA: the groups a linear map can align, and their maps (from the moments, before those
     // become correlations).
     let cca_scope = if opts.method == Method::Cca {
@@ -1047,7 +1047,7 @@ fn find_matchings(
                     .iter()
                     .map(|&g| match act.get(&g) {
                         Some(a) => {
-                            let a = a.mapv(f64::from);
+                            let a = a.map_full(|_, _, v| f64::from(v));
                             if !iterates {
                                 act.remove(&g);
                             }
@@ -1061,7 +1061,7 @@ fn find_matchings(
                         }
                     })
                     .collect();
-                match_unit(&disc.groups, &sims, opts, &targets, &mut m, &mut values)?;
+                match_unit(&disc.groups, sims, opts, &targets, &mut m, &mut values)?;
             }
         }
         if opts.method.iterates() {
@@ -1111,23 +1111,22 @@ fn find_matchings(
                             let a = act.get(&g);
                             match (w, a, opts.method.uses_activations()) {
                                 (Some(mut w), Some(a), true) => {
-                                    let alpha = opts.alpha;
-                                    w.zip_mut_with(a, |w, &a| {
-                                        *w = *w * alpha + f64::from(a) * (1.0 - alpha)
-                                    });
+                                    blend(&mut w, a, opts.alpha);
                                     (g, w, "dual".into())
                                 }
                                 (Some(w), _, _) => (g, w, "weight".into()),
-                                (None, Some(a), _) => {
-                                    (g, a.mapv(f64::from), "activation (no weights)".into())
-                                }
+                                (None, Some(a), _) => (
+                                    g,
+                                    a.map_full(|_, _, v| f64::from(v)),
+                                    "activation (no weights)".into(),
+                                ),
                                 (None, None, _) => {
                                     (g, Array2::eye(n * disc.groups[g].width), "none".into())
                                 }
                             }
                         })
                         .collect();
-                    match_unit(&disc.groups, &sims, opts, &targets, &mut m, &mut values)?;
+                    match_unit(&disc.groups, sims, opts, &targets, &mut m, &mut values)?;
                     last.insert(u, (inputs, result(&units[u], &m, &values)));
                 }
                 let mean = values
@@ -1175,19 +1174,18 @@ fn find_matchings(
                 let w = wsim.get(&disc.groups[g], &m);
                 let sim = match (w, act.get(&g), opts.method.uses_activations()) {
                     (Some(mut w), Some(a), true) => {
-                        let alpha = opts.alpha;
-                        w.zip_mut_with(a, |w, &a| *w = *w * alpha + f64::from(a) * (1.0 - alpha));
+                        blend(&mut w, a, opts.alpha);
                         w
                     }
                     (Some(w), _, _) => w,
-                    (None, Some(a), _) => a.mapv(f64::from),
+                    (None, Some(a), _) => a.map_full(|_, _, v| f64::from(v)),
                     (None, None, _) => continue,
                 };
                 let how = values.get(&g).map(|v| v.1.clone()).unwrap_or_default();
                 let one = HashMap::from([(g, target)]);
                 match_unit(
                     &disc.groups,
-                    &[(g, sim, how)],
+                    vec![(g, sim, how)],
                     opts,
                     &one,
                     &mut m,
@@ -1207,7 +1205,7 @@ fn find_matchings(
         if pinned.contains_key(&g) {
             continue;
         }
-        let cov = Array2::from_shape_fn(r.dim(), |(i, j)| f64::from(r[[i, j]]) * sd[i] * sd[j]);
+        let cov = r.map_full(|i, j, r| f64::from(r) * sd[i] * sd[j]);
         let maps = cca::maps(&cov, p, opts.cca_ridge)?;
         values.insert(g, (maps.unit_correlation, "cca".into()));
         m.linear.insert(g, std::sync::Arc::new(maps.maps));
@@ -1232,6 +1230,18 @@ fn find_matchings(
         similarities,
         endpoint,
     })
+}
+
+/// The dual similarity α·weight + (1−α)·activation, in `w`. The activation correlation is
+/// read from its triangle, each element once for `[i, j]` and `[j, i]`.
+fn blend(w: &mut Array2<f64>, act: &crate::stats::Symmetric<f32>, alpha: f64) {
+    let mix = |w: f64, a: f32| w * alpha + f64::from(a) * (1.0 - alpha);
+    act.for_each_upper(|i, j, a| {
+        w[[i, j]] = mix(w[[i, j]], a);
+        if i != j {
+            w[[j, i]] = mix(w[[j, i]], a);
+        }
+    });
 }
 
 /// `--widen worst`: the extra merged units that `uniform` gives the widenable groups, in all,
@@ -1368,28 +1378,29 @@ fn matching_units(groups: &[symmetry::Group]) -> Vec<Vec<usize>> {
 /// Matches one unit (a plain group, or blocked groups sharing their block order).
 fn match_unit(
     groups: &[symmetry::Group],
-    sims: &[(usize, Array2<f64>, String)],
+    mut sims: Vec<(usize, Array2<f64>, String)>,
     opts: &MergeOptions,
     targets: &HashMap<usize, usize>,
     m: &mut Matchings,
     values: &mut Values,
 ) -> Result<()> {
     let n = m.models;
-    match sims {
-        [(g, s, how)] if groups[*g].block.is_none() => {
+    match sims.as_slice() {
+        [(g, _, _)] if groups[*g].block.is_none() => {
+            let (g, s, how) = sims.pop().expect("one similarity");
             let matched = if opts.method.zips() {
-                let target = targets.get(g).copied().unwrap_or(groups[*g].width);
-                matching::zip_to(s.view(), n, opts.zip_a, opts.zip_b, target)
+                let target = targets.get(&g).copied().unwrap_or(groups[g].width);
+                matching::zip_owned(s, n, opts.zip_a, opts.zip_b, target)
             } else {
                 align(s.view(), n)?
             };
-            m.p.insert(*g, Unmerge::from_dense(&matched.p));
-            values.insert(*g, (matched.value, how.clone()));
+            m.p.insert(g, Unmerge::from_dense(&matched.p));
+            values.insert(g, (matched.value, how));
         }
         _ => {
             // Blocked: sum every group's head-level scores so that they share one block order.
             let mut shared: Vec<Array2<f64>> = Vec::new();
-            for (g, s, _) in sims {
+            for (g, s, _) in &sims {
                 if let GroupKind::Blocked {
                     blocks, block_size, ..
                 } = groups[*g].kind

@@ -6,7 +6,7 @@ use ndarray::{Array1, Array2, ArrayView2, Axis};
 
 mod symmetric;
 
-pub use symmetric::SymmetricGram;
+pub use symmetric::{Symmetric, SymmetricGram};
 
 /// Σx and Σxxᵀ over samples, for `units` units.
 #[derive(Clone, Debug)]
@@ -43,16 +43,20 @@ impl Moments {
     /// Pearson correlation: Cov ⊘ max(σσᵀ, 1e-7), as the reference computes it. Variances are
     /// clamped at 0 (E[x²]−μ² can round below it); a dead unit (σ = 0) correlates 0 with all.
     pub fn correlation(&self) -> Array2<f64> {
-        self.correlation_as(|r| r)
+        let r = self.pearson();
+        self.outer.map_full(|i, j, outer| r(i, j, outer))
     }
 
-    /// `correlation` rounded to f32 as it is computed (what matching holds: on wide groups
-    /// the correlations are the largest thing it keeps), never a full f64 matrix.
-    pub fn correlation_f32(&self) -> Array2<f32> {
-        self.correlation_as(|r| r as f32)
+    /// `correlation` rounded to f32 as it is computed, and kept as its upper triangle: what
+    /// matching holds for every group through the iterative loop (on a ViT-B pair, twelve
+    /// MLP groups of 6,144 units: 0.9 GB so, 3.6 GB as full f64 matrices).
+    pub fn correlation_f32(&self) -> Symmetric<f32> {
+        let r = self.pearson();
+        self.outer.map(|i, j, outer| r(i, j, outer) as f32)
     }
 
-    fn correlation_as<T: Copy + Default>(&self, cast: impl Fn(f64) -> T) -> Array2<T> {
+    /// The correlation of units `i`, `j` from their Σxᵢxⱼ.
+    fn pearson(&self) -> impl Fn(usize, usize, f64) -> f64 {
         let n = self.count.max(1) as f64;
         let mean = &self.sum / n;
         let units = mean.len();
@@ -65,14 +69,14 @@ impl Moments {
             .map(|i| var[i] <= 1e-12 * second[i].max(f64::MIN_POSITIVE))
             .collect();
         let sd: Vec<f64> = var.iter().map(|v| v.max(0.0).sqrt()).collect();
-        self.outer.map_full(|i, j, outer| {
+        move |i, j, outer| {
             let r = (outer / n - mean[i] * mean[j]) / (sd[i] * sd[j]).max(1e-7);
-            cast(if dead[i] || dead[j] || !r.is_finite() {
+            if dead[i] || dead[j] || !r.is_finite() {
                 0.0
             } else {
                 r
-            })
-        })
+            }
+        }
     }
 
     /// Mean and standard deviation per unit (for statistics repair).

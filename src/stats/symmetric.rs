@@ -12,30 +12,33 @@ use ndarray::{Array2, ArrayView2};
 /// half at 6,144 units, while each panel stays a GEMM wide enough to run at the kernel's peak.
 const PANEL: usize = 256;
 
-/// A symmetric `units × units` sum, stored as its upper triangle in column panels.
+/// A symmetric `units × units` matrix, stored as its upper triangle in column panels.
 #[derive(Clone, Debug)]
-pub struct SymmetricGram {
+pub struct Symmetric<T> {
     units: usize,
     panel: usize,
     /// Panel `p` holds columns `p·panel .. end` of rows `0 .. end` (row-major), where
     /// `end = min(units, (p + 1)·panel)`: the upper triangle with its diagonal blocks whole.
-    panels: Vec<Array2<f64>>,
+    panels: Vec<Array2<T>>,
 }
 
-impl SymmetricGram {
-    pub fn zeros(units: usize) -> SymmetricGram {
-        SymmetricGram::with_panel(units, PANEL)
+/// Σxxᵀ of a group's units, accumulated in f64.
+pub type SymmetricGram = Symmetric<f64>;
+
+impl<T: Copy + Default> Symmetric<T> {
+    pub fn zeros(units: usize) -> Symmetric<T> {
+        Symmetric::with_panel(units, PANEL)
     }
 
-    fn with_panel(units: usize, panel: usize) -> SymmetricGram {
+    fn with_panel(units: usize, panel: usize) -> Symmetric<T> {
         let panel = panel.clamp(1, units.max(1));
         let panels = (0..units.div_ceil(panel))
             .map(|p| {
                 let end = ((p + 1) * panel).min(units);
-                Array2::zeros((end, end - p * panel))
+                Array2::default((end, end - p * panel))
             })
             .collect();
-        SymmetricGram {
+        Symmetric {
             units,
             panel,
             panels,
@@ -47,11 +50,65 @@ impl SymmetricGram {
     }
 
     /// Element `[i, j]` of the full matrix.
-    pub fn get(&self, i: usize, j: usize) -> f64 {
+    pub fn get(&self, i: usize, j: usize) -> T {
         let (i, j) = if i <= j { (i, j) } else { (j, i) };
         self.panels[j / self.panel][[i, j % self.panel]]
     }
 
+    /// The same triangle with every element mapped by `f(i, j, value)` (i ≤ j).
+    pub fn map<U: Copy + Default>(&self, f: impl Fn(usize, usize, T) -> U) -> Symmetric<U> {
+        let panels = self
+            .panels
+            .iter()
+            .enumerate()
+            .map(|(p, panel)| {
+                let start = p * self.panel;
+                Array2::from_shape_fn(panel.dim(), |(i, c)| f(i, start + c, panel[[i, c]]))
+            })
+            .collect();
+        Symmetric {
+            units: self.units,
+            panel: self.panel,
+            panels,
+        }
+    }
+
+    /// Calls `f(i, j, value)` once for every element of the upper triangle (i ≤ j), panel by
+    /// panel and row by row: what touches the mirrored element `[j, i]` of a full matrix beside
+    /// `[i, j]` stays within one panel's columns, in cache.
+    pub fn for_each_upper(&self, mut f: impl FnMut(usize, usize, T)) {
+        for (p, panel) in self.panels.iter().enumerate() {
+            let start = p * self.panel;
+            for (i, row) in panel.outer_iter().enumerate() {
+                for (c, &v) in row.iter().enumerate().skip(i.max(start) - start) {
+                    f(i, start + c, v);
+                }
+            }
+        }
+    }
+
+    /// The full matrix, each element `f(i, j, value)`, where `f` must be symmetric in
+    /// `(i, j)`: it is evaluated on the upper triangle and mirrored.
+    pub fn map_full<U: Copy + Default>(&self, f: impl Fn(usize, usize, T) -> U) -> Array2<U> {
+        let n = self.units;
+        let mut out = Array2::<U>::default((n, n));
+        self.for_each_upper(|i, j, v| out[[i, j]] = f(i, j, v));
+        mirror_upper(&mut out);
+        out
+    }
+
+    /// The full matrix.
+    pub fn to_full(&self) -> Array2<T> {
+        self.map_full(|_, _, v| v)
+    }
+
+    /// Bytes held.
+    pub fn bytes(&self) -> usize {
+        self.panels.iter().map(|p| p.len()).sum::<usize>() * std::mem::size_of::<T>()
+    }
+}
+
+impl Symmetric<f64> {
     /// `self += xᵀx` for a batch `x` of `[samples, units]` (any strides).
     pub fn add(&mut self, x: ArrayView2<f64>) {
         assert_eq!(x.ncols(), self.units, "batch of {} units", self.units);
@@ -66,7 +123,7 @@ impl SymmetricGram {
     }
 
     /// `self += other` (statistics of the same units from other data).
-    pub fn add_assign(&mut self, other: &SymmetricGram) {
+    pub fn add_assign(&mut self, other: &Symmetric<f64>) {
         assert_eq!(self.units, other.units, "sums of different widths");
         for (a, b) in self.panels.iter_mut().zip(&other.panels) {
             *a += b;
@@ -74,50 +131,15 @@ impl SymmetricGram {
     }
 
     /// The upper triangle of a full matrix (what `to_full` gives back).
-    pub fn from_full(full: ArrayView2<f64>) -> SymmetricGram {
-        let mut s = SymmetricGram::zeros(full.nrows());
-        s.fill(|i, j| full[[i, j]]);
-        s
-    }
-
-    /// Sets every stored element `[i, j]` (i ≤ j, and the diagonal blocks' lower parts) to
-    /// `value(i, j)`, in storage order.
-    pub fn fill(&mut self, mut value: impl FnMut(usize, usize) -> f64) {
-        for (p, panel) in self.panels.iter_mut().enumerate() {
-            let start = p * self.panel;
+    pub fn from_full(full: ArrayView2<f64>) -> Symmetric<f64> {
+        let mut s = Symmetric::zeros(full.nrows());
+        for (p, panel) in s.panels.iter_mut().enumerate() {
+            let start = p * s.panel;
             for ((i, c), v) in panel.indexed_iter_mut() {
-                *v = value(i, start + c);
+                *v = full[[i, start + c]];
             }
         }
-    }
-
-    /// The full matrix, each element `f(i, j, Σ[i, j])`, where `f` must be symmetric in
-    /// `(i, j)`: it is evaluated on the upper triangle and mirrored.
-    pub fn map_full<T: Copy + Default>(&self, f: impl Fn(usize, usize, f64) -> T) -> Array2<T> {
-        let n = self.units;
-        let mut out = Array2::<T>::default((n, n));
-        for (p, panel) in self.panels.iter().enumerate() {
-            let start = p * self.panel;
-            for (i, row) in panel.outer_iter().enumerate() {
-                // Columns from max(i, start): the upper triangle, each element once.
-                let from = i.max(start);
-                for (c, &v) in row.iter().enumerate().skip(from - start) {
-                    out[[i, start + c]] = f(i, start + c, v);
-                }
-            }
-        }
-        mirror_upper(&mut out);
-        out
-    }
-
-    /// The full matrix.
-    pub fn to_full(&self) -> Array2<f64> {
-        self.map_full(|_, _, v| v)
-    }
-
-    /// Bytes held.
-    pub fn bytes(&self) -> usize {
-        self.panels.iter().map(|p| p.len() * 8).sum()
+        s
     }
 }
 
@@ -202,6 +224,17 @@ mod tests {
             a.to_full()
         );
         // Storage is the triangle, not the square (two panels of 256: 256² + 300·44).
+        let f32s = a.map(|_, _, v| v as f32);
+        assert_eq!(f32s.bytes(), 4 * (256 * 256 + 300 * 44));
+        let mut seen = Array2::<u32>::zeros((units, units));
+        f32s.for_each_upper(|i, j, v| {
+            assert!(i <= j);
+            assert_eq!(v, a.get(i, j) as f32);
+            seen[[i, j]] += 1;
+        });
+        assert!(seen
+            .indexed_iter()
+            .all(|((i, j), &k)| k == u32::from(i <= j)));
         assert_eq!(a.bytes(), 8 * (256 * 256 + 300 * 44));
     }
 }
