@@ -3,6 +3,8 @@ only, random weights, two seeds per pair.
 
 usage: make_large.py vit-b OUT_DIR     ViT-B/16 sized: 12 blocks, d 768, 12 heads, MLP 3072,
                                         224x224 input, ~86 M parameters (~345 MB per model)
+       make_large.py vit-l OUT_DIR     ViT-L/16 sized: 24 blocks, d 1024, 16 heads, MLP 4096,
+                                        ~304 M parameters (~1.2 GB per model)
        make_large.py wide-conv OUT_DIR  > 2 GiB per model: 12 Conv layers (11 of 1024->1024 7x7) on 8x8
                                         maps, saved with external data
 Each writes <kind>_a.onnx, <kind>_b.onnx and <kind>_calib.npz (input `input`).
@@ -15,9 +17,16 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 
-def vit_b(seed):
+VIT_SIZES = {
+    # d, heads, MLP, depth
+    "vit-b": (768, 12, 3072, 12),
+    "vit-l": (1024, 16, 4096, 24),
+}
+
+
+def vit(seed, kind):
     rng = np.random.default_rng(seed)
-    d, heads, mlp, depth, patch, image = 768, 12, 3072, 12, 16, 224
+    (d, heads, mlp, depth), patch, image = VIT_SIZES[kind], 16, 224
     tokens = (image // patch) ** 2 + 1
     inits, nodes = [], []
 
@@ -74,7 +83,7 @@ def vit_b(seed):
     first = n("Gather", [x, c("zero", np.array(0, np.int64))], "cls.out", axis=1)
     logits = linear(first, "head", d, 10)
     graph = helper.make_graph(
-        nodes, "vit_b",
+        nodes, kind.replace("-", "_"),
         [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", 3, image, image])],
         [helper.make_tensor_value_info(logits, TensorProto.FLOAT, ["N", 10])], inits)
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
@@ -110,10 +119,10 @@ def main():
     kind, out = sys.argv[1], sys.argv[2]
     os.makedirs(out, exist_ok=True)
     rng = np.random.default_rng(0)
-    if kind == "vit-b":
+    if kind in VIT_SIZES:
         for tag, seed in (("a", 1), ("b", 2)):
-            onnx.save(vit_b(seed), os.path.join(out, f"vit-b_{tag}.onnx"))
-        np.savez(os.path.join(out, "vit-b_calib.npz"), input=rng.standard_normal((8, 3, 224, 224)).astype(np.float32))
+            onnx.save(vit(seed, kind), os.path.join(out, f"{kind}_{tag}.onnx"))
+        np.savez(os.path.join(out, f"{kind}_calib.npz"), input=rng.standard_normal((8, 3, 224, 224)).astype(np.float32))
     elif kind == "wide-conv":
         for tag, seed in (("a", 1), ("b", 2)):
             onnx.save(wide_conv(seed), os.path.join(out, f"wide-conv_{tag}.onnx"),
