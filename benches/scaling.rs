@@ -1,18 +1,19 @@
 //! Scaling of the merge's kernels, printed as markdown tables with ratios to their targets:
 //! 1. LAP (exact assignment) and ZipIt zip time against units per model, 256 … 4096
 //!    (targets: zip of 2 × 2048 units ≤ 1 s, LAP of 4096² well under 1 s);
-//! 2. statistics accumulation (Σxxᵀ in f64) GFLOP/s against the machine's GEMM peak;
+//! 2. statistics accumulation (Σxxᵀ in f64) GFLOP/s against the machine's GEMM peak, and the
+//!    upper-triangle accumulation calibration runs against the full product;
 //! 3. calibration throughput of tract against ONNX Runtime on every fixture model.
 //!
 //! `cargo bench --bench scaling` (add `-- quick` to stop at 2048 units, `-- matching` for the
-//! first table only).
+//! first table only, `-- gemm` for the second only).
 
 use std::path::Path;
 use std::time::Instant;
 
 use mudsc::merge::{lap, zip};
 use mudsc::runtime::{open_session, run_batched, BackendKind, BackendOptions};
-use mudsc::stats::{add_gram, row_correlation};
+use mudsc::stats::{add_gram, row_correlation, SymmetricGram};
 use ndarray::{Array2, ArrayView2};
 
 /// Deterministic uniform numbers in [0, 1) (a benchmark must not depend on a crate's RNG
@@ -93,8 +94,8 @@ fn gemm_table() {
     let (t_peak, _) = seconds(|| add_gram(&mut c, a.view()));
     let peak = 2.0 * (n as f64).powi(3) / t_peak / 1e9;
     println!("GEMM peak (gemm crate, f64, 2048³): {peak:.1} GFLOP/s\n");
-    println!("| units C | batch rows N | gemm crate GFLOP/s | ÷ peak | ndarray (matrixmultiply) GFLOP/s | speed-up |");
-    println!("|---|---|---|---|---|---|");
+    println!("| units C | batch rows N | gemm crate GFLOP/s | ÷ peak | ndarray (matrixmultiply) GFLOP/s | speed-up | upper triangle (mudsc) s | full ÷ triangle |");
+    println!("|---|---|---|---|---|---|---|---|");
     for c_units in [256, 1024, 2048] {
         let rows = 16384;
         let x = Array2::from_shape_fn((rows, c_units), |(i, j)| ((i * 13 + j * 5) % 17) as f64);
@@ -107,11 +108,17 @@ fn gemm_table() {
         });
         let worst = (&g - &h).iter().fold(0.0f64, |m, v| m.max(v.abs()));
         assert!(worst <= 1e-6 * h.iter().fold(1.0f64, |m, v| m.max(v.abs())));
+        // What calibration runs: the upper triangle only (`stats::SymmetricGram`).
+        let mut tri = SymmetricGram::zeros(c_units);
+        let (t_tri, _) = seconds(|| tri.add(x.view()));
+        let worst = (&tri.to_full() - &g).iter().fold(0.0f64, |m, v| m.max(v.abs()));
+        assert!(worst <= 1e-6 * g.iter().fold(1.0f64, |m, v| m.max(v.abs())));
         let (gf, nd) = (flops / t_gemm / 1e9, flops / t_nd / 1e9);
         println!(
-            "| {c_units} | {rows} | {gf:.1} | {:.2} | {nd:.1} | {:.2}× |",
+            "| {c_units} | {rows} | {gf:.1} | {:.2} | {nd:.1} | {:.2}× | {t_tri:.3} | {:.2}× |",
             gf / peak,
-            gf / nd
+            gf / nd,
+            t_gemm / t_tri
         );
     }
     println!();
@@ -165,6 +172,11 @@ fn throughput_table() {
 }
 
 fn main() {
+    // `-- gemm`: the statistics table only.
+    if std::env::args().any(|a| a == "gemm") {
+        gemm_table();
+        return;
+    }
     let quick = std::env::args().any(|a| a == "quick");
     let widths: &[usize] = if quick {
         &[256, 512, 1024, 2048]

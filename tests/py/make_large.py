@@ -86,7 +86,8 @@ def vit(seed, kind):
         nodes, kind.replace("-", "_"),
         [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", 3, image, image])],
         [helper.make_tensor_value_info(logits, TensorProto.FLOAT, ["N", 10])], inits)
-    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    # IR 9 (opset 17's own): the onnx package's default IR is newer than ONNX Runtime 1.31 reads.
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=9)
 
 
 def wide_conv(seed):
