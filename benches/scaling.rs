@@ -111,7 +111,9 @@ fn gemm_table() {
         // What calibration runs: the upper triangle only (`stats::SymmetricGram`).
         let mut tri = SymmetricGram::zeros(c_units);
         let (t_tri, _) = seconds(|| tri.add(x.view()));
-        let worst = (&tri.to_full() - &g).iter().fold(0.0f64, |m, v| m.max(v.abs()));
+        let worst = (&tri.to_full() - &g)
+            .iter()
+            .fold(0.0f64, |m, v| m.max(v.abs()));
         assert!(worst <= 1e-6 * g.iter().fold(1.0f64, |m, v| m.max(v.abs())));
         let (gf, nd) = (flops / t_gemm / 1e9, flops / t_nd / 1e9);
         println!(

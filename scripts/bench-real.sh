@@ -185,7 +185,7 @@ if [ "$write" = 1 ]; then
         echo "- bare passes: \`mudsc run\` of model A, then of model B, over the calibration set on ONNX"
         echo "  Runtime (batch $batch; wall clock including loading each model)."
         echo "- Σxxᵀ at peak: the statistics arithmetic, Σ over groups of 2 · samples · tap positions ·"
-        echo "  (2·width)² flops (the joint A‖B matrix, full, as mudsc accumulates it), at the GEMM peak."
+        echo "  (2·width)² flops (the joint A‖B matrix, full: the issue's definition; mudsc computes its upper triangle, about half), at the GEMM peak."
         echo "- limit: bare passes + Σxxᵀ at peak. The repair's forward passes are not in it."
         echo "- calibration, matching, repair: \`mudsc merge --backend ort\` (mudsc-zip, batch $batch),"
         echo "  seconds of those phases in its report; other: the rest (read, discovery, statistics,"

@@ -263,3 +263,24 @@ pub fn write_atomic(path: &Path, protect: &[PathBuf], bytes: &[u8]) -> Result<()
     let tmp = write_temp(&parent_dir(path), path, bytes)?;
     tmp.persist(path)
 }
+
+/// `write_atomic` for output produced piece by piece through a buffered writer: a statistics
+/// shard of gigabytes is never held whole in memory. An error from `write` leaves no file.
+pub fn write_atomic_with(
+    path: &Path,
+    protect: &[PathBuf],
+    write: impl FnOnce(&mut dyn Write) -> std::io::Result<()>,
+) -> Result<()> {
+    refuse_protected(path, protect)?;
+    refuse_special(path)?;
+    let mut tmp = new_temp(&parent_dir(path), path)?;
+    if let Some(f) = tmp.file.as_mut() {
+        let mut out = std::io::BufWriter::with_capacity(1 << 20, f.as_file_mut());
+        write(&mut out)
+            .and_then(|()| out.flush())
+            .map_err(|e| Error::io(path, e))?;
+        drop(out);
+        f.as_file().sync_all().map_err(|e| Error::io(path, e))?;
+    }
+    tmp.persist(path)
+}

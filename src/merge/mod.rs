@@ -384,15 +384,8 @@ pub fn merge(
         ..opts.clone()
     };
     let mut timer = Timer::new();
-    let (disc, names) = discover(models, calib, opts)?;
-    timer.lap("discovery");
     // The weights are loaded by `find_matchings`, after calibration.
-    let mut prep = Prepared {
-        disc,
-        names,
-        weights: Vec::new(),
-        folded: bn_fold::Folded::default(),
-    };
+    let mut prep = discovered(models, calib, opts, &mut timer)?;
     budget::check(&prep.disc.groups, models.len(), opts)?;
     let graph = Graph::new(&models[0])?;
     if opts.width != 1.0 {
@@ -758,17 +751,27 @@ fn prepare(
     opts: &MergeOptions,
     timer: &mut Timer,
 ) -> Result<Prepared> {
+    let mut prep = discovered(models, calib, opts, timer)?;
+    prep.load_weights(models)?;
+    timer.lap("load");
+    Ok(prep)
+}
+
+/// `prepare` without the weights (`Prepared::load_weights` loads them).
+fn discovered(
+    models: &[Model],
+    calib: &[TensorData],
+    opts: &MergeOptions,
+    timer: &mut Timer,
+) -> Result<Prepared> {
     let (disc, names) = discover(models, calib, opts)?;
     timer.lap("discovery");
-    let mut prep = Prepared {
+    Ok(Prepared {
         disc,
         names,
         weights: Vec::new(),
         folded: bn_fold::Folded::default(),
-    };
-    prep.load_weights(models)?;
-    timer.lap("load");
-    Ok(prep)
+    })
 }
 
 impl Prepared {
@@ -910,9 +913,9 @@ fn find_matchings(
     let mut endpoint = None;
     let mut calibration_passes = 0;
     // Activation statistics: given, or calibrated here.
-    // Held in f32 for the whole iterative loop: they only rank candidate pairs (as the f32
-    // weight similarities do), and on a ViT-B pair the twelve 6,144-unit MLP groups' matrices
-    // are 3.6 GB in f64.
+    // Held as f32 upper triangles for the whole iterative loop: they only rank candidate pairs
+    // (as the f32 weight similarities do), and on a ViT-B pair the twelve 6,144-unit MLP
+    // groups' matrices are 0.9 GB so, 3.6 GB as full f64 matrices.
     let mut act: HashMap<usize, crate::stats::Symmetric<f32>> = HashMap::new();
     // CCA: the groups a linear map can align, and their maps (from the moments, before those
     // become correlations).

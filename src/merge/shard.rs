@@ -10,7 +10,7 @@
 //! a few lines do it; npz would need a member per array and a JSON side file.
 
 use std::collections::HashMap;
-use std::io::{Read, Write};
+use std::io::Read;
 use std::path::{Path, PathBuf};
 
 use ndarray::{Array1, Array2};
@@ -142,36 +142,37 @@ impl Stats {
                 .collect(),
         };
         let json = serde_json::to_vec(&header).map_err(|e| Error::data(path, e.to_string()))?;
-        let mut bytes = Vec::new();
-        bytes.extend_from_slice(MAGIC);
-        bytes.extend_from_slice(&(json.len() as u64).to_le_bytes());
-        bytes.extend_from_slice(&json);
+        let mut moments = Vec::with_capacity(self.groups.len());
         for g in &self.groups {
-            let m = self.moments.get(&g.id);
-            let units = m.map_or(0, |m| m.sum.len());
-            if units != header.models.len() * g.width {
-                return Err(Error::Usage(format!(
-                    "no statistics for group {} to save",
-                    g.id
-                )));
-            }
-            if let Some(m) = m {
-                // Σxxᵀ whole, row-major: the format predates its triangular storage.
-                let u = m.sum.len();
-                let outer = (0..u).flat_map(|i| (0..u).map(move |j| (i, j)));
-                for v in m
-                    .sum
-                    .iter()
-                    .copied()
-                    .chain(outer.map(|(i, j)| m.outer.get(i, j)))
-                {
-                    bytes
-                        .write_all(&v.to_le_bytes())
-                        .map_err(|e| Error::io(path, e))?;
+            match self.moments.get(&g.id) {
+                Some(m) if m.sum.len() == header.models.len() * g.width => moments.push(m),
+                _ => {
+                    return Err(Error::Usage(format!(
+                        "no statistics for group {} to save",
+                        g.id
+                    )))
                 }
             }
         }
-        crate::atomic::write_atomic(path, protect, &bytes)
+        // Streamed: a ViT-B pair's shard is 3.6 GB.
+        crate::atomic::write_atomic_with(path, protect, |out| {
+            out.write_all(MAGIC)?;
+            out.write_all(&(json.len() as u64).to_le_bytes())?;
+            out.write_all(&json)?;
+            for m in moments {
+                for v in &m.sum {
+                    out.write_all(&v.to_le_bytes())?;
+                }
+                // Σxxᵀ whole, row-major: the format predates its triangular storage.
+                let u = m.sum.len();
+                for i in 0..u {
+                    for j in 0..u {
+                        out.write_all(&m.outer.get(i, j).to_le_bytes())?;
+                    }
+                }
+            }
+            Ok(())
+        })
     }
 
     /// Reads statistics written by `save`, checking every size against the file's length
