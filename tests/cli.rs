@@ -133,6 +133,20 @@ fn cuda_device_runs_or_falls_back_to_the_cpu_with_a_warning() {
 fn exit_codes() {
     // Bad usage: unknown flag → 2.
     assert_eq!(mudsc(&["run", "--bogus"]).status.code(), Some(2));
+    // A repair batch that is neither a positive count nor `auto` → 2, saying what it takes.
+    for bad in ["0", "lots"] {
+        let o = mudsc(&[
+            "merge",
+            "a.onnx",
+            "b.onnx",
+            "-o",
+            "m.onnx",
+            "--repair-batch",
+            bad,
+        ]);
+        assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
+        assert!(stderr(&o).contains("or auto"), "{}", stderr(&o));
+    }
     // Input data that does not fit a two-input model → 2, naming the input.
     let o = mudsc(&[
         "run",

@@ -11,6 +11,7 @@ use mudsc::data;
 use mudsc::merge::{merge, statistics, MergeOptions, Method, Stats};
 use mudsc::onnx::{self, Model, TensorData};
 use mudsc::runtime::{open_session, run_batched, BackendKind, BackendOptions};
+use prost::Message;
 
 fn fixture(name: &str) -> Model {
     onnx::load(common::root().join("fixtures/models").join(name)).unwrap()
@@ -86,10 +87,21 @@ fn one_pass_repair_matches_the_sequential_scheme() {
                 report.repaired_layers + report.reset_batch_norms >= 19,
                 "{pair}"
             );
+            if passes > 0 {
+                // `auto` (0) fits every sample of these small maps in one batch.
+                let want = if batch == 0 { 256 } else { batch };
+                assert_eq!(report.repair_batch, want, "{pair}: batch {batch}");
+            }
             m
         };
         let sequential = merged(0, 256);
         let exact = merged(1, 256);
+        // The default, `auto`, is the exact scheme here: the same merged model.
+        assert_eq!(
+            merged(1, 0).proto.encode_to_vec(),
+            exact.proto.encode_to_vec(),
+            "{pair}: auto batch"
+        );
         let x = common::head_rows(&bound(&models[0], "test.npz", Some("input")), 200);
         assert_one_pass_matches(&sequential, &exact, &x, &format!("{pair}, one batch"));
         let pooled = merged(1, 64);

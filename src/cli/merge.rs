@@ -173,11 +173,12 @@ pub struct MergeArgs {
     /// sequential scheme, as slow as the model is deep).
     #[arg(long, default_value_t = 1)]
     pub(super) repair_passes: usize,
-    /// Samples per batch of repair's pass over the merged model. One batch holding all
-    /// --repair-samples makes it exactly the sequential scheme; a smaller one needs less
-    /// memory on large models and pools per-batch statistics (within 0.5 points on the
-    /// bundled pairs).
-    #[arg(long, default_value_t = 256)]
+    /// Samples per batch of repair's pass over the merged model (N, or auto). One batch
+    /// holding all --repair-samples makes it exactly the sequential scheme; a smaller one needs
+    /// less memory on large models and pools per-batch statistics (batches of 64 and 16 within
+    /// 0.5 points of 256 on the bundled pairs). auto: all of them while their activations fit
+    /// in 2 GiB (every bundled pair), else the largest batch that does
+    #[arg(long, default_value = "auto", value_parser = parse_repair_batch, value_name = "N|auto")]
     pub(super) repair_batch: usize,
     /// Statistics repair also corrects token layers (a transformer's MatMul + bias Add, units
     /// on the last axis, a packed QKV projection included): `false` leaves them alone (the
@@ -582,7 +583,7 @@ pub(super) fn options(
         batch: args.backend.batch.min(64),
         repair_samples: args.repair_samples,
         repair_passes: args.repair_passes,
-        repair_batch: args.repair_batch.max(1),
+        repair_batch: args.repair_batch,
         repair_token_layers: args.repair_token_layers,
         tap_positions: args.tap_positions,
         token_taps: args.taps == super::TapMode::Tokens,
@@ -693,6 +694,18 @@ impl Outputs {
 }
 
 /// A byte count for `--max-memory`.
+/// `--repair-batch`: a positive count, or `auto` (0, `MergeOptions::repair_batch`).
+fn parse_repair_batch(s: &str) -> Result<usize, String> {
+    match s {
+        "auto" => Ok(0),
+        n => n
+            .parse::<usize>()
+            .ok()
+            .filter(|&n| n > 0)
+            .ok_or_else(|| format!("'{s}': expected a positive number of samples, or auto")),
+    }
+}
+
 fn parse_bytes(s: &str) -> Result<u64, String> {
     crate::merge::parse_size(s)
         .filter(|&b| b > 0)

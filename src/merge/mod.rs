@@ -39,7 +39,7 @@ use ndarray::Array2;
 use serde::Serialize;
 
 use crate::error::{Error, Result};
-use crate::graph::{infer_shapes, same_architecture, value_map, Graph};
+use crate::graph::{infer_shapes, same_architecture, value_map, Graph, ShapeMap};
 use crate::onnx::proto::StringStringEntryProto;
 use crate::onnx::{Model, TensorData};
 use crate::runtime::{BackendKind, BackendOptions};
@@ -182,9 +182,11 @@ pub struct MergeOptions {
     /// Passes of the merged model that statistics repair makes (every layer measured and
     /// corrected at once in each); 0 = one pass per layer, in graph order.
     pub repair_passes: usize,
-    /// Samples per batch of repair's merged-model pass. One batch holding every repair sample
-    /// makes the one-pass repair exactly the sequential one; smaller batches (less memory)
-    /// pool per-batch statistics, within half a point of it on the bundled pairs.
+    /// Samples per batch of repair's merged-model pass; 0 (the default): every repair sample
+    /// while their activations stay within 2 GiB (`repair_batch`). One batch holding every
+    /// repair sample makes the one-pass repair exactly the sequential one; smaller batches
+    /// (less memory) pool per-batch statistics, within half a point of it on the bundled
+    /// pairs.
     pub repair_batch: usize,
     /// Repair also corrects token layers (a transformer's MatMul + bias Add, units last:
     /// attention projections, a packed QKV projection segment by segment, MLP layers, the
@@ -237,7 +239,7 @@ impl Default for MergeOptions {
             tol: DEFAULT_TOL,
             repair_samples: 256,
             repair_passes: 1,
-            repair_batch: 256,
+            repair_batch: 0,
             repair_token_layers: true,
             token_taps: true,
             tap_positions: 0,
@@ -293,6 +295,8 @@ pub struct MergeReport {
     /// Layers whose output statistics were repaired, and BatchNorms whose statistics were reset.
     pub repaired_layers: usize,
     pub reset_batch_norms: usize,
+    /// Samples per batch of repair's merged-model pass (0: no repair).
+    pub repair_batch: usize,
     pub unknown_ops: BTreeMap<String, usize>,
     /// Float parameters of the merged model and of model 0 (they differ under `--width`).
     pub merged_parameters: usize,
@@ -353,6 +357,8 @@ impl Timer {
 struct Prepared {
     disc: symmetry::Discovery,
     names: Vec<HashMap<String, String>>,
+    /// Model 0's activations per sample (`activation_bytes_per_sample`).
+    sample_bytes: usize,
     weights: weights::Weights,
     /// BatchNorm-kept layers as if folded: how they are compared and averaged.
     folded: bn_fold::Folded,
@@ -443,6 +449,7 @@ pub fn merge(
         names,
         weights,
         folded,
+        ..
     } = &prep;
     let Matching {
         m,
@@ -492,7 +499,7 @@ pub fn merge(
 
     let (mut repaired_layers, mut reset_batch_norms) = (0, 0);
     let subset = repair_samples(calib, opts);
-    let passes = repair_passes(&subset, opts);
+    let passes = repair_passes(&subset, opts, prep.sample_bytes);
     if opts.repair_samples > 0 {
         let r = repair::repair(
             models,
@@ -569,6 +576,11 @@ pub fn merge(
         fixed_weight_axes: disc.fixed.len(),
         repaired_layers,
         reset_batch_norms,
+        repair_batch: if opts.repair_samples > 0 {
+            passes.probe_batch
+        } else {
+            0
+        },
         unknown_ops: disc.unknown_ops.clone(),
         identity_weight_correlation: identity_correlation(weights),
         merged_parameters: float_parameters(&merged),
@@ -653,7 +665,7 @@ pub fn repair_merged(
     )?;
     let layout = Layout::new(&prep.disc.structure, &prep.disc.groups);
     let subset = repair_samples(calib, &opts);
-    let passes = repair_passes(&subset, &opts);
+    let passes = repair_passes(&subset, &opts, prep.sample_bytes);
     let r = repair::repair(
         models,
         &prep.names,
@@ -689,13 +701,17 @@ fn repair_samples(calib: &[TensorData], opts: &MergeOptions) -> Vec<TensorData> 
 }
 
 /// Statistics repair's passes over `subset`, as `opts` asks for them.
-fn repair_passes<'a>(subset: &'a [TensorData], opts: &'a MergeOptions) -> repair::Passes<'a> {
+fn repair_passes<'a>(
+    subset: &'a [TensorData],
+    opts: &'a MergeOptions,
+    sample_bytes: usize,
+) -> repair::Passes<'a> {
     repair::Passes {
         calib: subset,
         backend: opts.backend,
         options: &opts.backend_options,
         batch: opts.batch,
-        probe_batch: opts.repair_batch,
+        probe_batch: repair_batch(opts, sample_bytes),
         passes: opts.repair_passes,
         token_layers: opts.repair_token_layers,
     }
@@ -764,11 +780,12 @@ fn discovered(
     opts: &MergeOptions,
     timer: &mut Timer,
 ) -> Result<Prepared> {
-    let (disc, names) = discover(models, calib, opts)?;
+    let (disc, names, sample_bytes) = discover(models, calib, opts)?;
     timer.lap("discovery");
     Ok(Prepared {
         disc,
         names,
+        sample_bytes,
         weights: Vec::new(),
         folded: bn_fold::Folded::default(),
     })
@@ -825,7 +842,7 @@ pub fn statistics(
         stats: None,
         ..opts.clone()
     };
-    let (disc, names) = discover(models, calib, opts)?;
+    let (disc, names, _) = discover(models, calib, opts)?;
     let none = calib::Side::none();
     let all = disc.groups.iter().map(|g| g.id).collect();
     let pass = Pass {
@@ -875,7 +892,7 @@ fn discover(
     models: &[Model],
     calib: &[TensorData],
     opts: &MergeOptions,
-) -> Result<(symmetry::Discovery, Vec<HashMap<String, String>>)> {
+) -> Result<(symmetry::Discovery, Vec<HashMap<String, String>>, usize)> {
     if models.len() < 2 {
         return Err(Error::Usage("merging needs at least two models".into()));
     }
@@ -895,8 +912,45 @@ fn discover(
             (k, v)
         })
         .collect();
-    let disc = symmetry::discover(base, &infer_shapes(base, &first)?)?;
-    Ok((disc, names))
+    let shapes = infer_shapes(base, &first)?;
+    let batch = first.values().find_map(|v| v.first().copied()).unwrap_or(1);
+    let sample_bytes = activation_bytes_per_sample(base, &shapes, batch);
+    let disc = symmetry::discover(base, &shapes)?;
+    Ok((disc, names, sample_bytes))
+}
+
+/// Bytes of one sample's activations, summed over every value of `model` but its
+/// initializers, from shapes inferred at `batch` samples (4 bytes an element): a bound on
+/// what an engine holds per sample in one pass (it reuses buffers, so it holds less).
+fn activation_bytes_per_sample(model: &Model, shapes: &ShapeMap, batch: usize) -> usize {
+    let weights: std::collections::HashSet<&str> = model
+        .graph()
+        .initializer
+        .iter()
+        .filter_map(|t| t.name.as_deref())
+        .collect();
+    let total: usize = shapes
+        .iter()
+        .filter(|(name, _)| !weights.contains(name.as_str()))
+        .map(|(_, shape)| 4 * shape.iter().product::<usize>())
+        .sum();
+    total / batch.max(1)
+}
+
+/// What `--repair-batch auto` allows the merged-model pass's activations (by
+/// `activation_bytes_per_sample`). Below it every repair sample goes in one batch, the exact
+/// one-pass scheme (every bundled pair); a 224² ResNet-50 at 256 samples would hold about
+/// 2.6 GB more, so it runs in batches whose statistics are pooled (on the bundled pairs,
+/// batches of 64 and 16 land within 0.5 points of one batch of 256).
+const REPAIR_ACTIVATIONS: usize = 2 << 30;
+
+/// The merged-model pass's batch: `opts.repair_batch`, or (0, auto) the largest within
+/// `REPAIR_ACTIVATIONS`, at most every repair sample.
+fn repair_batch(opts: &MergeOptions, sample_bytes: usize) -> usize {
+    if opts.repair_batch > 0 {
+        return opts.repair_batch;
+    }
+    (REPAIR_ACTIVATIONS / sample_bytes.max(1)).clamp(1, opts.repair_samples.max(1))
 }
 /// Calibration statistics (where the method uses activations), then the matchings: the
 /// start, and the iterative dual-space loop for the methods that iterate.
@@ -1555,4 +1609,27 @@ pub fn sha256_hex(path: &std::path::Path) -> Option<String> {
             .map(|b| format!("{b:02x}"))
             .collect(),
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn auto_repair_batch_fits_the_activation_budget() {
+        let opts = MergeOptions {
+            repair_samples: 256,
+            ..Default::default()
+        };
+        // 1 MiB a sample: all 256 in one batch; 100 MiB: 2 GiB ÷ 100 MiB; over the budget
+        // alone: one at a time.
+        assert_eq!(repair_batch(&opts, 1 << 20), 256);
+        assert_eq!(repair_batch(&opts, 100 << 20), 20);
+        assert_eq!(repair_batch(&opts, 8 << 30), 1);
+        let fixed = MergeOptions {
+            repair_batch: 64,
+            ..opts.clone()
+        };
+        assert_eq!(repair_batch(&fixed, 100 << 20), 64);
+    }
 }
