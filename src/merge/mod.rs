@@ -391,7 +391,8 @@ pub fn merge(
     };
     let mut timer = Timer::new();
     // The weights are loaded by `find_matchings`, after calibration.
-    let mut prep = discovered(models, calib, opts, &mut timer)?;
+    let mut prep = discover(models, calib, opts)?;
+    timer.lap("discovery");
     budget::check(&prep.disc.groups, models.len(), opts)?;
     let graph = Graph::new(&models[0])?;
     if opts.width != 1.0 {
@@ -767,28 +768,11 @@ fn prepare(
     opts: &MergeOptions,
     timer: &mut Timer,
 ) -> Result<Prepared> {
-    let mut prep = discovered(models, calib, opts, timer)?;
+    let mut prep = discover(models, calib, opts)?;
+    timer.lap("discovery");
     prep.load_weights(models)?;
     timer.lap("load");
     Ok(prep)
-}
-
-/// `prepare` without the weights (`Prepared::load_weights` loads them).
-fn discovered(
-    models: &[Model],
-    calib: &[TensorData],
-    opts: &MergeOptions,
-    timer: &mut Timer,
-) -> Result<Prepared> {
-    let (disc, names, sample_bytes) = discover(models, calib, opts)?;
-    timer.lap("discovery");
-    Ok(Prepared {
-        disc,
-        names,
-        sample_bytes,
-        weights: Vec::new(),
-        folded: bn_fold::Folded::default(),
-    })
 }
 
 impl Prepared {
@@ -842,7 +826,7 @@ pub fn statistics(
         stats: None,
         ..opts.clone()
     };
-    let (disc, names, _) = discover(models, calib, opts)?;
+    let Prepared { disc, names, .. } = discover(models, calib, opts)?;
     let none = calib::Side::none();
     let all = disc.groups.iter().map(|g| g.id).collect();
     let pass = Pass {
@@ -887,12 +871,9 @@ fn shard_groups(
 }
 
 /// Model 0's groups, discovered at the calibration batch shape, and every model's value names
-/// by model-0 name, after checking the models share one architecture.
-fn discover(
-    models: &[Model],
-    calib: &[TensorData],
-    opts: &MergeOptions,
-) -> Result<(symmetry::Discovery, Vec<HashMap<String, String>>, usize)> {
+/// by model-0 name, after checking the models share one architecture; the weights are not
+/// loaded yet (`Prepared::load_weights`).
+fn discover(models: &[Model], calib: &[TensorData], opts: &MergeOptions) -> Result<Prepared> {
     if models.len() < 2 {
         return Err(Error::Usage("merging needs at least two models".into()));
     }
@@ -915,8 +896,13 @@ fn discover(
     let shapes = infer_shapes(base, &first)?;
     let batch = first.values().find_map(|v| v.first().copied()).unwrap_or(1);
     let sample_bytes = activation_bytes_per_sample(base, &shapes, batch);
-    let disc = symmetry::discover(base, &shapes)?;
-    Ok((disc, names, sample_bytes))
+    Ok(Prepared {
+        disc: symmetry::discover(base, &shapes)?,
+        names,
+        sample_bytes,
+        weights: Vec::new(),
+        folded: bn_fold::Folded::default(),
+    })
 }
 
 /// Bytes of one sample's activations, summed over every value of `model` but its

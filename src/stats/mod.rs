@@ -43,8 +43,7 @@ impl Moments {
     /// Pearson correlation: Cov ⊘ max(σσᵀ, 1e-7), as the reference computes it. Variances are
     /// clamped at 0 (E[x²]−μ² can round below it); a dead unit (σ = 0) correlates 0 with all.
     pub fn correlation(&self) -> Array2<f64> {
-        let r = self.pearson();
-        self.outer.map_full(|i, j, outer| r(i, j, outer))
+        self.outer.map_full(self.pearson())
     }
 
     /// `correlation` rounded to f32 as it is computed, and kept as its upper triangle: what
