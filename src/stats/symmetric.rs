@@ -45,10 +45,6 @@ impl<T: Copy + Default> Symmetric<T> {
         }
     }
 
-    pub fn units(&self) -> usize {
-        self.units
-    }
-
     /// Element `[i, j]` of the full matrix.
     pub fn get(&self, i: usize, j: usize) -> T {
         let (i, j) = if i <= j { (i, j) } else { (j, i) };
