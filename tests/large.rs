@@ -1,7 +1,7 @@
 //! Scale, opt-in (minutes and gigabytes each, so not in CI's default run):
 //! `cargo test --release --test large -- --ignored --nocapture`.
 //! - A ViT-B-sized pair (86 M parameters, 12 heads, MLP 3072) merges end to end, and the
-//!   merge's peak memory stays within twice the models' bytes plus the statistics.
+//!   merge's peak memory stays within 1.25 × (twice the models' bytes plus the statistics).
 //! - A model over 2 GiB (external data) loads, merges and saves (external data again), and
 //!   the merged file loads and runs.
 //! - A ViT-L-sized pair (304 M parameters, 24 blocks of MLP 4096) merges on a 23 GiB machine
@@ -75,7 +75,7 @@ fn file_bytes(dir: &Path, kind: &str) -> f64 {
 }
 
 #[test]
-#[ignore = "opt-in scale test: a ViT-B-sized pair, about 6 minutes and 11 GB"]
+#[ignore = "opt-in scale test: a ViT-B-sized pair, about 4 minutes and 6 GB"]
 fn vit_b_sized_pair_merges_with_memory_bounded_by_the_statistics() {
     let dir = tempfile::tempdir().unwrap();
     generate("vit-b", dir.path());
@@ -118,12 +118,13 @@ fn vit_b_sized_pair_merges_with_memory_bounded_by_the_statistics() {
         peak(&large) <= 1.05 * peak(&small),
         "memory grew with the calibration data"
     );
-    // The envelope measured here: twice the target of 2 × models + statistics (the
-    // gap is the f64 weight copies, the engines' own model copies during calibration, and the
-    // similarity workspaces of the widest groups; README, Benchmarks).
+    // The envelope measured here: the target of 2 × models + statistics, plus a
+    // quarter (5.8 GB against 5.1 GiB: the two engines' copies of the models during
+    // calibration; the statistics are held as their upper triangle, half of the target's).
+    // Before the triangle and the late weights it was 10.3 GB.
     assert!(
-        peak(&large) <= 2.0 * target,
-        "peak memory beyond 2 × (2 × models + statistics)"
+        peak(&large) <= 1.25 * target,
+        "peak memory beyond 1.25 × (2 × models + statistics)"
     );
 }
 
