@@ -693,7 +693,6 @@ impl Outputs {
     }
 }
 
-/// A byte count for `--max-memory`.
 /// `--repair-batch`: a positive count, or `auto` (0, `MergeOptions::repair_batch`).
 fn parse_repair_batch(s: &str) -> Result<usize, String> {
     match s {
@@ -706,6 +705,7 @@ fn parse_repair_batch(s: &str) -> Result<usize, String> {
     }
 }
 
+/// A byte count for `--max-memory`.
 fn parse_bytes(s: &str) -> Result<u64, String> {
     crate::merge::parse_size(s)
         .filter(|&b| b > 0)
