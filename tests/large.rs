@@ -62,6 +62,17 @@ fn runs(dir: &Path, kind: &str) {
     assert!(out[0].to_f32().iter().all(|v| v.is_finite()));
 }
 
+/// Σxxᵀ of every group in a merge report over both models' units, f64, as full matrices (the
+/// issue's envelope; mudsc holds their upper triangles).
+fn full_statistics_bytes(report: &serde_json::Value) -> f64 {
+    report["groups"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|g| (2.0 * g["width"].as_f64().unwrap()).powi(2) * 8.0)
+        .sum()
+}
+
 fn file_bytes(dir: &Path, kind: &str) -> f64 {
     std::fs::read_dir(dir)
         .unwrap()
@@ -91,13 +102,7 @@ fn vit_b_sized_pair_merges_with_memory_bounded_by_the_statistics() {
     };
     let small = run("8");
     let large = run("16");
-    // Σxxᵀ of every tapped group over both models' units, f64.
-    let stats: f64 = small["groups"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|g| (2.0 * g["width"].as_f64().unwrap()).powi(2) * 8.0)
-        .sum();
+    let stats = full_statistics_bytes(&small);
     let mib = 1024.0 * 1024.0;
     let peak = |r: &serde_json::Value| r["peak_rss_mib"].as_f64().unwrap() * mib;
     let target = 2.0 * models + stats;
@@ -174,13 +179,7 @@ fn vit_l_sized_pair_merges_within_the_statistics_envelope() {
         &["--samples", "8", "--batch", "4", "--max-sweeps", "1"],
     );
     runs(dir.path(), "vit-l");
-    // Σxxᵀ of every tapped group, f64, as a full matrix (mudsc holds its upper triangle).
-    let stats: f64 = report["groups"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|g| (2.0 * g["width"].as_f64().unwrap()).powi(2) * 8.0)
-        .sum();
+    let stats = full_statistics_bytes(&report);
     let mib = 1024.0 * 1024.0;
     let peak = report["peak_rss_mib"].as_f64().unwrap() * mib;
     eprintln!(
