@@ -45,6 +45,17 @@ impl<T: Copy + Default> Symmetric<T> {
         }
     }
 
+    /// Elements the triangle of `units` holds (what `bytes` counts, before allocating it).
+    pub fn elements(units: usize) -> usize {
+        let panel = PANEL.clamp(1, units.max(1));
+        (0..units.div_ceil(panel))
+            .map(|p| {
+                let end = ((p + 1) * panel).min(units);
+                end * (end - p * panel)
+            })
+            .sum()
+    }
+
     /// Element `[i, j]` of the full matrix.
     pub fn get(&self, i: usize, j: usize) -> T {
         let (i, j) = if i <= j { (i, j) } else { (j, i) };
@@ -104,18 +115,52 @@ impl<T: Copy + Default> Symmetric<T> {
     }
 }
 
-impl Symmetric<f64> {
-    /// `self += xᵀx` for a batch `x` of `[samples, units]` (any strides).
-    pub fn add(&mut self, x: ArrayView2<f64>) {
+impl<T: ndarray::LinalgScalar + Default> Symmetric<T> {
+    /// `self += beta · xᵀx` for a batch `x` of `[samples, units]` (any strides; a transposed
+    /// view is read in place), in f64 or f32: the gemm crate's kernel for either.
+    pub fn add_scaled(&mut self, x: ArrayView2<T>, beta: T) {
         assert_eq!(x.ncols(), self.units, "batch of {} units", self.units);
         for (p, panel) in self.panels.iter_mut().enumerate() {
             let (start, end) = (p * self.panel, panel.nrows());
-            super::add_product(
+            super::add_product_scaled(
                 panel,
                 x.slice(ndarray::s![.., ..end]).t(),
                 x.slice(ndarray::s![.., start..end]),
+                beta,
             );
         }
+    }
+
+    /// Adds the triangle onto the upper triangle (and diagonal) of `out`, a full
+    /// `units × units` matrix; its lower triangle is left as it is (`mirror_upper` completes
+    /// it). Row slices of each panel go onto row slices of `out`: contiguous both sides.
+    pub fn add_upper_into(&self, out: &mut Array2<f64>)
+    where
+        f64: From<T>,
+    {
+        assert_eq!(
+            out.dim(),
+            (self.units, self.units),
+            "sum of {} units",
+            self.units
+        );
+        for (p, panel) in self.panels.iter().enumerate() {
+            let start = p * self.panel;
+            for (i, row) in panel.outer_iter().enumerate() {
+                let skip = i.max(start) - start;
+                let mut dst = out.slice_mut(ndarray::s![i, start + skip..start + row.len()]);
+                for (d, &v) in dst.iter_mut().zip(row.iter().skip(skip)) {
+                    *d += f64::from(v);
+                }
+            }
+        }
+    }
+}
+
+impl Symmetric<f64> {
+    /// `self += xᵀx` for a batch `x` of `[samples, units]` (any strides).
+    pub fn add(&mut self, x: ArrayView2<f64>) {
+        self.add_scaled(x, 1.0);
     }
 
     /// `self += other` (statistics of the same units from other data).
@@ -141,7 +186,7 @@ impl Symmetric<f64> {
 
 /// Copies the strict upper triangle of a square matrix onto its lower one, tile by tile so
 /// that the transposed writes stay in cache.
-fn mirror_upper<T: Copy>(a: &mut Array2<T>) {
+pub(crate) fn mirror_upper<T: Copy>(a: &mut Array2<T>) {
     const TILE: usize = 64;
     let n = a.nrows();
     for ti in (0..n).step_by(TILE) {
@@ -190,6 +235,45 @@ mod tests {
             }
             assert!(s.bytes() < 8 * units * units || panel >= units);
         }
+    }
+
+    /// In f32, a scaled update (columns taken out with β = −1, as a weight block's update
+    /// does) and the sum onto a full matrix's upper triangle give the direct Gram; `elements`
+    /// counts what is allocated.
+    #[test]
+    fn f32_updates_sum_onto_a_full_matrix() {
+        let units = 29;
+        let x = batch(units, 40, 5).mapv(|v| v as f32);
+        let kept = x.slice(ndarray::s![.., ..31]);
+        let mut want = Array2::<f64>::zeros((units, units));
+        for i in 0..units {
+            for j in 0..units {
+                want[[i, j]] = kept
+                    .row(i)
+                    .iter()
+                    .zip(kept.row(j))
+                    .map(|(&a, &b)| f64::from(a) * f64::from(b))
+                    .sum();
+            }
+        }
+        for panel in [1, 4, 29, 64] {
+            let mut s = Symmetric::<f32>::with_panel(units, panel);
+            s.add_scaled(x.t(), 1.0);
+            s.add_scaled(x.slice(ndarray::s![.., 31..]).t(), -1.0);
+            // Onto ones: the sum adds to what is there; mirroring copies the upper triangle.
+            let mut full = Array2::from_elem((units, units), 1.0);
+            s.add_upper_into(&mut full);
+            mirror_upper(&mut full);
+            for ((i, j), &got) in full.indexed_iter() {
+                assert!(
+                    (got - 1.0 - want[[i, j]]).abs() < 1e-3,
+                    "panel {panel} [{i},{j}]"
+                );
+            }
+        }
+        let s = Symmetric::<f32>::zeros(2000);
+        assert_eq!(s.bytes(), 4 * Symmetric::<f32>::elements(2000));
+        assert!(Symmetric::<f32>::elements(2000) < 2000 * 2000 * 6 / 10);
     }
 
     #[test]
