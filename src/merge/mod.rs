@@ -148,9 +148,14 @@ impl MergeOptions {
     }
 }
 
-/// The default `MergeOptions::tol`: every bundled pair's loop ends on the same matchings as
-/// with the reference's rule (tol 0), in fewer or as many sweeps.
-pub const DEFAULT_TOL: f64 = 1e-3;
+/// The default `MergeOptions::tol`: every bundled pair's loop (seed 0, the README's table)
+/// ends on the same matchings as with the reference's rule (tol 0), in fewer or as many
+/// sweeps. 0.5 %, not 0.1 %: over loop seeds 1–5 of dwcnn, mlp, vit, vit_mha and resnet20_gn
+/// the task means stay the same but for dwcnn seeds 1 (53.4 → 51.7) and 2 (50.2 → 51.4),
+/// while the ResNet-50 pair's loop (its merge value creeps up by 0.3 % every few sweeps)
+/// stops after 9 sweeps instead of 23 (docs/benchmarks-real.md). 1 % cost dwcnn 0.8 points
+/// on average over those seeds.
+pub const DEFAULT_TOL: f64 = 5e-3;
 
 /// The default `MergeOptions::cca_ridge` (see the measurements in docs/which-method.md).
 pub const DEFAULT_CCA_RIDGE: f64 = 2.0;
