@@ -82,9 +82,7 @@ impl Stats {
             }
             for (g, m) in s.moments {
                 if let Some(t) = total.moments.get_mut(&g) {
-                    t.count += m.count;
-                    t.sum += &m.sum;
-                    t.outer.add_assign(&m.outer);
+                    t.add_assign(&m);
                 }
             }
             total.samples += s.samples;
@@ -160,14 +158,15 @@ impl Stats {
             out.write_all(&(json.len() as u64).to_le_bytes())?;
             out.write_all(&json)?;
             for m in moments {
-                for v in &m.sum {
+                // About 0, so that shards of any data add up.
+                for v in &m.raw_sum() {
                     out.write_all(&v.to_le_bytes())?;
                 }
                 // Σxxᵀ whole, row-major: the format predates its triangular storage.
                 let u = m.sum.len();
                 for i in 0..u {
                     for j in 0..u {
-                        out.write_all(&m.outer.get(i, j).to_le_bytes())?;
+                        out.write_all(&m.raw_outer(i, j).to_le_bytes())?;
                     }
                 }
             }
@@ -223,14 +222,7 @@ impl Stats {
                     .map_err(|e| bad(&e.to_string()))?
                     .view(),
             );
-            moments.insert(
-                g.id,
-                Moments {
-                    count: *count,
-                    sum,
-                    outer,
-                },
-            );
+            moments.insert(g.id, Moments::about_zero(*count, sum, outer));
         }
         Ok(Stats {
             models: header.models,

@@ -2,20 +2,31 @@
 //! they give. Memory is the statistics (units²), never the data: each batch is folded in and
 //! dropped.
 
-use ndarray::{Array1, Array2, ArrayView2, Axis};
+use ndarray::{Array1, Array2, ArrayView2, ArrayViewMut2, Axis};
 
 mod symmetric;
 
 pub use symmetric::{Symmetric, SymmetricGram};
 
-/// Σx and Σxxᵀ over samples, for `units` units.
+/// Σx and Σxxᵀ over samples, for `units` units, taken about a fixed point near the units'
+/// means (`shift`): covariances do not depend on it, and centred samples keep calibration's
+/// f32 products (`add_f32`) as accurate as f64 ones of raw activations.
 #[derive(Clone, Debug)]
 pub struct Moments {
     pub count: u64,
+    /// Σ(x − shift).
     pub sum: Array1<f64>,
-    /// Σxxᵀ, symmetric: its upper triangle (half the memory and half the GEMM).
+    /// Σ(x − shift)(x − shift)ᵀ, symmetric: its upper triangle (half the memory and half the
+    /// GEMM).
     pub outer: SymmetricGram,
+    /// Zero, or (set by the first `add_f32` batch) that batch's mean per unit.
+    shift: Array1<f64>,
 }
+
+/// Rows of an f32 batch multiplied in one GEMM before the product is added into the f64
+/// sums: f32 accumulates over at most this many centred samples (relative error ~1e-6),
+/// f64 across them.
+const F32_ROWS: usize = 4096;
 
 impl Moments {
     pub fn new(units: usize) -> Moments {
@@ -23,6 +34,7 @@ impl Moments {
             count: 0,
             sum: Array1::zeros(units),
             outer: SymmetricGram::zeros(units),
+            shift: Array1::zeros(units),
         }
     }
 
@@ -35,9 +47,73 @@ impl Moments {
 
     /// `add` for f64 samples (already finite).
     pub fn add_f64(&mut self, clean: ArrayView2<f64>) {
-        self.count += clean.nrows() as u64;
-        self.sum += &clean.sum_axis(Axis(0));
-        self.outer.add(clean);
+        let centred;
+        let x = if self.shift.iter().any(|&c| c != 0.0) {
+            centred = &clean - &self.shift;
+            centred.view()
+        } else {
+            clean
+        };
+        self.count += x.nrows() as u64;
+        self.sum += &x.sum_axis(Axis(0));
+        self.outer.add(x);
+    }
+
+    /// Folds in a batch held unit-major (`[units, samples]`, finite), the products in f32 —
+    /// twice f64's GEMM throughput, calibration's largest arithmetic — and their sums in f64.
+    /// The batch is centred in place on `shift`, which the first batch sets to its means.
+    pub fn add_f32(&mut self, mut batch: ArrayViewMut2<f32>) {
+        if self.count == 0 && batch.ncols() > 0 {
+            self.shift = batch.map_axis(Axis(1), |row| {
+                row.iter().map(|&v| f64::from(v)).sum::<f64>() / row.len() as f64
+            });
+        }
+        for (mut row, (&c, s)) in batch
+            .rows_mut()
+            .into_iter()
+            .zip(self.shift.iter().zip(self.sum.iter_mut()))
+        {
+            *s += centre_f32(row.view_mut(), c);
+        }
+        self.count += batch.ncols() as u64;
+        let mut start = 0;
+        while start < batch.ncols() {
+            let end = (start + F32_ROWS).min(batch.ncols());
+            self.outer
+                .add_f32(batch.slice(ndarray::s![.., start..end]).t());
+            start = end;
+        }
+    }
+
+    /// Moments about 0 from their sums (a statistics file's).
+    pub fn about_zero(count: u64, sum: Array1<f64>, outer: SymmetricGram) -> Moments {
+        let shift = Array1::zeros(sum.len());
+        Moments {
+            count,
+            sum,
+            outer,
+            shift,
+        }
+    }
+
+    /// Σx, about 0 (what statistics files hold).
+    pub fn raw_sum(&self) -> Array1<f64> {
+        &self.sum + &(&self.shift * self.count as f64)
+    }
+
+    /// Σxᵢxⱼ about 0: Σ(x−c)(x−c)ᵀ + c·Σ(x−c)ᵀ + Σ(x−c)·cᵀ + n·ccᵀ.
+    pub fn raw_outer(&self, i: usize, j: usize) -> f64 {
+        let (c, s, n) = (&self.shift, &self.sum, self.count as f64);
+        self.outer.get(i, j) + c[i] * s[j] + s[i] * c[j] + n * c[i] * c[j]
+    }
+
+    /// `self += other`: statistics of the same units from other data, taken about the same
+    /// point (statistics files are about 0).
+    pub fn add_assign(&mut self, other: &Moments) {
+        assert_eq!(self.shift, other.shift, "moments about different points");
+        self.count += other.count;
+        self.sum += &other.sum;
+        self.outer.add_assign(&other.outer);
     }
 
     /// Pearson correlation: Cov ⊘ max(σσᵀ, 1e-7), as the reference computes it. Variances are
@@ -61,11 +137,15 @@ impl Moments {
         let units = mean.len();
         let second: Vec<f64> = (0..units).map(|i| self.outer.get(i, i) / n).collect();
         let var: Vec<f64> = (0..units).map(|i| second[i] - mean[i] * mean[i]).collect();
-        // A unit whose variance is rounding noise relative to its second moment is dead:
-        // E[x²]−μ² of a constant is ~1e-16·x², not 0, and dividing by the 1e-7 clamp would
-        // turn that noise into spurious correlations.
+        // A unit whose variance is rounding noise relative to its second moment (about 0) is
+        // dead: E[x²]−μ² of a constant is ~1e-16·x², not 0, and dividing by the 1e-7 clamp
+        // would turn that noise into spurious correlations.
+        let c = &self.shift;
         let dead: Vec<bool> = (0..units)
-            .map(|i| var[i] <= 1e-12 * second[i].max(f64::MIN_POSITIVE))
+            .map(|i| {
+                let raw = second[i] + 2.0 * c[i] * mean[i] + c[i] * c[i];
+                var[i] <= 1e-12 * raw.max(f64::MIN_POSITIVE)
+            })
             .collect();
         let sd: Vec<f64> = var.iter().map(|v| v.max(0.0).sqrt()).collect();
         move |i, j, outer| {
@@ -87,8 +167,37 @@ impl Moments {
                 .max(0.0)
                 .sqrt()
         });
-        (mean, sd)
+        (mean + &self.shift, sd)
     }
+}
+
+/// `row −= c` in place (each difference rounded to f32 once), returning the sum of the exact
+/// differences in f64 — over eight lanes, so that the loop vectorizes: a plain f64 sum is
+/// sequential, and this loop runs over every tapped value.
+fn centre_f32(mut row: ndarray::ArrayViewMut1<f32>, c: f64) -> f64 {
+    let Some(values) = row.as_slice_mut() else {
+        return row.iter_mut().fold(0.0, |s, v| {
+            let d = f64::from(*v) - c;
+            *v = d as f32;
+            s + d
+        });
+    };
+    let mut lanes = [0f64; 8];
+    let mut chunks = values.chunks_exact_mut(8);
+    for chunk in &mut chunks {
+        for (v, lane) in chunk.iter_mut().zip(&mut lanes) {
+            let d = f64::from(*v) - c;
+            *v = d as f32;
+            *lane += d;
+        }
+    }
+    let mut sum: f64 = lanes.iter().sum();
+    for v in chunks.into_remainder() {
+        let d = f64::from(*v) - c;
+        *v = d as f32;
+        sum += d;
+    }
+    sum
 }
 
 /// Pearson correlation between the rows of `z` ([units, features]), each row a sample of its
@@ -307,12 +416,12 @@ fn add_outer_on<T: Copy + 'static>(
 ) {
     let rows = x.nrows();
     assert_eq!(gram.dim(), (rows, rows), "gram matrix of {rows} rows");
-    product_on(gram, x, x.t(), alpha, beta, parallelism);
+    product_on(gram.view_mut(), x, x.t(), alpha, beta, parallelism);
 }
 
 /// `c += beta·a·b` (the machine's cores as `gemm_threads` says).
 fn add_product_scaled<T: ndarray::LinalgScalar>(
-    c: &mut Array2<T>,
+    c: ArrayViewMut2<T>,
     a: ArrayView2<T>,
     b: ArrayView2<T>,
     beta: T,
@@ -322,7 +431,7 @@ fn add_product_scaled<T: ndarray::LinalgScalar>(
 
 /// `c = alpha·c + beta·a·b` for views of any strides (a transposed view is read in place).
 fn product_on<T: Copy + 'static>(
-    c: &mut Array2<T>,
+    mut c: ArrayViewMut2<T>,
     a: ArrayView2<T>,
     b: ArrayView2<T>,
     alpha: T,
@@ -487,6 +596,45 @@ mod tests {
             .iter()
             .zip(&many)
             .all(|(a, b)| a.to_bits() == b.to_bits()));
+    }
+
+    /// Activations far from 0 beside their spread (a unit with mean 1,000 and σ ≈ 1) over
+    /// more samples than one f32 product takes: the f32 path, centred on the first batch,
+    /// gives the f64 correlations, means and deviations, and the sums about 0.
+    #[test]
+    fn f32_batches_give_the_f64_moments() {
+        let (units, samples) = (7, 3 * F32_ROWS + 123);
+        let x = Array2::from_shape_fn((samples, units), |(r, u)| {
+            let wave = ((r * (u + 3)) as f64 * 0.013).sin() + 0.3 * ((r * 7 + u) as f64).cos();
+            (1000.0 * (u % 2) as f64 + wave * (u + 1) as f64 * 0.5) as f32
+        });
+        let mut want = Moments::new(units);
+        want.add(x.view());
+        let mut got = Moments::new(units);
+        // Two batches: the second is centred on the first one's means.
+        for part in [
+            x.slice(ndarray::s![..5000, ..]),
+            x.slice(ndarray::s![5000.., ..]),
+        ] {
+            let mut batch = part.t().to_owned();
+            got.add_f32(batch.view_mut());
+        }
+        assert_eq!(got.count, want.count);
+        let (r_got, r_want) = (got.correlation(), want.correlation());
+        let worst = (&r_got - &r_want).iter().fold(0f64, |m, d| m.max(d.abs()));
+        assert!(worst < 1e-5, "correlations differ by {worst}");
+        let ((m1, s1), (m2, s2)) = (got.mean_std(), want.mean_std());
+        assert!((&m1 - &m2).iter().all(|d| d.abs() < 1e-6));
+        assert!((&s1 - &s2).iter().all(|d| d.abs() < 1e-5));
+        let sums = got.raw_sum();
+        for i in 0..units {
+            assert!((sums[i] - want.sum[i]).abs() < 1e-9 * want.sum[i].abs().max(1.0));
+            for j in 0..units {
+                let w = want.outer.get(i, j);
+                let d = (got.raw_outer(i, j) - w).abs() / w.abs().max(1.0);
+                assert!(d < 1e-6, "Σxx [{i},{j}] off by {d:e} relative");
+            }
+        }
     }
 
     #[test]

@@ -123,7 +123,7 @@ impl<T: ndarray::LinalgScalar + Default> Symmetric<T> {
         for (p, panel) in self.panels.iter_mut().enumerate() {
             let (start, end) = (p * self.panel, panel.nrows());
             super::add_product_scaled(
-                panel,
+                panel.view_mut(),
                 x.slice(ndarray::s![.., ..end]).t(),
                 x.slice(ndarray::s![.., start..end]),
                 beta,
@@ -168,6 +168,31 @@ impl Symmetric<f64> {
         assert_eq!(self.units, other.units, "sums of different widths");
         for (a, b) in self.panels.iter_mut().zip(&other.panels) {
             *a += b;
+        }
+    }
+
+    /// `self += xᵀx` for f32 samples `x` (`[samples, units]`, any strides): each panel's
+    /// product in f32 (twice f64's throughput), added into the f64 panel. The caller keeps
+    /// the samples few (f32 sums) and centred (`Moments::add_f32`).
+    pub fn add_f32(&mut self, x: ArrayView2<f32>) {
+        assert_eq!(x.ncols(), self.units, "batch of {} units", self.units);
+        let mut scratch = vec![0f32; self.units * self.panel.min(self.units)];
+        for (p, panel) in self.panels.iter_mut().enumerate() {
+            let (start, end) = (p * self.panel, panel.nrows());
+            let len = end * (end - start);
+            scratch[..len].fill(0.0);
+            let product =
+                ndarray::ArrayViewMut2::from_shape((end, end - start), &mut scratch[..len])
+                    .expect("scratch holds the widest panel");
+            super::add_product_scaled(
+                product,
+                x.slice(ndarray::s![.., ..end]).t(),
+                x.slice(ndarray::s![.., start..end]),
+                1.0,
+            );
+            for (d, &s) in panel.iter_mut().zip(&scratch[..len]) {
+                *d += f64::from(s);
+            }
         }
     }
 
