@@ -238,11 +238,15 @@ fn merging_from_two_half_shards_equals_merging_from_the_whole() {
     };
     let (sharded, rs) = merge(&models, &calib, &from_shards, &mut |_, _, _| {}).unwrap();
     assert_eq!(rw.sweeps, rs.sweeps);
+    // Calibration multiplies centred f32 samples: the two sums round differently, by about
+    // f32's resolution of a correlation.
     for (g, h) in rw.groups.iter().zip(&rs.groups) {
         assert!(
-            (g.merge_value - h.merge_value).abs() < 1e-9 || g.merge_value.is_nan(),
-            "group {}",
-            g.id
+            (g.merge_value - h.merge_value).abs() < 1e-6 || g.merge_value.is_nan(),
+            "group {}: {} against {}",
+            g.id,
+            g.merge_value,
+            h.merge_value
         );
     }
     let mut compared = 0;
