@@ -249,3 +249,53 @@ fn unchanged_matchings_are_kept_with_the_same_result() {
         assert!(kept_model == all_model, "{pair}: the merged models differ");
     }
 }
+
+/// `--patience` ends the loop earlier on the same course: with 1 the BN ResNet's loop stops at
+/// its first sweep without a real improvement, and its sweep values are the first ones of the
+/// default run's (patience 5), which goes on.
+#[test]
+fn patience_ends_the_same_loop_earlier() {
+    let dir = tempfile::tempdir().unwrap();
+    let run = |patience: Option<&str>| {
+        let out = dir.path().join("m.onnx");
+        let report = dir.path().join("r.json");
+        let calib = common::calib_set();
+        let mut extra = vec![
+            "--calib",
+            calib.to_str().unwrap(),
+            "--backend",
+            "ort",
+            "--repair-samples",
+            "0",
+            "--report",
+            report.to_str().unwrap(),
+        ];
+        if let Some(p) = patience {
+            extra.extend(["--patience", p]);
+        }
+        let o = common::merge_cli(
+            &common::fixture("resnet20_bn_folded_a.onnx"),
+            &common::fixture("resnet20_bn_folded_b.onnx"),
+            &out,
+            &extra,
+        );
+        assert!(o.status.success(), "{}", stderr(&o));
+        let r: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(&report).unwrap()).unwrap();
+        r["sweep_values"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_f64().unwrap())
+            .collect::<Vec<f64>>()
+    };
+    let short = run(Some("1"));
+    let long = run(None);
+    assert!(
+        short.len() < long.len(),
+        "patience 1: {} sweeps, default: {}",
+        short.len(),
+        long.len()
+    );
+    assert_eq!(short, long[..short.len()].to_vec());
+}

@@ -64,6 +64,7 @@ pub fn render(
         ("zip a / b", format!("{} / {}", args.zip_a, args.zip_b)),
         ("seed", args.seed.to_string()),
         ("max sweeps", args.max_sweeps.to_string()),
+        ("patience", args.patience.to_string()),
         ("sweep tolerance", args.tol.to_string()),
         ("repair samples", args.repair_samples.to_string()),
         ("repair passes", args.repair_passes.to_string()),

@@ -147,9 +147,14 @@ pub struct MergeArgs {
     /// Zip: same-model merge budget factor.
     #[arg(long, default_value_t = 1.0)]
     pub(super) zip_b: f64,
-    /// Most sweeps of the iterative loop (it also stops after 5 sweeps without improvement).
+    /// Most sweeps of the iterative loop (it also stops after --patience sweeps without
+    /// improvement).
     #[arg(long, default_value_t = 100)]
     pub(super) max_sweeps: usize,
+    /// Sweeps in a row without a real improvement (see --tol) after which the iterative loop
+    /// stops; the best matchings seen are kept.
+    #[arg(long, default_value_t = crate::merge::DEFAULT_PATIENCE)]
+    pub(super) patience: usize,
     /// Improvement of the iterative loop's mean merge value, relative, below which a sweep
     /// counts as no improvement (its matchings are still kept); 0: any rise counts.
     #[arg(long, default_value_t = crate::merge::DEFAULT_TOL)]
@@ -597,6 +602,7 @@ pub(super) fn options(
             crate::merge::DEFAULT_CCA_RIDGE
         },
         max_sweeps: args.max_sweeps.max(1),
+        patience: args.patience.max(1),
         tol: if args.tol.is_finite() {
             args.tol.max(0.0)
         } else {
