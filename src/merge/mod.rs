@@ -1432,7 +1432,6 @@ fn pinned_groups(groups: &[symmetry::Group], weights: &weights::Weights) -> Hash
     out
 }
 
-/// Per group: merge value, and what the similarity was made of.
 /// Per group: its merge value and what the matching was computed from. Ordered, so that the
 /// loop's mean merge value is summed in one order in every run (a hash map's order changes
 /// from run to run, and with it the last bits of the mean the loop compares).

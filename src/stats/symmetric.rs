@@ -259,6 +259,17 @@ mod tests {
                 }
             }
             assert!(s.bytes() < 8 * units * units || panel >= units);
+            // f32 products added into the f64 panels give the same sums to f32 rounding.
+            let mut s32 = SymmetricGram::with_panel(units, panel);
+            s32.add_f32(x.mapv(|v| v as f32).view());
+            s32.add_f32(y.mapv(|v| v as f32).t().as_standard_layout().t());
+            for i in 0..units {
+                for j in 0..units {
+                    let w = want[[i.min(j), i.max(j)]];
+                    let d = (s32.get(i, j) - w).abs();
+                    assert!(d < 1e-5 * w.abs().max(1.0), "f32, panel {panel} [{i},{j}]");
+                }
+            }
         }
     }
 
