@@ -424,7 +424,11 @@ fn measure(
         })
         .collect::<Result<_>>()?;
     let mut stats: Vec<Option<UnitMoments>> = vec![None; taps.len()];
-    for_each_batch(s.as_mut(), run.calib, run.batch, |_, outs| {
+    // An endpoint measured here (statistics given as shards, so calibration gathered none)
+    // returns every repaired layer's output at once: the batch is bounded as repair's own
+    // pass is (ResNet-50 at 224², 53 layers: 64 images peaked at 7.1 GB).
+    let batch = run.batch.min(run.probe_batch.max(1));
+    for_each_batch(s.as_mut(), run.calib, batch, |_, outs| {
         for (((k, stat), tap), axis) in index.iter().zip(stats.iter_mut()).zip(taps).zip(axes) {
             let out = &outs[*k];
             stat.get_or_insert_with(|| UnitMoments::along(unit_width(out, *axis), *axis))
