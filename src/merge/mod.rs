@@ -947,6 +947,7 @@ fn repair_batch(opts: &MergeOptions, sample_bytes: usize) -> usize {
     }
     (REPAIR_ACTIVATIONS / sample_bytes.max(1)).clamp(1, opts.repair_samples.max(1))
 }
+
 /// Calibration statistics (where the method uses activations), then the matchings: the
 /// start, and the iterative dual-space loop for the methods that iterate.
 fn find_matchings(

@@ -31,28 +31,19 @@ impl<T: Copy + Default> Symmetric<T> {
     }
 
     fn with_panel(units: usize, panel: usize) -> Symmetric<T> {
-        let panel = panel.clamp(1, units.max(1));
-        let panels = (0..units.div_ceil(panel))
-            .map(|p| {
-                let end = ((p + 1) * panel).min(units);
-                Array2::default((end, end - p * panel))
-            })
-            .collect();
+        let (panel, shapes) = panel_shapes(units, panel);
         Symmetric {
             units,
             panel,
-            panels,
+            panels: shapes.map(Array2::default).collect(),
         }
     }
 
     /// Elements the triangle of `units` holds (what `bytes` counts, before allocating it).
     pub fn elements(units: usize) -> usize {
-        let panel = PANEL.clamp(1, units.max(1));
-        (0..units.div_ceil(panel))
-            .map(|p| {
-                let end = ((p + 1) * panel).min(units);
-                end * (end - p * panel)
-            })
+        panel_shapes(units, PANEL)
+            .1
+            .map(|(rows, cols)| rows * cols)
             .sum()
     }
 
@@ -207,6 +198,17 @@ impl Symmetric<f64> {
         }
         s
     }
+}
+
+/// The panel width `panel` comes to for `units` (at least 1, at most `units`), and each
+/// panel's `(rows, columns)`: rows `0 .. end` of columns `start .. end`.
+fn panel_shapes(units: usize, panel: usize) -> (usize, impl Iterator<Item = (usize, usize)>) {
+    let panel = panel.clamp(1, units.max(1));
+    let shapes = (0..units.div_ceil(panel)).map(move |p| {
+        let end = ((p + 1) * panel).min(units);
+        (end, end - p * panel)
+    });
+    (panel, shapes)
 }
 
 /// Copies the strict upper triangle of a square matrix onto its lower one, tile by tile so
