@@ -108,6 +108,20 @@ pub fn add_joint(
         // Fill up to rows_per_chunk rows with runs (o, i..i_end) of the same outer index.
         let mut rows = 0;
         while rows < rows_per_chunk && o < outer {
+            if inner == 1 {
+                // Units last (token streams, Gemm outputs): each outer index is one row, so
+                // the runs would be single elements; `run` rows go over as a tiled transpose.
+                let run = (outer - o).min(rows_per_chunk - rows);
+                for (k, v) in views.iter().enumerate() {
+                    transpose_into(
+                        v.slice(ndarray::s![o..o + run, .., 0]),
+                        chunk.slice_mut(ndarray::s![k * width..(k + 1) * width, rows..rows + run]),
+                    );
+                }
+                rows += run;
+                o += run;
+                continue;
+            }
             let run = (inner - i).min(rows_per_chunk - rows);
             for (k, v) in views.iter().enumerate() {
                 for u in 0..width {
@@ -128,6 +142,26 @@ pub fn add_joint(
         m.add_f32(chunk.slice_mut(ndarray::s![.., ..rows]));
     }
     Ok(())
+}
+
+/// Writes `src` ([rows, units]) transposed into `dst` ([units, rows]), NaN and ±inf as 0, in
+/// square tiles so that both the reads along a row and the strided writes stay in cache
+/// (element-wise slicing, what the runs of one element would do, cost more than the GEMM).
+fn transpose_into(src: ndarray::ArrayView2<'_, f32>, mut dst: ndarray::ArrayViewMut2<'_, f32>) {
+    const TILE: usize = 32;
+    let (rows, units) = src.dim();
+    for r0 in (0..rows).step_by(TILE) {
+        for u0 in (0..units).step_by(TILE) {
+            let u1 = (u0 + TILE).min(units);
+            for r in r0..(r0 + TILE).min(rows) {
+                let row = src.row(r);
+                for u in u0..u1 {
+                    let s = row[u];
+                    dst[[u, r]] = if s.is_finite() { s } else { 0.0 };
+                }
+            }
+        }
+    }
 }
 
 /// Per-unit count, Σx and Σx² of one tap: all that statistics repair needs (mean and
@@ -289,6 +323,54 @@ mod tests {
         let (m2, s2) = single.mean_std();
         assert!((&m1 - &m2).iter().all(|d| d.abs() < 1e-9));
         assert!((&s1 - &s2).iter().all(|d| d.abs() < 1e-9));
+    }
+
+    /// Units last (token streams): the tiled transpose, across tiles and chunks, gives the
+    /// moments of the concatenated rows, with NaN and ±inf counted as 0.
+    #[test]
+    fn units_last_taps_match_the_copied_rows() {
+        // 2 × 1,800 rows of 600 units per model: 1,200 joint columns, so a chunk holds
+        // 3,495 rows and the second sample straddles two chunks.
+        let f = |seed: f32| {
+            let mut x = ArrayD::from_shape_fn(IxDyn(&[2, 1800, 600]), |ix| {
+                ((ix[0] * 13 + ix[1] * 7 + ix[2] * 3) as f32 * seed).sin() + ix[2] as f32 * 1e-3
+            });
+            x[[1, 5, 33]] = f32::NAN;
+            x[[0, 1799, 599]] = f32::INFINITY;
+            x
+        };
+        let (a, b) = (f(0.37), f(0.91));
+        let mut m = Moments::new(1200);
+        add_joint(
+            &mut m,
+            &[&TensorData::F32(a.clone()), &TensorData::F32(b.clone())],
+            2,
+            600,
+            &["a".into(), "b".into()],
+            0,
+        )
+        .unwrap();
+        let rows = |x: &ArrayD<f32>| {
+            x.mapv(|v| if v.is_finite() { v } else { 0.0 })
+                .into_shape_with_order((3600, 600))
+                .unwrap()
+        };
+        let x = ndarray::concatenate(Axis(1), &[rows(&a).view(), rows(&b).view()]).unwrap();
+        let mut want = Moments::new(1200);
+        want.add(x.view());
+        assert_eq!(m.count, 3600);
+        assert!((&m.raw_sum() - &want.sum).iter().all(|d| d.abs() < 1e-3));
+        let full = want.outer.to_full();
+        for ((i, j), w) in full.indexed_iter() {
+            // f32 products: within 1e-6 of the Cauchy–Schwarz bound of the sum's terms
+            // (≈ 2e-3 here), far below one misplaced O(1) product.
+            let scale = (full[[i, i]] * full[[j, j]]).sqrt();
+            assert!(
+                (m.raw_outer(i, j) - w).abs() < 1e-6 * scale.max(1.0),
+                "Σxxᵀ[{i}, {j}]: {} against {w}",
+                m.raw_outer(i, j)
+            );
+        }
     }
 
     /// Sampling positions keeps every k-th one: the moments of the kept rows.
