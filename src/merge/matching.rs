@@ -4,6 +4,7 @@
 
 use ndarray::{s, Array2, ArrayView2};
 
+use super::tournament::Tournament;
 use crate::error::{Error, Result};
 
 #[derive(Clone, Debug)]
@@ -219,15 +220,15 @@ pub fn zip_owned(sim: Array2<f64>, models: usize, a: f64, b: f64, target: usize)
         }
         best
     };
-    let mut best_of: Vec<(f64, usize)> = (0..o).map(|x| row_best(&s, &alive, x)).collect();
+    let best_of: Vec<(f64, usize)> = (0..o).map(|x| row_best(&s, &alive, x)).collect();
+    let mut best = Best {
+        race: Tournament::new(best_of.iter().map(|b| b.0).collect()),
+        of: best_of,
+    };
     while left > target {
-        let mut best = (f64::NEG_INFINITY, usize::MAX, usize::MAX);
-        for x in (0..o).filter(|&x| alive[x]) {
-            if best_of[x].0 > best.0 {
-                best = (best_of[x].0, x, best_of[x].1);
-            }
-        }
-        let (v, i, j) = if best.1 == usize::MAX {
+        let (v, i, j) = if let Some(x) = best.race.top() {
+            (best.of[x].0, x, best.of[x].1)
+        } else {
             // Only −inf left (cannot happen with a > 0 and b = 1, guarded all the same):
             // merge the two first live units rather than corrupting the clusters.
             let mut live = (0..o).filter(|&x| alive[x]);
@@ -235,22 +236,20 @@ pub fn zip_owned(sim: Array2<f64>, models: usize, a: f64, b: f64, target: usize)
                 (Some(i), Some(j)) => (f64::NAN, i, j),
                 _ => break,
             }
-        } else {
-            best
         };
         if !v.is_nan() {
             values.push(v);
         }
-        merge_into(&mut s, &mut clusters, &mut alive, i, j, a);
+        merge_into(&mut s, &mut clusters, &mut alive, &mut best, i, j, a);
         left -= 1;
-        // Refresh the rows whose best pair this merge may have changed.
-        best_of[i] = row_best(&s, &alive, i);
+        // Refresh the rows whose best pair was one of the two (the others above `i` saw
+        // the merged cluster's new similarity in `merge_into`).
+        let (i, j) = (i.min(j), i.max(j));
+        best.set(i, row_best(&s, &alive, i));
         for k in (0..o).filter(|&k| alive[k] && k != i) {
-            let (bv, by) = best_of[k];
+            let by = best.of[k].1;
             if by == i || by == j {
-                best_of[k] = row_best(&s, &alive, k);
-            } else if k < i && (s[[k, i]] > bv || (s[[k, i]] == bv && i < by)) {
-                best_of[k] = (s[[k, i]], i);
+                best.set(k, row_best(&s, &alive, k));
             }
         }
         let (mi, mj) = (model[i], model[j]);
@@ -264,7 +263,7 @@ pub fn zip_owned(sim: Array2<f64>, models: usize, a: f64, b: f64, target: usize)
                     }
                 }
                 for &x in &own {
-                    best_of[x] = row_best(&s, &alive, x);
+                    best.set(x, row_best(&s, &alive, x));
                 }
             }
         }
@@ -293,6 +292,7 @@ fn merge_into(
     s: &mut Array2<f64>,
     clusters: &mut [Vec<usize>],
     alive: &mut [bool],
+    best: &mut Best,
     i: usize,
     j: usize,
     a: f64,
@@ -301,14 +301,34 @@ fn merge_into(
     let moved = std::mem::take(&mut clusters[j]);
     clusters[i].extend(moved);
     alive[j] = false;
+    best.set(j, (f64::NEG_INFINITY, usize::MAX));
     for k in (0..i).filter(|&k| alive[k]) {
-        s[[k, i]] = s[[k, i]].min(s[[k, j]]) * a;
+        let v = s[[k, i]].min(s[[k, j]]) * a;
+        s[[k, i]] = v;
+        // Row k's best pair, unless it was one of the two (rescanned after the merge).
+        let (bv, by) = best.of[k];
+        if by != i && by != j && (v > bv || (v == bv && i < by)) {
+            best.set(k, (v, i));
+        }
     }
     for k in (i + 1..j).filter(|&k| alive[k]) {
         s[[i, k]] = s[[i, k]].min(s[[k, j]]) * a;
     }
     for k in (j + 1..alive.len()).filter(|&k| alive[k]) {
         s[[i, k]] = s[[i, k]].min(s[[j, k]]) * a;
+    }
+}
+
+/// Each row's best pair right of the diagonal, and the race between the rows.
+struct Best {
+    of: Vec<(f64, usize)>,
+    race: Tournament,
+}
+
+impl Best {
+    fn set(&mut self, x: usize, best: (f64, usize)) {
+        self.of[x] = best;
+        self.race.set(x, best.0);
     }
 }
 

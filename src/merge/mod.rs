@@ -28,6 +28,7 @@ mod shape_search;
 mod shard;
 mod similarity;
 mod taps;
+mod tournament;
 mod units;
 mod weights;
 mod widen;
