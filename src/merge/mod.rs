@@ -1313,16 +1313,14 @@ fn find_matchings(
     })
 }
 
-/// The dual similarity α·weight + (1−α)·activation, in `w`. The activation correlation is
-/// read from its triangle, each element once for `[i, j]` and `[j, i]`.
+/// The dual similarity α·weight + (1−α)·activation, in `w` (symmetric, as both are). The
+/// activation correlation is read from its triangle into `w`'s upper one, which a tiled
+/// mirror then copies down (writing `[j, i]` beside `[i, j]` walked a column per row).
 fn blend(w: &mut Array2<f64>, act: &crate::stats::Symmetric<f32>, alpha: f64) {
-    let mix = |w: f64, a: f32| w * alpha + f64::from(a) * (1.0 - alpha);
     act.for_each_upper(|i, j, a| {
-        w[[i, j]] = mix(w[[i, j]], a);
-        if i != j {
-            w[[j, i]] = mix(w[[j, i]], a);
-        }
+        w[[i, j]] = w[[i, j]] * alpha + f64::from(a) * (1.0 - alpha);
     });
+    crate::stats::mirror_upper(w);
 }
 
 /// `--widen worst`: the extra merged units that `uniform` gives the widenable groups, in all,

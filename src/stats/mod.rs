@@ -7,6 +7,7 @@ use ndarray::{Array1, Array2, ArrayView2, ArrayViewMut2, Axis};
 mod symmetric;
 
 pub use symmetric::{Symmetric, SymmetricGram};
+pub(crate) use symmetric::mirror_upper;
 
 /// Σx and Σxxᵀ over samples, for `units` units, taken about a fixed point near the units'
 /// means (`shift`): covariances do not depend on it, and centred samples keep calibration's
@@ -491,16 +492,23 @@ pub fn row_correlation_of_blocks(blocks: &[&RowBlock]) -> Array2<f64> {
     for b in blocks {
         b.gram.add_upper_into(&mut gram);
     }
-    symmetric::mirror_upper(&mut gram);
-    let scaled = |value: &dyn Fn(&RowBlock, usize) -> f64| {
-        Array2::from_shape_fn((units, blocks.len()), |(i, e)| {
-            value(blocks[e], i) * (blocks[e].features as f64).sqrt()
-        })
+    // Per unit and block, √f·m and √f·d: the rank-`blocks` terms f·(m mᵀ − d dᵀ).
+    let nb = blocks.len();
+    let scaled = |value: &dyn Fn(&RowBlock, usize) -> f64| -> Vec<f64> {
+        (0..units)
+            .flat_map(|i| blocks.iter().map(move |b| (b, i)))
+            .map(|(b, i)| value(b, i) * (b.features as f64).sqrt())
+            .collect()
     };
     let means = scaled(&|b, i| b.mean[i]);
     let shifts = scaled(&|b, i| b.mean[i] - b.centre[i]);
-    ndarray::linalg::general_mat_mul(1.0, &means, &means.t(), 1.0, &mut gram);
-    ndarray::linalg::general_mat_mul(-1.0, &shifts, &shifts.t(), 1.0, &mut gram);
+    let whole = |gram: f64, i: usize, j: usize| {
+        let (mi, mj) = (&means[i * nb..(i + 1) * nb], &means[j * nb..(j + 1) * nb]);
+        let (si, sj) = (&shifts[i * nb..(i + 1) * nb], &shifts[j * nb..(j + 1) * nb]);
+        let m: f64 = mi.iter().zip(mj).map(|(a, b)| a * b).sum();
+        let d: f64 = si.iter().zip(sj).map(|(a, b)| a * b).sum();
+        gram + m - d
+    };
     let mean: Vec<f64> = (0..units)
         .map(|i| {
             blocks
@@ -514,16 +522,17 @@ pub fn row_correlation_of_blocks(blocks: &[&RowBlock]) -> Array2<f64> {
         .map(|i| blocks.iter().map(|b| b.sumsq[i]).sum::<f64>())
         .collect();
     let var: Vec<f64> = (0..units)
-        .map(|i| gram[[i, i]] / n - mean[i] * mean[i])
+        .map(|i| whole(gram[[i, i]], i, i) / n - mean[i] * mean[i])
         .collect();
     let dead: Vec<bool> = (0..units)
         .map(|i| var[i] <= 1e-12 * (second[i] / n).max(f64::MIN_POSITIVE))
         .collect();
     let sd: Vec<f64> = var.iter().map(|v| v.max(0.0).sqrt()).collect();
-    // In place, row by row: the matrix is the largest thing a wide group's matching holds.
+    // One pass over the upper triangle, in place (the matrix is the largest thing a wide
+    // group's matching holds), then one tiled mirror.
     for (i, mut row) in gram.rows_mut().into_iter().enumerate() {
-        for (j, g) in row.iter_mut().enumerate() {
-            let r = (*g / n - mean[i] * mean[j]) / (sd[i] * sd[j]).max(1e-7);
+        for (j, g) in row.iter_mut().enumerate().skip(i) {
+            let r = (whole(*g, i, j) / n - mean[i] * mean[j]) / (sd[i] * sd[j]).max(1e-7);
             *g = if dead[i] || dead[j] || !r.is_finite() {
                 0.0
             } else {
@@ -531,6 +540,7 @@ pub fn row_correlation_of_blocks(blocks: &[&RowBlock]) -> Array2<f64> {
             };
         }
     }
+    symmetric::mirror_upper(&mut gram);
     gram
 }
 
