@@ -6,8 +6,8 @@ use ndarray::{Array1, Array2, ArrayView2, ArrayViewMut2, Axis};
 
 mod symmetric;
 
-pub use symmetric::{Symmetric, SymmetricGram};
 pub(crate) use symmetric::mirror_upper;
+pub use symmetric::{Symmetric, SymmetricGram};
 
 /// Σx and Σxxᵀ over samples, for `units` units, taken about a fixed point near the units'
 /// means (`shift`): covariances do not depend on it, and centred samples keep calibration's
