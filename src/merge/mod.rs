@@ -299,7 +299,8 @@ pub struct MergeReport {
     pub weight_similarities_reused: usize,
     pub weight_columns_correlated: usize,
     pub weight_columns_read: usize,
-    /// Group matchings of the loop kept because nothing they read had changed.
+    /// Group matchings of the loop not recomputed: what they read was what an earlier
+    /// matching of theirs had read, whose result they took.
     pub matchings_kept: usize,
     pub fixed_weight_axes: usize,
     /// Layers whose output statistics were repaired, and BatchNorms whose statistics were reset.
@@ -1151,14 +1152,15 @@ fn find_matchings(
             let (mut best_value, mut stall) = (f64::NEG_INFINITY, 0);
             // The value at the last real improvement (one that resets `stall`).
             let mut reference = f64::NEG_INFINITY;
-            // Per unit, the inputs and the result of its last matching: a unit whose inputs
-            // are unchanged would be matched again to the same result, so where it still
-            // holds that result (a sweep that did not improve is reverted) it keeps it (on a
-            // ViT-B pair each 6,144-unit MLP group costs a 116-GFLOP Gram and a zip).
+            // Per unit, the inputs and the result of each of its matchings: a unit whose
+            // inputs are those of an earlier matching would be matched again to the same
+            // result, which it takes instead (on a ViT-B pair each 6,144-unit MLP group costs
+            // a 116-GFLOP Gram and a zip). All of them, not only the last: a sweep that did
+            // not improve is reverted, and the next one meets the best sweep's inputs again.
             // `MUDSC_RECOMPUTE_ALL` (tests) recomputes every unit, the reference's loop.
-            let mut last: HashMap<usize, (Vec<_>, Vec<_>)> = HashMap::new();
+            let mut seen: HashMap<usize, Vec<(Vec<_>, Vec<_>)>> = HashMap::new();
             let keep = std::env::var_os("MUDSC_RECOMPUTE_ALL").is_none();
-            let result = |unit: &[usize], m: &Matchings, values: &Values| -> Vec<_> {
+            let result = |unit: &[usize], m: &Matchings, values: &Values| -> Vec<Held> {
                 unit.iter()
                     .map(|g| {
                         (
@@ -1179,11 +1181,13 @@ fn find_matchings(
                         .iter()
                         .map(|&g| wsim.inputs(&disc.groups[g], &m))
                         .collect();
-                    if let (true, Some((seen, held))) = (keep, last.get(&u)) {
-                        if *seen == inputs && *held == result(&units[u], &m, &values) {
-                            wsim.counts.matchings_kept += 1;
-                            continue;
-                        }
+                    let earlier = seen
+                        .get(&u)
+                        .and_then(|all| all.iter().find(|(i, _)| *i == inputs));
+                    if let (true, Some((_, held))) = (keep, earlier) {
+                        restore(&units[u], held, &mut m, &mut values);
+                        wsim.counts.matchings_kept += 1;
+                        continue;
                     }
                     let sims: Vec<(usize, Array2<f64>, String)> = units[u]
                         .iter()
@@ -1208,7 +1212,8 @@ fn find_matchings(
                         })
                         .collect();
                     match_unit(&disc.groups, sims, opts, &targets, &mut m, &mut values)?;
-                    last.insert(u, (inputs, result(&units[u], &m, &values)));
+                    let held = result(&units[u], &m, &values);
+                    seen.entry(u).or_default().push((inputs, held));
                 }
                 let mean = values
                     .values()
@@ -1311,6 +1316,28 @@ fn find_matchings(
         similarities,
         endpoint,
     })
+}
+
+/// One matching's result per group of `unit` (unmerge, block unmerge, merge value; `None`
+/// where the matching gave none), as `find_matchings`' loop records it.
+type Held = (Option<Unmerge>, Option<Unmerge>, Option<(f64, String)>);
+
+/// Puts a unit's recorded result back into the matchings and values.
+fn restore(unit: &[usize], held: &[Held], m: &mut Matchings, values: &mut Values) {
+    for (g, (p, blocks, value)) in unit.iter().zip(held) {
+        match p {
+            Some(p) => m.p.insert(*g, p.clone()),
+            None => m.p.remove(g),
+        };
+        match blocks {
+            Some(b) => m.blocks.insert(*g, b.clone()),
+            None => m.blocks.remove(g),
+        };
+        match value {
+            Some(v) => values.insert(*g, v.clone()),
+            None => values.remove(g),
+        };
+    }
 }
 
 /// The dual similarity α·weight + (1−α)·activation, in `w` (symmetric, as both are). The

@@ -37,8 +37,8 @@ pub struct Counts {
     pub reused: usize,
     pub columns_correlated: usize,
     pub columns_read: usize,
-    /// Matchings of the iterative loop not recomputed: nothing they read had changed since
-    /// they were last computed (`WeightSimilarity::inputs`).
+    /// Matchings of the iterative loop not recomputed: what they read
+    /// (`WeightSimilarity::inputs`) was what an earlier matching of theirs had read.
     pub matchings_kept: usize,
 }
 
