@@ -421,6 +421,7 @@ fn unmerge_value(
         };
         // Row k of the unmerge is model unit k; its single 1 is the merged unit it reads.
         let index: Vec<i64> = r
+            .to_dense()
             .rows()
             .into_iter()
             .enumerate()
