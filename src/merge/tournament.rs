@@ -66,13 +66,8 @@ mod tests {
     /// and −inf among the keys.
     #[test]
     fn winner_is_the_first_maximum_of_a_scan() {
-        let mut seed = 11u64;
-        let mut next = || {
-            seed = seed
-                .wrapping_mul(6364136223846793005)
-                .wrapping_add(1442695040888963407);
-            (seed >> 33) as usize
-        };
+        let mut rng = crate::symmetry::permute::SplitMix(11);
+        let mut next = || rng.next() as usize;
         for n in [1, 2, 5, 16, 37] {
             let pick = |k: usize| match k % 7 {
                 0 => f64::NEG_INFINITY,
