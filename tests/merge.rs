@@ -5,16 +5,14 @@
 
 mod common;
 
+use common::permuted_copy;
+
 use std::path::{Path, PathBuf};
 
 use mudsc::data;
-use mudsc::graph::infer_shapes;
 use mudsc::merge::{align_to_first, merge, MergeOptions, Method};
 use mudsc::onnx::{self, Model, TensorData};
 use mudsc::runtime::{open_session, run_batched, BackendKind, BackendOptions};
-use mudsc::symmetry::check::permuted_model;
-use mudsc::symmetry::discover;
-use mudsc::symmetry::permute::random_assignment;
 
 fn fixture(name: &str) -> PathBuf {
     common::root().join("fixtures/models").join(name)
@@ -61,14 +59,6 @@ fn argmax_agreement(a: &[TensorData], b: &[TensorData]) -> f64 {
         .filter(|(x, y)| top(*x) == top(*y))
         .count();
     same as f64 / a.nrows() as f64
-}
-
-/// A copy of `model` with every discovered group randomly permuted.
-fn permuted_copy(model: &Model, inputs: &[TensorData]) -> Model {
-    let shapes = data::input_shapes(model, Some(inputs), &[], 1).unwrap();
-    let d = discover(model, &infer_shapes(model, &shapes).unwrap()).unwrap();
-    let a = random_assignment(&d.structure, &d.leaves(), 99);
-    permuted_model(model, &d, &a).unwrap()
 }
 
 #[test]

@@ -2,13 +2,18 @@
 //! unit is merged (every unit keeps its own weights: checked against the inputs' rows); in
 //! between, the merged model is valid ONNX that ONNX Runtime runs, its widenable groups have the
 //! asked width and the others one model's (with the reason in the report), and accuracy grows
-//! with the width on the BN ResNet. Bad widths are refused.
+//! with the width on the BN ResNet. A ViT's residual stream widens through the reshapes that
+//! read its width (a permuted copy merged at width 2 keeps the model's stream exactly). Bad
+//! widths are refused.
 
 mod common;
 
 use common::{calib_set, eval_tasks, fixture, merge_cli, task_mean};
 
+use mudsc::data;
+use mudsc::merge::{merge, MergeOptions, Method};
 use mudsc::onnx::{self, Model, TensorData};
+use mudsc::runtime::{open_session, run_batched, BackendKind, BackendOptions};
 
 /// Merges a pair at `width`; returns the merged model, its report and its task mean (%).
 fn merged(pair: &str, width: &str, extra: &[&str]) -> (Model, serde_json::Value, f64) {
@@ -168,18 +173,115 @@ fn depthwise_convolutions_widen_with_their_group() {
 
 #[test]
 fn groups_whose_width_the_graph_spells_out_keep_it() {
-    let (_, r, _) = merged("vit", "1.5", &[]);
+    let (m, r, _) = merged("vit", "1.5", &[]);
     let groups = r["groups"].as_array().unwrap();
     let kept: Vec<&str> = groups
         .iter()
         .filter_map(|g| g["similarity"].as_str())
         .filter(|s| s.contains("kept one model's width"))
         .collect();
-    // The residual stream (its width is read off its shape for the heads' reshapes) and the
-    // attention heads keep their widths; the MLP hidden layers widen.
-    assert!(kept.iter().any(|s| s.contains("cls_token")), "{kept:?}");
+    // The attention heads keep their widths (their count and size are the reshapes' own
+    // constants); the MLP hidden layers and the residual stream widen (the reshapes that read
+    // the stream's width get constants).
     assert!(kept.iter().any(|s| s.contains("blocked")), "{kept:?}");
-    assert!(kept.len() < groups.len());
+    assert!(!kept.iter().any(|s| s.contains("cls_token")), "{kept:?}");
+    assert_eq!(dims(&m, "cls_token"), [1, 1, 96]);
+    assert_eq!(dims(&m, "blocks.0.mlp.fc1.bias"), [192]);
+    assert_eq!(dims(&m, "blocks.0.attn.q.bias"), [64]);
+}
+
+fn dims(m: &Model, name: &str) -> Vec<i64> {
+    m.graph()
+        .initializer
+        .iter()
+        .find(|t| t.name.as_deref() == Some(name))
+        .unwrap_or_else(|| panic!("no initializer {name}"))
+        .dims
+        .clone()
+}
+
+#[test]
+fn vits_widen_their_residual_stream_through_the_reshapes_that_read_it() {
+    // (pair, Reshapes that touch the stream: the patch embedding's flatten and, per block,
+    // the head merge; the packed in-projection's block also splits and merges heads and
+    // batch around its sequence-first attention.)
+    for (pair, reshapes) in [("vit", 5), ("vit_mha", 37)] {
+        widened_vit_keeps_a_permuted_copys_function(pair, reshapes);
+    }
+}
+
+fn widened_vit_keeps_a_permuted_copys_function(pair: &str, reshapes: usize) {
+    // Merged with a permuted copy of itself at width 2, no unit of a widened group is zipped:
+    // the stream holds both copies' units side by side, so each LayerNorm sees every value
+    // twice (the same mean and variance), and the heads, kept at one model's width, find the
+    // permutation (ZipIt: activations alone; the weight half of MuDSC's similarity is noise
+    // where a neighbour keeps the models' units apart). Every merged unit of the final
+    // stream must be one of the model's; a Reshape left reading the stream's width, or pinned
+    // to a wrong size, fails to run or scrambles the tokens.
+    let a = onnx::load(fixture(&format!("{pair}_a.onnx"))).unwrap();
+    let p = calib_set();
+    let arrays = data::read(&p).unwrap();
+    let inputs = common::head_rows(&data::bind_inputs(&arrays, &a, &p).unwrap(), 256);
+    let b = common::permuted_copy(&a, &inputs);
+    let opts = MergeOptions {
+        method: Method::Zipit,
+        width: 2.0,
+        repair_samples: 0,
+        backend: BackendKind::Tract,
+        ..Default::default()
+    };
+    let (m, _) = merge(&[a.clone(), b], &inputs, &opts, &mut |_, _, _| {}).unwrap();
+    assert_eq!(dims(&m, "cls_token"), [1, 1, 128]);
+    assert_eq!(dims(&m, "blocks.3.norm2.weight"), [128]);
+    let pinned = m
+        .graph()
+        .initializer
+        .iter()
+        .filter(|t| t.name.as_deref().is_some_and(|n| n.contains("mudsc_width")))
+        .count();
+    assert_eq!(pinned, reshapes, "{pair}");
+    let stream = "/norm/LayerNormalization_output_0".to_string();
+    let run = |model: &Model| {
+        let opts = BackendOptions::default();
+        let mut s = open_session(
+            BackendKind::Tract,
+            model,
+            std::slice::from_ref(&stream),
+            &opts,
+        )
+        .unwrap();
+        let out = run_batched(s.as_mut(), &inputs, 64).unwrap();
+        (out[0].to_f32(), out[1].to_f32())
+    };
+    let ((want, want_stream), (got, got_stream)) = (run(&a), run(&m));
+    let units = |t: &ndarray::ArrayD<f32>| {
+        let w = *t.shape().last().unwrap();
+        let rows = t.len() / w;
+        t.to_shape((rows, w)).unwrap().t().to_owned()
+    };
+    let (want_units, got_units) = (units(&want_stream), units(&got_stream));
+    for (i, g) in got_units.outer_iter().enumerate() {
+        let closest = want_units
+            .outer_iter()
+            .map(|w| {
+                w.iter()
+                    .zip(g)
+                    .map(|(x, y)| (x - y).abs())
+                    .fold(0.0f32, f32::max)
+            })
+            .fold(f32::MAX, f32::min);
+        assert!(
+            closest < 1e-3,
+            "{pair}: merged stream unit {i} is no unit of the model ({closest})"
+        );
+    }
+    // The cosine head normalises over twice the units, each twice: logits shrink by √2.
+    let diff = want
+        .iter()
+        .zip(got.iter())
+        .map(|(x, y)| (x - y * std::f32::consts::SQRT_2).abs())
+        .fold(0.0f32, f32::max);
+    assert!(diff < 1e-3, "{pair}: merged logits differ by {diff}");
 }
 
 #[test]

@@ -24,6 +24,7 @@ mod partial;
 mod passes;
 mod probe;
 mod repair;
+mod shape_flow;
 mod shape_search;
 mod shard;
 mod similarity;
@@ -370,6 +371,10 @@ struct Prepared {
     names: Vec<HashMap<String, String>>,
     /// Model 0's activations per sample (`activation_bytes_per_sample`).
     sample_bytes: usize,
+    /// Model 0's value shapes at the calibration batch, and (`--width` only) at one sample
+    /// more: the axes that differ are the batch's, which widened reshapes copy or infer.
+    shapes: ShapeMap,
+    shapes_other_batch: Option<ShapeMap>,
     weights: weights::Weights,
     /// BatchNorm-kept layers as if folded: how they are compared and averaged.
     folded: bn_fold::Folded,
@@ -504,7 +509,20 @@ pub fn merge(
             // Widened groups change intermediate shapes; the recorded ones would contradict
             // them (engines infer shapes again).
             g.value_info.clear();
-            widen::set_depthwise_groups(&Graph::new(&models[0])?, g);
+            let original = Graph::new(&models[0])?;
+            widen::set_depthwise_groups(&original, g);
+            if let Some(other) = &prep.shapes_other_batch {
+                let axes = shape_flow::Axes::new(disc, &prep.shapes, other);
+                let (scope, flow) = widen::scope(&disc.groups, &original, &axes);
+                let widths: std::collections::BTreeMap<usize, usize> = disc
+                    .groups
+                    .iter()
+                    .filter(|grp| matches!(scope.get(&grp.id), Some(Ok(()))))
+                    .filter_map(|grp| Some((grp.id, m.p.get(&grp.id)?.merged)))
+                    .filter(|&(id, w)| w != disc.groups[id].width)
+                    .collect();
+                widen::pin_reshapes(&original, g, &axes, &flow, &widths)?;
+            }
         }
     }
     timer.lap("rewrite");
@@ -907,10 +925,27 @@ fn discover(models: &[Model], calib: &[TensorData], opts: &MergeOptions) -> Resu
     let shapes = infer_shapes(base, &first)?;
     let batch = first.values().find_map(|v| v.first().copied()).unwrap_or(1);
     let sample_bytes = activation_bytes_per_sample(base, &shapes, batch);
+    let shapes_other_batch = if opts.width != 1.0 {
+        let more: HashMap<String, Vec<usize>> = first
+            .iter()
+            .map(|(k, v)| {
+                let mut v = v.clone();
+                if let Some(d) = v.first_mut() {
+                    *d += 1;
+                }
+                (k.clone(), v)
+            })
+            .collect();
+        Some(infer_shapes(base, &more)?)
+    } else {
+        None
+    };
     Ok(Prepared {
         disc: symmetry::discover(base, &shapes)?,
         names,
         sample_bytes,
+        shapes,
+        shapes_other_batch,
         weights: Vec::new(),
         folded: bn_fold::Folded::default(),
     })
@@ -978,8 +1013,9 @@ fn find_matchings(
     };
     let mut cca_sd: HashMap<usize, ndarray::Array1<f64>> = HashMap::new();
     // `--width`: the merged width of each group that may be widened.
-    let widen_scope = if opts.width != 1.0 {
-        widen::scope(&disc.groups, &Graph::new(&models[0])?)
+    let widen_scope = if let Some(other) = &prep.shapes_other_batch {
+        let axes = shape_flow::Axes::new(disc, &prep.shapes, other);
+        widen::scope(&disc.groups, &Graph::new(&models[0])?, &axes).0
     } else {
         std::collections::BTreeMap::new()
     };

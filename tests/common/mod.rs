@@ -206,3 +206,13 @@ pub fn merge_cli(a: &Path, b: &Path, out: &Path, extra: &[&str]) -> std::process
     args.extend(extra);
     mudsc(&args)
 }
+
+/// A copy of `model` with every discovered group randomly permuted: the same function with
+/// other weights (the independent truth of the merge tests).
+pub fn permuted_copy(model: &mudsc::onnx::Model, inputs: &[TensorData]) -> mudsc::onnx::Model {
+    let shapes = mudsc::data::input_shapes(model, Some(inputs), &[], 1).unwrap();
+    let shapes = mudsc::graph::infer_shapes(model, &shapes).unwrap();
+    let d = mudsc::symmetry::discover(model, &shapes).unwrap();
+    let a = mudsc::symmetry::permute::random_assignment(&d.structure, &d.leaves(), 99);
+    mudsc::symmetry::check::permuted_model(model, &d, &a).unwrap()
+}

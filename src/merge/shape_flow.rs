@@ -1,0 +1,444 @@
+//! `--width` on groups whose sizes the graph reads at run time. Transformer exports compute
+//! reshape targets from `Shape` of the residual stream (`x.reshape(B, N, C)` with `C` read off
+//! the stream, for a tensor that holds the heads' units), so widening the stream would hand
+//! those reshapes its new width. This module follows the small integer "shape values" made
+//! from `Shape`, element by element, from the values of candidate groups: a Reshape's target
+//! that carries a width is later replaced by constants from the merged shapes ([`pin`]); any
+//! other use of a width (an attention scale from the head size, a Range, a Split's sizes)
+//! keeps the group at one model's width. Elements that carry no width (batch, token counts)
+//! may go anywhere.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+
+use crate::graph::{Graph, ShapeMap};
+use crate::onnx::TensorData;
+use crate::symmetry::rules::{attr_int, input};
+use crate::symmetry::{Discovery, GroupKind};
+
+/// One element of a shape value.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Elem {
+    Known(i64),
+    /// Depends on the batch size (and on nothing widened).
+    Batch,
+    /// Computed from the widths of these groups.
+    Width(BTreeSet<usize>),
+    /// Not followed (and carrying no width).
+    Unknown,
+}
+
+impl Elem {
+    fn widths(&self) -> BTreeSet<usize> {
+        match self {
+            Elem::Width(g) => g.clone(),
+            _ => BTreeSet::new(),
+        }
+    }
+}
+
+/// Which axis of which value holds the units of a plain group, and the shapes of every value
+/// at two batch sizes (axes whose sizes differ depend on the batch).
+pub struct Axes<'a> {
+    disc: &'a Discovery,
+    by_leaf: HashMap<usize, usize>,
+    pub shapes: &'a ShapeMap,
+    pub shapes_other_batch: &'a ShapeMap,
+}
+
+impl<'a> Axes<'a> {
+    pub fn new(disc: &'a Discovery, shapes: &'a ShapeMap, other: &'a ShapeMap) -> Axes<'a> {
+        let by_leaf = disc
+            .groups
+            .iter()
+            .filter(|g| matches!(g.kind, GroupKind::Plain))
+            .map(|g| (g.leaf, g.id))
+            .collect();
+        Axes {
+            disc,
+            by_leaf,
+            shapes,
+            shapes_other_batch: other,
+        }
+    }
+
+    /// The plain group whose units lie along `axis` of `value`, if exactly one does.
+    pub fn group_at(&self, value: &str, axis: usize) -> Option<usize> {
+        let s = self.disc.slots.slot(value, axis)?;
+        self.by_leaf.get(&self.disc.structure.comp_of[s]).copied()
+    }
+
+    /// Groups among `of` whose units make up part of `axis` of `value` without being the
+    /// whole axis (a flattened or concatenated axis): its size cannot be rewritten as a width.
+    pub fn partly_held(&self, value: &str, axis: usize, of: &BTreeSet<usize>) -> Vec<usize> {
+        let Some(s) = self.disc.slots.slot(value, axis) else {
+            return vec![];
+        };
+        let st = &self.disc.structure;
+        let c = st.comp_of[s];
+        if self.by_leaf.contains_key(&c) {
+            return vec![];
+        }
+        let leaves: BTreeSet<usize> = st
+            .leaf_paths(c, 64)
+            .map(|p| p.into_iter().flatten().collect())
+            .unwrap_or_default();
+        of.iter()
+            .copied()
+            .filter(|&g| leaves.contains(&self.disc.groups[g].leaf))
+            .collect()
+    }
+
+    fn batch_dependent(&self, value: &str, axis: usize) -> bool {
+        let a = self.shapes.get(value).and_then(|s| s.get(axis));
+        let b = self.shapes_other_batch.get(value).and_then(|s| s.get(axis));
+        a != b
+    }
+}
+
+/// The shape values of a graph and the uses of widths that no rewrite can follow.
+pub struct Flow {
+    pub values: HashMap<String, Vec<Elem>>,
+    /// Per group: why a value computed from its width stops it from widening.
+    pub blocked: BTreeMap<usize, String>,
+}
+
+/// Follows every shape value of `graph` computed from `Shape` of a value that holds a group
+/// in `candidates`.
+pub fn follow(graph: &Graph, axes: &Axes, candidates: &BTreeSet<usize>) -> Flow {
+    let mut values: HashMap<String, Vec<Elem>> = HashMap::new();
+    let mut blocked = BTreeMap::new();
+    for &n in graph.topological_order() {
+        let node = graph.node(n);
+        let op = node.op_type.as_deref().unwrap_or("");
+        let out = match op {
+            "Shape" => shape_of(node, axes, candidates),
+            _ => {
+                let ins: Vec<Option<Vec<Elem>>> = (0..node.input.len())
+                    .map(|i| {
+                        let name = input(node, i)?;
+                        values.get(name).cloned().or_else(|| constant(graph, name))
+                    })
+                    .collect();
+                // Nodes that read a followed shape value, and integer constants computed
+                // from constants alone (a Slice's bounds made by Mod and Reshape).
+                let followed = node
+                    .input
+                    .iter()
+                    .any(|i| !i.is_empty() && values.contains_key(i));
+                let constant_only = node
+                    .input
+                    .iter()
+                    .zip(&ins)
+                    .all(|(name, v)| name.is_empty() || v.is_some());
+                if !followed && !constant_only {
+                    continue;
+                }
+                match fold(op, node, &ins) {
+                    Some(v) => Some(v),
+                    None if !followed => continue,
+                    None => {
+                        let widths: BTreeSet<usize> = node
+                            .input
+                            .iter()
+                            .filter_map(|i| values.get(i))
+                            .flatten()
+                            .flat_map(Elem::widths)
+                            .collect();
+                        let is_target = op == "Reshape"
+                            && node.input.first().is_some_and(|i| !values.contains_key(i));
+                        if !is_target {
+                            let name = node.name.as_deref().unwrap_or("");
+                            for g in widths {
+                                blocked
+                                    .entry(g)
+                                    .or_insert_with(|| format!("its width feeds {op} '{name}'"));
+                            }
+                        }
+                        continue;
+                    }
+                }
+            }
+        };
+        if let (Some(v), Some(o)) = (out, node.output.first()) {
+            values.insert(o.clone(), v);
+        }
+    }
+    Flow { values, blocked }
+}
+
+fn constant(graph: &Graph, name: &str) -> Option<Vec<Elem>> {
+    let t = graph.constant(name)?;
+    let ints = TensorData::from_proto(t).ok()?.to_labels()?;
+    Some(ints.into_iter().map(Elem::Known).collect())
+}
+
+fn shape_of(
+    node: &crate::onnx::proto::NodeProto,
+    axes: &Axes,
+    candidates: &BTreeSet<usize>,
+) -> Option<Vec<Elem>> {
+    let value = input(node, 0)?;
+    let shape = axes.shapes.get(value)?;
+    let rank = shape.len() as i64;
+    let clamp = |v: i64| (if v < 0 { v + rank } else { v }).clamp(0, rank) as usize;
+    let start = clamp(attr_int(node, "start").unwrap_or(0));
+    let end = clamp(attr_int(node, "end").unwrap_or(rank));
+    Some(
+        (start..end.max(start))
+            .map(|axis| match axes.group_at(value, axis) {
+                Some(g) if candidates.contains(&g) => Elem::Width(BTreeSet::from([g])),
+                _ if axes.batch_dependent(value, axis) => Elem::Batch,
+                _ => Elem::Known(shape[axis] as i64),
+            })
+            .collect(),
+    )
+}
+
+/// The output of `op` on shape values, element by element; `None` for an op this module does
+/// not follow.
+fn fold(
+    op: &str,
+    node: &crate::onnx::proto::NodeProto,
+    ins: &[Option<Vec<Elem>>],
+) -> Option<Vec<Elem>> {
+    let arg = |i: usize| ins.get(i).cloned().flatten();
+    let known = |i: usize| -> Option<Vec<i64>> {
+        arg(i)?
+            .into_iter()
+            .map(|e| match e {
+                Elem::Known(v) => Some(v),
+                _ => None,
+            })
+            .collect()
+    };
+    match op {
+        "Identity" | "Cast" | "Squeeze" | "Unsqueeze" | "Reshape" | "Flatten" => arg(0),
+        "Concat" => ins.iter().try_fold(Vec::new(), |mut acc, v| {
+            acc.extend(v.clone()?);
+            Some(acc)
+        }),
+        "Gather" => {
+            let data = arg(0)?;
+            let idx = known(1)?;
+            if attr_int(node, "axis").unwrap_or(0) != 0 {
+                return None;
+            }
+            idx.into_iter()
+                .map(|i| {
+                    let i = if i < 0 { i + data.len() as i64 } else { i };
+                    data.get(usize::try_from(i).ok()?).cloned()
+                })
+                .collect()
+        }
+        "Slice" => {
+            let data = arg(0)?;
+            let (starts, ends) = (known(1)?, known(2)?);
+            let steps = match ins.get(4) {
+                Some(Some(_)) => known(4)?,
+                _ => vec![1],
+            };
+            if starts.len() != 1 || ends.len() != 1 || steps != [1] {
+                return None;
+            }
+            let n = data.len() as i64;
+            let at = |v: i64| (if v < 0 { v + n } else { v }).clamp(0, n) as usize;
+            let (s, e) = (at(starts[0]), at(ends[0]));
+            Some(data[s..e.max(s)].to_vec())
+        }
+        "ConstantOfShape" => {
+            let dims = known(0)?;
+            let count: i64 = dims.iter().product();
+            let value = attr_tensor_int(node).unwrap_or(0);
+            Some(vec![Elem::Known(value); usize::try_from(count).ok()?])
+        }
+        "Add" | "Sub" | "Mul" | "Div" | "Mod" | "Equal" => {
+            let (a, b) = (arg(0)?, arg(1)?);
+            let len = a.len().max(b.len());
+            let pick = |v: &[Elem], i: usize| v[if v.len() == 1 { 0 } else { i }].clone();
+            if (a.len() != len && a.len() != 1) || (b.len() != len && b.len() != 1) {
+                return None;
+            }
+            Some(
+                (0..len)
+                    .map(|i| arith(op, &pick(&a, i), &pick(&b, i)))
+                    .collect(),
+            )
+        }
+        "Where" => {
+            let (c, a, b) = (arg(0)?, arg(1)?, arg(2)?);
+            let len = c.len().max(a.len()).max(b.len());
+            let pick = |v: &[Elem], i: usize| v[if v.len() == 1 { 0 } else { i }].clone();
+            Some(
+                (0..len)
+                    .map(|i| match pick(&c, i) {
+                        Elem::Known(0) => pick(&b, i),
+                        Elem::Known(_) => pick(&a, i),
+                        cond => {
+                            let w: BTreeSet<usize> = [cond, pick(&a, i), pick(&b, i)]
+                                .iter()
+                                .flat_map(Elem::widths)
+                                .collect();
+                            if w.is_empty() {
+                                Elem::Unknown
+                            } else {
+                                Elem::Width(w)
+                            }
+                        }
+                    })
+                    .collect(),
+            )
+        }
+        _ => None,
+    }
+}
+
+fn arith(op: &str, a: &Elem, b: &Elem) -> Elem {
+    match (a, b) {
+        (Elem::Known(x), Elem::Known(y)) => match op {
+            "Add" => Elem::Known(x + y),
+            "Sub" => Elem::Known(x - y),
+            "Mul" => Elem::Known(x * y),
+            "Div" if *y != 0 => Elem::Known(x / y),
+            // Integer Mod takes the divisor's sign (`fmod` 0).
+            "Mod" if *y != 0 => Elem::Known(((x % y) + y) % y),
+            "Equal" => Elem::Known(i64::from(x == y)),
+            _ => Elem::Unknown,
+        },
+        _ => {
+            let w: BTreeSet<usize> = a.widths().union(&b.widths()).copied().collect();
+            if !w.is_empty() {
+                Elem::Width(w)
+            } else if matches!((a, b), (Elem::Batch, Elem::Known(1)) if op == "Mul" || op == "Div")
+            {
+                Elem::Batch
+            } else {
+                Elem::Unknown
+            }
+        }
+    }
+}
+
+fn attr_tensor_int(node: &crate::onnx::proto::NodeProto) -> Option<i64> {
+    let t = node
+        .attribute
+        .iter()
+        .find(|a| a.name.as_deref() == Some("value"))?
+        .t
+        .as_ref()?;
+    TensorData::from_proto(t)
+        .ok()?
+        .to_labels()?
+        .first()
+        .copied()
+}
+
+/// The constant target that makes Reshape `node` produce its output at the merged widths
+/// (`widths`: merged width of each widened group): the output's unit axes at their merged
+/// widths, its batch axis copied (0) or inferred (−1), every other axis at its size. `Ok(None)`
+/// when the Reshape touches no widened group.
+pub fn pin(
+    node: &crate::onnx::proto::NodeProto,
+    axes: &Axes,
+    flow: &Flow,
+    widths: &BTreeMap<usize, usize>,
+) -> Result<Option<Vec<i64>>, String> {
+    let name = node.name.as_deref().unwrap_or("");
+    let (Some(x), Some(target), Some(o)) = (input(node, 0), input(node, 1), node.output.first())
+    else {
+        return Ok(None);
+    };
+    let widened: BTreeSet<usize> = widths.keys().copied().collect();
+    let rank_of = |v: &str| axes.shapes.get(v).map_or(0, Vec::len);
+    let holds = |v: &str| {
+        (0..rank_of(v)).any(|a| axes.group_at(v, a).is_some_and(|g| widened.contains(&g)))
+    };
+    let reads = flow
+        .values
+        .get(target)
+        .is_some_and(|t| t.iter().any(|e| !e.widths().is_disjoint(&widened)));
+    if !(holds(x) || holds(o) || reads) {
+        return Ok(None);
+    }
+    for v in [x, o] {
+        for a in 0..rank_of(v) {
+            if let Some(&g) = axes.partly_held(v, a, &widened).first() {
+                return Err(format!(
+                    "Reshape '{name}': axis {a} of '{v}' holds group {g}'s units with others"
+                ));
+            }
+        }
+    }
+    if attr_int(node, "allowzero") == Some(1) {
+        return Err(format!("Reshape '{name}' has allowzero set"));
+    }
+    let (out, out2) = match (axes.shapes.get(o), axes.shapes_other_batch.get(o)) {
+        (Some(a), Some(b)) if a.len() == b.len() => (a, b),
+        _ => return Err(format!("Reshape '{name}': shape of '{o}' unknown")),
+    };
+    let (inp, inp2) = (axes.shapes.get(x), axes.shapes_other_batch.get(x));
+    let mut pinned = Vec::with_capacity(out.len());
+    let mut inferred = 0;
+    for i in 0..out.len() {
+        let dim = match axes.group_at(o, i) {
+            Some(g) if widths.contains_key(&g) => widths[&g] as i64,
+            _ if out[i] != out2[i] => {
+                let copied = match (inp, inp2) {
+                    (Some(a), Some(b)) => a.get(i) == Some(&out[i]) && b.get(i) == Some(&out2[i]),
+                    _ => false,
+                };
+                if copied {
+                    0
+                } else {
+                    inferred += 1;
+                    -1
+                }
+            }
+            _ => out[i] as i64,
+        };
+        pinned.push(dim);
+    }
+    if inferred > 1 {
+        return Err(format!(
+            "Reshape '{name}': more than one batch-dependent axis to infer"
+        ));
+    }
+    Ok(Some(pinned))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::onnx::proto::NodeProto;
+
+    fn known(v: &[i64]) -> Option<Vec<Elem>> {
+        Some(v.iter().map(|&x| Elem::Known(x)).collect())
+    }
+
+    fn width(g: usize) -> Elem {
+        Elem::Width(BTreeSet::from([g]))
+    }
+
+    #[test]
+    fn widths_survive_arithmetic_and_constants_fold() {
+        assert_eq!(
+            arith("Mod", &Elem::Known(-3), &Elem::Known(5)),
+            Elem::Known(2)
+        );
+        assert_eq!(arith("Div", &width(4), &Elem::Known(2)), width(4));
+        assert_eq!(arith("Mul", &Elem::Batch, &Elem::Known(1)), Elem::Batch);
+        assert_eq!(arith("Mul", &Elem::Batch, &Elem::Known(4)), Elem::Unknown);
+        let node = NodeProto::default();
+        // Gather picks elements (negative indices from the end); Slice cuts a range.
+        let shape = Some(vec![Elem::Batch, Elem::Known(17), width(0)]);
+        let got = fold("Gather", &node, &[shape.clone(), known(&[-1, 0])]);
+        assert_eq!(got, Some(vec![width(0), Elem::Batch]));
+        let got = fold("Slice", &node, &[shape, known(&[1]), known(&[9])]);
+        assert_eq!(got, Some(vec![Elem::Known(17), width(0)]));
+        // Where on a known condition takes one side; on an unknown one, any width taints it.
+        let cond = Some(vec![Elem::Known(1), Elem::Known(0), Elem::Unknown]);
+        let a = Some(vec![Elem::Known(1), Elem::Known(2), width(3)]);
+        let b = known(&[7, 8, 9]);
+        let got = fold("Where", &node, &[cond, a, b]);
+        assert_eq!(got, Some(vec![Elem::Known(1), Elem::Known(8), width(3)]));
+    }
+}
