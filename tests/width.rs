@@ -173,21 +173,29 @@ fn depthwise_convolutions_widen_with_their_group() {
 
 #[test]
 fn groups_whose_width_the_graph_spells_out_keep_it() {
+    // The ViT's residual stream widens (the reshapes that read its width get constants), its
+    // MLP hidden layers too, and its heads by whole heads (round(4 · 1.5) = 6 of 16 units).
     let (m, r, _) = merged("vit", "1.5", &[]);
-    let groups = r["groups"].as_array().unwrap();
-    let kept: Vec<&str> = groups
-        .iter()
-        .filter_map(|g| g["similarity"].as_str())
-        .filter(|s| s.contains("kept one model's width"))
-        .collect();
-    // The attention heads keep their widths (their count and size are the reshapes' own
-    // constants); the MLP hidden layers and the residual stream widen (the reshapes that read
-    // the stream's width get constants).
-    assert!(kept.iter().any(|s| s.contains("blocked")), "{kept:?}");
-    assert!(!kept.iter().any(|s| s.contains("cls_token")), "{kept:?}");
+    assert!(kept_reasons(&r).is_empty(), "{:?}", kept_reasons(&r));
     assert_eq!(dims(&m, "cls_token"), [1, 1, 96]);
     assert_eq!(dims(&m, "blocks.0.mlp.fc1.bias"), [192]);
-    assert_eq!(dims(&m, "blocks.0.attn.q.bias"), [64]);
+    assert_eq!(dims(&m, "blocks.0.attn.q.bias"), [96]);
+    // A packed in-projection holds Q, K and V in one weight: its heads keep their width.
+    let (m, r, _) = merged("vit_mha", "1.5", &[]);
+    let kept = kept_reasons(&r);
+    assert!(kept.iter().any(|s| s.contains("packed weight")), "{kept:?}");
+    assert_eq!(dims(&m, "cls_token"), [1, 1, 96]);
+}
+
+fn kept_reasons(r: &serde_json::Value) -> Vec<String> {
+    r["groups"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|g| g["similarity"].as_str())
+        .filter(|s| s.contains("kept one model's width") && !s.contains("pinned"))
+        .map(String::from)
+        .collect()
 }
 
 fn dims(m: &Model, name: &str) -> Vec<i64> {
@@ -202,10 +210,11 @@ fn dims(m: &Model, name: &str) -> Vec<i64> {
 
 #[test]
 fn vits_widen_their_residual_stream_through_the_reshapes_that_read_it() {
-    // (pair, Reshapes that touch the stream: the patch embedding's flatten and, per block,
-    // the head merge; the packed in-projection's block also splits and merges heads and
-    // batch around its sequence-first attention.)
-    for (pair, reshapes) in [("vit", 5), ("vit_mha", 37)] {
+    // (pair, Reshapes that touch the widened groups: the patch embedding's flatten and, per
+    // block, the heads' split of Q, K and V and their merge; the packed in-projection's heads
+    // keep their width, but its block splits and merges heads and batch around its
+    // sequence-first attention.)
+    for (pair, reshapes) in [("vit", 17), ("vit_mha", 37)] {
         widened_vit_keeps_a_permuted_copys_function(pair, reshapes);
     }
 }
@@ -213,11 +222,12 @@ fn vits_widen_their_residual_stream_through_the_reshapes_that_read_it() {
 fn widened_vit_keeps_a_permuted_copys_function(pair: &str, reshapes: usize) {
     // Merged with a permuted copy of itself at width 2, no unit of a widened group is zipped:
     // the stream holds both copies' units side by side, so each LayerNorm sees every value
-    // twice (the same mean and variance), and the heads, kept at one model's width, find the
-    // permutation (ZipIt: activations alone; the weight half of MuDSC's similarity is noise
-    // where a neighbour keeps the models' units apart). Every merged unit of the final
-    // stream must be one of the model's; a Reshape left reading the stream's width, or pinned
-    // to a wrong size, fails to run or scrambles the tokens.
+    // twice (the same mean and variance); the heads are both copies' heads (`vit`) or, kept
+    // at one model's width (`vit_mha`), find the permutation (ZipIt: activations alone; the
+    // weight half of MuDSC's similarity is noise where a neighbour keeps the models' units
+    // apart). Every merged unit of the final stream must be one of the model's; a Reshape
+    // left reading a widened size, or pinned to a wrong one, fails to run or scrambles the
+    // tokens or heads.
     let a = onnx::load(fixture(&format!("{pair}_a.onnx"))).unwrap();
     let p = calib_set();
     let arrays = data::read(&p).unwrap();
@@ -233,6 +243,12 @@ fn widened_vit_keeps_a_permuted_copys_function(pair: &str, reshapes: usize) {
     let (m, _) = merge(&[a.clone(), b], &inputs, &opts, &mut |_, _, _| {}).unwrap();
     assert_eq!(dims(&m, "cls_token"), [1, 1, 128]);
     assert_eq!(dims(&m, "blocks.3.norm2.weight"), [128]);
+    // Separate projections: both copies' heads; packed: one model's (Q, K and V rows).
+    let (q, size) = match pair {
+        "vit" => ("blocks.0.attn.q.bias", 128),
+        _ => ("blocks.0.self_attn.in_proj_bias", 192),
+    };
+    assert_eq!(dims(&m, q), [size]);
     let pinned = m
         .graph()
         .initializer

@@ -103,6 +103,11 @@ pub fn group_align(
 /// of paired blocks is zipped on its own down to one block. A merged block only ever holds
 /// units of its paired blocks, so the block structure (heads, GroupNorm groups) survives.
 /// Within a pair, same-model merges are bounded by half a block, the reference's group budget.
+///
+/// `target_blocks` above `blocks` (`--width` on attention heads) keeps the worst-paired
+/// tuples apart, each model's block whole and unmerged, until that many blocks remain (each
+/// tuple kept apart adds `models − 1`); ties keep the earlier tuple merged.
+#[allow(clippy::too_many_arguments)]
 pub fn group_zip(
     sim: ArrayView2<f64>,
     models: usize,
@@ -111,9 +116,11 @@ pub fn group_zip(
     shared: &[Array2<f64>],
     a: f64,
     b: f64,
+    target_blocks: usize,
 ) -> Result<(Matched, Array2<f64>)> {
     let w = blocks * block_size;
     let mut partner = vec![(0..blocks).collect::<Vec<usize>>(); models];
+    let mut score = vec![0.0; blocks];
     for (i, row) in partner.iter_mut().enumerate().skip(1) {
         let (g, _) = block_scores(sim, i, w, blocks, block_size)?;
         let mut outer = g;
@@ -121,11 +128,29 @@ pub fn group_zip(
             outer += extra;
         }
         *row = lap(outer.view())?;
+        for (j, s) in score.iter_mut().enumerate() {
+            *s += outer[[j, row[j]]];
+        }
     }
-    let mut p = Array2::zeros((models * w, w));
-    let mut bp = Array2::zeros((models * blocks, blocks));
+    let apart = apart_tuples(&score, models, blocks, target_blocks);
+    let merged_blocks = blocks + apart.iter().filter(|&&x| x).count() * (models - 1);
+    let mut p = Array2::zeros((models * w, merged_blocks * block_size));
+    let mut bp = Array2::zeros((models * blocks, merged_blocks));
     let mut values = Vec::new();
+    let mut slot = 0;
     for j in 0..blocks {
+        if apart[j] {
+            // Each model's block keeps its own slot, unit for unit.
+            for (i, row) in partner.iter().enumerate() {
+                let k = row[j];
+                for u in 0..block_size {
+                    p[[i * w + k * block_size + u, slot * block_size + u]] = 1.0;
+                }
+                bp[[i * blocks + k, slot]] = 1.0;
+                slot += 1;
+            }
+            continue;
+        }
         // Units of the paired blocks, model-major, and their similarities.
         let units: Vec<usize> = (0..models)
             .flat_map(|i| {
@@ -140,15 +165,32 @@ pub fn group_zip(
         values.push(m.value);
         for (r, &unit) in units.iter().enumerate() {
             for c in 0..block_size {
-                p[[unit, j * block_size + c]] = m.p[[r, c]];
+                p[[unit, slot * block_size + c]] = m.p[[r, c]];
             }
         }
         for (i, row) in partner.iter().enumerate() {
-            bp[[i * blocks + row[j], j]] = 1.0;
+            bp[[i * blocks + row[j], slot]] = 1.0;
         }
+        slot += 1;
     }
     let value = values.iter().sum::<f64>() / values.len().max(1) as f64;
     Ok((Matched { p, value }, bp))
+}
+
+/// Which block tuples [`group_zip`] keeps apart to reach `target_blocks`: the lowest summed
+/// scores first, the earlier tuple on ties.
+fn apart_tuples(score: &[f64], models: usize, blocks: usize, target_blocks: usize) -> Vec<bool> {
+    let mut apart = vec![false; blocks];
+    if models < 2 {
+        return apart;
+    }
+    let count = (target_blocks.saturating_sub(blocks) / (models - 1)).min(blocks);
+    let mut order: Vec<usize> = (0..blocks).collect();
+    order.sort_by(|&x, &y| score[x].total_cmp(&score[y]).then(x.cmp(&y)));
+    for &j in order.iter().take(count) {
+        apart[j] = true;
+    }
+    apart
 }
 
 /// Block-pair scores G (model 0 vs model i) and the inner matchings, `inner[j·blocks + k]`.
@@ -438,7 +480,7 @@ mod tests {
             sim[[u, w + b_of(u)]] = 1.0;
             sim[[w + b_of(u), u]] = 1.0;
         }
-        let (m, bp) = group_zip(sim.view(), 2, blocks, bs, &[], 0.5, 1.0).unwrap();
+        let (m, bp) = group_zip(sim.view(), 2, blocks, bs, &[], 0.5, 1.0, blocks).unwrap();
         for u in 0..w {
             let col = (0..w).find(|&c| m.p[[u, c]] == 1.0).unwrap();
             assert_eq!(
@@ -449,6 +491,39 @@ mod tests {
             assert_eq!(col / bs, u / bs, "unit {u} left its block");
         }
         assert_eq!(bp[[2 + 1, 0]], 1.0);
+    }
+
+    #[test]
+    fn group_zip_keeps_the_worst_paired_blocks_apart_when_widened() {
+        // Three blocks of 2; B's block k twins A's block k, block 1's twins the weakest.
+        let (blocks, bs) = (3, 2);
+        let w = blocks * bs;
+        let mut sim = Array2::from_elem((2 * w, 2 * w), 0.0);
+        for u in 0..w {
+            let s = if u / bs == 1 { 0.4 } else { 0.9 };
+            sim[[u, w + u]] = s;
+            sim[[w + u, u]] = s;
+        }
+        let (m, bp) = group_zip(sim.view(), 2, blocks, bs, &[], 0.5, 1.0, 4).unwrap();
+        assert_eq!(m.p.dim(), (2 * w, 4 * bs));
+        assert_eq!(bp.dim(), (2 * blocks, 4));
+        // Every unit in one cluster; blocks 0 and 2 zipped with their twins, block 1 of
+        // each model alone in a block of its own.
+        assert!(m.p.rows().into_iter().all(|row| row.sum() == 1.0));
+        let col = |u: usize| (0..4 * bs).find(|&c| m.p[[u, c]] == 1.0).unwrap();
+        for u in [0, 1, 4, 5] {
+            assert_eq!(col(u), col(w + u), "unit {u} not zipped with its twin");
+        }
+        for u in [2, 3] {
+            assert_ne!(col(u) / bs, col(w + u) / bs, "weak block {u} merged");
+            let members = (0..2 * w).filter(|&r| m.p[[r, col(u)]] == 1.0).count();
+            assert_eq!(members, 1);
+        }
+        // At the number of models nothing is merged; at one model's width, nothing kept apart.
+        let (all, _) = group_zip(sim.view(), 2, blocks, bs, &[], 0.5, 1.0, 6).unwrap();
+        assert_eq!(all.p.dim(), (2 * w, 2 * w));
+        let (one, _) = group_zip(sim.view(), 2, blocks, bs, &[], 0.5, 1.0, blocks).unwrap();
+        assert_eq!(one.p.dim(), (2 * w, w));
     }
 
     #[test]

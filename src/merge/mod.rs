@@ -1019,13 +1019,24 @@ fn find_matchings(
     } else {
         std::collections::BTreeMap::new()
     };
+    // Attention heads widen by whole heads, and only evenly: `--widen worst` re-matches one
+    // group at a time, which would part heads from the groups that share their order.
     let uniform: HashMap<usize, usize> = disc
         .groups
         .iter()
         .filter(|g| matches!(widen_scope.get(&g.id), Some(Ok(()))))
-        .map(|g| {
-            let wide = (g.width as f64 * opts.width).round() as usize;
-            (g.id, wide.clamp(g.width, models.len() * g.width))
+        .filter_map(|g| match g.kind {
+            GroupKind::Plain => {
+                let wide = (g.width as f64 * opts.width).round() as usize;
+                Some((g.id, wide.clamp(g.width, models.len() * g.width)))
+            }
+            GroupKind::Blocked { .. } if opts.widen_worst => None,
+            GroupKind::Blocked {
+                blocks, block_size, ..
+            } => {
+                let wide = (blocks as f64 * opts.width).round() as usize;
+                Some((g.id, wide.clamp(blocks, models.len() * blocks) * block_size))
+            }
         })
         .collect();
     // `--widen worst`: the loop matches at one model's width; the extra units go afterwards
@@ -1333,7 +1344,12 @@ fn find_matchings(
         m.linear.insert(g, std::sync::Arc::new(maps.maps));
     }
     for (g, scope) in &widen_scope {
-        if let (Err(why), Some(v)) = (scope, values.get_mut(g)) {
+        let why = match scope {
+            Err(why) => why.as_str(),
+            Ok(()) if !uniform.contains_key(g) => "heads widen only with an even --width",
+            Ok(()) => continue,
+        };
+        if let Some(v) = values.get_mut(g) {
             v.1 = format!("{} (kept one model's width: {why})", v.1);
         }
     }
@@ -1542,7 +1558,18 @@ fn match_unit(
             values.insert(g, (matched.value, how));
         }
         _ => {
-            // Blocked: sum every group's head-level scores so that they share one block order.
+            // Blocked: sum every group's head-level scores so that they share one block order,
+            // and widen them alike (`--width`: the fewest blocks any of them may have).
+            let target_blocks = sims
+                .iter()
+                .filter_map(|(g, _, _)| match groups[*g].kind {
+                    GroupKind::Blocked {
+                        blocks, block_size, ..
+                    } => Some(targets.get(g).map_or(blocks, |t| t / block_size.max(1))),
+                    GroupKind::Plain => None,
+                })
+                .min()
+                .unwrap_or(0);
             let mut shared: Vec<Array2<f64>> = Vec::new();
             for (g, s, _) in &sims {
                 if let GroupKind::Blocked {
@@ -1585,6 +1612,7 @@ fn match_unit(
                         &others,
                         opts.zip_a,
                         opts.zip_b,
+                        target_blocks.max(blocks),
                     )?
                 } else {
                     group_align(s.view(), n, blocks, block_size, &others)?

@@ -13,6 +13,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use crate::graph::{Graph, ShapeMap};
 use crate::onnx::TensorData;
 use crate::symmetry::rules::{attr_int, input};
+use crate::symmetry::structure::Def;
 use crate::symmetry::{Discovery, GroupKind};
 
 /// One element of a shape value.
@@ -36,46 +37,81 @@ impl Elem {
     }
 }
 
-/// Which axis of which value holds the units of a plain group, and the shapes of every value
-/// at two batch sizes (axes whose sizes differ depend on the batch).
+/// What an axis holds of a group that may widen.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Holds {
+    /// All its units (a plain group's, or a blocked group's blocks × block units).
+    Units(usize),
+    /// Its blocks (attention heads), one per index.
+    Blocks(usize),
+}
+
+impl Holds {
+    pub fn group(self) -> usize {
+        match self {
+            Holds::Units(g) | Holds::Blocks(g) => g,
+        }
+    }
+}
+
+/// Which axis of which value holds which group's units or blocks, and the shapes of every
+/// value at two batch sizes (axes whose sizes differ depend on the batch).
 pub struct Axes<'a> {
     disc: &'a Discovery,
-    by_leaf: HashMap<usize, usize>,
+    by_comp: HashMap<usize, Holds>,
+    /// The within-block components of blocked groups: axes that keep their size.
+    inner: BTreeSet<usize>,
     pub shapes: &'a ShapeMap,
     pub shapes_other_batch: &'a ShapeMap,
 }
 
 impl<'a> Axes<'a> {
     pub fn new(disc: &'a Discovery, shapes: &'a ShapeMap, other: &'a ShapeMap) -> Axes<'a> {
-        let by_leaf = disc
-            .groups
-            .iter()
-            .filter(|g| matches!(g.kind, GroupKind::Plain))
-            .map(|g| (g.leaf, g.id))
-            .collect();
+        let st = &disc.structure;
+        let mut by_comp = HashMap::new();
+        let mut inner = BTreeSet::new();
+        for g in &disc.groups {
+            match (g.kind.clone(), g.block) {
+                (GroupKind::Plain, _) => {
+                    by_comp.insert(g.leaf, Holds::Units(g.id));
+                }
+                (GroupKind::Blocked { .. }, Some(b)) => {
+                    by_comp.entry(b).or_insert(Holds::Blocks(g.id));
+                    inner.insert(g.leaf);
+                    for (c, comp) in st.comps.iter().enumerate() {
+                        if matches!(&comp.def, Def::Factor(parts) if parts[..] == [b, g.leaf]) {
+                            by_comp.insert(c, Holds::Units(g.id));
+                        }
+                    }
+                }
+                _ => {}
+            }
+        }
         Axes {
             disc,
-            by_leaf,
+            by_comp,
+            inner,
             shapes,
             shapes_other_batch: other,
         }
     }
 
-    /// The plain group whose units lie along `axis` of `value`, if exactly one does.
-    pub fn group_at(&self, value: &str, axis: usize) -> Option<usize> {
+    /// The group whose units or blocks lie along `axis` of `value`, if one does alone.
+    pub fn group_at(&self, value: &str, axis: usize) -> Option<Holds> {
         let s = self.disc.slots.slot(value, axis)?;
-        self.by_leaf.get(&self.disc.structure.comp_of[s]).copied()
+        self.by_comp.get(&self.disc.structure.comp_of[s]).copied()
     }
 
-    /// Groups among `of` whose units make up part of `axis` of `value` without being the
-    /// whole axis (a flattened or concatenated axis): its size cannot be rewritten as a width.
+    /// Groups among `of` whose units or blocks make up part of `axis` of `value` without
+    /// being the whole axis (a flattened or concatenated axis): its size cannot be rewritten
+    /// as a width.
     pub fn partly_held(&self, value: &str, axis: usize, of: &BTreeSet<usize>) -> Vec<usize> {
         let Some(s) = self.disc.slots.slot(value, axis) else {
             return vec![];
         };
         let st = &self.disc.structure;
         let c = st.comp_of[s];
-        if self.by_leaf.contains_key(&c) {
+        if self.by_comp.contains_key(&c) || self.inner.contains(&c) {
             return vec![];
         }
         let leaves: BTreeSet<usize> = st
@@ -84,8 +120,19 @@ impl<'a> Axes<'a> {
             .unwrap_or_default();
         of.iter()
             .copied()
-            .filter(|&g| leaves.contains(&self.disc.groups[g].leaf))
+            .filter(|&g| {
+                let g = &self.disc.groups[g];
+                leaves.contains(&g.leaf) || g.block.is_some_and(|b| leaves.contains(&b))
+            })
             .collect()
+    }
+
+    /// The block size of group `g` (1 for a plain group).
+    fn block_size(&self, g: usize) -> usize {
+        match self.disc.groups[g].kind {
+            GroupKind::Blocked { block_size, .. } => block_size.max(1),
+            GroupKind::Plain => 1,
+        }
     }
 
     fn batch_dependent(&self, value: &str, axis: usize) -> bool {
@@ -185,7 +232,7 @@ fn shape_of(
     let end = clamp(attr_int(node, "end").unwrap_or(rank));
     Some(
         (start..end.max(start))
-            .map(|axis| match axes.group_at(value, axis) {
+            .map(|axis| match axes.group_at(value, axis).map(Holds::group) {
                 Some(g) if candidates.contains(&g) => Elem::Width(BTreeSet::from([g])),
                 _ if axes.batch_dependent(value, axis) => Elem::Batch,
                 _ => Elem::Known(shape[axis] as i64),
@@ -350,7 +397,10 @@ pub fn pin(
     let widened: BTreeSet<usize> = widths.keys().copied().collect();
     let rank_of = |v: &str| axes.shapes.get(v).map_or(0, Vec::len);
     let holds = |v: &str| {
-        (0..rank_of(v)).any(|a| axes.group_at(v, a).is_some_and(|g| widened.contains(&g)))
+        (0..rank_of(v)).any(|a| {
+            axes.group_at(v, a)
+                .is_some_and(|h| widened.contains(&h.group()))
+        })
     };
     let reads = flow
         .values
@@ -380,7 +430,10 @@ pub fn pin(
     let mut inferred = 0;
     for i in 0..out.len() {
         let dim = match axes.group_at(o, i) {
-            Some(g) if widths.contains_key(&g) => widths[&g] as i64,
+            Some(Holds::Units(g)) if widths.contains_key(&g) => widths[&g] as i64,
+            Some(Holds::Blocks(g)) if widths.contains_key(&g) => {
+                (widths[&g] / axes.block_size(g)) as i64
+            }
             _ if out[i] != out2[i] => {
                 let copied = match (inp, inp2) {
                     (Some(a), Some(b)) => a.get(i) == Some(&out[i]) && b.get(i) == Some(&out2[i]),

@@ -11,7 +11,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use super::dense_use::{is_depthwise, DEPTHWISE};
-use super::shape_flow::{self, Axes, Elem, Flow};
+use super::shape_flow::{self, Axes, Elem, Flow, Holds};
 use crate::error::{Error, Result};
 use crate::graph::Graph;
 use crate::onnx::proto::{GraphProto, TensorProto};
@@ -39,16 +39,26 @@ pub fn scope(
     graph: &Graph,
     axes: &Axes,
 ) -> (BTreeMap<usize, std::result::Result<(), String>>, Flow) {
-    let candidates: BTreeSet<usize> = groups
-        .iter()
-        .filter(|g| matches!(g.kind, GroupKind::Plain))
-        .map(|g| g.id)
-        .collect();
+    let candidates: BTreeSet<usize> = groups.iter().map(|g| g.id).collect();
     let flow = shape_flow::follow(graph, axes, &candidates);
-    let scope = groups
+    let mut scope: BTreeMap<usize, std::result::Result<(), String>> = groups
         .iter()
         .map(|g| (g.id, widenable(g, graph, axes, &flow)))
         .collect();
+    // Groups that share their heads' order widen together or not at all.
+    for g in groups {
+        let Some(b) = g.block else { continue };
+        let kept = groups
+            .iter()
+            .find(|o| o.block == Some(b) && o.id != g.id && scope[&o.id].is_err());
+        if let (Some(o), Ok(())) = (kept, &scope[&g.id]) {
+            let why = format!(
+                "shares its heads with group {}, which keeps its width",
+                o.id
+            );
+            scope.insert(g.id, Err(why));
+        }
+    }
     (scope, flow)
 }
 
@@ -58,8 +68,10 @@ fn widenable(
     axes: &Axes,
     flow: &Flow,
 ) -> std::result::Result<(), String> {
-    if !matches!(g.kind, GroupKind::Plain) {
-        return Err("blocked group (heads or norm groups)".into());
+    // Heads widen by whole heads where every weight holds the group alone (not a packed
+    // projection, whose rows are ranges of several groups).
+    if matches!(g.kind, GroupKind::Blocked { .. }) && g.members.iter().any(|m| m.size != g.width) {
+        return Err("its heads share a packed weight with other groups".into());
     }
     let also = [
         "BatchNormalization",
@@ -76,7 +88,7 @@ fn widenable(
         let rank = axes.shapes.get(t).map_or(0, Vec::len);
         (
             t.as_str(),
-            (0..rank).find(|&a| axes.group_at(t, a) == Some(g.id)),
+            (0..rank).find(|&a| axes.group_at(t, a) == Some(Holds::Units(g.id))),
         )
     });
     for (value, axis) in members.chain(taps) {
