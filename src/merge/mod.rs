@@ -1039,13 +1039,10 @@ fn find_matchings(
             }
         })
         .collect();
-    // `--widen worst`: the loop matches at one model's width; the extra units go afterwards
-    // to the groups it merged worst.
-    let targets = if opts.widen_worst {
-        HashMap::new()
-    } else {
-        uniform.clone()
-    };
+    // The start and the loop match at one model's width; `--width`'s extra units go afterwards
+    // (`widen_matched`): a group's weight similarity reads its neighbours' correspondences,
+    // which a neighbour widened during the loop would keep apart.
+    let targets: HashMap<usize, usize> = HashMap::new();
     if opts.method.uses_activations() {
         // Shards' sums (`--stats`), read in place; calibrated groups are correlations already.
         let shards = match &opts.stats {
@@ -1177,7 +1174,7 @@ fn find_matchings(
                     .map(|&g| match act.get(&g) {
                         Some(a) => {
                             let a = a.map_full(|_, _, v| f64::from(v));
-                            if !iterates {
+                            if !iterates && !uniform.contains_key(&g) {
                                 act.remove(&g);
                             }
                             (g, a, "activation".to_string())
@@ -1301,30 +1298,27 @@ fn find_matchings(
                 values = bv;
             }
         }
-        if opts.widen_worst && !uniform.is_empty() {
-            let worst = worst_first(&uniform, &disc.groups, &values, n);
-            for (&g, &target) in &worst {
-                let w = wsim.get(&disc.groups[g], &m);
-                let sim = match (w, act.get(&g), opts.method.uses_activations()) {
-                    (Some(mut w), Some(a), true) => {
-                        blend(&mut w, a, opts.alpha);
-                        w
-                    }
-                    (Some(w), _, _) => w,
-                    (None, Some(a), _) => a.map_full(|_, _, v| f64::from(v)),
-                    (None, None, _) => continue,
-                };
-                let how = values.get(&g).map(|v| v.1.clone()).unwrap_or_default();
-                let one = HashMap::from([(g, target)]);
-                match_unit(
-                    &disc.groups,
-                    vec![(g, sim, how)],
-                    opts,
-                    &one,
-                    &mut m,
-                    &mut values,
-                )?;
+        if !uniform.is_empty() {
+            // Groups every model holds identically stay as they are.
+            let wide: HashMap<usize, usize> = if opts.widen_worst {
+                worst_first(&uniform, &disc.groups, &values, n)
+                    .into_iter()
+                    .collect()
+            } else {
+                uniform.clone()
             }
+            .into_iter()
+            .filter(|(g, _)| !pinned.contains_key(g))
+            .collect();
+            widen_matched(
+                &disc.groups,
+                &wide,
+                &mut wsim,
+                &act,
+                opts,
+                &mut m,
+                &mut values,
+            )?;
         }
         similarities = wsim.counts;
     }
@@ -1400,6 +1394,57 @@ fn blend(w: &mut Array2<f64>, act: &crate::stats::Symmetric<f32>, alpha: f64) {
         w[[i, j]] = w[[i, j]] * alpha + f64::from(a) * (1.0 - alpha);
     });
     crate::stats::mirror_upper(w);
+}
+
+/// `--width`: re-matches the groups in `wide` (merged units of each) at their widths, every
+/// similarity taken from the matchings at one model's width before any group widens (the
+/// loop's similarity for methods that iterate, the activations for those that do not; the
+/// weights where a group has no tap). Groups that share a block order are matched together.
+fn widen_matched(
+    groups: &[symmetry::Group],
+    wide: &HashMap<usize, usize>,
+    wsim: &mut similarity::WeightSimilarity,
+    act: &HashMap<usize, crate::stats::Symmetric<f32>>,
+    opts: &MergeOptions,
+    m: &mut Matchings,
+    values: &mut Values,
+) -> Result<()> {
+    let mut sims: BTreeMap<usize, Array2<f64>> = BTreeMap::new();
+    let mut order: Vec<usize> = wide.keys().copied().collect();
+    order.sort_unstable();
+    for g in order {
+        let a = act.get(&g);
+        let weighs = opts.method.iterates() || a.is_none();
+        let w = if weighs {
+            wsim.get(&groups[g], m)
+        } else {
+            None
+        };
+        let sim = match (w, a) {
+            (Some(mut w), Some(a)) if opts.method.uses_activations() => {
+                blend(&mut w, a, opts.alpha);
+                w
+            }
+            (Some(w), _) => w,
+            (None, Some(a)) => a.map_full(|_, _, v| f64::from(v)),
+            (None, None) => continue,
+        };
+        sims.insert(g, sim);
+    }
+    for unit in matching_units(groups) {
+        if !unit.iter().all(|g| sims.contains_key(g)) {
+            continue;
+        }
+        let unit_sims = unit
+            .iter()
+            .map(|g| {
+                let how = values.get(g).map(|v| v.1.clone()).unwrap_or_default();
+                (*g, sims.remove(g).expect("checked above"), how)
+            })
+            .collect();
+        match_unit(groups, unit_sims, opts, wide, m, values)?;
+    }
+    Ok(())
 }
 
 /// `--widen worst`: the extra merged units that `uniform` gives the widenable groups, in all,

@@ -59,8 +59,6 @@ impl Holds {
 pub struct Axes<'a> {
     disc: &'a Discovery,
     by_comp: HashMap<usize, Holds>,
-    /// The within-block components of blocked groups: axes that keep their size.
-    inner: BTreeSet<usize>,
     pub shapes: &'a ShapeMap,
     pub shapes_other_batch: &'a ShapeMap,
 }
@@ -69,7 +67,6 @@ impl<'a> Axes<'a> {
     pub fn new(disc: &'a Discovery, shapes: &'a ShapeMap, other: &'a ShapeMap) -> Axes<'a> {
         let st = &disc.structure;
         let mut by_comp = HashMap::new();
-        let mut inner = BTreeSet::new();
         for g in &disc.groups {
             match (g.kind.clone(), g.block) {
                 (GroupKind::Plain, _) => {
@@ -77,7 +74,6 @@ impl<'a> Axes<'a> {
                 }
                 (GroupKind::Blocked { .. }, Some(b)) => {
                     by_comp.entry(b).or_insert(Holds::Blocks(g.id));
-                    inner.insert(g.leaf);
                     for (c, comp) in st.comps.iter().enumerate() {
                         if matches!(&comp.def, Def::Factor(parts) if parts[..] == [b, g.leaf]) {
                             by_comp.insert(c, Holds::Units(g.id));
@@ -90,7 +86,6 @@ impl<'a> Axes<'a> {
         Axes {
             disc,
             by_comp,
-            inner,
             shapes,
             shapes_other_batch: other,
         }
@@ -102,29 +97,39 @@ impl<'a> Axes<'a> {
         self.by_comp.get(&self.disc.structure.comp_of[s]).copied()
     }
 
-    /// Groups among `of` whose units or blocks make up part of `axis` of `value` without
-    /// being the whole axis (a flattened or concatenated axis): its size cannot be rewritten
-    /// as a width.
-    pub fn partly_held(&self, value: &str, axis: usize, of: &BTreeSet<usize>) -> Vec<usize> {
-        let Some(s) = self.disc.slots.slot(value, axis) else {
-            return vec![];
-        };
-        let st = &self.disc.structure;
-        let c = st.comp_of[s];
-        if self.by_comp.contains_key(&c) || self.inner.contains(&c) {
-            return vec![];
+    /// The size of `axis` of `value` in the merged model (`widths`: merged units of each
+    /// widened group), from the structure discovery proved: a widened group's units or blocks
+    /// at their merged count, products and concatenations of them (a packed projection's
+    /// Q, K and V rows, heads × head size) from their parts, anything else as it was.
+    fn merged_size(&self, value: &str, axis: usize, widths: &BTreeMap<usize, usize>) -> usize {
+        match self.disc.slots.slot(value, axis) {
+            Some(s) => self.comp_size(self.disc.structure.comp_of[s], widths),
+            None => self
+                .shapes
+                .get(value)
+                .and_then(|v| v.get(axis))
+                .copied()
+                .unwrap_or(1),
         }
-        let leaves: BTreeSet<usize> = st
-            .leaf_paths(c, 64)
-            .map(|p| p.into_iter().flatten().collect())
-            .unwrap_or_default();
-        of.iter()
-            .copied()
-            .filter(|&g| {
-                let g = &self.disc.groups[g];
-                leaves.contains(&g.leaf) || g.block.is_some_and(|b| leaves.contains(&b))
-            })
-            .collect()
+    }
+
+    fn comp_size(&self, c: usize, widths: &BTreeMap<usize, usize>) -> usize {
+        match self.by_comp.get(&c) {
+            Some(Holds::Units(g)) if widths.contains_key(g) => return widths[g],
+            Some(Holds::Blocks(g)) if widths.contains_key(g) => {
+                return widths[g] / self.block_size(*g)
+            }
+            _ => {}
+        }
+        let comp = &self.disc.structure.comps[c];
+        match &comp.def {
+            Def::Leaf => comp.size,
+            Def::Factor(parts) => parts.iter().map(|&p| self.comp_size(p, widths)).product(),
+            Def::Concat(pieces) => pieces
+                .iter()
+                .map(|&(_, _, p)| self.comp_size(p, widths))
+                .sum(),
+        }
     }
 
     /// The block size of group `g` (1 for a plain group).
@@ -395,28 +400,22 @@ pub fn pin(
         return Ok(None);
     };
     let widened: BTreeSet<usize> = widths.keys().copied().collect();
-    let rank_of = |v: &str| axes.shapes.get(v).map_or(0, Vec::len);
-    let holds = |v: &str| {
-        (0..rank_of(v)).any(|a| {
-            axes.group_at(v, a)
-                .is_some_and(|h| widened.contains(&h.group()))
+    // Touched: an axis of the input or output whose size the widths change (whole units,
+    // heads, or a product or concatenation that holds them), or a target that reads a width.
+    let changes = |v: &str| {
+        axes.shapes.get(v).is_some_and(|shape| {
+            shape
+                .iter()
+                .enumerate()
+                .any(|(a, &size)| axes.merged_size(v, a, widths) != size)
         })
     };
     let reads = flow
         .values
         .get(target)
         .is_some_and(|t| t.iter().any(|e| !e.widths().is_disjoint(&widened)));
-    if !(holds(x) || holds(o) || reads) {
+    if !(changes(x) || changes(o) || reads) {
         return Ok(None);
-    }
-    for v in [x, o] {
-        for a in 0..rank_of(v) {
-            if let Some(&g) = axes.partly_held(v, a, &widened).first() {
-                return Err(format!(
-                    "Reshape '{name}': axis {a} of '{v}' holds group {g}'s units with others"
-                ));
-            }
-        }
     }
     if attr_int(node, "allowzero") == Some(1) {
         return Err(format!("Reshape '{name}' has allowzero set"));
@@ -429,30 +428,55 @@ pub fn pin(
     let mut pinned = Vec::with_capacity(out.len());
     let mut inferred = 0;
     for i in 0..out.len() {
-        let dim = match axes.group_at(o, i) {
-            Some(Holds::Units(g)) if widths.contains_key(&g) => widths[&g] as i64,
-            Some(Holds::Blocks(g)) if widths.contains_key(&g) => {
-                (widths[&g] / axes.block_size(g)) as i64
+        let dim = if out[i] != out2[i] {
+            // A batch axis (or batch × heads, as a sequence-first attention folds them):
+            // copied from the input where it stands there alone, else inferred.
+            let copied = match (inp, inp2) {
+                (Some(a), Some(b)) => a.get(i) == Some(&out[i]) && b.get(i) == Some(&out2[i]),
+                _ => false,
+            };
+            if copied {
+                0
+            } else {
+                inferred += 1;
+                -1
             }
-            _ if out[i] != out2[i] => {
-                let copied = match (inp, inp2) {
-                    (Some(a), Some(b)) => a.get(i) == Some(&out[i]) && b.get(i) == Some(&out2[i]),
-                    _ => false,
-                };
-                if copied {
-                    0
-                } else {
-                    inferred += 1;
-                    -1
-                }
-            }
-            _ => out[i] as i64,
+        } else {
+            axes.merged_size(o, i, widths) as i64
         };
         pinned.push(dim);
     }
     if inferred > 1 {
         return Err(format!(
             "Reshape '{name}': more than one batch-dependent axis to infer"
+        ));
+    }
+    // The merged input must fill the pinned shape: a size the components do not describe
+    // (an axis that stacks several groups by index, as a packed projection's [3, C] does)
+    // would make a target that runs but mixes units, or one that fails.
+    let Some(rank) = inp.map(Vec::len) else {
+        return Err(format!("Reshape '{name}': shape of '{x}' unknown"));
+    };
+    // At the calibration batch (a batch × heads axis is a product of the two).
+    let merged_in: Vec<usize> = (0..rank).map(|j| axes.merged_size(x, j, widths)).collect();
+    let volume: usize = merged_in.iter().product();
+    let known: usize = pinned
+        .iter()
+        .enumerate()
+        .map(|(i, &d)| match d {
+            0 => merged_in.get(i).copied().unwrap_or(0),
+            -1 => 1,
+            d => d as usize,
+        })
+        .product();
+    let fits = if inferred == 0 {
+        known == volume
+    } else {
+        known > 0 && volume.is_multiple_of(known)
+    };
+    if !fits {
+        return Err(format!(
+            "Reshape '{name}': its widened input does not fill {pinned:?}"
         ));
     }
     Ok(Some(pinned))

@@ -43,7 +43,7 @@ pub fn scope(
     let flow = shape_flow::follow(graph, axes, &candidates);
     let mut scope: BTreeMap<usize, std::result::Result<(), String>> = groups
         .iter()
-        .map(|g| (g.id, widenable(g, graph, axes, &flow)))
+        .map(|g| (g.id, widenable(g, groups, graph, axes, &flow)))
         .collect();
     // Groups that share their heads' order widen together or not at all.
     for g in groups {
@@ -64,15 +64,11 @@ pub fn scope(
 
 fn widenable(
     g: &Group,
+    groups: &[Group],
     graph: &Graph,
     axes: &Axes,
     flow: &Flow,
 ) -> std::result::Result<(), String> {
-    // Heads widen by whole heads where every weight holds the group alone (not a packed
-    // projection, whose rows are ranges of several groups).
-    if matches!(g.kind, GroupKind::Blocked { .. }) && g.members.iter().any(|m| m.size != g.width) {
-        return Err("its heads share a packed weight with other groups".into());
-    }
     let also = [
         "BatchNormalization",
         "LayerNormalization",
@@ -96,8 +92,17 @@ fn widenable(
             reads_ok(graph, node, slot, value, axis, axes, flow)?;
         }
     }
-    // Every Reshape the width reaches must take constants from the merged shapes.
-    let one_more = BTreeMap::from([(g.id, g.width + 1)]);
+    // Every Reshape the width reaches must take constants from the merged shapes (tried with
+    // one unit more, or one block: a head).
+    let step = match g.kind {
+        GroupKind::Blocked { block_size, .. } => block_size,
+        GroupKind::Plain => 1,
+    };
+    let one_more: BTreeMap<usize, usize> = groups
+        .iter()
+        .filter(|o| o.id == g.id || (g.block.is_some() && o.block == g.block))
+        .map(|o| (o.id, o.width + step))
+        .collect();
     for n in graph
         .nodes()
         .iter()
