@@ -521,9 +521,13 @@ pub fn merge(
                     .filter_map(|grp| Some((grp.id, m.p.get(&grp.id)?.merged)))
                     .filter(|&(id, w)| w != disc.groups[id].width)
                     .collect();
-                widen::pin_reshapes(&original, g, &axes, &flow, &widths)?;
+                let path = models[0].path.clone().unwrap_or_default();
+                widen::pin_reshapes(&path, &original, g, &axes, &flow, &widths)?;
             }
         }
+    }
+    if opts.width != 1.0 {
+        check_widened_shapes(&merged, &models[0], &prep.shapes)?;
     }
     timer.lap("rewrite");
 
@@ -1394,6 +1398,29 @@ fn blend(w: &mut Array2<f64>, act: &crate::stats::Symmetric<f32>, alpha: f64) {
         w[[i, j]] = w[[i, j]] * alpha + f64::from(a) * (1.0 - alpha);
     });
     crate::stats::mirror_upper(w);
+}
+
+/// `--width`: the merged model's shapes must hold together before it is written. Shape
+/// inference over it, at the calibration batch, catches a size the checks before the merge
+/// could not see (a widened value meeting a constant of one model's width, say) as an error
+/// naming the node, instead of a file that no engine runs.
+fn check_widened_shapes(merged: &Model, base: &Model, shapes: &ShapeMap) -> Result<()> {
+    let graph = Graph::new(base)?;
+    let inputs: HashMap<String, Vec<usize>> = graph
+        .inputs()
+        .iter()
+        .filter_map(|vi| {
+            let name = vi.name.clone()?;
+            let shape = shapes.get(&name)?.clone();
+            Some((name, shape))
+        })
+        .collect();
+    infer_shapes(merged, &inputs).map(|_| ()).map_err(|e| {
+        Error::Usage(format!(
+            "--width: the widened model does not hold together ({e}); merge at --width 1, or \
+             report the model"
+        ))
+    })
 }
 
 /// `--width`: re-matches the groups in `wide` (merged units of each) at their widths, every

@@ -101,7 +101,7 @@ impl<'a> Axes<'a> {
     /// widened group), from the structure discovery proved: a widened group's units or blocks
     /// at their merged count, products and concatenations of them (a packed projection's
     /// Q, K and V rows, heads × head size) from their parts, anything else as it was.
-    fn merged_size(&self, value: &str, axis: usize, widths: &BTreeMap<usize, usize>) -> usize {
+    pub fn merged_size(&self, value: &str, axis: usize, widths: &BTreeMap<usize, usize>) -> usize {
         match self.disc.slots.slot(value, axis) {
             Some(s) => self.comp_size(self.disc.structure.comp_of[s], widths),
             None => self

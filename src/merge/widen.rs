@@ -11,15 +11,15 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use super::dense_use::{is_depthwise, DEPTHWISE};
-use super::shape_flow::{self, Axes, Elem, Flow, Holds};
+use super::shape_flow::{self, Axes, Elem, Flow};
 use crate::error::{Error, Result};
 use crate::graph::Graph;
 use crate::onnx::proto::{GraphProto, TensorProto};
 use crate::symmetry::rules::{attr_int, input, norm_axis};
 use crate::symmetry::{Group, GroupKind};
 
-/// Ops that read the shape of a value or slice it: a value of a widened group may reach them
-/// only where [`reads_ok`] says so.
+/// Ops that read the shape of a value or slice it: a value whose sizes widen may reach them
+/// only where [`reads_ok`] (or, for Reshape, [`shape_flow::pin`]) says so.
 const SHAPE_READERS: &[&str] = &[
     "Shape",
     "Reshape",
@@ -79,19 +79,6 @@ fn widenable(
     if let Some(why) = flow.blocked.get(&g.id) {
         return Err(why.clone());
     }
-    let members = g.members.iter().map(|m| (m.tensor.as_str(), Some(m.axis)));
-    let taps = g.taps.iter().map(|t| {
-        let rank = axes.shapes.get(t).map_or(0, Vec::len);
-        (
-            t.as_str(),
-            (0..rank).find(|&a| axes.group_at(t, a) == Some(Holds::Units(g.id))),
-        )
-    });
-    for (value, axis) in members.chain(taps) {
-        for &(node, slot) in graph.consumers(value) {
-            reads_ok(graph, node, slot, value, axis, axes, flow)?;
-        }
-    }
     // Every Reshape the width reaches must take constants from the merged shapes (tried with
     // one unit more, or one block: a head).
     let step = match g.kind {
@@ -103,37 +90,44 @@ fn widenable(
         .filter(|o| o.id == g.id || (g.block.is_some() && o.block == g.block))
         .map(|o| (o.id, o.width + step))
         .collect();
-    for n in graph
-        .nodes()
-        .iter()
-        .filter(|n| n.op_type.as_deref() == Some("Reshape"))
-    {
-        shape_flow::pin(n, axes, flow, &one_more)?;
+    for (i, n) in graph.nodes().iter().enumerate() {
+        match n.op_type.as_deref() {
+            Some("Reshape") => {
+                shape_flow::pin(n, axes, flow, &one_more)?;
+            }
+            Some(op) if SHAPE_READERS.contains(&op) && op != "Shape" => {
+                reads_ok(graph, i, axes, flow, &one_more)?;
+            }
+            _ => {}
+        }
     }
     Ok(())
 }
 
-/// Whether node `node` may read `value` (whose units lie along `axis`) at input `slot` once
-/// the units are more: shape readers only where they leave that axis alone.
+/// Whether shape reader `node` (not Shape, not Reshape) still reads its data input right
+/// once `widths` change some of its axes: a Gather, Slice or broadcasting Expand that leaves
+/// those axes alone. Every value counts, not only the group's own: a concatenation of
+/// widened ranges (a packed projection's output) changes size too.
 fn reads_ok(
     graph: &Graph,
     node: usize,
-    slot: usize,
-    value: &str,
-    axis: Option<usize>,
     axes: &Axes,
     flow: &Flow,
+    widths: &BTreeMap<usize, usize>,
 ) -> std::result::Result<(), String> {
     let n = graph.node(node);
     let op = n.op_type.as_deref().unwrap_or("");
-    if !SHAPE_READERS.contains(&op) {
+    let Some(value) = input(n, 0) else {
+        return Ok(());
+    };
+    let shape = axes.shapes.get(value).cloned().unwrap_or_default();
+    let rank = shape.len();
+    let changed: Vec<usize> = (0..rank)
+        .filter(|&a| axes.merged_size(value, a, widths) != shape[a])
+        .collect();
+    if changed.is_empty() {
         return Ok(());
     }
-    let refuse = || Err(format!("'{value}' feeds {op}"));
-    let (Some(axis), 0) = (axis, slot) else {
-        return refuse();
-    };
-    let rank = axes.shapes.get(value).map_or(0, Vec::len);
     let ints = |i: usize| -> Option<Vec<Elem>> {
         let name = input(n, i)?;
         flow.values.get(name).cloned().or_else(|| {
@@ -142,27 +136,29 @@ fn reads_ok(
             Some(v.into_iter().map(Elem::Known).collect())
         })
     };
+    let leaves = |axis: i64| norm_axis(axis, rank).is_ok_and(|a| !changed.contains(&a));
     let ok = match op {
-        // Followed by the shape flow; pinned reshapes are checked in `widenable`.
-        "Shape" | "Reshape" => true,
-        "Gather" => norm_axis(attr_int(n, "axis").unwrap_or(0), rank).is_ok_and(|a| a != axis),
+        "Gather" => leaves(attr_int(n, "axis").unwrap_or(0)),
         "Slice" => ints(3).is_some_and(|sliced| {
             sliced.iter().all(|e| match e {
-                Elem::Known(a) => norm_axis(*a, rank).is_ok_and(|a| a != axis),
+                Elem::Known(a) => leaves(*a),
                 _ => false,
             })
         }),
-        // Broadcast along the units: the target must leave that axis at 1.
+        // Broadcast along the changed axes: the target must leave them at 1.
         "Expand" => ints(1).is_some_and(|target| {
-            let at = (target.len() + axis).checked_sub(rank);
-            at.and_then(|i| target.get(i)) == Some(&Elem::Known(1))
+            changed.iter().all(|&axis| {
+                let at = (target.len() + axis).checked_sub(rank);
+                at.and_then(|i| target.get(i)) == Some(&Elem::Known(1))
+            })
         }),
         _ => false,
     };
     if ok {
         Ok(())
     } else {
-        refuse()
+        let name = n.name.as_deref().unwrap_or("");
+        Err(format!("'{value}' feeds {op} '{name}'"))
     }
 }
 
@@ -170,6 +166,7 @@ fn reads_ok(
 /// each) gets a constant target from the merged shapes, in a new initializer; the shape
 /// computations it read are left to the engine's dead-code removal.
 pub fn pin_reshapes(
+    path: &std::path::Path,
     original: &Graph,
     merged: &mut GraphProto,
     axes: &Axes,
@@ -181,8 +178,11 @@ pub fn pin_reshapes(
         if before.op_type.as_deref() != Some("Reshape") {
             continue;
         }
-        let pinned = shape_flow::pin(before, axes, flow, widths).map_err(|why| {
-            Error::Usage(format!("--width: {why} (please report: scope admitted it)"))
+        let pinned = shape_flow::pin(before, axes, flow, widths).map_err(|why| Error::Graph {
+            path: path.to_path_buf(),
+            node: before.name.clone().unwrap_or_default(),
+            op: "Reshape".into(),
+            reason: format!("--width: {why} (the check before the merge passed it: a bug)"),
         })?;
         if let Some(dims) = pinned {
             pins.push((n, dims));
