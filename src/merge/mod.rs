@@ -1436,40 +1436,37 @@ fn widen_matched(
     m: &mut Matchings,
     values: &mut Values,
 ) -> Result<()> {
-    let mut sims: BTreeMap<usize, Array2<f64>> = BTreeMap::new();
-    let mut order: Vec<usize> = wide.keys().copied().collect();
-    order.sort_unstable();
-    for g in order {
-        let a = act.get(&g);
-        let weighs = opts.method.iterates() || a.is_none();
-        let w = if weighs {
-            wsim.get(&groups[g], m)
-        } else {
-            None
-        };
-        let sim = match (w, a) {
-            (Some(mut w), Some(a)) if opts.method.uses_activations() => {
-                blend(&mut w, a, opts.alpha);
-                w
-            }
-            (Some(w), _) => w,
-            (None, Some(a)) => a.map_full(|_, _, v| f64::from(v)),
-            (None, None) => continue,
-        };
-        sims.insert(g, sim);
-    }
+    // One unit's similarities at a time (a ViT-B's twelve MLP groups hold 3.6 GB of them),
+    // each against the matchings as the loop left them.
+    let before = m.clone();
     for unit in matching_units(groups) {
-        if !unit.iter().all(|g| sims.contains_key(g)) {
+        if !unit.iter().all(|g| wide.contains_key(g)) {
             continue;
         }
-        let unit_sims = unit
-            .iter()
-            .map(|g| {
-                let how = values.get(g).map(|v| v.1.clone()).unwrap_or_default();
-                (*g, sims.remove(g).expect("checked above"), how)
-            })
-            .collect();
-        match_unit(groups, unit_sims, opts, wide, m, values)?;
+        let mut unit_sims = Vec::with_capacity(unit.len());
+        for &g in &unit {
+            let a = act.get(&g);
+            let weighs = opts.method.iterates() || a.is_none();
+            let w = if weighs {
+                wsim.get(&groups[g], &before)
+            } else {
+                None
+            };
+            let sim = match (w, a) {
+                (Some(mut w), Some(a)) if opts.method.uses_activations() => {
+                    blend(&mut w, a, opts.alpha);
+                    w
+                }
+                (Some(w), _) => w,
+                (None, Some(a)) => a.map_full(|_, _, v| f64::from(v)),
+                (None, None) => break,
+            };
+            let how = values.get(&g).map(|v| v.1.clone()).unwrap_or_default();
+            unit_sims.push((g, sim, how));
+        }
+        if unit_sims.len() == unit.len() {
+            match_unit(groups, unit_sims, opts, wide, m, values)?;
+        }
     }
     Ok(())
 }
