@@ -209,16 +209,10 @@ mod tests {
     #[test]
     fn a_linearly_mixed_copy_is_mapped_back() {
         let (w, n) = (6, 4000);
-        let mut state = 12345u64;
+        let mut rng = crate::symmetry::permute::SplitMix(12345);
         let mut normal = || {
-            // Box–Muller on a 64-bit LCG: enough randomness for a test.
-            let mut u = || {
-                state = state
-                    .wrapping_mul(6364136223846793005)
-                    .wrapping_add(1442695040888963407);
-                ((state >> 11) as f64 + 0.5) / (1u64 << 53) as f64
-            };
-            let (a, b) = (u(), u());
+            // Box–Muller.
+            let (a, b) = (rng.uniform(), rng.uniform());
             (-2.0 * a.ln()).sqrt() * (2.0 * std::f64::consts::PI * b).cos()
         };
         let mix = Array2::from_shape_fn((w, w), |(i, j)| {

@@ -400,13 +400,8 @@ mod tests {
 
     #[test]
     fn lap_agrees_with_an_exact_solver_on_random_and_tie_heavy_matrices() {
-        let mut state = 42u64;
-        let mut next = || {
-            state = state
-                .wrapping_mul(6364136223846793005)
-                .wrapping_add(1442695040888963407);
-            (state >> 33) as f64 / (1u64 << 31) as f64
-        };
+        let mut rng = crate::symmetry::permute::SplitMix(42);
+        let mut next = || rng.uniform();
         for trial in 0..60 {
             let n = 2 + trial % 6;
             let ties = trial % 2 == 0;
@@ -631,13 +626,8 @@ mod tests {
 
     #[test]
     fn zip_chooses_the_pairs_of_a_plain_scan() {
-        let mut seed = 7u64;
-        let mut next = || {
-            seed = seed
-                .wrapping_mul(6364136223846793005)
-                .wrapping_add(1442695040888963407);
-            (seed >> 33) as f64 / (1u64 << 31) as f64
-        };
+        let mut rng = crate::symmetry::permute::SplitMix(7);
+        let mut next = || rng.uniform();
         for (w, models, b, ties) in [
             (8, 2, 1.0, false),
             (16, 2, 0.5, false),

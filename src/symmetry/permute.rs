@@ -185,6 +185,13 @@ impl SplitMix {
         z ^ (z >> 31)
     }
 
+    /// A uniform draw in (0, 1), 53 bits: never 0, so a logarithm of it is finite (tests draw
+    /// their random matrices from it).
+    #[cfg(test)]
+    pub(crate) fn uniform(&mut self) -> f64 {
+        ((self.next() >> 11) as f64 + 0.5) / (1u64 << 53) as f64
+    }
+
     /// Fisher–Yates shuffle in place.
     pub(crate) fn shuffle(&mut self, v: &mut [usize]) {
         for i in (1..v.len()).rev() {
