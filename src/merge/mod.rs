@@ -940,7 +940,9 @@ fn discover(models: &[Model], calib: &[TensorData], opts: &MergeOptions) -> Resu
                 (k.clone(), v)
             })
             .collect();
-        Some(infer_shapes(base, &more)?)
+        // A model whose batch is fixed in its file cannot take one more sample: then no axis
+        // depends on the batch, and widened reshapes keep every size as a constant.
+        Some(infer_shapes(base, &more).unwrap_or_else(|_| shapes.clone()))
     } else {
         None
     };
