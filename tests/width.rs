@@ -11,7 +11,7 @@ mod common;
 use common::{calib_set, eval_tasks, fixture, merge_cli, task_mean};
 
 use mudsc::data;
-use mudsc::merge::{merge, MergeOptions, Method};
+use mudsc::merge::{merge, MergeOptions, MergeReport, Method};
 use mudsc::onnx::{self, Model, TensorData};
 use mudsc::runtime::{open_session, run_batched, BackendKind, BackendOptions};
 
@@ -235,15 +235,7 @@ fn widened_vit_keeps_a_permuted_copys_function(pair: &str, reshapes: usize) {
     let p = calib_set();
     let arrays = data::read(&p).unwrap();
     let inputs = common::head_rows(&data::bind_inputs(&arrays, &a, &p).unwrap(), 256);
-    let b = common::permuted_copy(&a, &inputs);
-    let opts = MergeOptions {
-        method: Method::Zipit,
-        width: 2.0,
-        repair_samples: 0,
-        backend: BackendKind::Tract,
-        ..Default::default()
-    };
-    let (m, _) = merge(&[a.clone(), b], &inputs, &opts, &mut |_, _, _| {}).unwrap();
+    let (m, _) = merged_with_permuted_copy(&a, &inputs);
     assert_eq!(dims(&m, "cls_token"), [1, 1, 128]);
     assert_eq!(dims(&m, "blocks.3.norm2.weight"), [128]);
     // Separate projections: both copies' heads; packed: one model's (Q, K and V rows).
@@ -259,26 +251,15 @@ fn widened_vit_keeps_a_permuted_copys_function(pair: &str, reshapes: usize) {
         .filter(|t| t.name.as_deref().is_some_and(|n| n.contains("mudsc_width")))
         .count();
     assert_eq!(pinned, reshapes, "{pair}");
-    let stream = "/norm/LayerNormalization_output_0".to_string();
-    let run = |model: &Model| {
-        let opts = BackendOptions::default();
-        let mut s = open_session(
-            BackendKind::Tract,
-            model,
-            std::slice::from_ref(&stream),
-            &opts,
-        )
-        .unwrap();
-        let out = run_batched(s.as_mut(), &inputs, 64).unwrap();
-        (out[0].to_f32(), out[1].to_f32())
-    };
-    let ((want, want_stream), (got, got_stream)) = (run(&a), run(&m));
+    let stream = ["/norm/LayerNormalization_output_0".to_string()];
+    let (want, got) = (outputs(&a, &inputs, &stream), outputs(&m, &inputs, &stream));
+    let (want, want_stream, got, got_stream) = (&want[0], &want[1], &got[0], &got[1]);
     let units = |t: &ndarray::ArrayD<f32>| {
         let w = *t.shape().last().unwrap();
         let rows = t.len() / w;
         t.to_shape((rows, w)).unwrap().t().to_owned()
     };
-    let (want_units, got_units) = (units(&want_stream), units(&got_stream));
+    let (want_units, got_units) = (units(want_stream), units(got_stream));
     for (i, g) in got_units.outer_iter().enumerate() {
         let closest = want_units
             .outer_iter()
@@ -447,24 +428,11 @@ fn zoo_models_merged_with_a_permuted_copy_at_width_2_keep_their_function() {
         }
         let a = onnx::load(&path).unwrap();
         let inputs = data::bind_inputs(&data::read(&input).unwrap(), &a, &input).unwrap();
-        let b = common::permuted_copy(&a, &inputs);
-        let opts = MergeOptions {
-            method: Method::Zipit,
-            width: 2.0,
-            repair_samples: 0,
-            backend: BackendKind::Tract,
-            ..Default::default()
-        };
-        let (m, report) = merge(&[a.clone(), b], &inputs, &opts, &mut |_, _, _| {}).unwrap();
+        let (m, report) = merged_with_permuted_copy(&a, &inputs);
         if report.merged_parameters > report.model_parameters {
             widened += 1;
         }
-        let run = |model: &Model| {
-            let opts = BackendOptions::default();
-            let mut s = open_session(BackendKind::Tract, model, &[], &opts).unwrap();
-            run_batched(s.as_mut(), &inputs, 64).unwrap()[0].to_f32()
-        };
-        let (want, got) = (run(&a), run(&m));
+        let (want, got) = (&outputs(&a, &inputs, &[])[0], &outputs(&m, &inputs, &[])[0]);
         let scale = want.iter().fold(1.0f32, |m, x| m.max(x.abs()));
         let diff = want
             .iter()
@@ -478,4 +446,30 @@ fn zoo_models_merged_with_a_permuted_copy_at_width_2_keep_their_function() {
     }
     // All but GPT-2 (tied embeddings, Conv1D weights read through a Transpose, packed heads).
     assert_eq!(widened, 6);
+}
+
+/// `a` merged with a randomly permuted copy of itself at the number of models: ZipIt (the
+/// activations alone find the permutation of the groups kept at one model's width), no
+/// repair, tract.
+fn merged_with_permuted_copy(a: &Model, inputs: &[TensorData]) -> (Model, MergeReport) {
+    let b = common::permuted_copy(a, inputs);
+    let opts = MergeOptions {
+        method: Method::Zipit,
+        width: 2.0,
+        repair_samples: 0,
+        backend: BackendKind::Tract,
+        ..Default::default()
+    };
+    merge(&[a.clone(), b], inputs, &opts, &mut |_, _, _| {}).unwrap()
+}
+
+/// `model`'s first output on `inputs` (tract), then the values named in `extra`, as f32.
+fn outputs(model: &Model, inputs: &[TensorData], extra: &[String]) -> Vec<ndarray::ArrayD<f32>> {
+    let opts = BackendOptions::default();
+    let mut s = open_session(BackendKind::Tract, model, extra, &opts).unwrap();
+    let out = run_batched(s.as_mut(), inputs, 64).unwrap();
+    std::iter::once(&out[0])
+        .chain(&out[out.len() - extra.len()..])
+        .map(TensorData::to_f32)
+        .collect()
 }

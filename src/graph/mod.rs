@@ -237,6 +237,19 @@ impl<'m> Graph<'m> {
             .or_else(|| self.constants.get(name).copied())
     }
 
+    /// Integer contents of a constant value (initializer or `Constant` node output); `None`
+    /// for a float tensor, whose data is not decoded (a shape reader's scan meets every
+    /// weight).
+    pub fn const_ints(&self, name: &str) -> Option<Vec<i64>> {
+        let t = self.constant(name)?;
+        let integer = crate::onnx::DataType::from_onnx(t.data_type.unwrap_or(0))
+            .is_some_and(crate::onnx::DataType::is_integer);
+        if !integer {
+            return None;
+        }
+        crate::onnx::TensorData::from_proto(t).ok()?.to_labels()
+    }
+
     /// Graph inputs fed at run time (initializers listed as inputs excluded).
     pub fn inputs(&self) -> Vec<&'m ValueInfoProto> {
         self.proto

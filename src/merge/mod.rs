@@ -391,7 +391,12 @@ struct Matching {
     similarities: similarity::Counts,
     /// Repair's endpoint statistics, when calibration gathered them.
     endpoint: Option<calib::SideMoments>,
+    /// `--width`: which groups may widen, and the shape values the rewrite's reshapes read.
+    widen: Option<(WidenScope, shape_flow::Flow)>,
 }
+
+/// Per group: `Ok` when `--width` may widen it, else why not.
+type WidenScope = std::collections::BTreeMap<usize, std::result::Result<(), String>>;
 
 /// Merges `models` (same architecture) into one with model 0's graph, names and opsets.
 /// `calib` holds calibration inputs bound to model 0's graph inputs.
@@ -476,6 +481,7 @@ pub fn merge(
         calibration_passes,
         similarities,
         endpoint,
+        widen,
     } = &matching;
     let layout = Layout::new(&disc.structure, &disc.groups);
 
@@ -511,9 +517,8 @@ pub fn merge(
             g.value_info.clear();
             let original = Graph::new(&models[0])?;
             widen::set_depthwise_groups(&original, g);
-            if let Some(other) = &prep.shapes_other_batch {
+            if let (Some(other), Some((scope, flow))) = (&prep.shapes_other_batch, widen) {
                 let axes = shape_flow::Axes::new(disc, &prep.shapes, other);
-                let (scope, flow) = widen::scope(&disc.groups, &original, &axes);
                 let widths: std::collections::BTreeMap<usize, usize> = disc
                     .groups
                     .iter()
@@ -522,7 +527,7 @@ pub fn merge(
                     .filter(|&(id, w)| w != disc.groups[id].width)
                     .collect();
                 let path = models[0].path.clone().unwrap_or_default();
-                widen::pin_reshapes(&path, &original, g, &axes, &flow, &widths)?;
+                widen::pin_reshapes(&path, &original, g, &axes, flow, &widths)?;
             }
         }
     }
@@ -1019,12 +1024,15 @@ fn find_matchings(
     };
     let mut cca_sd: HashMap<usize, ndarray::Array1<f64>> = HashMap::new();
     // `--width`: the merged width of each group that may be widened.
-    let widen_scope = if let Some(other) = &prep.shapes_other_batch {
-        let axes = shape_flow::Axes::new(disc, &prep.shapes, other);
-        widen::scope(&disc.groups, &Graph::new(&models[0])?, &axes).0
-    } else {
-        std::collections::BTreeMap::new()
+    let widen = match &prep.shapes_other_batch {
+        Some(other) => {
+            let axes = shape_flow::Axes::new(disc, &prep.shapes, other);
+            Some(widen::scope(&disc.groups, &Graph::new(&models[0])?, &axes))
+        }
+        None => None,
     };
+    let no_scope = WidenScope::new();
+    let widen_scope = widen.as_ref().map_or(&no_scope, |w| &w.0);
     // Attention heads widen by whole heads, and only evenly: `--widen worst` re-matches one
     // group at a time, which would part heads from the groups that share their order.
     let uniform: HashMap<usize, usize> = disc
@@ -1343,7 +1351,7 @@ fn find_matchings(
         values.insert(g, (maps.unit_correlation, "cca".into()));
         m.linear.insert(g, std::sync::Arc::new(maps.maps));
     }
-    for (g, scope) in &widen_scope {
+    for (g, scope) in widen_scope {
         let why = match scope {
             Err(why) => why.as_str(),
             Ok(()) if !uniform.contains_key(g) => "heads widen only with an even --width",
@@ -1367,6 +1375,7 @@ fn find_matchings(
         calibration_passes,
         similarities,
         endpoint,
+        widen,
     })
 }
 

@@ -157,8 +157,10 @@ pub struct Flow {
 /// Follows every shape value of `graph` computed from `Shape` of a value that holds a group
 /// in `candidates`.
 pub fn follow(graph: &Graph, axes: &Axes, candidates: &BTreeSet<usize>) -> Flow {
-    let mut values: HashMap<String, Vec<Elem>> = HashMap::new();
-    let mut blocked = BTreeMap::new();
+    let mut flow = Flow {
+        values: HashMap::new(),
+        blocked: BTreeMap::new(),
+    };
     for &n in graph.topological_order() {
         let node = graph.node(n);
         let op = node.op_type.as_deref().unwrap_or("");
@@ -166,17 +168,14 @@ pub fn follow(graph: &Graph, axes: &Axes, candidates: &BTreeSet<usize>) -> Flow 
             "Shape" => shape_of(node, axes, candidates),
             _ => {
                 let ins: Vec<Option<Vec<Elem>>> = (0..node.input.len())
-                    .map(|i| {
-                        let name = input(node, i)?;
-                        values.get(name).cloned().or_else(|| constant(graph, name))
-                    })
+                    .map(|i| flow.ints(graph, input(node, i)?))
                     .collect();
                 // Nodes that read a followed shape value, and integer constants computed
                 // from constants alone (a Slice's bounds made by Mod and Reshape).
                 let followed = node
                     .input
                     .iter()
-                    .any(|i| !i.is_empty() && values.contains_key(i));
+                    .any(|i| !i.is_empty() && flow.values.contains_key(i));
                 let constant_only = node
                     .input
                     .iter()
@@ -192,16 +191,19 @@ pub fn follow(graph: &Graph, axes: &Axes, candidates: &BTreeSet<usize>) -> Flow 
                         let widths: BTreeSet<usize> = node
                             .input
                             .iter()
-                            .filter_map(|i| values.get(i))
+                            .filter_map(|i| flow.values.get(i))
                             .flatten()
                             .flat_map(Elem::widths)
                             .collect();
                         let is_target = op == "Reshape"
-                            && node.input.first().is_some_and(|i| !values.contains_key(i));
+                            && node
+                                .input
+                                .first()
+                                .is_some_and(|i| !flow.values.contains_key(i));
                         if !is_target {
                             let name = node.name.as_deref().unwrap_or("");
                             for g in widths {
-                                blocked
+                                flow.blocked
                                     .entry(g)
                                     .or_insert_with(|| format!("its width feeds {op} '{name}'"));
                             }
@@ -212,15 +214,24 @@ pub fn follow(graph: &Graph, axes: &Axes, candidates: &BTreeSet<usize>) -> Flow 
             }
         };
         if let (Some(v), Some(o)) = (out, node.output.first()) {
-            values.insert(o.clone(), v);
+            flow.values.insert(o.clone(), v);
         }
     }
-    Flow { values, blocked }
+    flow
+}
+
+impl Flow {
+    /// The elements of `name`: a followed shape value, or an integer constant.
+    pub fn ints(&self, graph: &Graph, name: &str) -> Option<Vec<Elem>> {
+        self.values
+            .get(name)
+            .cloned()
+            .or_else(|| constant(graph, name))
+    }
 }
 
 fn constant(graph: &Graph, name: &str) -> Option<Vec<Elem>> {
-    let t = graph.constant(name)?;
-    let ints = TensorData::from_proto(t).ok()?.to_labels()?;
+    let ints = graph.const_ints(name)?;
     Some(ints.into_iter().map(Elem::Known).collect())
 }
 

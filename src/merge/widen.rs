@@ -128,14 +128,7 @@ fn reads_ok(
     if changed.is_empty() {
         return Ok(());
     }
-    let ints = |i: usize| -> Option<Vec<Elem>> {
-        let name = input(n, i)?;
-        flow.values.get(name).cloned().or_else(|| {
-            let t = graph.constant(name)?;
-            let v = crate::onnx::TensorData::from_proto(t).ok()?.to_labels()?;
-            Some(v.into_iter().map(Elem::Known).collect())
-        })
-    };
+    let ints = |i: usize| flow.ints(graph, input(n, i)?);
     let leaves = |axis: i64| norm_axis(axis, rank).is_ok_and(|a| !changed.contains(&a));
     let ok = match op {
         "Gather" => leaves(attr_int(n, "axis").unwrap_or(0)),

@@ -51,6 +51,21 @@ impl DataType {
         DataType::ALL.iter().copied().find(|d| *d as i32 == code)
     }
 
+    /// Whether elements are integers (what [`TensorData::to_labels`] reads).
+    pub fn is_integer(self) -> bool {
+        matches!(
+            self,
+            DataType::U8
+                | DataType::I8
+                | DataType::U16
+                | DataType::I16
+                | DataType::I32
+                | DataType::I64
+                | DataType::U32
+                | DataType::U64
+        )
+    }
+
     /// Size of one element in bytes.
     pub fn size(self) -> usize {
         match self {

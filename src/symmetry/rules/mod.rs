@@ -23,7 +23,6 @@ use std::collections::HashMap;
 
 use crate::graph::{Graph, ShapeMap};
 use crate::onnx::proto::NodeProto;
-use crate::onnx::TensorData;
 
 use super::slots::{SlotId, Slots};
 
@@ -108,8 +107,7 @@ impl Ctx<'_, '_> {
 
     /// Integer contents of a constant input (initializer or Constant node).
     pub fn const_ints(&self, name: &str) -> Option<Vec<i64>> {
-        let t = self.graph.constant(name)?;
-        TensorData::from_proto(t).ok()?.to_labels()
+        self.graph.const_ints(name)
     }
 
     /// Marks the axes of `a` and `b` equal one by one (same rank).
