@@ -190,6 +190,11 @@ pub struct MergeArgs {
     /// bundled ViT pairs lose 7 and 3 task-mean points)
     #[arg(long, default_value_t = true, action = clap::ArgAction::Set, value_name = "BOOL")]
     pub(super) repair_token_layers: bool,
+    /// Output refit on this many calibration samples: the output layers (a classifier, a
+    /// projection onto a fixed class embedding) are refitted by least squares to the
+    /// endpoints' average output there (no labels); 0 turns it off
+    #[arg(long, default_value_t = 1000, value_name = "N")]
+    pub(super) output_fit: usize,
     /// Where groups are observed: `tokens` also observes a group seen at one token per sample
     /// (a class token) at every token tensor a layer reads; `one`: one tap per group (the
     /// reference)
@@ -587,6 +592,7 @@ pub(super) fn options(
         // at no cost in accuracy (statistics are exact sums over any batching).
         batch: args.backend.batch.min(64),
         repair_samples: args.repair_samples,
+        output_fit_samples: args.output_fit,
         repair_passes: args.repair_passes,
         repair_batch: args.repair_batch,
         repair_token_layers: args.repair_token_layers,

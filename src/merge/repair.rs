@@ -517,7 +517,30 @@ fn find_producers(
 /// group). `None` when a position holds no group's unit, or units in another order.
 fn segments(layout: &Layout, comp: usize, groups: &[Group]) -> Option<Vec<Segment>> {
     let size = layout.st.comps[comp].size;
-    let mut owner: Vec<Option<(usize, usize)>> = vec![None; size];
+    let owner = axis_owners(layout, comp, groups)?;
+    let mut out = Vec::new();
+    let mut pos = 0;
+    while pos < size {
+        let (group, _) = owner[pos]?;
+        let width = groups[group].width;
+        let in_order = (0..width).all(|u| owner.get(pos + u) == Some(&Some((group, u))));
+        if !in_order {
+            return None;
+        }
+        out.push(Segment { offset: pos, group });
+        pos += width;
+    }
+    Some(out)
+}
+
+/// Which group unit sits at each position of an axis (`comp`): `(group, unit)`, or `None`
+/// where no group's unit is; `None` overall when two groups claim one position.
+pub(super) fn axis_owners(
+    layout: &Layout,
+    comp: usize,
+    groups: &[Group],
+) -> Option<Vec<Option<(usize, usize)>>> {
+    let mut owner: Vec<Option<(usize, usize)>> = vec![None; layout.st.comps[comp].size];
     // Only groups whose leaf the axis is made of can hold its positions (all are asked when
     // the axis has too many readings to list).
     let leaves: Option<HashSet<usize>> = layout
@@ -534,19 +557,7 @@ fn segments(layout: &Layout, comp: usize, groups: &[Group]) -> Option<Vec<Segmen
             }
         }
     }
-    let mut out = Vec::new();
-    let mut pos = 0;
-    while pos < size {
-        let (group, _) = owner[pos]?;
-        let width = groups[group].width;
-        let in_order = (0..width).all(|u| owner.get(pos + u) == Some(&Some((group, u))));
-        if !in_order {
-            return None;
-        }
-        out.push(Segment { offset: pos, group });
-        pos += width;
-    }
-    Some(out)
+    Some(owner)
 }
 
 /// A Conv/Gemm layer whose output statistics can be corrected in its own initializers.

@@ -1,0 +1,524 @@
+//! Output refit: the merged model's output layers, refitted in closed form to what the
+//! endpoints compute there.
+//!
+//! An output layer is the last Gemm or MatMul whose weights differ between the models: after
+//! it the models compute the same function (a classifier's logits; a cosine head's
+//! normalisation and shared class embedding). Its output units are the models' own (fixed:
+//! they mean the same in every model) or one group's, matched like any other; the endpoints'
+//! average output there, cluster by cluster as the merge defines a merged unit, is a target
+//! the merged model should reproduce. The merge gives that layer the average of the models' weights over
+//! merged input units, which reproduces the target only as far as the merged features are
+//! the average of the endpoints' features; through a residual stream zipped across
+//! LayerNorms (ViTs) or depthwise-coupled channels they are not, and a bundled ViT pair lost
+//! 27 points to its ensemble there. The refit is the least-squares layer that maps the merged
+//! model's own input features (after statistics repair) to the endpoints' average output on
+//! the calibration inputs — no labels, no gradient steps, a ridge toward the merged weights —
+//! the full-rank relative of REPAIR's per-unit affine correction, and of RegMean's
+//! closed-form merge of linear layers (Jin et al., ICLR 2023).
+//!
+//! Where the layer's output is L2-normalised downstream (a cosine head), each endpoint's rows
+//! are normalised before averaging: the ensemble combines directions there, not raw outputs,
+//! whose scale differs between models.
+
+use std::collections::{HashMap, HashSet};
+
+use faer::prelude::Solve;
+use faer::Mat;
+use ndarray::{Array2, ArrayD, Axis};
+
+use super::store_float;
+use super::units::{Layout, Matchings};
+use super::weights::as_f64;
+use crate::error::{Error, Result};
+use crate::graph::Graph;
+use crate::onnx::{Model, TensorData};
+use crate::runtime::{open_session, BackendKind, BackendOptions, Session};
+use crate::symmetry::slots::Slots;
+use crate::symmetry::Group;
+
+/// Ridge toward the merged weights, relative to the mean input variance: small enough to
+/// follow the data (1,000 samples for a 64-unit head), large enough to keep dead inputs at
+/// their merged weights.
+const RIDGE: f64 = 1e-4;
+
+/// A layer to refit.
+#[derive(Debug, Clone)]
+pub struct OutputLayer {
+    /// Its data input (the merged features).
+    pub input: String,
+    /// The value compared with the endpoints: the layer's output, or its bias Add's.
+    pub output: String,
+    pub weight: String,
+    /// The weight is stored [out, in] (Gemm with transB), else [in, out].
+    pub trans_b: bool,
+    /// A 1-D [out] bias initializer (Gemm's C, or the Add's).
+    pub bias: Option<String>,
+    /// L2-normalised over its units downstream: targets are averaged as directions.
+    pub normalized: bool,
+    /// The group its output units are, `None` where they are fixed.
+    pub group: Option<usize>,
+}
+
+/// How the refit runs.
+pub struct Fit<'a> {
+    pub calib: &'a [TensorData],
+    pub backend: BackendKind,
+    pub options: &'a BackendOptions,
+    pub batch: usize,
+}
+
+/// The output layers of model 0 (`graph`) in `scope`: linear layers whose weight differs
+/// between the models, with no such weight after them, whose output units are fixed or one
+/// plain group laid out in order. `names[i]` maps model 0's names to model i's.
+#[allow(clippy::too_many_arguments)]
+pub fn find(
+    graph: &Graph,
+    models: &[Model],
+    names: &[HashMap<String, String>],
+    slots: &Slots,
+    layout: &Layout,
+    groups: &[Group],
+    scope: Option<&HashSet<usize>>,
+) -> Vec<OutputLayer> {
+    let shared = |name: &str| shared_initializer(models, names, name);
+    let mut out = Vec::new();
+    for &n in graph.topological_order() {
+        if scope.is_some_and(|s| !s.contains(&n)) {
+            continue;
+        }
+        let Some(mut layer) = linear_layer(graph, n) else {
+            continue;
+        };
+        if shared(&layer.weight) {
+            continue; // the same in every model: nothing was merged there
+        }
+        let later = downstream_nodes(graph, &layer.output);
+        let model_specific = later.iter().any(|&c| {
+            graph.node(c).input.iter().any(|i| {
+                graph
+                    .initializer(i)
+                    .is_some_and(|t| t.dims.iter().product::<i64>() > 1 && !shared(i))
+            })
+        });
+        if model_specific {
+            continue;
+        }
+        let axis = slots
+            .of(&layer.output)
+            .map_or(0, <[_]>::len)
+            .saturating_sub(1);
+        layer.group = match slots.slot(&layer.output, axis) {
+            None => None,
+            Some(s) => {
+                let comp = layout.st.comp_of[s];
+                let Some(owners) = super::repair::axis_owners(layout, comp, groups) else {
+                    continue;
+                };
+                if owners.iter().all(Option::is_none) {
+                    None
+                } else {
+                    let Some(Some((g, _))) = owners.first() else {
+                        continue;
+                    };
+                    let in_order = owners.len() == groups[*g].width
+                        && owners.iter().enumerate().all(|(u, o)| *o == Some((*g, u)));
+                    if !in_order || !matches!(groups[*g].kind, crate::symmetry::GroupKind::Plain) {
+                        continue;
+                    }
+                    Some(*g)
+                }
+            }
+        };
+        out.push(layer);
+    }
+    out
+}
+
+/// The initializer `name` holds the same values in every model.
+fn shared_initializer(models: &[Model], names: &[HashMap<String, String>], name: &str) -> bool {
+    let value = |i: usize| -> Option<TensorData> {
+        let n = names
+            .get(i)
+            .and_then(|m| m.get(name))
+            .map_or(name, String::as_str);
+        let t = Graph::new(&models[i]).ok()?.initializer(n)?.clone();
+        TensorData::from_proto(&t).ok()
+    };
+    let Some(first) = value(0) else {
+        return false;
+    };
+    (1..models.len()).all(|i| value(i).is_some_and(|v| v == first))
+}
+
+/// Node `n` as a linear layer with untied float initializers: Gemm (transA 0, alpha and beta
+/// 1) or MatMul with a 2-D weight and an optional bias Add.
+fn linear_layer(graph: &Graph, n: usize) -> Option<OutputLayer> {
+    let node = graph.node(n);
+    let uses = |name: &str| graph.consumers(name).len();
+    let attr_f = |name: &str, default: f32| {
+        node.attribute
+            .iter()
+            .find(|a| a.name.as_deref() == Some(name))
+            .map_or(default, |a| a.f.unwrap_or(default))
+    };
+    let attr_i = |name: &str| {
+        node.attribute
+            .iter()
+            .find(|a| a.name.as_deref() == Some(name))
+            .and_then(|a| a.i)
+            .unwrap_or(0)
+    };
+    let input = node.input.first()?.clone();
+    let weight = node.input.get(1)?.clone();
+    let w = graph.initializer(&weight)?;
+    if uses(&weight) != 1 || w.dims.len() != 2 || graph.initializer(&input).is_some() {
+        return None;
+    }
+    let out_units = usize::try_from(w.dims[if attr_i("transB") == 1 { 0 } else { 1 }]).ok()?;
+    let bias_ok = |b: &str| {
+        uses(b) == 1
+            && graph
+                .initializer(b)
+                .is_some_and(|t| t.dims.len() == 1 && t.dims[0] as usize == out_units)
+    };
+    let output = node.output.first()?.clone();
+    match node.op_type.as_deref()? {
+        "Gemm" => {
+            if attr_i("transA") != 0 || attr_f("alpha", 1.0) != 1.0 || attr_f("beta", 1.0) != 1.0 {
+                return None;
+            }
+            let bias = match node.input.get(2).filter(|b| !b.is_empty()) {
+                Some(b) if bias_ok(b) => Some(b.clone()),
+                Some(_) => return None,
+                None => None,
+            };
+            Some(OutputLayer {
+                input,
+                normalized: normalized(graph, &output),
+                output,
+                weight,
+                trans_b: attr_i("transB") == 1,
+                bias,
+                group: None,
+            })
+        }
+        "MatMul" => {
+            // A following Add of an untied [out] bias is part of the layer.
+            let (output, bias) = match graph.consumers(&output) {
+                &[(add, _)] if graph.node(add).op_type.as_deref() == Some("Add") => {
+                    let a = graph.node(add);
+                    match a.input.iter().find(|i| **i != output) {
+                        Some(b) if bias_ok(b) => (a.output.first()?.clone(), Some(b.clone())),
+                        _ => (output, None),
+                    }
+                }
+                _ => (output, None),
+            };
+            Some(OutputLayer {
+                input,
+                normalized: normalized(graph, &output),
+                output,
+                weight,
+                trans_b: false,
+                bias,
+                group: None,
+            })
+        }
+        _ => None,
+    }
+}
+
+/// Every node that reads a value computed from `value`, except the layer's own bias Add.
+fn downstream_nodes(graph: &Graph, value: &str) -> HashSet<usize> {
+    let mut nodes = HashSet::new();
+    let mut stack = vec![value.to_string()];
+    while let Some(v) = stack.pop() {
+        for &(c, _) in graph.consumers(&v) {
+            if nodes.insert(c) {
+                stack.extend(
+                    graph
+                        .node(c)
+                        .output
+                        .iter()
+                        .filter(|o| !o.is_empty())
+                        .cloned(),
+                );
+            }
+        }
+    }
+    nodes
+}
+
+/// `y` is divided by a norm computed from itself (the cosine head's
+/// `y / sqrt(sum(y * y) + eps)`), or goes through LpNormalization.
+fn normalized(graph: &Graph, y: &str) -> bool {
+    graph.consumers(y).iter().any(|&(c, slot)| {
+        let node = graph.node(c);
+        match node.op_type.as_deref() {
+            Some("LpNormalization") => true,
+            Some("Div") if slot == 0 => node
+                .input
+                .get(1)
+                .is_some_and(|d| computed_from(graph, d, y, 8)),
+            _ => false,
+        }
+    })
+}
+
+/// `value` is computed from `from` within `depth` nodes, through ops that read no tensor
+/// initializer but scalars (an epsilon, an exponent).
+fn computed_from(graph: &Graph, value: &str, from: &str, depth: usize) -> bool {
+    if value == from {
+        return true;
+    }
+    if depth == 0 {
+        return false;
+    }
+    let Some(crate::graph::Source::Node { node, .. }) = graph.source(value) else {
+        return false;
+    };
+    let n = graph.node(node);
+    let scalar = |i: &String| {
+        graph
+            .initializer(i)
+            .is_some_and(|t| t.dims.iter().product::<i64>() <= 1)
+    };
+    n.input
+        .iter()
+        .filter(|i| !i.is_empty() && !scalar(i))
+        .any(|i| computed_from(graph, i, from, depth - 1))
+}
+
+/// Refits `layers` of `merged` (model-0 names; `names[i]` maps them to model i's) and returns
+/// how many were refitted. The merged model runs once over `fit.calib` with the layers'
+/// inputs as outputs, each endpoint once with the layers' outputs; a layer whose system is
+/// singular or non-finite keeps its merged weights.
+pub fn refit(
+    models: &[Model],
+    names: &[HashMap<String, String>],
+    merged: &mut Model,
+    layers: &[OutputLayer],
+    m: &Matchings,
+    fit: &Fit,
+) -> Result<usize> {
+    // A group's layer is refitted only where its units were matched by a permutation.
+    let layers: Vec<OutputLayer> = layers
+        .iter()
+        .filter(|l| {
+            l.group
+                .is_none_or(|g| m.p.contains_key(&g) && !m.linear.contains_key(&g))
+        })
+        .cloned()
+        .collect();
+    let layers = &layers[..];
+    if layers.is_empty() || crate::data::sample_count(fit.calib) == 0 {
+        return Ok(0);
+    }
+    let inputs: Vec<String> = layers.iter().map(|l| l.input.clone()).collect();
+    let mut merged_session = open_session(fit.backend, merged, &inputs, fit.options)?;
+    let mut endpoints: Vec<(Box<dyn Session>, Vec<String>)> = Vec::new();
+    for (model, map) in models.iter().zip(names) {
+        let outs: Vec<String> = layers
+            .iter()
+            .map(|l| map.get(&l.output).cloned().unwrap_or(l.output.clone()))
+            .collect();
+        endpoints.push((open_session(fit.backend, model, &outs, fit.options)?, outs));
+    }
+    let mut systems: Vec<Option<System>> = vec![None; layers.len()];
+    let total = crate::data::sample_count(fit.calib);
+    let mut start = 0;
+    while start < total {
+        let end = (start + fit.batch.max(1)).min(total);
+        let slice: Vec<TensorData> = fit.calib.iter().map(|t| t.slice_rows(start, end)).collect();
+        let x_all = named(merged_session.as_mut(), &slice, &inputs)?;
+        let mut t_all: Vec<Vec<Array2<f64>>> = Vec::new();
+        for (s, outs) in endpoints.iter_mut() {
+            t_all.push(named(s.as_mut(), &slice, outs)?);
+        }
+        for (k, layer) in layers.iter().enumerate() {
+            let x = &x_all[k];
+            let units = match layer.group {
+                Some(g) => m.p[&g].merged,
+                None => t_all[0][k].ncols(),
+            };
+            let mut target = Array2::<f64>::zeros((x.nrows(), units));
+            for (i, t) in t_all.iter().enumerate() {
+                let mut t = t[k].clone();
+                if t.nrows() != x.nrows() {
+                    return Err(Error::tensor(
+                        &layer.output,
+                        format!(
+                            "{} rows in an endpoint against {} merged input rows",
+                            t.nrows(),
+                            x.nrows()
+                        ),
+                    ));
+                }
+                if layer.normalized {
+                    for mut row in t.rows_mut() {
+                        let norm = row.dot(&row).sqrt();
+                        if norm > 0.0 {
+                            row /= norm;
+                        }
+                    }
+                }
+                match layer.group {
+                    // Each merged unit: the mean of its cluster's endpoint units.
+                    Some(g) => {
+                        let pm = &m.p[&g];
+                        let sizes = pm.cluster_sizes();
+                        for u in 0..t.ncols() {
+                            let j = pm.target[i * t.ncols() + u] as usize;
+                            let w = 1.0 / sizes[j].max(1) as f64;
+                            target.column_mut(j).scaled_add(w, &t.column(u));
+                        }
+                    }
+                    None => target.scaled_add(1.0 / t_all.len() as f64, &t),
+                }
+            }
+            systems[k]
+                .get_or_insert_with(|| System::new(x.ncols(), target.ncols()))
+                .add(x, &target);
+        }
+        start = end;
+    }
+    drop(merged_session);
+    drop(endpoints);
+    let mut refitted = 0;
+    for (layer, system) in layers.iter().zip(systems) {
+        let Some(system) = system else { continue };
+        if apply(merged, layer, &system)? {
+            refitted += 1;
+        }
+    }
+    Ok(refitted)
+}
+
+/// Runs `s` and returns `wanted` outputs as [rows, units] matrices (units: the last axis;
+/// every other axis is a row).
+fn named(
+    s: &mut dyn Session,
+    inputs: &[TensorData],
+    wanted: &[String],
+) -> Result<Vec<Array2<f64>>> {
+    let outs = s.run(inputs)?;
+    let names = s.output_names().to_vec();
+    wanted
+        .iter()
+        .map(|w| {
+            let at = names
+                .iter()
+                .position(|n| n == w)
+                .ok_or_else(|| Error::Backend {
+                    backend: "refit",
+                    reason: format!("value '{w}' missing from the outputs"),
+                })?;
+            let a = outs[at].to_f32();
+            let units = *a.shape().last().unwrap_or(&1);
+            let rows = a.len() / units.max(1);
+            let flat: Vec<f64> = a
+                .iter()
+                .map(|&v| if v.is_finite() { f64::from(v) } else { 0.0 })
+                .collect();
+            Array2::from_shape_vec((rows, units), flat)
+                .map_err(|e| Error::tensor(w, format!("as rows of units: {e}")))
+        })
+        .collect()
+}
+
+/// The normal equations of one layer, over inputs with a constant column appended (the
+/// bias): XᵀX and XᵀT, accumulated in f64.
+#[derive(Clone)]
+struct System {
+    gram: Array2<f64>,
+    cross: Array2<f64>,
+}
+
+impl System {
+    fn new(inputs: usize, outputs: usize) -> System {
+        System {
+            gram: Array2::zeros((inputs + 1, inputs + 1)),
+            cross: Array2::zeros((inputs + 1, outputs)),
+        }
+    }
+
+    fn add(&mut self, x: &Array2<f64>, t: &Array2<f64>) {
+        let ones = Array2::<f64>::ones((x.nrows(), 1));
+        let x1 = ndarray::concatenate(Axis(1), &[x.view(), ones.view()]).expect("same rows");
+        self.gram += &x1.t().dot(&x1);
+        self.cross += &x1.t().dot(t);
+    }
+
+    /// argmin ‖X₁W − T‖² + λ‖W − W₀‖² over the weight rows (the bias row is free), for the
+    /// current weights `w0` ([in + 1, out], the bias last).
+    fn solve(&self, w0: &Array2<f64>, with_bias: bool) -> Option<Array2<f64>> {
+        let n = self.gram.nrows() - usize::from(!with_bias);
+        let d = self.gram.nrows() - 1;
+        let lambda = RIDGE * (0..d).map(|i| self.gram[[i, i]]).sum::<f64>() / d.max(1) as f64;
+        let lambda = lambda.max(1e-12);
+        let a = Mat::<f64>::from_fn(n, n, |i, j| {
+            self.gram[[i, j]] + if i == j && i < d { lambda } else { 0.0 }
+        });
+        let b = Mat::<f64>::from_fn(n, self.cross.ncols(), |i, j| {
+            self.cross[[i, j]] + if i < d { lambda * w0[[i, j]] } else { 0.0 }
+        });
+        let x = a.partial_piv_lu().solve(&b);
+        let out = Array2::from_shape_fn((n, self.cross.ncols()), |(i, j)| x[(i, j)]);
+        out.iter().all(|v| v.is_finite()).then_some(out)
+    }
+}
+
+/// Writes the refitted weights of `layer` into `merged`; false when it kept its own.
+fn apply(merged: &mut Model, layer: &OutputLayer, system: &System) -> Result<bool> {
+    let Some(graph) = merged.proto.graph.as_mut() else {
+        return Ok(false);
+    };
+    let find = |name: &str| {
+        graph
+            .initializer
+            .iter()
+            .position(|t| t.name.as_deref() == Some(name))
+    };
+    let Some(wi) = find(&layer.weight) else {
+        return Ok(false);
+    };
+    let Some(w) = as_f64(&TensorData::from_proto(&graph.initializer[wi])?) else {
+        return Ok(false);
+    };
+    let w = w
+        .into_dimensionality::<ndarray::Ix2>()
+        .map_err(|e| Error::tensor(&layer.weight, e.to_string()))?;
+    // [in, out], the bias row appended.
+    let w_in_out = if layer.trans_b { w.t().to_owned() } else { w };
+    let (inputs, outputs) = w_in_out.dim();
+    if system.gram.nrows() != inputs + 1 || system.cross.ncols() != outputs {
+        return Ok(false);
+    }
+    let bias_index = layer.bias.as_deref().and_then(find);
+    let bias: Vec<f64> = match bias_index {
+        Some(i) => match as_f64(&TensorData::from_proto(&graph.initializer[i])?) {
+            Some(b) => b.iter().copied().collect(),
+            None => return Ok(false),
+        },
+        None => vec![0.0; outputs],
+    };
+    let mut w0 = Array2::<f64>::zeros((inputs + 1, outputs));
+    w0.slice_mut(ndarray::s![..inputs, ..]).assign(&w_in_out);
+    w0.row_mut(inputs)
+        .assign(&ndarray::Array1::from_vec(bias.clone()));
+    let Some(solved) = system.solve(&w0, bias_index.is_some()) else {
+        return Ok(false);
+    };
+    let weights = solved.slice(ndarray::s![..inputs, ..]).to_owned();
+    let stored = if layer.trans_b {
+        weights.t().to_owned()
+    } else {
+        weights
+    };
+    store_float(&mut graph.initializer[wi], stored.into_dyn());
+    if let Some(i) = bias_index {
+        let b: ArrayD<f64> = solved.row(inputs).to_owned().into_dyn();
+        store_float(&mut graph.initializer[i], b);
+    }
+    Ok(true)
+}
