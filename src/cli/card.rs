@@ -68,6 +68,7 @@ pub fn render(
         ("sweep tolerance", args.tol.to_string()),
         ("repair samples", args.repair_samples.to_string()),
         ("repair passes", args.repair_passes.to_string()),
+        ("output refit samples", args.output_fit.to_string()),
         ("tap positions", args.tap_positions.to_string()),
         ("taps", format!("{:?}", args.taps).to_lowercase()),
     ]);

@@ -315,8 +315,8 @@ pub struct MergeReport {
     /// Layers whose output statistics were repaired, and BatchNorms whose statistics were reset.
     pub repaired_layers: usize,
     pub reset_batch_norms: usize,
-    /// Output layers refitted to the endpoints' average output (`output_fit`).
-    pub refitted_layers: usize,
+    /// Output layers refitted to the endpoints' average output (`output_fit`), by weight.
+    pub refitted_layers: Vec<String>,
     /// Samples per batch of repair's merged-model pass (0: no repair).
     pub repair_batch: usize,
     pub unknown_ops: BTreeMap<String, usize>,
@@ -568,7 +568,7 @@ pub fn merge(
     }
     let refitted_layers =
         refit_outputs(&prep, models, m, &mut merged, trunk.as_ref(), calib, opts)?;
-    if refitted_layers > 0 {
+    if !refitted_layers.is_empty() {
         timer.lap("refit");
     }
     if let Some(t) = &trunk {
@@ -748,7 +748,7 @@ fn float_parameters(model: &Model) -> usize {
 }
 
 /// Refits the merged model's output layers in the merged trunk (`output_fit`) on the first
-/// `output_fit_samples` calibration samples; the number refitted.
+/// `output_fit_samples` calibration samples; the weights refitted.
 fn refit_outputs(
     prep: &Prepared,
     models: &[Model],
@@ -757,12 +757,12 @@ fn refit_outputs(
     trunk: Option<&Trunk>,
     calib: &[TensorData],
     opts: &MergeOptions,
-) -> Result<usize> {
+) -> Result<Vec<String>> {
     let samples = opts
         .output_fit_samples
         .min(crate::data::sample_count(calib));
     if samples == 0 {
-        return Ok(0);
+        return Ok(Vec::new());
     }
     let graph = Graph::new(&models[0])?;
     let layout = Layout::new(&prep.disc.structure, &prep.disc.groups);

@@ -290,7 +290,7 @@ fn computed_from(graph: &Graph, value: &str, from: &str, depth: usize) -> bool {
 }
 
 /// Refits `layers` of `merged` (model-0 names; `names[i]` maps them to model i's) and returns
-/// how many were refitted. The merged model runs once over `fit.calib` with the layers'
+/// the weights of those refitted. The merged model runs once over `fit.calib` with the layers'
 /// inputs as outputs, each endpoint once with the layers' outputs; a layer whose system is
 /// singular or non-finite keeps its merged weights.
 pub fn refit(
@@ -300,7 +300,7 @@ pub fn refit(
     layers: &[OutputLayer],
     m: &Matchings,
     fit: &Fit,
-) -> Result<usize> {
+) -> Result<Vec<String>> {
     // A group's layer is refitted only where its units were matched by a permutation.
     let layers: Vec<OutputLayer> = layers
         .iter()
@@ -312,7 +312,7 @@ pub fn refit(
         .collect();
     let layers = &layers[..];
     if layers.is_empty() || crate::data::sample_count(fit.calib) == 0 {
-        return Ok(0);
+        return Ok(Vec::new());
     }
     let inputs: Vec<String> = layers.iter().map(|l| l.input.clone()).collect();
     let mut merged_session = open_session(fit.backend, merged, &inputs, fit.options)?;
@@ -384,11 +384,11 @@ pub fn refit(
     }
     drop(merged_session);
     drop(endpoints);
-    let mut refitted = 0;
+    let mut refitted = Vec::new();
     for (layer, system) in layers.iter().zip(systems) {
         let Some(system) = system else { continue };
         if apply(merged, layer, &system)? {
-            refitted += 1;
+            refitted.push(layer.weight.clone());
         }
     }
     Ok(refitted)

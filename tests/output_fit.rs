@@ -1,0 +1,103 @@
+//! The output refit (`merge::output_fit`): the merged model's output layer is refitted to the
+//! endpoints' average output there. Checked against the endpoints themselves, run by ONNX
+//! Runtime on images the refit never saw.
+
+mod common;
+
+use mudsc::data;
+use mudsc::merge::{merge, MergeOptions};
+use mudsc::onnx::{self, Model, TensorData};
+use mudsc::runtime::{open_session, run_batched, BackendKind, BackendOptions};
+use ndarray::{Array2, Axis};
+
+const HEAD: &str = "/head/proj/Gemm_output_0";
+
+fn inputs(model: &Model, file: &str, rows: usize) -> Vec<TensorData> {
+    let path = common::root().join("fixtures/data").join(file);
+    let mut arrays = data::read(&path).unwrap();
+    arrays.0.retain(|(name, _)| name != "labels");
+    let all = data::bind_inputs(&arrays, model, &path).unwrap();
+    common::head_rows(&all, rows)
+}
+
+/// `model`'s head projection on `x`, each row scaled to unit length (the cosine head's view).
+fn directions(model: &Model, x: &[TensorData]) -> Array2<f64> {
+    let mut s = open_session(
+        BackendKind::Ort,
+        model,
+        &[HEAD.to_string()],
+        &BackendOptions::default(),
+    )
+    .unwrap();
+    let at = s.output_names().iter().position(|n| n == HEAD).unwrap();
+    let out = run_batched(s.as_mut(), x, 256).unwrap();
+    let mut z = out[at]
+        .to_f32()
+        .mapv(f64::from)
+        .into_dimensionality::<ndarray::Ix2>()
+        .unwrap();
+    for mut row in z.axis_iter_mut(Axis(0)) {
+        let n = row.dot(&row).sqrt();
+        row /= n;
+    }
+    z
+}
+
+/// On a ViT pair, the refit moves the merged cosine head toward the endpoints' mean direction
+/// on held-out test images, and only the head's projection is refitted (the class embedding
+/// after it is the same in both models, so there is nothing to merge there).
+#[test]
+fn the_refit_head_follows_the_endpoints_on_held_out_images() {
+    let load = |tag: &str| onnx::load(common::fixture(&format!("vit_{tag}.onnx"))).unwrap();
+    let models = [load("a"), load("b")];
+    let calib = inputs(&models[0], "calib.npz", 1000);
+    let test = inputs(&models[0], "test.npz", 500);
+    let run = |samples: usize| {
+        let opts = MergeOptions {
+            backend: BackendKind::Ort,
+            output_fit_samples: samples,
+            ..Default::default()
+        };
+        merge(&models, &calib, &opts, &mut |_, _, _| {}).unwrap()
+    };
+    let (plain, plain_report) = run(0);
+    let (refit, report) = run(1000);
+    assert!(plain_report.refitted_layers.is_empty());
+    assert_eq!(report.refitted_layers, ["head.proj.weight"]);
+    let goal = (directions(&models[0], &test) + directions(&models[1], &test)) / 2.0;
+    let error = |m: &Model| {
+        let d = directions(m, &test) - &goal;
+        (&d * &d).sum() / d.nrows() as f64
+    };
+    let (before, after) = (error(&plain), error(&refit));
+    eprintln!("squared distance to the endpoints' mean direction: {before:.4} → {after:.4}");
+    assert!(
+        after < 0.7 * before,
+        "refit head {after:.4} not clearly closer than the merged one {before:.4}"
+    );
+}
+
+/// Merging a model with a permuted copy of itself: the endpoints' average output is the
+/// model's own, which the merged head already computes, so the refit (a ridge toward the
+/// merged weights) must leave the model's function as it was.
+#[test]
+fn the_refit_keeps_a_permuted_copy_exact() {
+    for name in ["mlp_a.onnx", "dwcnn_a.onnx"] {
+        let a = onnx::load(common::fixture(name)).unwrap();
+        let x = inputs(&a, "calib.npz", 256);
+        let b = common::permuted_copy(&a, &x);
+        let opts = MergeOptions {
+            backend: BackendKind::Ort,
+            ..Default::default()
+        };
+        let (merged, report) = merge(&[a.clone(), b], &x, &opts, &mut |_, _, _| {}).unwrap();
+        // The copy permutes the class embedding with the projection's units, so the last
+        // weight that differs between the two is the embedding's MatMul: that one is refitted.
+        assert_eq!(report.refitted_layers.len(), 1, "{name}");
+        let run = |m: &Model| {
+            let mut s = open_session(BackendKind::Ort, m, &[], &BackendOptions::default()).unwrap();
+            run_batched(s.as_mut(), &x, 256).unwrap().remove(0)
+        };
+        common::assert_within(&run(&merged), &run(&a), 1e-3, 1e-3, name);
+    }
+}
