@@ -549,6 +549,9 @@ fn ops_without_a_rule_keep_their_units_in_place() {
             input("calib.npz"),
             "--repair-samples".into(),
             "0".into(),
+            // The output refit would fit the last layer to the endpoints (`output_fit`).
+            "--output-fit".into(),
+            "0".into(),
         ];
         if let Some(k) = backend {
             v.extend(["--backend".into(), k.into()]);

@@ -49,8 +49,9 @@ fn setup() -> &'static Setup {
         let merged = |method| {
             let opts = MergeOptions {
                 method,
-                // Plain averaging is plain: no statistics repair either.
+                // Plain averaging is plain: no statistics repair or output refit either.
                 repair_samples: if method == Method::Avg { 0 } else { 256 },
+                output_fit_samples: if method == Method::Avg { 0 } else { 1000 },
                 ..Default::default()
             };
             merge(&[a.clone(), b.clone()], &calib, &opts, &mut |_, _, _| {})

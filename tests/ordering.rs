@@ -5,7 +5,10 @@
 //! accuracy sits 0.6 above mudsc-zip's, on the GroupNorm ResNet zipit's task mean 1.7 above,
 //! on the ViT observed at every token zipit's joint 1.5 below act-align's), and MuDSC's merge
 //! beats plain averaging by a clear margin (5 points joint). Merges run on ONNX Runtime, ten
-//! times faster than tract on the ResNets, to keep CI short.
+//! times faster than tract on the ResNets, to keep CI short. The method comparisons run without
+//! the output refit (`--output-fit 0`): it refits every method's head to the endpoints and
+//! narrows their differences (MLP joint: avg 69.8, act-align 70.9, zipit 71.7, mudsc-zip
+//! 71.1 with it), which is not the matching quality these tests order.
 
 mod common;
 
@@ -77,6 +80,7 @@ fn mudsc_zip_beats_zipit_beats_act_align_beats_averaging() {
             let opts = MergeOptions {
                 method,
                 backend: BackendKind::Ort,
+                output_fit_samples: 0,
                 ..Default::default()
             };
             let (merged, _) = merge(&models, &calib, &opts, &mut |_, _, _| {}).unwrap();
@@ -209,6 +213,7 @@ fn three_models_merge_in_the_pairs_order() {
             let opts = MergeOptions {
                 method,
                 backend: BackendKind::Ort,
+                output_fit_samples: 0,
                 ..Default::default()
             };
             let (merged, _) = merge(&models, &calib, &opts, &mut |_, _, _| {}).unwrap();

@@ -101,3 +101,38 @@ fn the_refit_keeps_a_permuted_copy_exact() {
         common::assert_within(&run(&merged), &run(&a), 1e-3, 1e-3, name);
     }
 }
+
+/// The endpoints' outputs the refit needs are kept by calibration (no endpoint passes of its
+/// own); with statistics from a shard nothing was calibrated and the refit runs the endpoints
+/// itself. Both must fit the same layer: the merges agree initializer for initializer.
+#[test]
+fn kept_and_streamed_endpoint_outputs_refit_alike() {
+    let load = |tag: &str| onnx::load(common::fixture(&format!("vit_{tag}.onnx"))).unwrap();
+    let models = [load("a"), load("b")];
+    let calib = inputs(&models[0], "calib.npz", 500);
+    let opts = MergeOptions {
+        backend: BackendKind::Ort,
+        ..Default::default()
+    };
+    let (kept, kept_report) = merge(&models, &calib, &opts, &mut |_, _, _| {}).unwrap();
+    let shard = mudsc::merge::statistics(&models, &calib, &opts, &mut |_, _, _| {}).unwrap();
+    let from_shard = MergeOptions {
+        stats: Some(std::sync::Arc::new(shard)),
+        ..opts.clone()
+    };
+    let (streamed, report) = merge(&models, &calib, &from_shard, &mut |_, _, _| {}).unwrap();
+    assert_eq!(kept_report.refitted_layers, ["head.proj.weight"]);
+    assert_eq!(report.refitted_layers, kept_report.refitted_layers);
+    for (x, y) in kept
+        .graph()
+        .initializer
+        .iter()
+        .zip(&streamed.graph().initializer)
+    {
+        let (x, y) = (
+            TensorData::from_proto(x).unwrap(),
+            TensorData::from_proto(y).unwrap(),
+        );
+        common::assert_within(&x, &y, 1e-4, 1e-5, "initializer");
+    }
+}

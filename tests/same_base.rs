@@ -209,7 +209,7 @@ fn align_first_then_linear_is_mudsc_align() {
             .flat_map(|(n, v)| v.iter().zip(&y[n]).map(|(p, q)| (p - q).abs()))
             .fold(0.0, f64::max)
     };
-    let no_repair = ["--repair-samples", "0"];
+    let no_repair = ["--repair-samples", "0", "--output-fit", "0"];
     let aligned = run(
         "l.onnx",
         &[
@@ -222,9 +222,9 @@ fn align_first_then_linear_is_mudsc_align() {
     );
     let reference = run(
         "r.onnx",
-        &["--method", "mudsc-align", no_repair[0], no_repair[1]],
+        &[&["--method", "mudsc-align"][..], &no_repair].concat(),
     );
-    let plain = run("p.onnx", &["--method", "avg", no_repair[0], no_repair[1]]);
+    let plain = run("p.onnx", &[&["--method", "avg"][..], &no_repair].concat());
     assert!(
         max_diff(&aligned, &reference) < 1e-6,
         "{}",

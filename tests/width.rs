@@ -457,6 +457,9 @@ fn merged_with_permuted_copy(a: &Model, inputs: &[TensorData]) -> (Model, MergeR
         method: Method::Zipit,
         width: 2.0,
         repair_samples: 0,
+        // The rewrite alone: the output refit would fit the head back to the copies' logits
+        // (it undoes the √2 the width-2 cosine head loses).
+        output_fit_samples: 0,
         backend: BackendKind::Tract,
         ..Default::default()
     };

@@ -37,6 +37,11 @@ pub struct Side {
     /// Per value (aligned with `names[0]`): its units' axis, `None` for the rank's default.
     pub axes: Vec<Option<usize>>,
     pub samples: usize,
+    /// Values kept whole, batch by batch, over the first `keep_samples` inputs (`keep[i]`:
+    /// model i's names; results keyed by `keep[0]`): the output refit's targets, which then
+    /// cost no endpoint passes of their own.
+    pub keep: Vec<Vec<String>>,
+    pub keep_samples: usize,
 }
 
 impl Side {
@@ -46,12 +51,27 @@ impl Side {
             names: Vec::new(),
             axes: Vec::new(),
             samples: 0,
+            keep: Vec::new(),
+            keep_samples: 0,
         }
     }
 }
 
 /// Per model: each side value's moments, by model-0 name.
 pub type SideMoments = Vec<HashMap<String, UnitMoments>>;
+
+/// Bytes of kept values beyond which calibration stops keeping them (the refit then runs the
+/// endpoints itself, streaming): a classifier's logits are kilobytes per sample, a language
+/// model's per-token vocabulary scores are not.
+const KEEP_BYTES: usize = 256 << 20;
+
+/// Kept values (`Side::keep`): the calibration batches they cover, as sample ranges, and per
+/// model each value's outputs on them, in order, by model-0 name. Empty when nothing was kept.
+#[derive(Default)]
+pub struct Kept {
+    pub ranges: Vec<(usize, usize)>,
+    pub values: Vec<HashMap<String, Vec<TensorData>>>,
+}
 
 /// Moments per group id, and the side values' unit moments.
 #[allow(clippy::too_many_arguments)]
@@ -64,13 +84,18 @@ pub fn collect(
     backend: BackendKind,
     options: &BackendOptions,
     progress: &mut dyn FnMut(usize, usize),
-) -> Result<(HashMap<usize, Moments>, SideMoments)> {
+) -> Result<(HashMap<usize, Moments>, SideMoments, Kept)> {
     let n = models.len();
     let mut moments: HashMap<usize, Moments> = taps
         .iter()
         .map(|t| (t.group, Moments::new(n * t.width)))
         .collect();
     let mut side_moments: SideMoments = vec![HashMap::new(); n];
+    let mut kept = Kept {
+        ranges: Vec::new(),
+        values: vec![HashMap::new(); n],
+    };
+    let (mut keeping, mut kept_bytes) = (side.keep_samples > 0 && !side.keep.is_empty(), 0);
     // Sessions with the side values as extra outputs serve the batches that hold side
     // samples; the rest run without them, so that the engine keeps its fusions there.
     let open = |with_side: bool| -> Result<Vec<Box<dyn crate::runtime::Session>>> {
@@ -82,6 +107,9 @@ pub fn collect(
                 if with_side {
                     extra.extend(side.names.get(i).into_iter().flatten().cloned());
                 }
+                extra.extend(side.keep.get(i).into_iter().flatten().cloned());
+                let mut seen = std::collections::HashSet::new();
+                extra.retain(|e| seen.insert(e.clone()));
                 open_session(backend, m, &extra, options)
             })
             .collect()
@@ -171,6 +199,27 @@ pub fn collect(
                     }
                 }
             }
+            if keeping && start < side.keep_samples {
+                // Whole batches: their outputs' batch axis need not be the first.
+                for (i, outs) in per_model.iter().enumerate() {
+                    for (name, key) in side.keep[i].iter().zip(&side.keep[0]) {
+                        let v = outs.get(name).ok_or_else(|| Error::Backend {
+                            backend: backend.name(),
+                            reason: format!("kept value '{name}' missing from the outputs"),
+                        })?;
+                        kept_bytes += v.len() * v.dtype().size();
+                        kept.values[i]
+                            .entry(key.clone())
+                            .or_default()
+                            .push(v.clone());
+                    }
+                }
+                kept.ranges.push((start, end));
+                if kept_bytes > KEEP_BYTES {
+                    keeping = false;
+                    kept = Kept::default();
+                }
+            }
             for t in taps {
                 let mut values = Vec::with_capacity(n);
                 for (i, outs) in per_model.iter().enumerate() {
@@ -187,5 +236,5 @@ pub fn collect(
         }
         Ok(())
     })?;
-    Ok((moments, side_moments))
+    Ok((moments, side_moments, kept))
 }

@@ -401,6 +401,8 @@ struct Matching {
     similarities: similarity::Counts,
     /// Repair's endpoint statistics, when calibration gathered them.
     endpoint: Option<calib::SideMoments>,
+    /// The output refit's endpoint targets, when calibration kept them.
+    kept: calib::Kept,
     /// `--width`: which groups may widen, and the shape values the rewrite's reshapes read.
     widen: Option<(WidenScope, shape_flow::Flow)>,
 }
@@ -467,12 +469,29 @@ pub fn merge(
     } else {
         Vec::new()
     };
+    // The output refit's layers, whose endpoint outputs calibration keeps.
+    let fit_layers = if opts.output_fit_samples > 0 {
+        let layout = Layout::new(&prep.disc.structure, &prep.disc.groups);
+        output_fit::find(
+            &graph,
+            models,
+            &prep.names,
+            &prep.disc.slots,
+            &layout,
+            &prep.disc.groups,
+            trunk.as_ref().map(|t| &t.nodes),
+        )
+    } else {
+        Vec::new()
+    };
+    let keep: Vec<String> = fit_layers.iter().map(|l| l.output.clone()).collect();
     let matching = find_matchings(
         &mut prep,
         models,
         calib,
         opts,
         &repair_taps,
+        &keep,
         progress,
         &mut timer,
     )?;
@@ -491,6 +510,7 @@ pub fn merge(
         calibration_passes,
         similarities,
         endpoint,
+        kept,
         widen,
     } = &matching;
     let layout = Layout::new(&disc.structure, &disc.groups);
@@ -566,8 +586,15 @@ pub fn merge(
         reset_batch_norms = r.batch_norms;
         timer.lap("repair");
     }
-    let refitted_layers =
-        refit_outputs(&prep, models, m, &mut merged, trunk.as_ref(), calib, opts)?;
+    let fit = output_fit::Fit {
+        calib,
+        samples: opts.output_fit_samples,
+        kept,
+        backend: opts.backend,
+        options: &opts.backend_options,
+        batch: opts.batch,
+    };
+    let refitted_layers = output_fit::refit(models, names, &mut merged, &fit_layers, m, &fit)?;
     if !refitted_layers.is_empty() {
         timer.lap("refit");
     }
@@ -666,7 +693,16 @@ pub fn align_to_first(
     let mut timer = Timer::new();
     let mut prep = prepare(models, calib, &opts, &mut timer)?;
     budget::check(&prep.disc.groups, models.len(), &opts)?;
-    let matching = find_matchings(&mut prep, models, calib, &opts, &[], progress, &mut timer)?;
+    let matching = find_matchings(
+        &mut prep,
+        models,
+        calib,
+        &opts,
+        &[],
+        &[],
+        progress,
+        &mut timer,
+    )?;
     let layout = Layout::new(&prep.disc.structure, &prep.disc.groups);
     (0..models.len())
         .map(|i| {
@@ -715,6 +751,7 @@ pub fn repair_merged(
         calib,
         &opts,
         &[],
+        &[],
         &mut |_, _, _| {},
         &mut timer,
     )?;
@@ -745,44 +782,6 @@ fn float_parameters(model: &Model) -> usize {
         .filter(|t| matches!(t.data_type, Some(1 | 10 | 11 | 16)))
         .map(|t| t.dims.iter().product::<i64>().max(0) as usize)
         .sum()
-}
-
-/// Refits the merged model's output layers in the merged trunk (`output_fit`) on the first
-/// `output_fit_samples` calibration samples; the weights refitted.
-fn refit_outputs(
-    prep: &Prepared,
-    models: &[Model],
-    m: &Matchings,
-    merged: &mut Model,
-    trunk: Option<&Trunk>,
-    calib: &[TensorData],
-    opts: &MergeOptions,
-) -> Result<Vec<String>> {
-    let samples = opts
-        .output_fit_samples
-        .min(crate::data::sample_count(calib));
-    if samples == 0 {
-        return Ok(Vec::new());
-    }
-    let graph = Graph::new(&models[0])?;
-    let layout = Layout::new(&prep.disc.structure, &prep.disc.groups);
-    let layers = output_fit::find(
-        &graph,
-        models,
-        &prep.names,
-        &prep.disc.slots,
-        &layout,
-        &prep.disc.groups,
-        trunk.map(|t| &t.nodes),
-    );
-    let data: Vec<TensorData> = calib.iter().map(|t| t.slice_rows(0, samples)).collect();
-    let fit = output_fit::Fit {
-        calib: &data,
-        backend: opts.backend,
-        options: &opts.backend_options,
-        batch: opts.batch,
-    };
-    output_fit::refit(models, &prep.names, merged, &layers, m, &fit)
 }
 
 /// The calibration samples statistics repair runs on: the first `repair_samples`.
@@ -925,7 +924,7 @@ pub fn statistics(
         groups: &all,
         side: &none,
     };
-    let (moments, _) = collect_moments(&disc, &names, models, calib, pass, opts, progress)?;
+    let (moments, _, _) = collect_moments(&disc, &names, models, calib, pass, opts, progress)?;
     Ok(Stats {
         models: models.iter().map(fingerprint).collect(),
         groups: shard_groups(&disc, &models[0], opts.token_taps)?,
@@ -1058,11 +1057,13 @@ fn find_matchings(
     calib: &[TensorData],
     opts: &MergeOptions,
     repair_taps: &[(String, Option<usize>)],
+    keep: &[String],
     progress: &mut dyn FnMut(&str, usize, usize),
     timer: &mut Timer,
 ) -> Result<Matching> {
     let (disc, names) = (&prep.disc, &prep.names);
     let mut endpoint = None;
+    let mut kept = calib::Kept::default();
     let mut calibration_passes = 0;
     // Activation statistics: given, or calibrated here.
     // Held as f32 upper triangles for the whole iterative loop: they only rank candidate pairs
@@ -1138,6 +1139,17 @@ fn find_matchings(
                         .collect(),
                     axes: repair_taps.iter().map(|(_, axis)| *axis).collect(),
                     samples: opts.repair_samples.min(crate::data::sample_count(calib)),
+                    keep: names
+                        .iter()
+                        .map(|map| {
+                            keep.iter()
+                                .map(|t| map.get(t).cloned().unwrap_or(t.clone()))
+                                .collect()
+                        })
+                        .collect(),
+                    keep_samples: opts
+                        .output_fit_samples
+                        .min(crate::data::sample_count(calib)),
                 };
                 let tapped: Vec<(usize, usize)> = disc
                     .groups
@@ -1155,10 +1167,11 @@ fn find_matchings(
                         groups: &only,
                         side,
                     };
-                    let (moments, side) =
+                    let (moments, side, rows) =
                         collect_moments(disc, names, models, calib, pass, opts, progress)?;
                     if k == 0 {
                         endpoint = Some(side);
+                        kept = rows;
                     }
                     keep_sd(&moments, &cca_scope, &mut cca_sd);
                     // Correlations now, so that only this pass's f64 moments are ever held.
@@ -1429,6 +1442,7 @@ fn find_matchings(
         calibration_passes,
         similarities,
         endpoint,
+        kept,
         widen,
     })
 }
@@ -1592,7 +1606,11 @@ fn collect_moments(
     pass: Pass<'_>,
     opts: &MergeOptions,
     progress: &mut dyn FnMut(&str, usize, usize),
-) -> Result<(HashMap<usize, crate::stats::Moments>, calib::SideMoments)> {
+) -> Result<(
+    HashMap<usize, crate::stats::Moments>,
+    calib::SideMoments,
+    calib::Kept,
+)> {
     let Pass { groups: only, side } = pass;
     let layout = Layout::new(&disc.structure, &disc.groups);
     let graph = Graph::new(&models[0])?;

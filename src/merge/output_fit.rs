@@ -61,7 +61,12 @@ pub struct OutputLayer {
 
 /// How the refit runs.
 pub struct Fit<'a> {
+    /// The calibration inputs; the refit reads the first `samples`, or the batches `kept`
+    /// covers.
     pub calib: &'a [TensorData],
+    pub samples: usize,
+    /// The endpoints' outputs of the layers, kept by calibration (else the endpoints run).
+    pub kept: &'a super::calib::Kept,
     pub backend: BackendKind,
     pub options: &'a BackendOptions,
     pub batch: usize,
@@ -290,9 +295,10 @@ fn computed_from(graph: &Graph, value: &str, from: &str, depth: usize) -> bool {
 }
 
 /// Refits `layers` of `merged` (model-0 names; `names[i]` maps them to model i's) and returns
-/// the weights of those refitted. The merged model runs once over `fit.calib` with the layers'
-/// inputs as outputs, each endpoint once with the layers' outputs; a layer whose system is
-/// singular or non-finite keeps its merged weights.
+/// the weights of those refitted. The merged model runs once over the fit's samples with the
+/// layers' inputs as outputs; the endpoints' outputs come from calibration (`fit.kept`) or,
+/// without them, from one pass of each endpoint. A layer whose system is singular or
+/// non-finite keeps its merged weights.
 pub fn refit(
     models: &[Model],
     names: &[HashMap<String, String>],
@@ -311,30 +317,60 @@ pub fn refit(
         .cloned()
         .collect();
     let layers = &layers[..];
-    if layers.is_empty() || crate::data::sample_count(fit.calib) == 0 {
+    if layers.is_empty() || fit.samples == 0 || crate::data::sample_count(fit.calib) == 0 {
         return Ok(Vec::new());
     }
     let inputs: Vec<String> = layers.iter().map(|l| l.input.clone()).collect();
     let mut merged_session = open_session(fit.backend, merged, &inputs, fit.options)?;
+    // The endpoints' outputs: kept by calibration on its batches, or computed here.
+    let kept: Option<Vec<&Vec<TensorData>>> = (fit.kept.values.len() == models.len())
+        .then(|| {
+            fit.kept
+                .values
+                .iter()
+                .flat_map(|v| layers.iter().map(move |l| v.get(&l.output)))
+                .collect::<Option<Vec<_>>>()
+        })
+        .flatten()
+        .filter(|v| v.iter().all(|b| b.len() == fit.kept.ranges.len()));
     let mut endpoints: Vec<(Box<dyn Session>, Vec<String>)> = Vec::new();
-    for (model, map) in models.iter().zip(names) {
-        let outs: Vec<String> = layers
-            .iter()
-            .map(|l| map.get(&l.output).cloned().unwrap_or(l.output.clone()))
-            .collect();
-        endpoints.push((open_session(fit.backend, model, &outs, fit.options)?, outs));
-    }
+    let ranges: Vec<(usize, usize)> = match &kept {
+        Some(_) => fit.kept.ranges.clone(),
+        None => {
+            for (model, map) in models.iter().zip(names) {
+                let outs: Vec<String> = layers
+                    .iter()
+                    .map(|l| map.get(&l.output).cloned().unwrap_or(l.output.clone()))
+                    .collect();
+                endpoints.push((open_session(fit.backend, model, &outs, fit.options)?, outs));
+            }
+            let total = fit.samples.min(crate::data::sample_count(fit.calib));
+            let batch = fit.batch.max(1);
+            (0..total.div_ceil(batch))
+                .map(|k| (k * batch, ((k + 1) * batch).min(total)))
+                .collect()
+        }
+    };
     let mut systems: Vec<Option<System>> = vec![None; layers.len()];
-    let total = crate::data::sample_count(fit.calib);
-    let mut start = 0;
-    while start < total {
-        let end = (start + fit.batch.max(1)).min(total);
+    for (b, &(start, end)) in ranges.iter().enumerate() {
         let slice: Vec<TensorData> = fit.calib.iter().map(|t| t.slice_rows(start, end)).collect();
         let x_all = named(merged_session.as_mut(), &slice, &inputs)?;
-        let mut t_all: Vec<Vec<Array2<f64>>> = Vec::new();
-        for (s, outs) in endpoints.iter_mut() {
-            t_all.push(named(s.as_mut(), &slice, outs)?);
-        }
+        let t_all: Vec<Vec<Array2<f64>>> = match &kept {
+            Some(kept) => kept
+                .chunks(layers.len())
+                .map(|per_model| {
+                    per_model
+                        .iter()
+                        .zip(layers)
+                        .map(|(batches, l)| as_rows(&batches[b], &l.output))
+                        .collect::<Result<Vec<_>>>()
+                })
+                .collect::<Result<_>>()?,
+            None => endpoints
+                .iter_mut()
+                .map(|(s, outs)| named(s.as_mut(), &slice, outs))
+                .collect::<Result<_>>()?,
+        };
         for (k, layer) in layers.iter().enumerate() {
             let x = &x_all[k];
             let units = match layer.group {
@@ -380,7 +416,6 @@ pub fn refit(
                 .get_or_insert_with(|| System::new(x.ncols(), target.ncols()))
                 .add(x, &target);
         }
-        start = end;
     }
     drop(merged_session);
     drop(endpoints);
@@ -394,8 +429,7 @@ pub fn refit(
     Ok(refitted)
 }
 
-/// Runs `s` and returns `wanted` outputs as [rows, units] matrices (units: the last axis;
-/// every other axis is a row).
+/// Runs `s` and returns its `wanted` outputs as rows (`as_rows`).
 fn named(
     s: &mut dyn Session,
     inputs: &[TensorData],
@@ -413,17 +447,23 @@ fn named(
                     backend: "refit",
                     reason: format!("value '{w}' missing from the outputs"),
                 })?;
-            let a = outs[at].to_f32();
-            let units = *a.shape().last().unwrap_or(&1);
-            let rows = a.len() / units.max(1);
-            let flat: Vec<f64> = a
-                .iter()
-                .map(|&v| if v.is_finite() { f64::from(v) } else { 0.0 })
-                .collect();
-            Array2::from_shape_vec((rows, units), flat)
-                .map_err(|e| Error::tensor(w, format!("as rows of units: {e}")))
+            as_rows(&outs[at], w)
         })
         .collect()
+}
+
+/// A value as [rows, units]: units on the last axis, every other axis a row; NaN and ±inf
+/// count as 0.
+fn as_rows(t: &TensorData, name: &str) -> Result<Array2<f64>> {
+    let a = t.to_f32();
+    let units = *a.shape().last().unwrap_or(&1);
+    let rows = a.len() / units.max(1);
+    let flat: Vec<f64> = a
+        .iter()
+        .map(|&v| if v.is_finite() { f64::from(v) } else { 0.0 })
+        .collect();
+    Array2::from_shape_vec((rows, units), flat)
+        .map_err(|e| Error::tensor(name, format!("as rows of units: {e}")))
 }
 
 /// The normal equations of one layer, over inputs with a constant column appended (the
