@@ -490,8 +490,10 @@ pub fn merge(
         models,
         calib,
         opts,
-        &repair_taps,
-        &keep,
+        Later {
+            repair_taps: &repair_taps,
+            refit_outputs: &keep,
+        },
         progress,
         &mut timer,
     )?;
@@ -698,8 +700,7 @@ pub fn align_to_first(
         models,
         calib,
         &opts,
-        &[],
-        &[],
+        Later::default(),
         progress,
         &mut timer,
     )?;
@@ -750,8 +751,7 @@ pub fn repair_merged(
         models,
         calib,
         &opts,
-        &[],
-        &[],
+        Later::default(),
         &mut |_, _, _| {},
         &mut timer,
     )?;
@@ -1056,11 +1056,14 @@ fn find_matchings(
     models: &[Model],
     calib: &[TensorData],
     opts: &MergeOptions,
-    repair_taps: &[(String, Option<usize>)],
-    keep: &[String],
+    later: Later<'_>,
     progress: &mut dyn FnMut(&str, usize, usize),
     timer: &mut Timer,
 ) -> Result<Matching> {
+    let Later {
+        repair_taps,
+        refit_outputs: keep,
+    } = later;
     let (disc, names) = (&prep.disc, &prep.names);
     let mut endpoint = None;
     let mut kept = calib::Kept::default();
@@ -1445,6 +1448,14 @@ fn find_matchings(
         kept,
         widen,
     })
+}
+
+/// Values of the models that calibration gathers on its passes for the phases after
+/// matching: repair's endpoint taps (their moments) and the refit layers' outputs (kept).
+#[derive(Clone, Copy, Default)]
+struct Later<'a> {
+    repair_taps: &'a [(String, Option<usize>)],
+    refit_outputs: &'a [String],
 }
 
 /// One matching's result per group of `unit` (unmerge, block unmerge, merge value; `None`
