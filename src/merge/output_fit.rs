@@ -6,9 +6,9 @@
 //! normalisation and shared class embedding). Its output units are the models' own (fixed:
 //! they mean the same in every model) or one group's, matched like any other; the endpoints'
 //! average output there, cluster by cluster as the merge defines a merged unit, is a target
-//! the merged model should reproduce. The merge gives that layer the average of the models' weights over
-//! merged input units, which reproduces the target only as far as the merged features are
-//! the average of the endpoints' features; through a residual stream zipped across
+//! the merged model should reproduce. The merge gives that layer the average of the models'
+//! weights over merged input units, which reproduces the target only as far as the merged
+//! features are the average of the endpoints' features; through a residual stream zipped across
 //! LayerNorms (ViTs) or depthwise-coupled channels they are not, and a bundled ViT pair lost
 //! 27 points to its ensemble there. The refit is the least-squares layer that maps the merged
 //! model's own input features (after statistics repair) to the endpoints' average output on
@@ -36,7 +36,7 @@ use crate::runtime::{open_session, BackendKind, BackendOptions, Session};
 use crate::symmetry::slots::Slots;
 use crate::symmetry::Group;
 
-/// Ridge toward the merged weights, relative to the mean input variance: small enough to
+/// Ridge toward the merged weights, relative to the mean input power: small enough to
 /// follow the data (1,000 samples for a 64-unit head), large enough to keep dead inputs at
 /// their merged weights.
 const RIDGE: f64 = 1e-4;
@@ -75,7 +75,6 @@ pub struct Fit<'a> {
 /// The output layers of model 0 (`graph`) in `scope`: linear layers whose weight differs
 /// between the models, with no such weight after them, whose output units are fixed or one
 /// plain group laid out in order. `names[i]` maps model 0's names to model i's.
-#[allow(clippy::too_many_arguments)]
 pub fn find(
     graph: &Graph,
     models: &[Model],
@@ -85,7 +84,7 @@ pub fn find(
     groups: &[Group],
     scope: Option<&HashSet<usize>>,
 ) -> Vec<OutputLayer> {
-    let shared = |name: &str| shared_initializer(models, names, name);
+    let specific = ModelSpecific::new(graph, models, names);
     let mut out = Vec::new();
     for &n in graph.topological_order() {
         if scope.is_some_and(|s| !s.contains(&n)) {
@@ -94,18 +93,9 @@ pub fn find(
         let Some(mut layer) = linear_layer(graph, n) else {
             continue;
         };
-        if shared(&layer.weight) {
-            continue; // the same in every model: nothing was merged there
-        }
-        let later = downstream_nodes(graph, &layer.output);
-        let model_specific = later.iter().any(|&c| {
-            graph.node(c).input.iter().any(|i| {
-                graph
-                    .initializer(i)
-                    .is_some_and(|t| t.dims.iter().product::<i64>() > 1 && !shared(i))
-            })
-        });
-        if model_specific {
+        // Its weight the same in every model: nothing was merged there. A model-specific
+        // weight after it: a later layer is the output layer.
+        if !specific.reads.contains(&n) || specific.after(graph, &layer.output) {
             continue;
         }
         let axis = slots
@@ -114,45 +104,94 @@ pub fn find(
             .saturating_sub(1);
         layer.group = match slots.slot(&layer.output, axis) {
             None => None,
-            Some(s) => {
-                let comp = layout.st.comp_of[s];
-                let Some(owners) = super::repair::axis_owners(layout, comp, groups) else {
-                    continue;
-                };
-                if owners.iter().all(Option::is_none) {
-                    None
-                } else {
-                    let Some(Some((g, _))) = owners.first() else {
-                        continue;
-                    };
-                    let in_order = owners.len() == groups[*g].width
-                        && owners.iter().enumerate().all(|(u, o)| *o == Some((*g, u)));
-                    if !in_order || !matches!(groups[*g].kind, crate::symmetry::GroupKind::Plain) {
-                        continue;
-                    }
-                    Some(*g)
-                }
-            }
+            Some(s) => match output_group(layout, layout.st.comp_of[s], groups) {
+                Some(g) => g,
+                None => continue,
+            },
         };
         out.push(layer);
     }
     out
 }
 
-/// The initializer `name` holds the same values in every model.
-fn shared_initializer(models: &[Model], names: &[HashMap<String, String>], name: &str) -> bool {
-    let value = |i: usize| -> Option<TensorData> {
-        let n = names
-            .get(i)
-            .and_then(|m| m.get(name))
-            .map_or(name, String::as_str);
-        let t = Graph::new(&models[i]).ok()?.initializer(n)?.clone();
-        TensorData::from_proto(&t).ok()
+/// The units of an output axis: `Some(None)` fixed, `Some(Some(g))` plain group g in order,
+/// `None` anything else (several groups, a blocked group, another order).
+fn output_group(layout: &Layout, comp: usize, groups: &[Group]) -> Option<Option<usize>> {
+    let owners = super::repair::axis_owners(layout, comp, groups)?;
+    let Some(first) = owners.first() else {
+        return Some(None);
     };
-    let Some(first) = value(0) else {
+    let Some((g, _)) = *first else {
+        return owners.iter().all(Option::is_none).then_some(None);
+    };
+    let in_order = owners.len() == groups[g].width
+        && owners.iter().enumerate().all(|(u, o)| *o == Some((g, u)));
+    (in_order && matches!(groups[g].kind, crate::symmetry::GroupKind::Plain)).then_some(Some(g))
+}
+
+/// The nodes of model 0 that read a weight (an initializer of more than one element) whose
+/// values differ between the models, and for every node whether such a node comes after it.
+struct ModelSpecific {
+    reads: HashSet<usize>,
+    /// Per node: a node of `reads` reads a value computed from its outputs.
+    later: Vec<bool>,
+}
+
+impl ModelSpecific {
+    fn new(graph: &Graph, models: &[Model], names: &[HashMap<String, String>]) -> ModelSpecific {
+        let others: Vec<Option<Graph>> =
+            models.iter().skip(1).map(|m| Graph::new(m).ok()).collect();
+        let differs = |name: &str| -> bool {
+            graph.initializer(name).is_some_and(|t| {
+                t.dims.iter().product::<i64>() > 1
+                    && others.iter().enumerate().any(|(k, g)| {
+                        let other = names
+                            .get(k + 1)
+                            .and_then(|m| m.get(name))
+                            .map_or(name, String::as_str);
+                        g.as_ref()
+                            .and_then(|g| g.initializer(other))
+                            .is_none_or(|o| !same_values(t, o))
+                    })
+            })
+        };
+        let reads: HashSet<usize> = (0..graph.nodes().len())
+            .filter(|&n| graph.node(n).input.iter().any(|i| differs(i)))
+            .collect();
+        // Reverse topological order: a node's consumers are decided before it.
+        let mut later = vec![false; graph.nodes().len()];
+        for &n in graph.topological_order().iter().rev() {
+            later[n] = graph.node(n).output.iter().any(|o| {
+                graph
+                    .consumers(o)
+                    .iter()
+                    .any(|&(c, _)| reads.contains(&c) || later[c])
+            });
+        }
+        ModelSpecific { reads, later }
+    }
+
+    /// A node reading a model-specific weight reads a value computed from `value`.
+    fn after(&self, graph: &Graph, value: &str) -> bool {
+        graph
+            .consumers(value)
+            .iter()
+            .any(|&(c, _)| self.reads.contains(&c) || self.later[c])
+    }
+}
+
+/// Two tensor protos hold the same values: the same raw bytes, else the same decoded values.
+fn same_values(a: &crate::onnx::proto::TensorProto, b: &crate::onnx::proto::TensorProto) -> bool {
+    if a.dims != b.dims || a.data_type != b.data_type {
         return false;
-    };
-    (1..models.len()).all(|i| value(i).is_some_and(|v| v == first))
+    }
+    match (&a.raw_data, &b.raw_data) {
+        (Some(x), Some(y)) => x == y,
+        _ => match (TensorData::from_proto(a), TensorData::from_proto(b)) {
+            (Ok(x), Ok(y)) => x == y,
+            _ => false,
+        },
+    }
 }
 
 /// Node `n` as a linear layer with untied float initializers: Gemm (transA 0, alpha and beta
@@ -231,27 +270,6 @@ fn linear_layer(graph: &Graph, n: usize) -> Option<OutputLayer> {
         }
         _ => None,
     }
-}
-
-/// Every node that reads a value computed from `value`, except the layer's own bias Add.
-fn downstream_nodes(graph: &Graph, value: &str) -> HashSet<usize> {
-    let mut nodes = HashSet::new();
-    let mut stack = vec![value.to_string()];
-    while let Some(v) = stack.pop() {
-        for &(c, _) in graph.consumers(&v) {
-            if nodes.insert(c) {
-                stack.extend(
-                    graph
-                        .node(c)
-                        .output
-                        .iter()
-                        .filter(|o| !o.is_empty())
-                        .cloned(),
-                );
-            }
-        }
-    }
-    nodes
 }
 
 /// `y` is divided by a norm computed from itself (the cosine head's
@@ -440,13 +458,9 @@ fn named(
     wanted
         .iter()
         .map(|w| {
-            let at = names
-                .iter()
-                .position(|n| n == w)
-                .ok_or_else(|| Error::Backend {
-                    backend: "refit",
-                    reason: format!("value '{w}' missing from the outputs"),
-                })?;
+            let at = names.iter().position(|n| n == w).ok_or_else(|| {
+                Error::tensor(w, "missing from the engine's outputs for the output refit")
+            })?;
             as_rows(&outs[at], w)
         })
         .collect()
