@@ -52,16 +52,18 @@ fn the_refit_head_follows_the_endpoints_on_held_out_images() {
     let models = [load("a"), load("b")];
     let calib = inputs(&models[0], "calib.npz", 1000);
     let test = inputs(&models[0], "test.npz", 500);
-    let run = |samples: usize| {
+    let run = |samples: usize, all: bool| {
         let opts = MergeOptions {
             backend: BackendKind::Ort,
             output_fit_samples: samples,
+            refit_all_layers: all,
             ..Default::default()
         };
         merge(&models, &calib, &opts, &mut |_, _, _| {}).unwrap()
     };
-    let (plain, plain_report) = run(0);
-    let (refit, report) = run(1000);
+    let (plain, plain_report) = run(0, false);
+    let (refit, report) = run(1000, false);
+    let (deep, deep_report) = run(1000, true);
     assert!(plain_report.refitted_layers.is_empty());
     assert_eq!(report.refitted_layers, ["head.proj.weight"]);
     let goal = (directions(&models[0], &test) + directions(&models[1], &test)) / 2.0;
@@ -69,11 +71,26 @@ fn the_refit_head_follows_the_endpoints_on_held_out_images() {
         let d = directions(m, &test) - &goal;
         (&d * &d).sum() / d.nrows() as f64
     };
-    let (before, after) = (error(&plain), error(&refit));
-    eprintln!("squared distance to the endpoints' mean direction: {before:.4} → {after:.4}");
+    let (before, after, all) = (error(&plain), error(&refit), error(&deep));
+    eprintln!(
+        "squared distance to the endpoints' mean direction: {before:.4} → {after:.4}, every \
+         layer refitted {all:.4}"
+    );
     assert!(
         after < 0.7 * before,
         "refit head {after:.4} not clearly closer than the merged one {before:.4}"
+    );
+    // Refitting every linear layer whose units are a plain group (the attention outputs and
+    // MLP layers writing the stream, the MLP hidden layers) before the head gives the head
+    // features it can map closer still.
+    assert!(deep_report.refitted_layers.len() > 1);
+    assert_eq!(
+        deep_report.refitted_layers.last(),
+        report.refitted_layers.last()
+    );
+    assert!(
+        all < after,
+        "every layer refitted {all:.4} not closer than the head alone {after:.4}"
     );
 }
 
@@ -86,19 +103,28 @@ fn the_refit_keeps_a_permuted_copy_exact() {
         let a = onnx::load(common::fixture(name)).unwrap();
         let x = inputs(&a, "calib.npz", 256);
         let b = common::permuted_copy(&a, &x);
-        let opts = MergeOptions {
-            backend: BackendKind::Ort,
-            ..Default::default()
-        };
-        let (merged, report) = merge(&[a.clone(), b], &x, &opts, &mut |_, _, _| {}).unwrap();
-        // The copy permutes the class embedding with the projection's units, so the last
-        // weight that differs between the two is the embedding's MatMul: that one is refitted.
-        assert_eq!(report.refitted_layers.len(), 1, "{name}");
         let run = |m: &Model| {
             let mut s = open_session(BackendKind::Ort, m, &[], &BackendOptions::default()).unwrap();
             run_batched(s.as_mut(), &x, 256).unwrap().remove(0)
         };
-        common::assert_within(&run(&merged), &run(&a), 1e-3, 1e-3, name);
+        for all in [false, true] {
+            let opts = MergeOptions {
+                backend: BackendKind::Ort,
+                refit_all_layers: all,
+                ..Default::default()
+            };
+            let (merged, report) =
+                merge(&[a.clone(), b.clone()], &x, &opts, &mut |_, _, _| {}).unwrap();
+            // The copy permutes the class embedding with the projection's units, so the last
+            // weight that differs between the two is the embedding's MatMul: that one is the
+            // output layer. Every layer: the projection too (and the MLP's hidden layers).
+            if all {
+                assert!(report.refitted_layers.len() > 1, "{name}");
+            } else {
+                assert_eq!(report.refitted_layers.len(), 1, "{name}");
+            }
+            common::assert_within(&run(&merged), &run(&a), 1e-3, 1e-3, name);
+        }
     }
 }
 

@@ -118,6 +118,7 @@ def merge(
     zip_until: str | int | None = None,
     repair_samples: int | None = None,
     output_fit: int | None = None,
+    refit_layers: str | None = None,
     backend: str | None = None,
     report: PathLike | None = None,
     card: PathLike | None = None,
@@ -154,7 +155,7 @@ def merge(
         argv += ["--weights", ",".join(repr(float(w)) for w in weights)]
     options = dict(method=method, base=base, density=density, t=t, align_first=align_first,
                    cca_ridge=cca_ridge, alpha=alpha, zip_until=zip_until, repair_samples=repair_samples,
-                   output_fit=output_fit,
+                   output_fit=output_fit, refit_layers=refit_layers,
                    report=report, card=card, eval_data=eval_data, eval_labels=eval_labels,
                    tasks=tasks, seed=seed,
                    samples=samples, calib_labels=calib_labels, stats=stats,

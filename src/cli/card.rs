@@ -69,6 +69,10 @@ pub fn render(
         ("repair samples", args.repair_samples.to_string()),
         ("repair passes", args.repair_passes.to_string()),
         ("output refit samples", args.output_fit.to_string()),
+        (
+            "refit layers",
+            format!("{:?}", args.refit_layers).to_lowercase(),
+        ),
         ("tap positions", args.tap_positions.to_string()),
         ("taps", format!("{:?}", args.taps).to_lowercase()),
     ]);

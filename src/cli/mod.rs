@@ -110,6 +110,16 @@ pub enum TapMode {
     Tokens,
 }
 
+/// Which layers the output refit fits (`merge --refit-layers`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum RefitLayers {
+    /// The output layer: the last linear layer whose weights differ between the models.
+    Output,
+    /// Every linear layer whose output units are fixed or one plain group, in graph order,
+    /// each on the merged model as refitted so far: one pass of every model per layer.
+    All,
+}
+
 #[derive(Clone, Copy, Debug, ValueEnum)]
 pub enum Backend {
     /// Embedded pure-Rust engine.

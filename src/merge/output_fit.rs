@@ -17,8 +17,9 @@
 //! closed-form merge of linear layers (Jin et al., ICLR 2023).
 //!
 //! Where the layer's output is L2-normalised downstream (a cosine head), each endpoint's rows
-//! are normalised before averaging: the ensemble combines directions there, not raw outputs,
-//! whose scale differs between models.
+//! are normalised before averaging, and the mean direction is taken at the endpoints' mean
+//! length: the ensemble combines directions there, not raw outputs, whose scale differs
+//! between models.
 
 use std::collections::{HashMap, HashSet};
 
@@ -72,9 +73,11 @@ pub struct Fit<'a> {
     pub batch: usize,
 }
 
-/// The output layers of model 0 (`graph`) in `scope`: linear layers whose weight differs
-/// between the models, with no such weight after them, whose output units are fixed or one
-/// plain group laid out in order. `names[i]` maps model 0's names to model i's.
+/// The output layers of model 0 (`graph`) in `scope`, in graph order: linear layers whose
+/// weight differs between the models, with no such weight after them (unless `all`), whose
+/// output units are fixed or one plain group laid out in order. `names[i]` maps model 0's
+/// names to model i's.
+#[allow(clippy::too_many_arguments)]
 pub fn find(
     graph: &Graph,
     models: &[Model],
@@ -83,6 +86,7 @@ pub fn find(
     layout: &Layout,
     groups: &[Group],
     scope: Option<&HashSet<usize>>,
+    all: bool,
 ) -> Vec<OutputLayer> {
     let specific = ModelSpecific::new(graph, models, names);
     let mut out = Vec::new();
@@ -95,7 +99,7 @@ pub fn find(
         };
         // Its weight the same in every model: nothing was merged there. A model-specific
         // weight after it: a later layer is the output layer.
-        if !specific.reads.contains(&n) || specific.after(graph, &layer.output) {
+        if !specific.reads.contains(&n) || (!all && specific.after(graph, &layer.output)) {
             continue;
         }
         let axis = slots
@@ -396,6 +400,7 @@ pub fn refit(
                 None => t_all[0][k].ncols(),
             };
             let mut target = Array2::<f64>::zeros((x.nrows(), units));
+            let mut norms = ndarray::Array1::<f64>::zeros(x.nrows());
             for (i, t) in t_all.iter().enumerate() {
                 let mut t = t[k].clone();
                 if t.nrows() != x.nrows() {
@@ -409,10 +414,11 @@ pub fn refit(
                     ));
                 }
                 if layer.normalized {
-                    for mut row in t.rows_mut() {
+                    for (mut row, sum) in t.rows_mut().into_iter().zip(norms.iter_mut()) {
                         let norm = row.dot(&row).sqrt();
                         if norm > 0.0 {
                             row /= norm;
+                            *sum += norm;
                         }
                     }
                 }
@@ -428,6 +434,14 @@ pub fn refit(
                         }
                     }
                     None => target.scaled_add(1.0 / t_all.len() as f64, &t),
+                }
+            }
+            if layer.normalized {
+                // The mean direction at the endpoints' mean length: what the head reads is
+                // the direction, and at the models' own scale a merge of a model with itself
+                // keeps its weights.
+                for (mut row, sum) in target.rows_mut().into_iter().zip(&norms) {
+                    row *= sum / t_all.len() as f64;
                 }
             }
             systems[k]
