@@ -209,13 +209,13 @@ pub struct MergeOptions {
     /// Output refit (`output_fit`): the output layers (a classifier, a projection onto a fixed
     /// class embedding: no unit of theirs or after them permuted) are refitted by least
     /// squares on this many calibration samples to the endpoints' average output; 0 turns it
-    /// off. Task mean of mudsc-zip on the bundled pairs: vit 59.2 → 71.0, vit_mha 50.1 →
-    /// 69.2, dwcnn 46.9 → 64.5 (the `docs/which-method.md` table for all).
+    /// off. Task mean of mudsc-zip on the bundled pairs: vit 59.2 → 70.8, vit_mha 50.1 →
+    /// 70.2, dwcnn 46.9 → 64.2 (the `docs/which-method.md` table for all).
     pub output_fit_samples: usize,
     /// The output refit fits every linear layer whose output units are fixed or one plain
     /// group, in graph order, each on the merged model as refitted so far (one pass of every
-    /// model per layer), instead of the output layer alone. Task mean of mudsc-zip: vit 71.2 →
-    /// 75.8, vit_mha 69.2 → 77.0; convolutions are not refitted.
+    /// model per layer), instead of the output layer alone. Task mean of mudsc-zip: vit 70.8 →
+    /// 75.4, vit_mha 70.2 → 77.4; convolutions are not refitted.
     pub refit_all_layers: bool,
     /// Groups seen at one position per sample (a class token, units on the last axis of a
     /// [B, D] value) are also observed at every token tensor that carries their units and
