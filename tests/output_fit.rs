@@ -162,3 +162,46 @@ fn kept_and_streamed_endpoint_outputs_refit_alike() {
         common::assert_within(&x, &y, 1e-4, 1e-5, "initializer");
     }
 }
+
+/// `--refit-layers all` refits a depthwise-separable CNN's pointwise (1×1) convolutions as
+/// linear layers over channels, every pixel a row: the merged model then agrees better with
+/// the endpoints' mean direction on held-out images than with the head alone.
+#[test]
+fn pointwise_convolutions_are_refitted_as_linear_layers() {
+    let load = |tag: &str| onnx::load(common::fixture(&format!("dwcnn_{tag}.onnx"))).unwrap();
+    let models = [load("a"), load("b")];
+    let calib = inputs(&models[0], "calib.npz", 1000);
+    let test = inputs(&models[0], "test.npz", 500);
+    let run = |all: bool| {
+        let opts = MergeOptions {
+            backend: BackendKind::Ort,
+            refit_all_layers: all,
+            ..Default::default()
+        };
+        merge(&models, &calib, &opts, &mut |_, _, _| {}).unwrap()
+    };
+    let ((head, _), (deep, report)) = (run(false), run(true));
+    let convs: Vec<&String> = report
+        .refitted_layers
+        .iter()
+        .filter(|w| {
+            models[0]
+                .graph()
+                .node
+                .iter()
+                .any(|n| n.op_type.as_deref() == Some("Conv") && n.input.get(1) == Some(*w))
+        })
+        .collect();
+    assert!(convs.len() >= 2, "{:?}", report.refitted_layers);
+    let goal = (directions(&models[0], &test) + directions(&models[1], &test)) / 2.0;
+    let error = |m: &Model| {
+        let d = directions(m, &test) - &goal;
+        (&d * &d).sum() / d.nrows() as f64
+    };
+    let (alone, all) = (error(&head), error(&deep));
+    eprintln!("dwcnn: squared distance, head alone {alone:.4}, pointwise convs too {all:.4}");
+    assert!(
+        all < alone,
+        "pointwise refit {all:.4} not closer than the head alone {alone:.4}"
+    );
+}

@@ -50,8 +50,12 @@ pub struct OutputLayer {
     /// The value compared with the endpoints: the layer's output, or its bias Add's.
     pub output: String,
     pub weight: String,
-    /// The weight is stored [out, in] (Gemm with transB), else [in, out].
+    /// The weight is stored [out, in] (Gemm with transB; a 1×1 Conv's [out, in, 1, 1]), else
+    /// [in, out].
     pub trans_b: bool,
+    /// A 1×1 Conv: the units are on axis 1 of its input and output (else the last axis), and
+    /// every pixel is a row.
+    pub channels_first: bool,
     /// A 1-D [out] bias initializer (Gemm's C, or the Add's).
     pub bias: Option<String>,
     /// L2-normalised over its units downstream: targets are averaged as directions.
@@ -102,10 +106,14 @@ pub fn find(
         if !specific.reads.contains(&n) || (!all && specific.after(graph, &layer.output)) {
             continue;
         }
-        let axis = slots
-            .of(&layer.output)
-            .map_or(0, <[_]>::len)
-            .saturating_sub(1);
+        let axis = if layer.channels_first {
+            1
+        } else {
+            slots
+                .of(&layer.output)
+                .map_or(0, <[_]>::len)
+                .saturating_sub(1)
+        };
         layer.group = match slots.slot(&layer.output, axis) {
             None => None,
             Some(s) => match output_group(layout, layout.st.comp_of[s], groups) {
@@ -219,10 +227,17 @@ fn linear_layer(graph: &Graph, n: usize) -> Option<OutputLayer> {
     let input = node.input.first()?.clone();
     let weight = node.input.get(1)?.clone();
     let w = graph.initializer(&weight)?;
-    if uses(&weight) != 1 || w.dims.len() != 2 || graph.initializer(&input).is_some() {
+    let conv = node.op_type.as_deref() == Some("Conv");
+    let shape_ok = if conv {
+        pointwise_conv(node, &w.dims)
+    } else {
+        w.dims.len() == 2
+    };
+    if uses(&weight) != 1 || !shape_ok || graph.initializer(&input).is_some() {
         return None;
     }
-    let out_units = usize::try_from(w.dims[if attr_i("transB") == 1 { 0 } else { 1 }]).ok()?;
+    let out_axis = usize::from(!conv && attr_i("transB") != 1);
+    let out_units = usize::try_from(w.dims[out_axis]).ok()?;
     let bias_ok = |b: &str| {
         uses(b) == 1
             && graph
@@ -246,6 +261,24 @@ fn linear_layer(graph: &Graph, n: usize) -> Option<OutputLayer> {
                 output,
                 weight,
                 trans_b: attr_i("transB") == 1,
+                channels_first: false,
+                bias,
+                group: None,
+            })
+        }
+        "Conv" => {
+            let bias = match node.input.get(2).filter(|b| !b.is_empty()) {
+                Some(b) if bias_ok(b) => Some(b.clone()),
+                Some(_) => return None,
+                None => None,
+            };
+            Some(OutputLayer {
+                input,
+                normalized: normalized(graph, &output),
+                output,
+                weight,
+                trans_b: true,
+                channels_first: true,
                 bias,
                 group: None,
             })
@@ -268,12 +301,37 @@ fn linear_layer(graph: &Graph, n: usize) -> Option<OutputLayer> {
                 output,
                 weight,
                 trans_b: false,
+                channels_first: false,
                 bias,
                 group: None,
             })
         }
         _ => None,
     }
+}
+
+/// A Conv that is a linear layer over channels: a [out, in, 1, …, 1] weight, one group, unit
+/// strides and dilations, no padding.
+fn pointwise_conv(node: &crate::onnx::proto::NodeProto, dims: &[i64]) -> bool {
+    let attr = |name: &str| {
+        node.attribute
+            .iter()
+            .find(|a| a.name.as_deref() == Some(name))
+    };
+    let ones = |name: &str| {
+        attr(name).is_none_or(|a| a.ints.iter().all(|&v| v == 1) && a.i.is_none_or(|v| v == 1))
+    };
+    let no_pads = attr("pads").is_none_or(|a| a.ints.iter().all(|&v| v == 0));
+    let auto_pad = attr("auto_pad")
+        .and_then(|a| a.s.as_deref())
+        .is_none_or(|s| s == b"NOTSET" || s == b"VALID");
+    dims.len() >= 3
+        && dims[2..].iter().all(|&d| d == 1)
+        && ones("group")
+        && ones("strides")
+        && ones("dilations")
+        && no_pads
+        && auto_pad
 }
 
 /// `y` is divided by a norm computed from itself (the cosine head's
@@ -376,7 +434,7 @@ pub fn refit(
     let mut systems: Vec<Option<System>> = vec![None; layers.len()];
     for (b, &(start, end)) in ranges.iter().enumerate() {
         let slice: Vec<TensorData> = fit.calib.iter().map(|t| t.slice_rows(start, end)).collect();
-        let x_all = named(merged_session.as_mut(), &slice, &inputs)?;
+        let x_all = named(merged_session.as_mut(), &slice, &inputs, layers)?;
         let t_all: Vec<Vec<Array2<f64>>> = match &kept {
             Some(kept) => kept
                 .chunks(layers.len())
@@ -384,13 +442,13 @@ pub fn refit(
                     per_model
                         .iter()
                         .zip(layers)
-                        .map(|(batches, l)| as_rows(&batches[b], &l.output))
+                        .map(|(batches, l)| as_rows(&batches[b], &l.output, l.channels_first))
                         .collect::<Result<Vec<_>>>()
                 })
                 .collect::<Result<_>>()?,
             None => endpoints
                 .iter_mut()
-                .map(|(s, outs)| named(s.as_mut(), &slice, outs))
+                .map(|(s, outs)| named(s.as_mut(), &slice, outs, layers))
                 .collect::<Result<_>>()?,
         };
         for (k, layer) in layers.iter().enumerate() {
@@ -466,24 +524,31 @@ fn named(
     s: &mut dyn Session,
     inputs: &[TensorData],
     wanted: &[String],
+    layers: &[OutputLayer],
 ) -> Result<Vec<Array2<f64>>> {
     let outs = s.run(inputs)?;
     let names = s.output_names().to_vec();
     wanted
         .iter()
-        .map(|w| {
+        .zip(layers)
+        .map(|(w, l)| {
             let at = names.iter().position(|n| n == w).ok_or_else(|| {
                 Error::tensor(w, "missing from the engine's outputs for the output refit")
             })?;
-            as_rows(&outs[at], w)
+            as_rows(&outs[at], w, l.channels_first)
         })
         .collect()
 }
 
-/// A value as [rows, units]: units on the last axis, every other axis a row; NaN and ±inf
-/// count as 0.
-fn as_rows(t: &TensorData, name: &str) -> Result<Array2<f64>> {
-    let a = t.to_f32();
+/// A value as [rows, units]: units on the last axis (axis 1 when `channels_first`), every
+/// other axis a row; NaN and ±inf count as 0.
+fn as_rows(t: &TensorData, name: &str, channels_first: bool) -> Result<Array2<f64>> {
+    let mut a = t.to_f32();
+    if channels_first && a.ndim() > 2 {
+        let mut order: Vec<usize> = (0..a.ndim()).filter(|&d| d != 1).collect();
+        order.push(1);
+        a = a.permuted_axes(order).as_standard_layout().into_owned();
+    }
     let units = *a.shape().last().unwrap_or(&1);
     let rows = a.len() / units.max(1);
     let flat: Vec<f64> = a
@@ -553,9 +618,14 @@ fn apply(merged: &mut Model, layer: &OutputLayer, system: &System) -> Result<boo
     let Some(w) = as_f64(&TensorData::from_proto(&graph.initializer[wi])?) else {
         return Ok(false);
     };
-    let w = w
-        .into_dimensionality::<ndarray::Ix2>()
-        .map_err(|e| Error::tensor(&layer.weight, e.to_string()))?;
+    // A 1×1 Conv's [out, in, 1, …] as [out, in]; stored back in its own shape.
+    let shape = w.shape().to_vec();
+    let flat_in: usize = shape.iter().skip(1).product();
+    let w = Array2::from_shape_vec(
+        (shape.first().copied().unwrap_or(0), flat_in),
+        w.iter().copied().collect(),
+    )
+    .map_err(|e| Error::tensor(&layer.weight, e.to_string()))?;
     // [in, out], the bias row appended.
     let w_in_out = if layer.trans_b { w.t().to_owned() } else { w };
     let (inputs, outputs) = w_in_out.dim();
@@ -583,6 +653,8 @@ fn apply(merged: &mut Model, layer: &OutputLayer, system: &System) -> Result<boo
     } else {
         weights
     };
+    let stored = ArrayD::from_shape_vec(shape, stored.iter().copied().collect())
+        .map_err(|e| Error::tensor(&layer.weight, e.to_string()))?;
     store_float(&mut graph.initializer[wi], stored.into_dyn());
     if let Some(i) = bias_index {
         let b: ArrayD<f64> = solved.row(inputs).to_owned().into_dyn();
