@@ -196,8 +196,9 @@ pub struct MergeArgs {
     #[arg(long, default_value_t = 1000, value_name = "N")]
     pub(super) output_fit: usize,
     /// Layers the output refit fits: `output` (the last linear layer whose weights differ
-    /// between the models), or `all` linear layers whose output units are fixed or one plain
-    /// group, in graph order (one pass of every model per layer; transformers gain most)
+    /// between the models), or `all` linear layers (1×1 convolutions included) whose output
+    /// units are fixed or one plain group, in graph order (one pass of every model per layer;
+    /// transformers and depthwise CNNs gain most)
     #[arg(long, value_enum, default_value_t = super::RefitLayers::Output)]
     pub(super) refit_layers: super::RefitLayers,
     /// Where groups are observed: `tokens` also observes a group seen at one token per sample

@@ -115,8 +115,9 @@ pub enum TapMode {
 pub enum RefitLayers {
     /// The output layer: the last linear layer whose weights differ between the models.
     Output,
-    /// Every linear layer whose output units are fixed or one plain group, in graph order,
-    /// each on the merged model as refitted so far: one pass of every model per layer.
+    /// Every linear layer (1×1 convolutions included) whose output units are fixed or one
+    /// plain group, in graph order, each on the merged model as refitted so far: one pass of
+    /// every model per layer.
     All,
 }
 

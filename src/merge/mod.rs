@@ -214,8 +214,8 @@ pub struct MergeOptions {
     pub output_fit_samples: usize,
     /// The output refit fits every linear layer whose output units are fixed or one plain
     /// group, in graph order, each on the merged model as refitted so far (one pass of every
-    /// model per layer), instead of the output layer alone. Task mean of mudsc-zip: vit 70.8 →
-    /// 75.4, vit_mha 70.2 → 77.4; convolutions are not refitted.
+    /// model per layer), instead of the output layer alone; 1×1 convolutions count as linear
+    /// layers. Task mean of mudsc-zip: vit 70.8 → 75.4, vit_mha 70.2 → 77.4, dwcnn 64.2 → 73.4.
     pub refit_all_layers: bool,
     /// Groups seen at one position per sample (a class token, units on the last axis of a
     /// [B, D] value) are also observed at every token tensor that carries their units and
