@@ -453,55 +453,8 @@ pub fn refit(
         };
         for (k, layer) in layers.iter().enumerate() {
             let x = &x_all[k];
-            let units = match layer.group {
-                Some(g) => m.p[&g].merged,
-                None => t_all[0][k].ncols(),
-            };
-            let mut target = Array2::<f64>::zeros((x.nrows(), units));
-            let mut norms = ndarray::Array1::<f64>::zeros(x.nrows());
-            for (i, t) in t_all.iter().enumerate() {
-                let mut t = t[k].clone();
-                if t.nrows() != x.nrows() {
-                    return Err(Error::tensor(
-                        &layer.output,
-                        format!(
-                            "{} rows in an endpoint against {} merged input rows",
-                            t.nrows(),
-                            x.nrows()
-                        ),
-                    ));
-                }
-                if layer.normalized {
-                    for (mut row, sum) in t.rows_mut().into_iter().zip(norms.iter_mut()) {
-                        let norm = row.dot(&row).sqrt();
-                        if norm > 0.0 {
-                            row /= norm;
-                            *sum += norm;
-                        }
-                    }
-                }
-                match layer.group {
-                    // Each merged unit: the mean of its cluster's endpoint units.
-                    Some(g) => {
-                        let pm = &m.p[&g];
-                        let sizes = pm.cluster_sizes();
-                        for u in 0..t.ncols() {
-                            let j = pm.target[i * t.ncols() + u] as usize;
-                            let w = 1.0 / sizes[j].max(1) as f64;
-                            target.column_mut(j).scaled_add(w, &t.column(u));
-                        }
-                    }
-                    None => target.scaled_add(1.0 / t_all.len() as f64, &t),
-                }
-            }
-            if layer.normalized {
-                // The mean direction at the endpoints' mean length: what the head reads is
-                // the direction, and at the models' own scale a merge of a model with itself
-                // keeps its weights.
-                for (mut row, sum) in target.rows_mut().into_iter().zip(&norms) {
-                    row *= sum / t_all.len() as f64;
-                }
-            }
+            let outputs: Vec<&Array2<f64>> = t_all.iter().map(|t| &t[k]).collect();
+            let target = mean_output(layer, &outputs, x.nrows(), m)?;
             systems[k]
                 .get_or_insert_with(|| System::new(x.ncols(), target.ncols()))
                 .add(x, &target);
@@ -517,6 +470,64 @@ pub fn refit(
         }
     }
     Ok(refitted)
+}
+
+/// The endpoints' average output of `layer` on one batch (`outputs[i]`: model i's rows): per
+/// merged unit the mean of its cluster's endpoint units, or for fixed units the plain mean.
+/// Where the graph L2-normalises the output, the mean direction at the endpoints' mean length:
+/// what the head reads is the direction, and at the models' own scale a merge of a model with
+/// itself keeps its weights.
+fn mean_output(
+    layer: &OutputLayer,
+    outputs: &[&Array2<f64>],
+    rows: usize,
+    m: &Matchings,
+) -> Result<Array2<f64>> {
+    let units = match layer.group {
+        Some(g) => m.p[&g].merged,
+        None => outputs.first().map_or(0, |t| t.ncols()),
+    };
+    let mut target = Array2::<f64>::zeros((rows, units));
+    let mut norms = ndarray::Array1::<f64>::zeros(rows);
+    for (i, &t) in outputs.iter().enumerate() {
+        if t.nrows() != rows {
+            return Err(Error::tensor(
+                &layer.output,
+                format!(
+                    "{} rows in an endpoint against {rows} merged input rows",
+                    t.nrows()
+                ),
+            ));
+        }
+        let mut t = t.clone();
+        if layer.normalized {
+            for (mut row, sum) in t.rows_mut().into_iter().zip(norms.iter_mut()) {
+                let norm = row.dot(&row).sqrt();
+                if norm > 0.0 {
+                    row /= norm;
+                    *sum += norm;
+                }
+            }
+        }
+        match layer.group {
+            Some(g) => {
+                let pm = &m.p[&g];
+                let sizes = pm.cluster_sizes();
+                for u in 0..t.ncols() {
+                    let j = pm.target[i * t.ncols() + u] as usize;
+                    let w = 1.0 / sizes[j].max(1) as f64;
+                    target.column_mut(j).scaled_add(w, &t.column(u));
+                }
+            }
+            None => target.scaled_add(1.0 / outputs.len() as f64, &t),
+        }
+    }
+    if layer.normalized {
+        for (mut row, sum) in target.rows_mut().into_iter().zip(&norms) {
+            row *= sum / outputs.len() as f64;
+        }
+    }
+    Ok(target)
 }
 
 /// Runs `s` and returns its `wanted` outputs as rows (`as_rows`).
