@@ -5,7 +5,7 @@
 mod common;
 
 use mudsc::data;
-use mudsc::merge::{merge, MergeOptions};
+use mudsc::merge::{merge, MergeOptions, MergeReport};
 use mudsc::onnx::{self, Model, TensorData};
 use mudsc::runtime::{open_session, run_batched, BackendKind, BackendOptions};
 use ndarray::{Array2, Axis};
@@ -43,34 +43,55 @@ fn directions(model: &Model, x: &[TensorData]) -> Array2<f64> {
     z
 }
 
+/// A bundled pair, 1,000 calibration images and 500 test images bound to its input.
+fn pair(name: &str) -> ([Model; 2], Vec<TensorData>, Vec<TensorData>) {
+    let load = |tag: &str| onnx::load(common::fixture(&format!("{name}_{tag}.onnx"))).unwrap();
+    let models = [load("a"), load("b")];
+    let calib = inputs(&models[0], "calib.npz", 1000);
+    let test = inputs(&models[0], "test.npz", 500);
+    (models, calib, test)
+}
+
+/// mudsc-zip on ONNX Runtime with the refit on `samples` samples, of every layer if `all`.
+fn merged(
+    models: &[Model],
+    calib: &[TensorData],
+    samples: usize,
+    all: bool,
+) -> (Model, MergeReport) {
+    let opts = MergeOptions {
+        backend: BackendKind::Ort,
+        output_fit_samples: samples,
+        refit_all_layers: all,
+        ..Default::default()
+    };
+    merge(models, calib, &opts, &mut |_, _, _| {}).unwrap()
+}
+
+/// The endpoints' mean head direction on `test`.
+fn mean_direction(models: &[Model; 2], test: &[TensorData]) -> Array2<f64> {
+    (directions(&models[0], test) + directions(&models[1], test)) / 2.0
+}
+
+/// Mean squared distance of `m`'s head directions on `test` to `goal`.
+fn distance(goal: &Array2<f64>, test: &[TensorData], m: &Model) -> f64 {
+    let d = directions(m, test) - goal;
+    (&d * &d).sum() / d.nrows() as f64
+}
+
 /// On a ViT pair, the refit moves the merged cosine head toward the endpoints' mean direction
 /// on held-out test images, and only the head's projection is refitted (the class embedding
 /// after it is the same in both models, so there is nothing to merge there).
 #[test]
 fn the_refit_head_follows_the_endpoints_on_held_out_images() {
-    let load = |tag: &str| onnx::load(common::fixture(&format!("vit_{tag}.onnx"))).unwrap();
-    let models = [load("a"), load("b")];
-    let calib = inputs(&models[0], "calib.npz", 1000);
-    let test = inputs(&models[0], "test.npz", 500);
-    let run = |samples: usize, all: bool| {
-        let opts = MergeOptions {
-            backend: BackendKind::Ort,
-            output_fit_samples: samples,
-            refit_all_layers: all,
-            ..Default::default()
-        };
-        merge(&models, &calib, &opts, &mut |_, _, _| {}).unwrap()
-    };
-    let (plain, plain_report) = run(0, false);
-    let (refit, report) = run(1000, false);
-    let (deep, deep_report) = run(1000, true);
+    let (models, calib, test) = pair("vit");
+    let (plain, plain_report) = merged(&models, &calib, 0, false);
+    let (refit, report) = merged(&models, &calib, 1000, false);
+    let (deep, deep_report) = merged(&models, &calib, 1000, true);
     assert!(plain_report.refitted_layers.is_empty());
     assert_eq!(report.refitted_layers, ["head.proj.weight"]);
-    let goal = (directions(&models[0], &test) + directions(&models[1], &test)) / 2.0;
-    let error = |m: &Model| {
-        let d = directions(m, &test) - &goal;
-        (&d * &d).sum() / d.nrows() as f64
-    };
+    let goal = mean_direction(&models, &test);
+    let error = |m: &Model| distance(&goal, &test, m);
     let (before, after, all) = (error(&plain), error(&refit), error(&deep));
     eprintln!(
         "squared distance to the endpoints' mean direction: {before:.4} → {after:.4}, every \
@@ -168,19 +189,11 @@ fn kept_and_streamed_endpoint_outputs_refit_alike() {
 /// the endpoints' mean direction on held-out images than with the head alone.
 #[test]
 fn pointwise_convolutions_are_refitted_as_linear_layers() {
-    let load = |tag: &str| onnx::load(common::fixture(&format!("dwcnn_{tag}.onnx"))).unwrap();
-    let models = [load("a"), load("b")];
-    let calib = inputs(&models[0], "calib.npz", 1000);
-    let test = inputs(&models[0], "test.npz", 500);
-    let run = |all: bool| {
-        let opts = MergeOptions {
-            backend: BackendKind::Ort,
-            refit_all_layers: all,
-            ..Default::default()
-        };
-        merge(&models, &calib, &opts, &mut |_, _, _| {}).unwrap()
-    };
-    let ((head, _), (deep, report)) = (run(false), run(true));
+    let (models, calib, test) = pair("dwcnn");
+    let ((head, _), (deep, report)) = (
+        merged(&models, &calib, 1000, false),
+        merged(&models, &calib, 1000, true),
+    );
     let convs: Vec<&String> = report
         .refitted_layers
         .iter()
@@ -193,12 +206,8 @@ fn pointwise_convolutions_are_refitted_as_linear_layers() {
         })
         .collect();
     assert!(convs.len() >= 2, "{:?}", report.refitted_layers);
-    let goal = (directions(&models[0], &test) + directions(&models[1], &test)) / 2.0;
-    let error = |m: &Model| {
-        let d = directions(m, &test) - &goal;
-        (&d * &d).sum() / d.nrows() as f64
-    };
-    let (alone, all) = (error(&head), error(&deep));
+    let goal = mean_direction(&models, &test);
+    let (alone, all) = (distance(&goal, &test, &head), distance(&goal, &test, &deep));
     eprintln!("dwcnn: squared distance, head alone {alone:.4}, pointwise convs too {all:.4}");
     assert!(
         all < alone,

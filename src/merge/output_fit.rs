@@ -245,44 +245,21 @@ fn linear_layer(graph: &Graph, n: usize) -> Option<OutputLayer> {
                 .is_some_and(|t| t.dims.len() == 1 && t.dims[0] as usize == out_units)
     };
     let output = node.output.first()?.clone();
-    match node.op_type.as_deref()? {
+    // Gemm's C and Conv's B are the bias input; a tied or misshapen one rules the layer out.
+    let bias_input = || match node.input.get(2).filter(|b| !b.is_empty()) {
+        Some(b) if bias_ok(b) => Some(Some(b.clone())),
+        Some(_) => None,
+        None => Some(None),
+    };
+    // (compared output, bias, weight stored [out, in], units on axis 1)
+    let (output, bias, trans_b, channels_first) = match node.op_type.as_deref()? {
         "Gemm" => {
             if attr_i("transA") != 0 || attr_f("alpha", 1.0) != 1.0 || attr_f("beta", 1.0) != 1.0 {
                 return None;
             }
-            let bias = match node.input.get(2).filter(|b| !b.is_empty()) {
-                Some(b) if bias_ok(b) => Some(b.clone()),
-                Some(_) => return None,
-                None => None,
-            };
-            Some(OutputLayer {
-                input,
-                normalized: normalized(graph, &output),
-                output,
-                weight,
-                trans_b: attr_i("transB") == 1,
-                channels_first: false,
-                bias,
-                group: None,
-            })
+            (output, bias_input()?, attr_i("transB") == 1, false)
         }
-        "Conv" => {
-            let bias = match node.input.get(2).filter(|b| !b.is_empty()) {
-                Some(b) if bias_ok(b) => Some(b.clone()),
-                Some(_) => return None,
-                None => None,
-            };
-            Some(OutputLayer {
-                input,
-                normalized: normalized(graph, &output),
-                output,
-                weight,
-                trans_b: true,
-                channels_first: true,
-                bias,
-                group: None,
-            })
-        }
+        "Conv" => (output, bias_input()?, true, true),
         "MatMul" => {
             // A following Add of an untied [out] bias is part of the layer.
             let (output, bias) = match graph.consumers(&output) {
@@ -295,19 +272,20 @@ fn linear_layer(graph: &Graph, n: usize) -> Option<OutputLayer> {
                 }
                 _ => (output, None),
             };
-            Some(OutputLayer {
-                input,
-                normalized: normalized(graph, &output),
-                output,
-                weight,
-                trans_b: false,
-                channels_first: false,
-                bias,
-                group: None,
-            })
+            (output, bias, false, false)
         }
-        _ => None,
-    }
+        _ => return None,
+    };
+    Some(OutputLayer {
+        input,
+        normalized: normalized(graph, &output),
+        output,
+        weight,
+        trans_b,
+        channels_first,
+        bias,
+        group: None,
+    })
 }
 
 /// A Conv that is a linear layer over channels: a [out, in, 1, …, 1] weight, one group, unit
