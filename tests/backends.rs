@@ -109,6 +109,28 @@ fn intermediate_taps_on_both_backends() {
     assert!(e.to_string().contains("no_such_value"), "{e}");
 }
 
+/// A graph input asked for as an output (the output refit reads a first layer's input, which
+/// is the model's) comes back as the fed data on both engines. ONNX Runtime returns it as a
+/// view of the fed buffer, gone after the run: read from there it was a use after free.
+#[test]
+fn a_graph_input_asked_for_as_an_output_is_the_fed_data() {
+    let m = onnx::load(model("convnet.onnx")).unwrap();
+    let input = m.graph().input[0].name.clone().unwrap();
+    let arrays = data::read(&model("convnet_input.npz")).unwrap();
+    let fed = data::bind_inputs(&arrays, &m, &model("convnet_input.npz")).unwrap();
+    for kind in [BackendKind::Tract, BackendKind::Ort] {
+        let (names, out) = run(
+            kind,
+            &model("convnet.onnx"),
+            &model("convnet_input.npz"),
+            std::slice::from_ref(&input),
+        );
+        assert_eq!(names, vec!["logits".to_string(), input.clone()], "{kind:?}");
+        assert_eq!(out[1].shape(), fed[0].shape(), "{kind:?}");
+        assert_within(&out[1], &fed[0], 0.0, 0.0, &format!("{kind:?} input"));
+    }
+}
+
 #[test]
 fn test_data_set_directory_input() {
     let (_, from_dir) = run(

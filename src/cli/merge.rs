@@ -196,10 +196,11 @@ pub struct MergeArgs {
     #[arg(long, default_value_t = 1000, value_name = "N")]
     pub(super) output_fit: usize,
     /// Layers the output refit fits: `output` (the last linear layer whose weights differ
-    /// between the models), or `all` linear layers (1×1 convolutions included) whose output
-    /// units are fixed or one plain group, in graph order (one pass of every model per layer;
-    /// transformers and depthwise CNNs gain most)
-    #[arg(long, value_enum, default_value_t = super::RefitLayers::Output)]
+    /// between the models), `all` linear layers (1×1 convolutions included) whose output
+    /// units are fixed or one group in order, in graph order (one merged-model pass per layer;
+    /// transformers and depthwise CNNs gain most), or `auto`: all where calibration can keep
+    /// the endpoints' outputs of every such layer (512 MiB: small models), else the output layer
+    #[arg(long, value_enum, default_value_t = super::RefitLayers::Auto)]
     pub(super) refit_layers: super::RefitLayers,
     /// Where groups are observed: `tokens` also observes a group seen at one token per sample
     /// (a class token) at every token tensor a layer reads; `one`: one tap per group (the
@@ -610,7 +611,7 @@ pub(super) fn options(
         batch: args.backend.batch.min(64),
         repair_samples: args.repair_samples,
         output_fit_samples: args.output_fit,
-        refit_all_layers: args.refit_layers == super::RefitLayers::All,
+        refit_layers: args.refit_layers.into_library(),
         repair_passes: args.repair_passes,
         repair_batch: args.repair_batch,
         repair_token_layers: args.repair_token_layers,

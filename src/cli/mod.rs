@@ -116,9 +116,24 @@ pub enum RefitLayers {
     /// The output layer: the last linear layer whose weights differ between the models.
     Output,
     /// Every linear layer (1×1 convolutions included) whose output units are fixed or one
-    /// plain group, in graph order, each on the merged model as refitted so far: one pass of
-    /// every model per layer.
+    /// group in order (attention heads included), in graph order, each on the merged model
+    /// as refitted so far: one pass of the merged model per layer, and of every endpoint
+    /// where their outputs are not kept.
     All,
+    /// Every layer where calibration can keep the endpoints' outputs of all of them (512 MiB:
+    /// small models), else the output layer.
+    Auto,
+}
+
+impl RefitLayers {
+    pub(crate) fn into_library(self) -> crate::merge::RefitLayers {
+        use crate::merge::RefitLayers as L;
+        match self {
+            RefitLayers::Output => L::Output,
+            RefitLayers::All => L::All,
+            RefitLayers::Auto => L::Auto,
+        }
+    }
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum)]

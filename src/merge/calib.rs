@@ -62,8 +62,9 @@ pub type SideMoments = Vec<HashMap<String, UnitMoments>>;
 
 /// Bytes of kept values beyond which calibration stops keeping them (the refit then runs the
 /// endpoints itself, streaming): a classifier's logits are kilobytes per sample, a language
-/// model's per-token vocabulary scores are not.
-const KEEP_BYTES: usize = 256 << 20;
+/// model's per-token vocabulary scores are not. `--refit-layers auto` refits every layer only
+/// where their outputs fit in it.
+pub const KEEP_BYTES: usize = 512 << 20;
 
 /// Kept values (`Side::keep`): the calibration batches they cover, as sample ranges, and per
 /// model each value's outputs on them, in order, by model-0 name. Empty when nothing was kept.

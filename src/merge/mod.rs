@@ -51,6 +51,7 @@ use crate::symmetry::{self, GroupKind};
 
 pub use alpha::{choose_alpha, AlphaChoice, AlphaPoint};
 pub use matching::{align, group_align, group_zip, lap, zip, zip_to, Matched};
+pub use output_fit::RefitLayers;
 pub use partial::{Cut, Trunk};
 pub use shape_search::{choose_shape, ShapeChoice, ShapePoint};
 pub use shard::{fingerprint, ShardGroup, Stats};
@@ -212,11 +213,13 @@ pub struct MergeOptions {
     /// off. Task mean of mudsc-zip on the bundled pairs: vit 59.2 → 70.8, vit_mha 50.1 →
     /// 70.2, dwcnn 46.9 → 64.2 (the `docs/which-method.md` table for all).
     pub output_fit_samples: usize,
-    /// The output refit fits every linear layer whose output units are fixed or one plain
-    /// group, in graph order, each on the merged model as refitted so far (one pass of every
-    /// model per layer), instead of the output layer alone; 1×1 convolutions count as linear
-    /// layers. Task mean of mudsc-zip: vit 70.8 → 75.4, vit_mha 70.2 → 77.4, dwcnn 64.2 → 73.4.
-    pub refit_all_layers: bool,
+    /// Which layers the output refit fits: the output layer, or every linear layer whose
+    /// output units are fixed or one group in order (1×1 convolutions included), in graph
+    /// order, each on the merged model as refitted so far; `Auto` (the default) every layer where
+    /// calibration can keep their endpoint outputs (`output_fit::RefitLayers`). Task mean of
+    /// mudsc-zip, output layer → every layer: vit 70.8 → 75.4, vit_mha 70.2 → 77.4, dwcnn
+    /// 64.2 → 73.4.
+    pub refit_layers: RefitLayers,
     /// Groups seen at one position per sample (a class token, units on the last axis of a
     /// [B, D] value) are also observed at every token tensor that carries their units and
     /// that a layer reads, all positions (`observe`); false: one tap per group, as the
@@ -265,7 +268,7 @@ impl Default for MergeOptions {
             repair_batch: 0,
             repair_token_layers: true,
             output_fit_samples: 1000,
-            refit_all_layers: false,
+            refit_layers: RefitLayers::Auto,
             token_taps: true,
             tap_positions: 0,
             zip_until: None,
@@ -387,6 +390,8 @@ struct Prepared {
     names: Vec<HashMap<String, String>>,
     /// Model 0's activations per sample (`activation_bytes_per_sample`).
     sample_bytes: usize,
+    /// The batch `shapes` were inferred at.
+    shape_batch: usize,
     /// Model 0's value shapes at the calibration batch, and (`--width` only) at one sample
     /// more: the axes that differ are the batch's, which widened reshapes copy or infer.
     shapes: ShapeMap,
@@ -475,28 +480,43 @@ pub fn merge(
     } else {
         Vec::new()
     };
-    // The output refit's layers, whose endpoint outputs calibration keeps.
-    let fit_layers = if opts.output_fit_samples > 0 {
+    // The output refit's layers, and whether calibration keeps their endpoint outputs.
+    let fit_plan = if opts.output_fit_samples > 0 {
         let layout = Layout::new(&prep.disc.structure, &prep.disc.groups);
-        output_fit::find(
-            &graph,
-            models,
-            &prep.names,
-            &prep.disc.slots,
-            &layout,
-            &prep.disc.groups,
-            trunk.as_ref().map(|t| &t.nodes),
-            opts.refit_all_layers,
+        let samples = opts
+            .output_fit_samples
+            .min(crate::data::sample_count(calib));
+        output_fit::plan(
+            opts.refit_layers,
+            |all| {
+                output_fit::find(
+                    &graph,
+                    models,
+                    &prep.names,
+                    &prep.disc.slots,
+                    &layout,
+                    &prep.disc.groups,
+                    trunk.as_ref().map(|t| &t.nodes),
+                    all,
+                )
+            },
+            |layers| {
+                output_fit::kept_bytes(
+                    layers,
+                    &prep.shapes,
+                    prep.shape_batch,
+                    samples,
+                    models.len(),
+                )
+            },
         )
     } else {
-        Vec::new()
+        output_fit::Plan::default()
     };
-    // Every layer's outputs would be every model's activations: refitting them all streams
-    // the endpoints layer by layer instead.
-    let keep: Vec<String> = if opts.refit_all_layers {
-        Vec::new()
+    let keep: Vec<String> = if fit_plan.keep {
+        fit_plan.layers.iter().map(|l| l.output.clone()).collect()
     } else {
-        fit_layers.iter().map(|l| l.output.clone()).collect()
+        Vec::new()
     };
     let matching = find_matchings(
         &mut prep,
@@ -609,16 +629,16 @@ pub fn merge(
         options: &opts.backend_options,
         batch: opts.batch,
     };
-    let refitted_layers = if opts.refit_all_layers {
+    let refitted_layers = if fit_plan.every_layer {
         // In graph order, each fitted on the merged model as the layers before it left it.
         let mut all = Vec::new();
-        for layer in &fit_layers {
+        for layer in &fit_plan.layers {
             let one = std::slice::from_ref(layer);
             all.extend(output_fit::refit(models, names, &mut merged, one, m, &fit)?);
         }
         all
     } else {
-        output_fit::refit(models, names, &mut merged, &fit_layers, m, &fit)?
+        output_fit::refit(models, names, &mut merged, &fit_plan.layers, m, &fit)?
     };
     if !refitted_layers.is_empty() {
         timer.lap("refit");
@@ -1031,6 +1051,7 @@ fn discover(models: &[Model], calib: &[TensorData], opts: &MergeOptions) -> Resu
         disc: symmetry::discover(base, &shapes)?,
         names,
         sample_bytes,
+        shape_batch: batch,
         shapes,
         shapes_other_batch,
         weights: Vec::new(),

@@ -27,11 +27,12 @@ use faer::prelude::Solve;
 use faer::Mat;
 use ndarray::{Array2, ArrayD, Axis};
 
+use super::calib::KEEP_BYTES;
 use super::store_float;
 use super::units::{Layout, Matchings};
 use super::weights::as_f64;
 use crate::error::{Error, Result};
-use crate::graph::Graph;
+use crate::graph::{Graph, ShapeMap};
 use crate::onnx::{Model, TensorData};
 use crate::runtime::{open_session, BackendKind, BackendOptions, Session};
 use crate::symmetry::slots::Slots;
@@ -64,6 +65,80 @@ pub struct OutputLayer {
     pub group: Option<usize>,
 }
 
+/// Which layers the refit fits.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RefitLayers {
+    /// The output layers alone.
+    Output,
+    /// Every linear layer whose output units are fixed or one group in order, in graph order,
+    /// each on the merged model as refitted so far: one merged-model pass per layer, and one
+    /// pass of every endpoint too where calibration cannot keep their outputs.
+    All,
+    /// Every layer where calibration can keep the endpoints' outputs of all of them over the
+    /// refit's samples (within `calib::KEEP_BYTES`: the bundled models), else the output
+    /// layers alone. On a ViT-B/16 those outputs are tens of gigabytes, and streaming them
+    /// costs one pass of every model per layer, 49 there.
+    Auto,
+}
+
+/// The layers a merge refits, whether each is fitted on the model as the layers before it
+/// left it (`every_layer`: one merged-model pass each), and whether calibration keeps their
+/// endpoint outputs.
+#[derive(Debug, Default)]
+pub struct Plan {
+    pub layers: Vec<OutputLayer>,
+    pub every_layer: bool,
+    pub keep: bool,
+}
+
+/// The plan for `mode`: `find(all)` lists the layers (`find`), `bytes` what keeping their
+/// endpoint outputs costs (`kept_bytes`).
+pub fn plan(
+    mode: RefitLayers,
+    find: impl Fn(bool) -> Vec<OutputLayer>,
+    bytes: impl Fn(&[OutputLayer]) -> Option<usize>,
+) -> Plan {
+    let fits = |layers: &[OutputLayer]| bytes(layers).is_some_and(|b| b <= KEEP_BYTES);
+    if mode != RefitLayers::Output {
+        let layers = find(true);
+        let keep = fits(&layers);
+        if keep || mode == RefitLayers::All {
+            return Plan {
+                layers,
+                every_layer: true,
+                keep,
+            };
+        }
+    }
+    // Calibration checks what it keeps as it goes (an output of unknown size included) and
+    // stops keeping past the budget.
+    Plan {
+        layers: find(false),
+        every_layer: false,
+        keep: true,
+    }
+}
+
+/// Bytes of the endpoints' outputs of `layers` over `samples` (4 bytes an element), from
+/// model 0's `shapes` inferred at `batch` samples; `None` where a shape is unknown.
+pub fn kept_bytes(
+    layers: &[OutputLayer],
+    shapes: &ShapeMap,
+    batch: usize,
+    samples: usize,
+    models: usize,
+) -> Option<usize> {
+    let per_batch: usize = layers
+        .iter()
+        .map(|l| {
+            shapes
+                .get(&l.output)
+                .map(|s| 4 * s.iter().product::<usize>())
+        })
+        .sum::<Option<usize>>()?;
+    Some(per_batch / batch.max(1) * samples * models)
+}
+
 /// How the refit runs.
 pub struct Fit<'a> {
     /// The calibration inputs; the refit reads the first `samples`, or the batches `kept`
@@ -79,8 +154,8 @@ pub struct Fit<'a> {
 
 /// The output layers of model 0 (`graph`) in `scope`, in graph order: linear layers whose
 /// weight differs between the models, with no such weight after them (unless `all`), whose
-/// output units are fixed or one plain group laid out in order. `names[i]` maps model 0's
-/// names to model i's.
+/// output units are fixed or one group (plain or blocked) laid out in order. `names[i]` maps
+/// model 0's names to model i's.
 #[allow(clippy::too_many_arguments)]
 pub fn find(
     graph: &Graph,
@@ -126,8 +201,9 @@ pub fn find(
     out
 }
 
-/// The units of an output axis: `Some(None)` fixed, `Some(Some(g))` plain group g in order,
-/// `None` anything else (several groups, a blocked group, another order).
+/// The units of an output axis: `Some(None)` fixed, `Some(Some(g))` group g in order (plain,
+/// or blocked: attention heads, whose matching is still one target per unit), `None`
+/// anything else (several groups, another order).
 fn output_group(layout: &Layout, comp: usize, groups: &[Group]) -> Option<Option<usize>> {
     let owners = super::repair::axis_owners(layout, comp, groups)?;
     let Some(first) = owners.first() else {
@@ -138,7 +214,7 @@ fn output_group(layout: &Layout, comp: usize, groups: &[Group]) -> Option<Option
     };
     let in_order = owners.len() == groups[g].width
         && owners.iter().enumerate().all(|(u, o)| *o == Some((g, u)));
-    (in_order && matches!(groups[g].kind, crate::symmetry::GroupKind::Plain)).then_some(Some(g))
+    in_order.then_some(Some(g))
 }
 
 /// The nodes of model 0 that read a weight (an initializer of more than one element) whose
@@ -650,4 +726,76 @@ fn apply(merged: &mut Model, layer: &OutputLayer, system: &System) -> Result<boo
         store_float(&mut graph.initializer[i], b);
     }
     Ok(true)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn layer(name: &str) -> OutputLayer {
+        OutputLayer {
+            input: format!("{name}_in"),
+            output: format!("{name}_out"),
+            weight: format!("{name}_w"),
+            trans_b: true,
+            channels_first: false,
+            bias: None,
+            normalized: false,
+            group: None,
+        }
+    }
+
+    /// `find(all)`: two hidden layers and the head, or the head alone.
+    fn find(all: bool) -> Vec<OutputLayer> {
+        let head = vec![layer("head")];
+        if all {
+            [vec![layer("fc1"), layer("fc2")], head].concat()
+        } else {
+            head
+        }
+    }
+
+    fn weights(plan: &Plan) -> Vec<&str> {
+        plan.layers.iter().map(|l| l.weight.as_str()).collect()
+    }
+
+    /// Auto refits every layer only where calibration can keep all their outputs; past the
+    /// budget, or where a shape is unknown, the output layer alone (from kept outputs, as
+    /// calibration checks what it keeps). `All` streams what it cannot keep.
+    #[test]
+    fn auto_refits_every_layer_only_within_the_keep_budget() {
+        let auto = |bytes: Option<usize>| plan(RefitLayers::Auto, find, |_| bytes);
+        let fits = auto(Some(KEEP_BYTES));
+        assert!(fits.every_layer && fits.keep);
+        assert_eq!(weights(&fits), ["fc1_w", "fc2_w", "head_w"]);
+        for over in [Some(KEEP_BYTES + 1), None] {
+            let head = auto(over);
+            assert!(!head.every_layer && head.keep);
+            assert_eq!(weights(&head), ["head_w"]);
+        }
+        let all = plan(RefitLayers::All, find, |_| Some(KEEP_BYTES + 1));
+        assert!(all.every_layer && !all.keep);
+        assert_eq!(all.layers.len(), 3);
+        let output = plan(RefitLayers::Output, find, |_| Some(0));
+        assert!(!output.every_layer && output.keep);
+        assert_eq!(weights(&output), ["head_w"]);
+    }
+
+    /// The bytes kept: per sample from shapes at the batch, times samples and models.
+    #[test]
+    fn kept_bytes_scale_from_the_inferred_batch() {
+        let shapes: ShapeMap = [
+            ("fc1_out".to_string(), vec![8, 16]),
+            ("head_out".to_string(), vec![8, 4, 2]),
+        ]
+        .into_iter()
+        .collect();
+        let layers = [layer("fc1"), layer("head")];
+        // (16 + 8) floats a sample, 100 samples, 2 models.
+        assert_eq!(
+            kept_bytes(&layers, &shapes, 8, 100, 2),
+            Some(4 * 24 * 100 * 2)
+        );
+        assert_eq!(kept_bytes(&[layer("fc2")], &shapes, 8, 100, 2), None);
+    }
 }

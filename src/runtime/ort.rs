@@ -133,15 +133,18 @@ impl OrtSession {
         crate::graph::Graph::new(model)?;
         let env = environment(options)?;
         let outputs = all_output_names(model, extra_outputs);
+        let inputs = graph_input_names(model)?;
         let declared: Vec<String> = model
             .graph()
             .output
             .iter()
             .map(|o| o.name.clone().unwrap_or_default())
             .collect();
+        // A graph input asked for as an output is served from the feed (`run`): ONNX Runtime
+        // returns such an output as a view of the fed buffer, which is gone after the run.
         let added: Vec<ValueInfoProto> = outputs
             .iter()
-            .filter(|n| !declared.contains(n))
+            .filter(|n| !declared.contains(n) && !inputs.contains(n))
             .map(|name| ValueInfoProto {
                 name: Some(name.clone()),
                 ..Default::default()
@@ -204,7 +207,7 @@ impl OrtSession {
         Ok(OrtSession {
             session,
             display_name,
-            inputs: graph_input_names(model)?,
+            inputs,
             outputs,
             _spill: spill,
         })
@@ -236,6 +239,9 @@ impl Session for OrtSession {
         self.outputs
             .iter()
             .map(|o| {
+                if let Some(i) = self.inputs.iter().position(|n| n == o) {
+                    return Ok(inputs[i].clone());
+                }
                 let v = outputs
                     .get(o)
                     .ok_or_else(|| err(format!("{name}: output '{o}' missing")))?;
@@ -272,12 +278,20 @@ fn to_ort(t: &TensorData) -> Result<DynValue> {
 
 fn from_ort(name: &str, v: &DynValue) -> Result<TensorData> {
     let e = |x: ort::Error| err(format!("reading output '{name}': {x}"));
-    let ValueType::Tensor { ty, .. } = v.dtype() else {
+    let ValueType::Tensor { ty, shape, .. } = v.dtype() else {
         return Err(err(format!("output '{name}' is not a tensor")));
     };
+    // An empty tensor's data pointer may be null, which no view may be copied from.
+    let empty = shape.contains(&0);
+    let dims: Vec<usize> = shape.iter().map(|&d| d.max(0) as usize).collect();
     macro_rules! get {
         ($t:ty, $v:ident) => {
-            TensorData::$v(v.try_extract_array::<$t>().map_err(e)?.to_owned())
+            TensorData::$v(if empty {
+                ndarray::ArrayD::from_shape_vec(dims.clone(), Vec::new())
+                    .map_err(|x| err(format!("output '{name}': {x}")))?
+            } else {
+                v.try_extract_array::<$t>().map_err(e)?.to_owned()
+            })
         };
     }
     Ok(match ty {
