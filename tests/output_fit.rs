@@ -120,7 +120,7 @@ fn the_refit_head_follows_the_endpoints_on_held_out_images() {
 /// merged weights) must leave the model's function as it was.
 #[test]
 fn the_refit_keeps_a_permuted_copy_exact() {
-    for name in ["mlp_a.onnx", "dwcnn_a.onnx", "vit_a.onnx"] {
+    for name in ["mlp_a.onnx", "dwcnn_a.onnx", "vit_a.onnx", "vit_mha_a.onnx"] {
         let a = onnx::load(common::fixture(name)).unwrap();
         let x = inputs(&a, "calib.npz", 256);
         let b = common::permuted_copy(&a, &x);

@@ -28,6 +28,7 @@ use faer::Mat;
 use ndarray::{Array2, ArrayD, Axis};
 
 use super::calib::KEEP_BYTES;
+use super::repair::Segment;
 use super::store_float;
 use super::units::{Layout, Matchings};
 use super::weights::as_f64;
@@ -61,8 +62,9 @@ pub struct OutputLayer {
     pub bias: Option<String>,
     /// L2-normalised over its units downstream: targets are averaged as directions.
     pub normalized: bool,
-    /// The group its output units are, `None` where they are fixed.
-    pub group: Option<usize>,
+    /// The groups its output units are, end to end (one group, or a packed projection's Q, K
+    /// and V ranges); empty where they are fixed.
+    pub segments: Vec<Segment>,
 }
 
 /// Which layers the refit fits.
@@ -189,10 +191,10 @@ pub fn find(
                 .map_or(0, <[_]>::len)
                 .saturating_sub(1)
         };
-        layer.group = match slots.slot(&layer.output, axis) {
-            None => None,
-            Some(s) => match output_group(layout, layout.st.comp_of[s], groups) {
-                Some(g) => g,
+        layer.segments = match slots.slot(&layer.output, axis) {
+            None => Vec::new(),
+            Some(s) => match output_segments(layout, layout.st.comp_of[s], groups) {
+                Some(segments) => segments,
                 None => continue,
             },
         };
@@ -201,20 +203,15 @@ pub fn find(
     out
 }
 
-/// The units of an output axis: `Some(None)` fixed, `Some(Some(g))` group g in order (plain,
-/// or blocked: attention heads, whose matching is still one target per unit), `None`
-/// anything else (several groups, another order).
-fn output_group(layout: &Layout, comp: usize, groups: &[Group]) -> Option<Option<usize>> {
+/// The units of an output axis: fixed (no segment), or whole groups end to end, each in its
+/// own unit order (plain, or blocked: attention heads, whose matching is still one target per
+/// unit); `None` for anything else (fixed and matched units mixed, another order).
+fn output_segments(layout: &Layout, comp: usize, groups: &[Group]) -> Option<Vec<Segment>> {
     let owners = super::repair::axis_owners(layout, comp, groups)?;
-    let Some(first) = owners.first() else {
-        return Some(None);
-    };
-    let Some((g, _)) = *first else {
-        return owners.iter().all(Option::is_none).then_some(None);
-    };
-    let in_order = owners.len() == groups[g].width
-        && owners.iter().enumerate().all(|(u, o)| *o == Some((g, u)));
-    in_order.then_some(Some(g))
+    if owners.iter().all(Option::is_none) {
+        return Some(Vec::new());
+    }
+    super::repair::segments(layout, comp, groups)
 }
 
 /// The nodes of model 0 that read a weight (an initializer of more than one element) whose
@@ -360,7 +357,7 @@ fn linear_layer(graph: &Graph, n: usize) -> Option<OutputLayer> {
         trans_b,
         channels_first,
         bias,
-        group: None,
+        segments: Vec::new(),
     })
 }
 
@@ -445,8 +442,9 @@ pub fn refit(
     let layers: Vec<OutputLayer> = layers
         .iter()
         .filter(|l| {
-            l.group
-                .is_none_or(|g| m.p.contains_key(&g) && !m.linear.contains_key(&g))
+            l.segments
+                .iter()
+                .all(|s| m.p.contains_key(&s.group) && !m.linear.contains_key(&s.group))
         })
         .cloned()
         .collect();
@@ -527,7 +525,9 @@ pub fn refit(
 }
 
 /// The endpoints' average output of `layer` on one batch (`outputs[i]`: model i's rows): per
-/// merged unit the mean of its cluster's endpoint units, or for fixed units the plain mean.
+/// merged unit the mean of its cluster's endpoint units (segment by segment, merged segments
+/// following each other at their merged widths, as the rewrite lays them out), or for fixed
+/// units the plain mean.
 /// Where the graph L2-normalises the output, the mean direction at the endpoints' mean length:
 /// what the head reads is the direction, and at the models' own scale a merge of a model with
 /// itself keeps its weights.
@@ -537,9 +537,10 @@ fn mean_output(
     rows: usize,
     m: &Matchings,
 ) -> Result<Array2<f64>> {
-    let units = match layer.group {
-        Some(g) => m.p[&g].merged,
-        None => outputs.first().map_or(0, |t| t.ncols()),
+    let units = if layer.segments.is_empty() {
+        outputs.first().map_or(0, |t| t.ncols())
+    } else {
+        layer.segments.iter().map(|s| m.p[&s.group].merged).sum()
     };
     let mut target = Array2::<f64>::zeros((rows, units));
     let mut norms = ndarray::Array1::<f64>::zeros(rows);
@@ -563,17 +564,28 @@ fn mean_output(
                 }
             }
         }
-        match layer.group {
-            Some(g) => {
-                let pm = &m.p[&g];
-                let sizes = pm.cluster_sizes();
-                for u in 0..t.ncols() {
-                    let j = pm.target[i * t.ncols() + u] as usize;
-                    let w = 1.0 / sizes[j].max(1) as f64;
-                    target.column_mut(j).scaled_add(w, &t.column(u));
-                }
+        if layer.segments.is_empty() {
+            target.scaled_add(1.0 / outputs.len() as f64, &t);
+        }
+        let mut at = 0;
+        for seg in &layer.segments {
+            let pm = &m.p[&seg.group];
+            let width = pm.target.len() / outputs.len();
+            let sizes = pm.cluster_sizes();
+            if seg.offset + width > t.ncols() {
+                return Err(Error::tensor(
+                    &layer.output,
+                    format!("{} units, fewer than its matched groups'", t.ncols()),
+                ));
             }
-            None => target.scaled_add(1.0 / outputs.len() as f64, &t),
+            for u in 0..width {
+                let j = pm.target[i * width + u] as usize;
+                let w = 1.0 / sizes[j].max(1) as f64;
+                target
+                    .column_mut(at + j)
+                    .scaled_add(w, &t.column(seg.offset + u));
+            }
+            at += pm.merged;
         }
     }
     if layer.normalized {
@@ -741,7 +753,7 @@ mod tests {
             channels_first: false,
             bias: None,
             normalized: false,
-            group: None,
+            segments: Vec::new(),
         }
     }
 

@@ -51,10 +51,10 @@ struct Producer {
 }
 
 /// Positions `offset..offset + group's width` of a layer's output hold a group's units in order.
-#[derive(Clone, Copy)]
-struct Segment {
-    offset: usize,
-    group: usize,
+#[derive(Clone, Copy, Debug)]
+pub(super) struct Segment {
+    pub(super) offset: usize,
+    pub(super) group: usize,
 }
 
 pub struct RepairReport {
@@ -515,7 +515,7 @@ fn find_producers(
 /// How an output axis is made of whole groups, each in its own unit order: one group, or
 /// several end to end (a packed projection's Q, K and V ranges, where Q and K hold the same
 /// group). `None` when a position holds no group's unit, or units in another order.
-fn segments(layout: &Layout, comp: usize, groups: &[Group]) -> Option<Vec<Segment>> {
+pub(super) fn segments(layout: &Layout, comp: usize, groups: &[Group]) -> Option<Vec<Segment>> {
     let size = layout.st.comps[comp].size;
     let owner = axis_owners(layout, comp, groups)?;
     let mut out = Vec::new();
