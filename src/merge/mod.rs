@@ -489,7 +489,7 @@ pub fn merge(
         output_fit::plan(
             opts.refit_layers,
             |all| {
-                output_fit::find(
+                let mut layers = output_fit::find(
                     &graph,
                     models,
                     &prep.names,
@@ -498,7 +498,11 @@ pub fn merge(
                     &prep.disc.groups,
                     trunk.as_ref().map(|t| &t.nodes),
                     all,
-                )
+                );
+                layers.retain(|l| {
+                    output_fit::enough_rows(l, &models[0], &prep.shapes, prep.shape_batch, samples)
+                });
+                layers
             },
             |layers| {
                 output_fit::kept_bytes(
