@@ -122,11 +122,12 @@ fn the_refit_head_follows_the_endpoints_on_held_out_images() {
 fn the_refit_keeps_a_permuted_copy_exact() {
     for name in ["mlp_a.onnx", "dwcnn_a.onnx", "vit_a.onnx", "vit_mha_a.onnx"] {
         let a = onnx::load(common::fixture(name)).unwrap();
-        let x = inputs(&a, "calib.npz", 256);
+        // 1,000 images: enough rows for the MLP's hidden layers (`ROWS_PER_UNKNOWN`).
+        let x = inputs(&a, "calib.npz", 1000);
         let b = common::permuted_copy(&a, &x);
         let run = |m: &Model| {
             let mut s = open_session(BackendKind::Ort, m, &[], &BackendOptions::default()).unwrap();
-            run_batched(s.as_mut(), &x, 256).unwrap().remove(0)
+            run_batched(s.as_mut(), &x, 250).unwrap().remove(0)
         };
         for layers in [RefitLayers::Output, RefitLayers::All] {
             let opts = MergeOptions {
