@@ -173,6 +173,9 @@ fn token_taps_lift_the_packed_attention_vit() {
         let opts = MergeOptions {
             token_taps,
             backend: BackendKind::Ort,
+            // The matching's own effect: the output refit, refitting every layer of this
+            // model by default, brings both to about 78.7 % (one tap 78.8, token taps 78.6).
+            output_fit_samples: 0,
             ..Default::default()
         };
         let (merged, _) = merge(&models, &calib, &opts, &mut |_, _, _| {}).unwrap();
