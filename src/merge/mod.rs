@@ -210,15 +210,16 @@ pub struct MergeOptions {
     /// Output refit (`output_fit`): the output layers (a classifier, a projection onto a fixed
     /// class embedding: no unit of theirs or after them permuted) are refitted by least
     /// squares on this many calibration samples to the endpoints' average output; 0 turns it
-    /// off. Task mean of mudsc-zip on the bundled pairs: vit 59.2 → 70.8, vit_mha 50.1 →
-    /// 70.2, dwcnn 46.9 → 64.2 (the `docs/which-method.md` table for all).
+    /// off. Task mean of mudsc-zip on the bundled pairs (every layer refitted, the default
+    /// there): vit 59.2 → 76.8, vit_mha 50.1 → 78.6, dwcnn 46.9 → 73.4 (the
+    /// `docs/which-method.md` table for all).
     pub output_fit_samples: usize,
     /// Which layers the output refit fits: the output layer, or every linear layer whose
     /// output units are fixed or one group in order (1×1 convolutions included), in graph
-    /// order, each on the merged model as refitted so far; `Auto` (the default) every layer where
-    /// calibration can keep their endpoint outputs (`output_fit::RefitLayers`). Task mean of
-    /// mudsc-zip, output layer → every layer: vit 70.8 → 75.4, vit_mha 70.2 → 77.4, dwcnn
-    /// 64.2 → 73.4.
+    /// order, each on the merged model as refitted so far; `Auto` (the default) every layer
+    /// where calibration can keep their endpoint outputs (`output_fit::RefitLayers`). Task
+    /// mean of mudsc-zip, output layer → every layer: vit 70.8 → 76.8, vit_mha 70.2 → 78.6,
+    /// dwcnn 64.2 → 73.4.
     pub refit_layers: RefitLayers,
     /// Groups seen at one position per sample (a class token, units on the last axis of a
     /// [B, D] value) are also observed at every token tensor that carries their units and

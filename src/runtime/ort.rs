@@ -278,20 +278,12 @@ fn to_ort(t: &TensorData) -> Result<DynValue> {
 
 fn from_ort(name: &str, v: &DynValue) -> Result<TensorData> {
     let e = |x: ort::Error| err(format!("reading output '{name}': {x}"));
-    let ValueType::Tensor { ty, shape, .. } = v.dtype() else {
+    let ValueType::Tensor { ty, .. } = v.dtype() else {
         return Err(err(format!("output '{name}' is not a tensor")));
     };
-    // An empty tensor's data pointer may be null, which no view may be copied from.
-    let empty = shape.contains(&0);
-    let dims: Vec<usize> = shape.iter().map(|&d| d.max(0) as usize).collect();
     macro_rules! get {
         ($t:ty, $v:ident) => {
-            TensorData::$v(if empty {
-                ndarray::ArrayD::from_shape_vec(dims.clone(), Vec::new())
-                    .map_err(|x| err(format!("output '{name}': {x}")))?
-            } else {
-                v.try_extract_array::<$t>().map_err(e)?.to_owned()
-            })
+            TensorData::$v(v.try_extract_array::<$t>().map_err(e)?.to_owned())
         };
     }
     Ok(match ty {
