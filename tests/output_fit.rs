@@ -139,7 +139,8 @@ fn the_refit_keeps_a_permuted_copy_exact() {
                 merge(&[a.clone(), b.clone()], &x, &opts, &mut |_, _, _| {}).unwrap();
             // The copy permutes the class embedding with the projection's units, so the last
             // weight that differs between the two is the embedding's MatMul: that one is the
-            // output layer. Every layer: the projection too (and the MLP's hidden layers).
+            // output layer. Every layer: the projection too, the MLP's hidden layers, the ViTs'
+            // Q/K/V by heads (the packed in-projection range by range).
             if layers == RefitLayers::All {
                 assert!(report.refitted_layers.len() > 1, "{name}");
             } else {
