@@ -644,25 +644,16 @@ fn mean_output(
         if layer.segments.is_empty() {
             target.scaled_add(1.0 / outputs.len() as f64, &t);
         }
-        let mut at = 0;
-        for seg in &layer.segments {
-            let pm = &m.p[&seg.group];
-            let width = pm.target.len() / outputs.len();
-            let sizes = pm.cluster_sizes();
-            if seg.offset + width > t.ncols() {
-                return Err(Error::tensor(
-                    &layer.output,
-                    format!("{} units, fewer than its matched groups'", t.ncols()),
-                ));
-            }
-            for u in 0..width {
-                let j = pm.target[i * width + u] as usize;
-                let w = 1.0 / sizes[j].max(1) as f64;
-                target
-                    .column_mut(at + j)
-                    .scaled_add(w, &t.column(seg.offset + u));
-            }
-            at += pm.merged;
+        let columns = super::repair::cluster_columns(&layer.segments, m, i);
+        if columns.iter().any(|&(from, _, _)| from >= t.ncols()) {
+            return Err(Error::tensor(
+                &layer.output,
+                format!("{} units, fewer than its matched groups'", t.ncols()),
+            ));
+        }
+        for (from, to, size) in columns {
+            let w = 1.0 / size.max(1) as f64;
+            target.column_mut(to).scaled_add(w, &t.column(from));
         }
     }
     if layer.normalized {

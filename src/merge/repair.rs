@@ -57,6 +57,29 @@ pub(super) struct Segment {
     pub(super) group: usize,
 }
 
+/// Where model `i`'s units of an output made of `segments` go in the merged output: per unit,
+/// (its position in the endpoint's output, its merged column, its cluster's size). Merged
+/// segments follow each other at their merged widths, as the rewrite lays them out.
+pub(super) fn cluster_columns(
+    segments: &[Segment],
+    m: &Matchings,
+    i: usize,
+) -> Vec<(usize, usize, usize)> {
+    let mut out = Vec::new();
+    let mut at = 0;
+    for seg in segments {
+        let pm = &m.p[&seg.group];
+        let width = pm.target.len() / m.models.max(1);
+        let sizes = pm.cluster_sizes();
+        for u in 0..width {
+            let j = pm.target[i * width + u] as usize;
+            out.push((seg.offset + u, at + j, sizes[j]));
+        }
+        at += pm.merged;
+    }
+    out
+}
+
 pub struct RepairReport {
     pub layers: usize,
     pub batch_norms: usize,
@@ -141,7 +164,7 @@ pub fn repair(
         .map(|(k, p)| {
             let (goal_mean, goal_sd) = match m.linear.get(&p.segments[0].group) {
                 Some(maps) => linear_goal(&endpoint, k, maps),
-                None => cluster_goal(&endpoint, k, &p.segments, groups, m),
+                None => cluster_goal(&endpoint, k, &p.segments, m),
             };
             Target {
                 producer: p,
@@ -161,26 +184,17 @@ fn cluster_goal(
     endpoint: &[Vec<UnitMoments>],
     k: usize,
     segments: &[Segment],
-    groups: &[Group],
     m: &Matchings,
 ) -> (Array1<f64>, Array1<f64>) {
     let merged: usize = segments.iter().map(|s| m.p[&s.group].merged).sum();
     let (mut goal_mean, mut goal_sd) = (Array1::<f64>::zeros(merged), Array1::<f64>::zeros(merged));
-    let mut at = 0;
-    for seg in segments {
-        let pm = &m.p[&seg.group];
-        let width = groups[seg.group].width;
-        let sizes = pm.cluster_sizes();
-        for (i, stats) in endpoint.iter().enumerate() {
-            let (mean, sd) = stats[k].mean_std();
-            for u in 0..width {
-                let j = pm.target[i * width + u] as usize;
-                let w = 1.0 / (sizes[j] as f64 + 1e-12);
-                goal_mean[at + j] += w * mean[seg.offset + u];
-                goal_sd[at + j] += w * sd[seg.offset + u];
-            }
+    for (i, stats) in endpoint.iter().enumerate() {
+        let (mean, sd) = stats[k].mean_std();
+        for (from, to, size) in cluster_columns(segments, m, i) {
+            let w = 1.0 / (size as f64 + 1e-12);
+            goal_mean[to] += w * mean[from];
+            goal_sd[to] += w * sd[from];
         }
-        at += pm.merged;
     }
     (goal_mean, goal_sd)
 }
