@@ -68,6 +68,17 @@ fn merged(
     merge(models, calib, &opts, &mut |_, _, _| {}).unwrap()
 }
 
+/// `a` and `b` hold the same initializers, in order, within 1e-4 (relative) / 1e-5.
+fn assert_same_initializers(a: &Model, b: &Model) {
+    for (x, y) in a.graph().initializer.iter().zip(&b.graph().initializer) {
+        let (x, y) = (
+            TensorData::from_proto(x).unwrap(),
+            TensorData::from_proto(y).unwrap(),
+        );
+        common::assert_within(&x, &y, 1e-4, 1e-5, "initializer");
+    }
+}
+
 /// The endpoints' mean head direction on `test`.
 fn mean_direction(models: &[Model; 2], test: &[TensorData]) -> Array2<f64> {
     (directions(&models[0], test) + directions(&models[1], test)) / 2.0
@@ -178,18 +189,7 @@ fn kept_and_streamed_endpoint_outputs_refit_alike() {
         Some("head.proj.weight")
     );
     assert_eq!(report.refitted_layers, kept_report.refitted_layers);
-    for (x, y) in kept
-        .graph()
-        .initializer
-        .iter()
-        .zip(&streamed.graph().initializer)
-    {
-        let (x, y) = (
-            TensorData::from_proto(x).unwrap(),
-            TensorData::from_proto(y).unwrap(),
-        );
-        common::assert_within(&x, &y, 1e-4, 1e-5, "initializer");
-    }
+    assert_same_initializers(&kept, &streamed);
 }
 
 /// `--refit-layers all` refits a depthwise-separable CNN's pointwise (1×1) convolutions as
@@ -225,16 +225,5 @@ fn pointwise_convolutions_are_refitted_as_linear_layers() {
     // 225 KB each) fit in what calibration keeps, and kept outputs fit what streamed ones do.
     let (auto, auto_report) = merged(&models, &calib, 1000, RefitLayers::Auto);
     assert_eq!(auto_report.refitted_layers, report.refitted_layers);
-    for (x, y) in auto
-        .graph()
-        .initializer
-        .iter()
-        .zip(&deep.graph().initializer)
-    {
-        let (x, y) = (
-            TensorData::from_proto(x).unwrap(),
-            TensorData::from_proto(y).unwrap(),
-        );
-        common::assert_within(&x, &y, 1e-4, 1e-5, "initializer");
-    }
+    assert_same_initializers(&auto, &deep);
 }
