@@ -28,20 +28,32 @@ pub fn is_depthwise(n: &NodeProto, graph: &Graph) -> bool {
 /// `Ok` when every consumer of every member tensor of `g` is a dense use or one of the ops in
 /// `also`; else which tensor feeds what.
 pub fn only_dense_use(g: &Group, graph: &Graph, also: &[&str]) -> Result<(), String> {
-    for member in &g.members {
-        for &(node, slot) in graph.consumers(&member.tensor) {
-            let n = graph.node(node);
-            let op = n.op_type.as_deref().unwrap_or("");
-            let dense = match op {
-                "Conv" if also.contains(&DEPTHWISE) && is_depthwise(n, graph) => true,
-                "Conv" => attr_int(n, "group").unwrap_or(1) == 1 && slot >= 1,
-                "Gemm" | "MatMul" | "Add" | "Sub" => true,
-                _ => also.contains(&op),
-            };
-            if !dense {
-                let grouped = if op == "Conv" { " (grouped)" } else { "" };
-                return Err(format!("'{}' feeds {op}{grouped}", member.tensor));
+    g.members
+        .iter()
+        .try_for_each(|member| dense_uses(&member.tensor, graph, also))
+}
+
+/// Every consumer of `value` is a dense use; an Identity (how exporters share one parameter
+/// between layers) passes its value on, so its consumers are checked in its place.
+fn dense_uses(value: &str, graph: &Graph, also: &[&str]) -> Result<(), String> {
+    for &(node, slot) in graph.consumers(value) {
+        let n = graph.node(node);
+        let op = n.op_type.as_deref().unwrap_or("");
+        let dense = match op {
+            "Identity" => {
+                for out in &n.output {
+                    dense_uses(out, graph, also)?;
+                }
+                true
             }
+            "Conv" if also.contains(&DEPTHWISE) && is_depthwise(n, graph) => true,
+            "Conv" => attr_int(n, "group").unwrap_or(1) == 1 && slot >= 1,
+            "Gemm" | "MatMul" | "Add" | "Sub" => true,
+            _ => also.contains(&op),
+        };
+        if !dense {
+            let grouped = if op == "Conv" { " (grouped)" } else { "" };
+            return Err(format!("'{value}' feeds {op}{grouped}"));
         }
     }
     Ok(())

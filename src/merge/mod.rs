@@ -598,6 +598,7 @@ pub fn merge(
                     .collect();
                 let path = models[0].path.clone().unwrap_or_default();
                 widen::pin_reshapes(&path, &original, g, &axes, flow, &widths)?;
+                widen::resize_constants(&disc.groups, &original, g, &axes, &widths)?;
             }
         }
     }
@@ -1140,8 +1141,14 @@ fn find_matchings(
     };
     let no_scope = WidenScope::new();
     let widen_scope = widen.as_ref().map_or(&no_scope, |w| &w.0);
-    // Attention heads widen by whole heads, and only evenly: `--widen worst` re-matches one
-    // group at a time, which would part heads from the groups that share their order.
+    // Blocks (attention heads, GroupNorm groups) widen whole. Heads that share their order
+    // with other groups (Q/K, V/O) widen only evenly: `--widen worst` re-matches one group at
+    // a time, which would part them from those groups.
+    let shares_blocks = |g: &symmetry::Group| {
+        disc.groups
+            .iter()
+            .any(|o| o.id != g.id && o.block.is_some() && o.block == g.block)
+    };
     let uniform: HashMap<usize, usize> = disc
         .groups
         .iter()
@@ -1151,7 +1158,7 @@ fn find_matchings(
                 let wide = (g.width as f64 * opts.width).round() as usize;
                 Some((g.id, wide.clamp(g.width, models.len() * g.width)))
             }
-            GroupKind::Blocked { .. } if opts.widen_worst => None,
+            GroupKind::Blocked { .. } if opts.widen_worst && shares_blocks(g) => None,
             GroupKind::Blocked {
                 blocks, block_size, ..
             } => {
@@ -1434,7 +1441,7 @@ fn find_matchings(
         if !uniform.is_empty() {
             // Groups every model holds identically stay as they are.
             let wide: HashMap<usize, usize> = if opts.widen_worst {
-                worst_first(&uniform, &disc.groups, &values, n)
+                worst_first(&uniform, &disc.groups, &values, n, opts.width)
                     .into_iter()
                     .collect()
             } else {
@@ -1611,27 +1618,38 @@ fn widen_matched(
 }
 
 /// `--widen worst`: the extra merged units that `uniform` gives the widenable groups, in all,
-/// reassigned to the groups with the lowest merge values first (each up to all of its units),
+/// reassigned to the groups with the lowest merge values first (each up to all of its units,
+/// a blocked group in whole blocks),
 /// so that the budget keeps apart the units the matching could pair least well.
 fn worst_first(
     uniform: &HashMap<usize, usize>,
     groups: &[symmetry::Group],
     values: &Values,
     models: usize,
+    factor: f64,
 ) -> BTreeMap<usize, usize> {
-    let mut extra: usize = uniform.iter().map(|(g, t)| t - groups[*g].width).sum();
+    // In units, not whole blocks: a blocked group's rounded target would make the budget
+    // jump by a block per group.
+    let mut extra: usize = uniform
+        .keys()
+        .map(|g| (groups[*g].width as f64 * (factor - 1.0)).round() as usize)
+        .sum();
     let mut order: Vec<usize> = uniform.keys().copied().collect();
     let value = |g: &usize| values.get(g).map_or(f64::INFINITY, |v| v.0);
     order.sort_by(|a, b| value(a).total_cmp(&value(b)).then(a.cmp(b)));
     let mut out = BTreeMap::new();
     for g in order {
-        if extra == 0 {
-            break;
-        }
         let w = groups[g].width;
-        let more = extra.min((models - 1) * w);
-        extra -= more;
-        out.insert(g, w + more);
+        // Whole blocks only (GroupNorm groups); what is left goes to the next group.
+        let step = match groups[g].kind {
+            GroupKind::Blocked { block_size, .. } => block_size.max(1),
+            GroupKind::Plain => 1,
+        };
+        let more = extra.min((models - 1) * w) / step * step;
+        if more > 0 {
+            extra -= more;
+            out.insert(g, w + more);
+        }
     }
     out
 }

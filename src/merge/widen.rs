@@ -69,10 +69,14 @@ fn widenable(
     axes: &Axes,
     flow: &Flow,
 ) -> std::result::Result<(), String> {
+    // A per-unit scale (`Mul`: a GroupNorm export's γ, a layer scale) widens with its units,
+    // as BatchNorm's and LayerNorm's do; a linear map of the units' basis (CCA) would not
+    // pass through it, so only `--width` allows it.
     let also = [
         "BatchNormalization",
         "LayerNormalization",
         "Expand",
+        "Mul",
         DEPTHWISE,
     ];
     super::dense_use::only_dense_use(g, graph, &also)?;
@@ -90,6 +94,9 @@ fn widenable(
         .filter(|o| o.id == g.id || (g.block.is_some() && o.block == g.block))
         .map(|o| (o.id, o.width + step))
         .collect();
+    for (value, why) in resized_constants(groups, graph, axes, &one_more) {
+        why.map_err(|why| format!("'{value}' {why}"))?;
+    }
     for (i, n) in graph.nodes().iter().enumerate() {
         match n.op_type.as_deref() {
             Some("Reshape") => {
@@ -229,4 +236,95 @@ pub fn set_depthwise_groups(original: &Graph, merged: &mut GraphProto) {
             a.i = Some(now);
         }
     }
+}
+
+/// Constants that hold widened units or blocks but are no group's weights — a GroupNorm
+/// export's InstanceNormalization scale and bias, ones and zeros over the groups — with their
+/// merged shape (`widths`), or why they cannot follow: one value everywhere is repeated to the
+/// merged size, anything else would need a merge of its own.
+fn resized_constants(
+    groups: &[Group],
+    graph: &Graph,
+    axes: &Axes,
+    widths: &BTreeMap<usize, usize>,
+) -> Vec<(String, std::result::Result<Vec<usize>, &'static str>)> {
+    let members: BTreeSet<&str> = groups
+        .iter()
+        .flat_map(|g| g.members.iter().map(|m| m.tensor.as_str()))
+        .collect();
+    let constant_nodes = graph
+        .nodes()
+        .iter()
+        .filter(|n| n.op_type.as_deref() == Some("Constant"))
+        .filter_map(|n| n.output.first());
+    let initializers = graph.initializers().iter().filter_map(|t| t.name.as_ref());
+    let mut out = Vec::new();
+    for name in constant_nodes.chain(initializers) {
+        if members.contains(name.as_str()) {
+            continue;
+        }
+        let Some(t) = graph.constant(name) else {
+            continue;
+        };
+        let dims: Vec<usize> = t.dims.iter().map(|&d| d.max(0) as usize).collect();
+        let merged: Vec<usize> = (0..dims.len())
+            .map(|a| axes.merged_size(name, a, widths))
+            .collect();
+        if merged == dims {
+            continue;
+        }
+        let uniform = crate::onnx::TensorData::from_proto(t)
+            .is_ok_and(|d| crate::with_array!(&d, a => a.iter().all(|v| a.first() == Some(v))));
+        let why = if uniform {
+            Ok(merged)
+        } else {
+            Err("holds its units and is not one value throughout")
+        };
+        out.push((name.clone(), why));
+    }
+    out
+}
+
+/// After the rewrite: every constant that [`resized_constants`] widens (a GroupNorm export's
+/// per-group ones and zeros) takes its merged shape, filled with its one value.
+pub fn resize_constants(
+    groups: &[Group],
+    original: &Graph,
+    merged: &mut GraphProto,
+    axes: &Axes,
+    widths: &BTreeMap<usize, usize>,
+) -> Result<()> {
+    for (name, shape) in resized_constants(groups, original, axes, widths) {
+        let Ok(shape) = shape else { continue };
+        let Some(t) = original.constant(&name) else {
+            continue;
+        };
+        let data = crate::onnx::TensorData::from_proto(t)?;
+        let wide = crate::with_array!(&data, a => {
+            let Some(&v) = a.first() else { continue };
+            crate::onnx::IntoTensorData::into_tensor_data(ndarray::ArrayD::from_elem(shape, v))
+        });
+        let proto = wide.to_proto(&name);
+        if let Some(init) = merged
+            .initializer
+            .iter_mut()
+            .find(|i| i.name.as_deref() == Some(name.as_str()))
+        {
+            *init = proto;
+            continue;
+        }
+        let node = merged
+            .node
+            .iter_mut()
+            .find(|n| n.op_type.as_deref() == Some("Constant") && n.output.first() == Some(&name));
+        let attr = node.and_then(|n| {
+            n.attribute
+                .iter_mut()
+                .find(|a| a.name.as_deref() == Some("value"))
+        });
+        if let Some(a) = attr {
+            a.t = Some(proto);
+        }
+    }
+    Ok(())
 }
