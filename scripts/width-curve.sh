@@ -15,7 +15,7 @@ score() { # model... -> "task_mean joint" (the ensemble of several models)
     "$bin" eval "$@" --data fixtures/data/test.npz --tasks 0-4,5-9 --json ${ENS:-} |
         python3 -c 'import json,sys; d=json.load(sys.stdin); d=d.get("ensemble",d); print(d["task_mean"]*100, d["top1"]["correct"]/d["top1"]["total"]*100)'
 }
-for pair in mlp resnet20_bn_folded vit vit_mha dwcnn; do
+for pair in mlp resnet20_bn_folded resnet20_gn vit vit_mha dwcnn; do
     a=fixtures/models/${pair}_a.onnx b=fixtures/models/${pair}_b.onnx
     read -r t j < <(ENS=--ensemble score "$a" "$b")
     echo "$pair,ensemble,2,$t,$j" >> "$csv"

@@ -98,12 +98,15 @@ pub struct MergeArgs {
     pub(super) max_params: f64,
     /// Zip methods: merged units per group as a factor of one model's width (1 = one model's
     /// size; the number of models = every unit kept). The least similar units stay apart;
-    /// attention heads and GroupNorm groups keep one model's width. Parameters grow about as
-    /// the square of the factor (the report gives both counts).
+    /// attention heads and GroupNorm groups widen by whole heads and groups; a group whose
+    /// width the graph uses otherwise keeps one model's (the report says why). Parameters grow
+    /// about as the square of the factor (the report gives both counts).
     #[arg(long, default_value_t = 1.0)]
     pub(super) width: f64,
     /// With --width: `all` widens every widenable group by the factor; `worst` gives the same
-    /// number of extra units to the groups the matching merged worst (mudsc-zip, weight-zip).
+    /// number of extra units to the groups the matching merged worst (mudsc-zip, weight-zip;
+    /// GroupNorm groups take whole groups; heads, which share their order with other groups,
+    /// widen only with `all`).
     #[arg(long, value_enum, default_value_t = Widen::All)]
     pub(super) widen: Widen,
     /// --method cca: ridge added to each model's activation covariance, relative to its mean
