@@ -489,26 +489,22 @@ pub fn row_correlation_of_blocks(blocks: &[&RowBlock]) -> Array2<f64> {
     // the Gram about the block's centre c, m its mean and d = m − c (0 unless the block was
     // updated): the uncentred Gram of the whole.
     let mut gram = Array2::<f64>::zeros((units, units));
-    for b in blocks {
-        b.gram.add_upper_into(&mut gram);
-    }
-    // Per unit and block, √f·m and √f·d: the rank-`blocks` terms f·(m mᵀ − d dᵀ).
-    let nb = blocks.len();
-    let scaled = |value: &dyn Fn(&RowBlock, usize) -> f64| -> Vec<f64> {
-        (0..units)
-            .flat_map(|i| blocks.iter().map(move |b| (b, i)))
-            .map(|(b, i)| value(b, i) * (b.features as f64).sqrt())
-            .collect()
+    let grams: Vec<&Symmetric<f32>> = blocks.iter().map(|b| &b.gram).collect();
+    Symmetric::add_all_upper_into(&grams, &mut gram);
+    // Per unit and block, √f·m and √f·d: the rank-`blocks` terms f·(m mᵀ − d dᵀ), added by
+    // two thin GEMMs (an element-by-element dot product over the blocks was 16 % of a
+    // ResNet-50 pair's matching); the shifts only where a block was updated.
+    let scaled = |value: &dyn Fn(&RowBlock, usize) -> f64| -> Array2<f64> {
+        Array2::from_shape_fn((units, blocks.len()), |(i, k)| {
+            value(blocks[k], i) * (blocks[k].features as f64).sqrt()
+        })
     };
-    let means = scaled(&|b, i| b.mean[i]);
+    add_outer(&mut gram, scaled(&|b, i| b.mean[i]).view(), 1.0, 1.0);
     let shifts = scaled(&|b, i| b.mean[i] - b.centre[i]);
-    let whole = |gram: f64, i: usize, j: usize| {
-        let (mi, mj) = (&means[i * nb..(i + 1) * nb], &means[j * nb..(j + 1) * nb]);
-        let (si, sj) = (&shifts[i * nb..(i + 1) * nb], &shifts[j * nb..(j + 1) * nb]);
-        let m: f64 = mi.iter().zip(mj).map(|(a, b)| a * b).sum();
-        let d: f64 = si.iter().zip(sj).map(|(a, b)| a * b).sum();
-        gram + m - d
-    };
+    if shifts.iter().any(|&d| d != 0.0) {
+        add_outer(&mut gram, shifts.view(), 1.0, -1.0);
+    }
+    let whole = |gram: f64, _: usize, _: usize| gram;
     let mean: Vec<f64> = (0..units)
         .map(|i| {
             blocks
