@@ -471,6 +471,55 @@ fn a_group_norm_resnet_merged_with_a_permuted_copy_at_width_2_keeps_its_function
 }
 
 #[test]
+fn group_norm_rule_models_merged_with_a_permuted_copy_at_width_2_keep_their_function() {
+    // The GroupNormalization op (opset 18: per-group scale; 21: per-channel) takes the merged
+    // number of groups; PyTorch's export (InstanceNormalization over a reshape, its ones and
+    // zeros as initializers) gets its reshape and constants rewritten. Each merged with a
+    // permuted copy of itself at width 2 (ONNX Runtime: tract has no GroupNormalization)
+    // normalises every channel with the same channels as before, so it computes the model's
+    // outputs; a num_groups left at one model's count normalises two groups as one.
+    for name in ["groupnorm_op18", "groupnorm_op21", "groupnorm_instancenorm"] {
+        let a = onnx::load(common::rule_models().join(format!("{name}.onnx"))).unwrap();
+        let shapes = data::input_shapes(&a, None, &[], 16).unwrap();
+        let inputs = data::random_inputs(&a, &shapes, 7).unwrap();
+        let b = common::permuted_copy(&a, &inputs);
+        let opts = MergeOptions {
+            method: Method::Zipit,
+            width: 2.0,
+            repair_samples: 0,
+            output_fit_samples: 0,
+            backend: BackendKind::Ort,
+            ..Default::default()
+        };
+        let (m, report) = merge(&[a.clone(), b], &inputs, &opts, &mut |_, _, _| {}).unwrap();
+        let kept: Vec<&str> = report
+            .groups
+            .iter()
+            .map(|g| g.similarity.as_str())
+            .filter(|s| s.contains("kept one model's width"))
+            .collect();
+        assert!(kept.is_empty(), "{name}: {kept:?}");
+        assert_eq!(dims(&m, "w1")[0], 16, "{name}");
+        let run = |model: &Model| {
+            let mut s =
+                open_session(BackendKind::Ort, model, &[], &BackendOptions::default()).unwrap();
+            run_batched(s.as_mut(), &inputs, 64).unwrap()[0].to_f32()
+        };
+        let (want, got) = (run(&a), run(&m));
+        let scale = want.iter().fold(1.0f32, |m, x| m.max(x.abs()));
+        let diff = want
+            .iter()
+            .zip(got.iter())
+            .map(|(x, y)| (x - y).abs())
+            .fold(0.0f32, f32::max);
+        assert!(
+            diff <= 1e-4 * scale,
+            "{name}: merged outputs differ by {diff}"
+        );
+    }
+}
+
+#[test]
 fn a_constant_over_widened_groups_that_is_not_one_value_keeps_the_width() {
     // The GroupNorm export's per-group InstanceNormalization scale is ones, repeated to the
     // merged group count; a scale of different values could not be, so its group keeps one

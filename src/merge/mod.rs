@@ -599,6 +599,7 @@ pub fn merge(
                 let path = models[0].path.clone().unwrap_or_default();
                 widen::pin_reshapes(&path, &original, g, &axes, flow, &widths)?;
                 widen::resize_constants(&disc.groups, &original, g, &axes, &widths)?;
+                widen::set_group_norm_groups(&path, &original, g, &axes, &widths)?;
             }
         }
     }

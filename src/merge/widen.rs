@@ -14,7 +14,7 @@ use super::dense_use::{is_depthwise, DEPTHWISE};
 use super::shape_flow::{self, Axes, Elem, Flow};
 use crate::error::{Error, Result};
 use crate::graph::Graph;
-use crate::onnx::proto::{GraphProto, TensorProto};
+use crate::onnx::proto::{GraphProto, NodeProto, TensorProto};
 use crate::symmetry::rules::{attr_int, input, norm_axis};
 use crate::symmetry::{Group, GroupKind};
 
@@ -77,6 +77,10 @@ fn widenable(
         "LayerNormalization",
         "Expand",
         "Mul",
+        "GroupNormalization",
+        // Per channel of its input: a GroupNorm export's per-group ones and zeros, when they
+        // are initializers (weights of the group's blocks, merged with them).
+        "InstanceNormalization",
         DEPTHWISE,
     ];
     super::dense_use::only_dense_use(g, graph, &also)?;
@@ -96,6 +100,9 @@ fn widenable(
         .collect();
     for (value, why) in resized_constants(groups, graph, axes, &one_more) {
         why.map_err(|why| format!("'{value}' {why}"))?;
+    }
+    for n in graph.nodes() {
+        group_norm_groups(n, axes, &one_more)?;
     }
     for (i, n) in graph.nodes().iter().enumerate() {
         match n.op_type.as_deref() {
@@ -206,6 +213,71 @@ pub fn pin_reshapes(
             int64_data: dims,
             ..Default::default()
         });
+    }
+    Ok(())
+}
+
+/// The `num_groups` a GroupNormalization node takes at the merged widths (`None`: another op,
+/// or its channels keep their count), or why none fits: its channels per group stay as they
+/// were (a widened group gains whole GroupNorm groups), one group over all channels stays one.
+fn group_norm_groups(
+    n: &NodeProto,
+    axes: &Axes,
+    widths: &BTreeMap<usize, usize>,
+) -> std::result::Result<Option<i64>, String> {
+    if n.op_type.as_deref() != Some("GroupNormalization") {
+        return Ok(None);
+    }
+    let name = n.name.as_deref().unwrap_or("");
+    let (Some(x), Some(groups)) = (input(n, 0), attr_int(n, "num_groups")) else {
+        return Err(format!(
+            "GroupNormalization '{name}' without input or num_groups"
+        ));
+    };
+    let Some(&channels) = axes.shapes.get(x).and_then(|s| s.get(1)) else {
+        return Err(format!(
+            "GroupNormalization '{name}': channels of '{x}' unknown"
+        ));
+    };
+    let merged = axes.merged_size(x, 1, widths);
+    if merged == channels || groups == 1 {
+        return Ok(None);
+    }
+    let per_group = channels / usize::try_from(groups).unwrap_or(1).max(1);
+    if per_group == 0 || !merged.is_multiple_of(per_group) {
+        return Err(format!(
+            "GroupNormalization '{name}': {merged} channels do not split into groups of {per_group}"
+        ));
+    }
+    Ok(Some((merged / per_group) as i64))
+}
+
+/// After the rewrite: every GroupNormalization over widened channels takes the merged number
+/// of groups ([`group_norm_groups`]).
+pub fn set_group_norm_groups(
+    path: &std::path::Path,
+    original: &Graph,
+    merged: &mut GraphProto,
+    axes: &Axes,
+    widths: &BTreeMap<usize, usize>,
+) -> Result<()> {
+    for (i, before) in original.nodes().iter().enumerate() {
+        let groups = group_norm_groups(before, axes, widths).map_err(|why| Error::Graph {
+            path: path.to_path_buf(),
+            node: before.name.clone().unwrap_or_default(),
+            op: "GroupNormalization".into(),
+            reason: format!("--width: {why} (the check before the merge passed it: a bug)"),
+        })?;
+        let (Some(groups), Some(node)) = (groups, merged.node.get_mut(i)) else {
+            continue;
+        };
+        if let Some(a) = node
+            .attribute
+            .iter_mut()
+            .find(|a| a.name.as_deref() == Some("num_groups"))
+        {
+            a.i = Some(groups);
+        }
     }
     Ok(())
 }
