@@ -238,9 +238,7 @@ fn widened_vit_keeps_a_permuted_copys_function(pair: &str, reshapes: usize) {
     // left reading a widened size, or pinned to a wrong one, fails to run or scrambles the
     // tokens or heads.
     let a = onnx::load(fixture(&format!("{pair}_a.onnx"))).unwrap();
-    let p = calib_set();
-    let arrays = data::read(&p).unwrap();
-    let inputs = common::head_rows(&data::bind_inputs(&arrays, &a, &p).unwrap(), 256);
+    let inputs = calib_inputs(&a, 256);
     let (m, _) = merged_with_permuted_copy(&a, &inputs);
     assert_eq!(dims(&m, "cls_token"), [1, 1, 128]);
     assert_eq!(dims(&m, "blocks.3.norm2.weight"), [128]);
@@ -282,11 +280,7 @@ fn widened_vit_keeps_a_permuted_copys_function(pair: &str, reshapes: usize) {
         );
     }
     // The cosine head normalises over twice the units, each twice: logits shrink by √2.
-    let diff = want
-        .iter()
-        .zip(got.iter())
-        .map(|(x, y)| (x - y * std::f32::consts::SQRT_2).abs())
-        .fold(0.0f32, f32::max);
+    let diff = max_gap(want, got, std::f32::consts::SQRT_2);
     assert!(diff < 1e-3, "{pair}: merged logits differ by {diff}");
 }
 
@@ -397,14 +391,7 @@ fn widening_the_worst_merged_groups_first_nears_the_ensemble() {
     let (_, r, worst) = merged(pair, "1.2", &["--widen", "worst"]);
     let ratio = r["merged_parameters"].as_f64().unwrap() / r["model_parameters"].as_f64().unwrap();
     assert!(ratio > 1.0 && ratio <= 1.5, "{ratio}");
-    let e = eval_tasks(
-        &[
-            &fixture(&format!("{pair}_a.onnx")),
-            &fixture(&format!("{pair}_b.onnx")),
-        ],
-        &["--ensemble"],
-    );
-    let ensemble = 100.0 * e["ensemble"]["task_mean"].as_f64().unwrap();
+    let ensemble = ensemble_task_mean(pair);
     assert!(
         worst >= ensemble - 5.0,
         "worst-first {worst:.1} vs ensemble {ensemble:.1}"
@@ -431,14 +418,7 @@ fn group_norm_groups_widen_by_whole_groups_and_near_the_ensemble() {
     // layer's 16 channels in 4 groups of 4, at 16 + 4k.
     let c = dims(&m, "conv1.weight")[0];
     assert!(c >= 16 && c % 4 == 0, "{c}");
-    let e = eval_tasks(
-        &[
-            &fixture(&format!("{pair}_a.onnx")),
-            &fixture(&format!("{pair}_b.onnx")),
-        ],
-        &["--ensemble"],
-    );
-    let ensemble = 100.0 * e["ensemble"]["task_mean"].as_f64().unwrap();
+    let ensemble = ensemble_task_mean(pair);
     assert!(
         worst >= ensemble - 5.0,
         "worst-first {worst:.1} vs ensemble {ensemble:.1}"
@@ -454,20 +434,16 @@ fn a_group_norm_resnet_merged_with_a_permuted_copy_at_width_2_keeps_its_function
     // The cosine head normalises over both copies' 64 hidden units, each twice: the logits
     // shrink by √2 (as the ViT's do).
     let a = onnx::load(fixture("resnet20_gn_a.onnx")).unwrap();
-    let p = calib_set();
-    let arrays = data::read(&p).unwrap();
-    let inputs = common::head_rows(&data::bind_inputs(&arrays, &a, &p).unwrap(), 64);
+    let inputs = calib_inputs(&a, 64);
     let (m, report) = merged_with_permuted_copy(&a, &inputs);
     assert!(report.merged_parameters > 3 * report.model_parameters);
     assert_eq!(dims(&m, "conv1.weight")[0], 32);
     let (want, got) = (&outputs(&a, &inputs, &[])[0], &outputs(&m, &inputs, &[])[0]);
-    let scale = want.iter().fold(1.0f32, |m, x| m.max(x.abs()));
-    let diff = want
-        .iter()
-        .zip(got.iter())
-        .map(|(x, y)| (x - y * std::f32::consts::SQRT_2).abs())
-        .fold(0.0f32, f32::max);
-    assert!(diff <= 1e-4 * scale, "merged logits differ by {diff}");
+    let diff = max_gap(want, got, std::f32::consts::SQRT_2);
+    assert!(
+        diff <= 1e-4 * magnitude(want),
+        "merged logits differ by {diff}"
+    );
 }
 
 #[test]
@@ -482,38 +458,16 @@ fn group_norm_rule_models_merged_with_a_permuted_copy_at_width_2_keep_their_func
         let a = onnx::load(common::rule_models().join(format!("{name}.onnx"))).unwrap();
         let shapes = data::input_shapes(&a, None, &[], 16).unwrap();
         let inputs = data::random_inputs(&a, &shapes, 7).unwrap();
-        let b = common::permuted_copy(&a, &inputs);
-        let opts = MergeOptions {
-            method: Method::Zipit,
-            width: 2.0,
-            repair_samples: 0,
-            output_fit_samples: 0,
-            backend: BackendKind::Ort,
-            ..Default::default()
-        };
-        let (m, report) = merge(&[a.clone(), b], &inputs, &opts, &mut |_, _, _| {}).unwrap();
-        let kept: Vec<&str> = report
-            .groups
-            .iter()
-            .map(|g| g.similarity.as_str())
-            .filter(|s| s.contains("kept one model's width"))
-            .collect();
+        let ort = BackendKind::Ort;
+        let (m, report) = merged_with_permuted_copy_at(&a, &inputs, 2.0, ort);
+        let kept = kept_in(&report);
         assert!(kept.is_empty(), "{name}: {kept:?}");
         assert_eq!(dims(&m, "w1")[0], 16, "{name}");
-        let run = |model: &Model| {
-            let mut s =
-                open_session(BackendKind::Ort, model, &[], &BackendOptions::default()).unwrap();
-            run_batched(s.as_mut(), &inputs, 64).unwrap()[0].to_f32()
-        };
+        let run = |model: &Model| outputs_on(ort, model, &inputs, &[]).swap_remove(0);
         let (want, got) = (run(&a), run(&m));
-        let scale = want.iter().fold(1.0f32, |m, x| m.max(x.abs()));
-        let diff = want
-            .iter()
-            .zip(got.iter())
-            .map(|(x, y)| (x - y).abs())
-            .fold(0.0f32, f32::max);
+        let diff = max_gap(&want, &got, 1.0);
         assert!(
-            diff <= 1e-4 * scale,
+            diff <= 1e-4 * magnitude(&want),
             "{name}: merged outputs differ by {diff}"
         );
     }
@@ -525,9 +479,7 @@ fn a_constant_over_widened_groups_that_is_not_one_value_keeps_the_width() {
     // merged group count; a scale of different values could not be, so its group keeps one
     // model's width and the report says why.
     let a = onnx::load(fixture("resnet20_gn_a.onnx")).unwrap();
-    let p = calib_set();
-    let arrays = data::read(&p).unwrap();
-    let inputs = common::head_rows(&data::bind_inputs(&arrays, &a, &p).unwrap(), 64);
+    let inputs = calib_inputs(&a, 64);
     let mut a = a;
     let scale = a
         .proto
@@ -541,22 +493,8 @@ fn a_constant_over_widened_groups_that_is_not_one_value_keeps_the_width() {
         .and_then(|attr| attr.t.as_mut())
         .unwrap();
     *scale = TensorData::F32(ndarray::arr1(&[1.0f32, 2.0, 3.0, 4.0]).into_dyn()).to_proto("");
-    let b = common::permuted_copy(&a, &inputs);
-    let opts = MergeOptions {
-        method: Method::Zipit,
-        width: 1.5,
-        repair_samples: 0,
-        output_fit_samples: 0,
-        backend: BackendKind::Tract,
-        ..Default::default()
-    };
-    let (m, report) = merge(&[a, b], &inputs, &opts, &mut |_, _, _| {}).unwrap();
-    let kept: Vec<&str> = report
-        .groups
-        .iter()
-        .map(|g| g.similarity.as_str())
-        .filter(|s| s.contains("kept one model's width"))
-        .collect();
+    let (m, report) = merged_with_permuted_copy_at(&a, &inputs, 1.5, BackendKind::Tract);
+    let kept = kept_in(&report);
     assert_eq!(kept.len(), 1, "{kept:?}");
     assert!(
         kept[0].contains("'/bn1/Constant_1_output_0' holds its units and is not one value"),
@@ -590,14 +528,9 @@ fn zoo_models_merged_with_a_permuted_copy_at_width_2_keep_their_function() {
             widened += 1;
         }
         let (want, got) = (&outputs(&a, &inputs, &[])[0], &outputs(&m, &inputs, &[])[0]);
-        let scale = want.iter().fold(1.0f32, |m, x| m.max(x.abs()));
-        let diff = want
-            .iter()
-            .zip(got.iter())
-            .map(|(x, y)| (x - y).abs())
-            .fold(0.0f32, f32::max);
+        let diff = max_gap(want, got, 1.0);
         assert!(
-            diff <= 1e-4 * scale,
+            diff <= 1e-4 * magnitude(want),
             "{name}: merged outputs differ by {diff}"
         );
     }
@@ -609,24 +542,86 @@ fn zoo_models_merged_with_a_permuted_copy_at_width_2_keep_their_function() {
 /// activations alone find the permutation of the groups kept at one model's width), no
 /// repair, tract.
 fn merged_with_permuted_copy(a: &Model, inputs: &[TensorData]) -> (Model, MergeReport) {
+    merged_with_permuted_copy_at(a, inputs, 2.0, BackendKind::Tract)
+}
+
+/// `a` merged with a randomly permuted copy of itself by ZipIt at `width`, on `backend`, with
+/// neither repair nor the output refit: the rewrite alone (the refit would fit the head back
+/// to the copies' logits, undoing the √2 a width-2 cosine head loses).
+fn merged_with_permuted_copy_at(
+    a: &Model,
+    inputs: &[TensorData],
+    width: f64,
+    backend: BackendKind,
+) -> (Model, MergeReport) {
     let b = common::permuted_copy(a, inputs);
     let opts = MergeOptions {
         method: Method::Zipit,
-        width: 2.0,
+        width,
         repair_samples: 0,
-        // The rewrite alone: the output refit would fit the head back to the copies' logits
-        // (it undoes the √2 the width-2 cosine head loses).
         output_fit_samples: 0,
-        backend: BackendKind::Tract,
+        backend,
         ..Default::default()
     };
     merge(&[a.clone(), b], inputs, &opts, &mut |_, _, _| {}).unwrap()
 }
 
+/// The groups a library merge kept at one model's width, by their reasons.
+fn kept_in(report: &MergeReport) -> Vec<&str> {
+    report
+        .groups
+        .iter()
+        .map(|g| g.similarity.as_str())
+        .filter(|s| s.contains("kept one model's width"))
+        .collect()
+}
+
+/// The first `n` samples of the bundled calibration set, bound to `model`'s inputs.
+fn calib_inputs(model: &Model, n: usize) -> Vec<TensorData> {
+    let p = calib_set();
+    let arrays = data::read(&p).unwrap();
+    common::head_rows(&data::bind_inputs(&arrays, model, &p).unwrap(), n)
+}
+
+/// The task mean (%) of `pair`'s ensemble on the test set.
+fn ensemble_task_mean(pair: &str) -> f64 {
+    let e = eval_tasks(
+        &[
+            &fixture(&format!("{pair}_a.onnx")),
+            &fixture(&format!("{pair}_b.onnx")),
+        ],
+        &["--ensemble"],
+    );
+    100.0 * e["ensemble"]["task_mean"].as_f64().unwrap()
+}
+
+/// The largest |want − shrink · got| (`shrink`: how much a merge scaled the outputs down).
+fn max_gap(want: &ndarray::ArrayD<f32>, got: &ndarray::ArrayD<f32>, shrink: f32) -> f32 {
+    want.iter()
+        .zip(got.iter())
+        .map(|(x, y)| (x - y * shrink).abs())
+        .fold(0.0f32, f32::max)
+}
+
+/// The largest |value| of `t`, at least 1: the scale a relative bound is taken against.
+fn magnitude(t: &ndarray::ArrayD<f32>) -> f32 {
+    t.iter().fold(1.0f32, |m, x| m.max(x.abs()))
+}
+
 /// `model`'s first output on `inputs` (tract), then the values named in `extra`, as f32.
 fn outputs(model: &Model, inputs: &[TensorData], extra: &[String]) -> Vec<ndarray::ArrayD<f32>> {
+    outputs_on(BackendKind::Tract, model, inputs, extra)
+}
+
+/// As `outputs`, on `backend`.
+fn outputs_on(
+    backend: BackendKind,
+    model: &Model,
+    inputs: &[TensorData],
+    extra: &[String],
+) -> Vec<ndarray::ArrayD<f32>> {
     let opts = BackendOptions::default();
-    let mut s = open_session(BackendKind::Tract, model, extra, &opts).unwrap();
+    let mut s = open_session(backend, model, extra, &opts).unwrap();
     let out = run_batched(s.as_mut(), inputs, 64).unwrap();
     std::iter::once(&out[0])
         .chain(&out[out.len() - extra.len()..])

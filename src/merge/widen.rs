@@ -15,7 +15,7 @@ use super::shape_flow::{self, Axes, Elem, Flow};
 use crate::error::{Error, Result};
 use crate::graph::Graph;
 use crate::onnx::proto::{GraphProto, NodeProto, TensorProto};
-use crate::symmetry::rules::{attr_int, input, norm_axis};
+use crate::symmetry::rules::{attr_int, attr_mut, input, norm_axis};
 use crate::symmetry::{Group, GroupKind};
 
 /// Ops that read the shape of a value or slice it: a value whose sizes widen may reach them
@@ -271,11 +271,7 @@ pub fn set_group_norm_groups(
         let (Some(groups), Some(node)) = (groups, merged.node.get_mut(i)) else {
             continue;
         };
-        if let Some(a) = node
-            .attribute
-            .iter_mut()
-            .find(|a| a.name.as_deref() == Some("num_groups"))
-        {
+        if let Some(a) = attr_mut(node, "num_groups") {
             a.i = Some(groups);
         }
     }
@@ -300,11 +296,7 @@ pub fn set_depthwise_groups(original: &Graph, merged: &mut GraphProto) {
         let Some(&now) = node.input.get(1).and_then(|w| channels.get(w)) else {
             continue;
         };
-        if let Some(a) = node
-            .attribute
-            .iter_mut()
-            .find(|a| a.name.as_deref() == Some("group"))
-        {
+        if let Some(a) = attr_mut(node, "group") {
             a.i = Some(now);
         }
     }
@@ -389,12 +381,7 @@ pub fn resize_constants(
             .node
             .iter_mut()
             .find(|n| n.op_type.as_deref() == Some("Constant") && n.output.first() == Some(&name));
-        let attr = node.and_then(|n| {
-            n.attribute
-                .iter_mut()
-                .find(|a| a.name.as_deref() == Some("value"))
-        });
-        if let Some(a) = attr {
+        if let Some(a) = node.and_then(|n| attr_mut(n, "value")) {
             a.t = Some(proto);
         }
     }

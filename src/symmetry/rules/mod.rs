@@ -22,7 +22,7 @@ mod stacked;
 use std::collections::HashMap;
 
 use crate::graph::{Graph, ShapeMap};
-use crate::onnx::proto::NodeProto;
+use crate::onnx::proto::{AttributeProto, NodeProto};
 
 use super::slots::{SlotId, Slots};
 
@@ -132,6 +132,13 @@ pub fn attr_int(node: &NodeProto, name: &str) -> Option<i64> {
         .iter()
         .find(|a| a.name.as_deref() == Some(name))
         .and_then(|a| a.i)
+}
+
+/// The attribute `name` of `node`, to rewrite (a widened `group` or `num_groups`).
+pub fn attr_mut<'n>(node: &'n mut NodeProto, name: &str) -> Option<&'n mut AttributeProto> {
+    node.attribute
+        .iter_mut()
+        .find(|a| a.name.as_deref() == Some(name))
 }
 
 pub fn attr_ints(node: &NodeProto, name: &str) -> Option<Vec<i64>> {
