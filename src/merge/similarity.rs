@@ -20,9 +20,10 @@ use crate::symmetry::slots::Slots;
 use crate::symmetry::Group;
 
 /// Cached blocks beyond this many bytes are recomputed instead of kept. On the ResNet-50 pair
-/// (25 sweeps), 1 GiB re-correlated 58 % of the columns read at a merge peak of 2.98 GB,
-/// 256 MiB 87 % at 2.45 GB.
-const CACHE_BYTES: usize = 1 << 29;
+/// (11 sweeps from a 256-image shard, Grams kept by model pair) 1 GiB holds every member and
+/// re-correlates 53 % of the columns read (matching 27.0 s, peak 2.04 GB), 512 MiB 70 %
+/// (29.2 s, 1.80 GB): below calibration's own peak of a full merge either way.
+const CACHE_BYTES: usize = 1 << 30;
 
 /// A member with fewer features per unit than this is recomputed rather than cached: its
 /// Gram costs little more than adding a cached one (biases, norm parameters, a 10-class head).
@@ -143,15 +144,15 @@ impl<'a> WeightSimilarity<'a> {
             self.counts.computed += 1;
             self.counts.columns_correlated += z.ncols();
             self.counts.columns_read += z.ncols();
-            let kept = RowBlock::updatable_bytes(z.dim());
+            let kept = RowBlock::updatable_bytes(z.dim(), m.models);
             if z.ncols() >= MIN_CACHED_FEATURES && self.bytes + kept <= CACHE_BYTES {
-                let block = RowBlock::updatable(z.view());
+                let block = RowBlock::updatable(z.view(), m.models);
                 self.bytes += block.bytes();
                 self.cache.insert((g.id, k), (state, block));
                 order.push(Ok(k));
             } else {
                 order.push(Err(fresh.len()));
-                fresh.push(RowBlock::new(z.view()));
+                fresh.push(RowBlock::new(z.view(), m.models));
             }
         }
         let blocks: Vec<&RowBlock> = order

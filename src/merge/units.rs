@@ -10,7 +10,7 @@
 
 use std::collections::HashMap;
 
-use ndarray::{Array2, ArrayD, Axis};
+use ndarray::{Array2, ArrayD};
 
 use crate::symmetry::structure::{CompId, Def, Structure};
 use crate::symmetry::{Group, GroupKind};
@@ -463,18 +463,29 @@ fn scatter_axis(
     // dynamic-rank views (this runs on every member tensor in every sweep).
     let outer: usize = shape[..axis].iter().product();
     let inner: usize = shape[axis + 1..].iter().product();
+    // Outer index by outer index, each lane a contiguous run of `inner` values on both sides
+    // (lane by lane, a 1×1 convolution's input axis is a stride-`lanes` walk through the whole
+    // tensor per lane). Every element gets its lanes' terms in the same order either way.
     let src = x.as_standard_layout();
-    let (Ok(src), Ok(mut dst)) = (
-        src.view()
-            .into_shape_with_order((outer, x.shape()[axis], inner)),
-        out.view_mut().into_shape_with_order((outer, new, inner)),
-    ) else {
-        unreachable!("standard-layout arrays reshape to three axes");
+    let (Some(src), Some(dst)) = (src.as_slice(), out.as_slice_mut()) else {
+        unreachable!("standard-layout arrays are contiguous");
     };
-    for (k, hit) in single.iter().enumerate() {
-        if let Some((j, v)) = *hit {
-            dst.index_axis_mut(Axis(1), j)
-                .scaled_add(v, &src.index_axis(Axis(1), k));
+    let lanes = x.shape()[axis];
+    if inner == 0 || lanes == 0 || new == 0 {
+        return out;
+    }
+    for (from, to) in src
+        .chunks_exact(lanes * inner)
+        .zip(dst.chunks_exact_mut(new * inner))
+        .take(outer)
+    {
+        for (k, hit) in single.iter().enumerate() {
+            if let Some((j, v)) = *hit {
+                let d = &mut to[j * inner..(j + 1) * inner];
+                for (d, s) in d.iter_mut().zip(&from[k * inner..(k + 1) * inner]) {
+                    *d += v * s;
+                }
+            }
         }
     }
     out

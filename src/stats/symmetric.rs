@@ -6,7 +6,7 @@
 //! no symmetric rank-k update, so the triangle is cut into column panels and each panel is one
 //! ordinary GEMM: `X[:, ..end]ᵀ · X[:, start..end]`.
 
-use ndarray::{Array2, ArrayView2};
+use ndarray::{Array2, ArrayView2, ArrayViewMut2};
 
 /// Columns per panel. The triangle costs `n²/2 + n·PANEL/2` elements: 4 % over the exact
 /// half at 6,144 units, while each panel stays a GEMM wide enough to run at the kernel's peak.
@@ -126,7 +126,7 @@ impl<T: ndarray::LinalgScalar + Default> Symmetric<T> {
     /// `out`: each element gets the same f64 additions in the same order, but `out` (the
     /// largest matrix of a wide group's weight similarity) is read and written once per four
     /// triangles instead of once per triangle. All must have the same units.
-    pub fn add_all_upper_into(all: &[&Symmetric<T>], out: &mut Array2<f64>)
+    pub fn add_all_upper_into(all: &[&Symmetric<T>], mut out: ArrayViewMut2<f64>)
     where
         f64: From<T>,
     {
@@ -169,7 +169,7 @@ impl<T: ndarray::LinalgScalar + Default> Symmetric<T> {
     where
         f64: From<T>,
     {
-        Symmetric::add_all_upper_into(&[self], out);
+        Symmetric::add_all_upper_into(&[self], out.view_mut());
     }
 }
 
@@ -254,7 +254,7 @@ pub(crate) fn mirror_upper<T: Copy>(a: &mut Array2<T>) {
 
 /// `dst[k] += rows[0][k]; dst[k] += rows[1][k]; …` in f64, in that order (what adding the rows
 /// one after the other gives), for one to four rows: a loop per count, so that it vectorises.
-fn add_rows<T: Copy>(dst: &mut [f64], rows: &[&[T]])
+pub(super) fn add_rows<T: Copy>(dst: &mut [f64], rows: &[&[T]])
 where
     f64: From<T>,
 {
@@ -378,7 +378,7 @@ mod tests {
             .collect();
         let refs: Vec<&Symmetric<f32>> = all.iter().collect();
         let mut got = Array2::<f64>::zeros((units, units));
-        Symmetric::add_all_upper_into(&refs, &mut got);
+        Symmetric::add_all_upper_into(&refs, got.view_mut());
         let mut want = Array2::<f64>::zeros((units, units));
         for t in &all {
             want = want + t.to_full().mapv(f64::from);
