@@ -173,7 +173,7 @@ pub struct MergeArgs {
     pub(super) external_data: bool,
     /// Statistics repair (REPAIR folded into Conv/Gemm weights, BatchNorm reset) on this many
     /// calibration samples; 0 turns it off.
-    #[arg(long, default_value_t = 256)]
+    #[arg(long, default_value_t = crate::merge::DEFAULT_REPAIR_SAMPLES)]
     pub(super) repair_samples: usize,
     /// Passes of the merged model for statistics repair: each runs the model with every
     /// corrected layer normalised in the graph (BatchNorms in training mode) and folds the

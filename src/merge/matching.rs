@@ -256,9 +256,10 @@ pub fn zip_owned(sim: Array2<f64>, models: usize, a: f64, b: f64, target: usize)
     let mut values = Vec::new();
     let row_best = |s: &Array2<f64>, alive: &[bool], x: usize| {
         let mut best = (f64::NEG_INFINITY, usize::MAX);
-        for y in x + 1..o {
-            if alive[y] && s[[x, y]] > best.0 {
-                best = (s[[x, y]], y);
+        let right = s.slice(ndarray::s![x, x + 1..]);
+        for (y, (&v, &live)) in (x + 1..).zip(right.iter().zip(&alive[x + 1..])) {
+            if live && v > best.0 {
+                best = (v, y);
             }
         }
         best

@@ -15,7 +15,7 @@ use ndarray::Array2;
 use super::bn_fold::Folded;
 use super::units::{Layout, Matchings, Unmerge};
 use super::weights::{member_vectors, Weights};
-use crate::stats::{row_correlation_of_blocks, RowBlock};
+use crate::stats::{mirror_upper, row_correlation_upper_of_blocks, RowBlock};
 use crate::symmetry::slots::Slots;
 use crate::symmetry::Group;
 
@@ -104,6 +104,15 @@ impl<'a> WeightSimilarity<'a> {
     /// Pearson correlation of group `g`'s unit weight vectors (all models stacked) under the
     /// matchings `m`; `None` where the group has no usable weight vectors.
     pub fn get(&mut self, g: &Group, m: &Matchings) -> Option<Array2<f64>> {
+        self.get_upper(g, m).map(|mut s| {
+            mirror_upper(&mut s);
+            s
+        })
+    }
+
+    /// `get` in its upper triangle and diagonal only (`row_correlation_upper_of_blocks`): for
+    /// the loop's dual similarity, mirrored once after the blend.
+    pub fn get_upper(&mut self, g: &Group, m: &Matchings) -> Option<Array2<f64>> {
         // Per member, in member order (so the sum's rounding does not depend on the cache):
         // its cached block, or its index among those computed and not kept.
         let mut fresh = Vec::new();
@@ -163,7 +172,7 @@ impl<'a> WeightSimilarity<'a> {
             })
             .filter(|b| b.features() > 0)
             .collect();
-        (!blocks.is_empty()).then(|| row_correlation_of_blocks(&blocks))
+        (!blocks.is_empty()).then(|| row_correlation_upper_of_blocks(&blocks))
     }
 
     /// Everything group `g`'s similarity is made of that can change during the loop: the

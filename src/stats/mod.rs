@@ -7,7 +7,9 @@ use ndarray::{Array1, Array2, ArrayView2, ArrayViewMut2, Axis};
 mod row_block;
 mod symmetric;
 
-pub use row_block::{row_correlation_f32, row_correlation_of_blocks, RowBlock};
+pub use row_block::{
+    row_correlation_f32, row_correlation_of_blocks, row_correlation_upper_of_blocks, RowBlock,
+};
 pub(crate) use symmetric::mirror_upper;
 pub use symmetric::{Symmetric, SymmetricGram};
 

@@ -314,6 +314,15 @@ fn centre_rows(z: ArrayView2<f64>, centre: &[f64]) -> Array2<f32> {
 /// with the same rows and parts). A row whose variance is rounding noise is dead: its
 /// correlations are 0, as in `Moments::correlation`.
 pub fn row_correlation_of_blocks(blocks: &[&RowBlock]) -> Array2<f64> {
+    let mut gram = row_correlation_upper_of_blocks(blocks);
+    mirror_upper(&mut gram);
+    gram
+}
+
+/// `row_correlation_of_blocks` in its upper triangle and diagonal only (the lower one holds
+/// intermediate sums): for a caller that blends the matrix with another before mirroring it,
+/// so that a wide group's matrix is mirrored once instead of twice per sweep.
+pub fn row_correlation_upper_of_blocks(blocks: &[&RowBlock]) -> Array2<f64> {
     let units = blocks.first().map_or(0, |b| b.mean.len());
     let features: usize = blocks.iter().map(|b| b.features).sum();
     let n = features.max(1) as f64;
@@ -356,7 +365,7 @@ pub fn row_correlation_of_blocks(blocks: &[&RowBlock]) -> Array2<f64> {
         .collect();
     let sd: Vec<f64> = var.iter().map(|v| v.max(0.0).sqrt()).collect();
     // One pass over the upper triangle, in place (the matrix is the largest thing a wide
-    // group's matching holds), then one tiled mirror.
+    // group's matching holds).
     for (i, mut row) in gram.rows_mut().into_iter().enumerate() {
         for (j, g) in row.iter_mut().enumerate().skip(i) {
             let r = (*g / n - mean[i] * mean[j]) / (sd[i] * sd[j]).max(1e-7);
@@ -367,7 +376,6 @@ pub fn row_correlation_of_blocks(blocks: &[&RowBlock]) -> Array2<f64> {
             };
         }
     }
-    mirror_upper(&mut gram);
     gram
 }
 
