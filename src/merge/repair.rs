@@ -395,10 +395,7 @@ fn correct(
 /// For a layer REPAIR can correct: the weight axis holding its output units, the output's
 /// channel axis, and its bias input.
 fn layer_axes(node: &crate::onnx::proto::NodeProto) -> Option<(usize, usize, Option<String>)> {
-    let trans_b = node
-        .attribute
-        .iter()
-        .any(|a| a.name.as_deref() == Some("transB") && a.i == Some(1));
+    let trans_b = crate::symmetry::rules::attr_int(node, "transB") == Some(1);
     match node.op_type.as_deref()? {
         "Conv" => Some((0, 1, node.input.get(2).cloned())),
         "Gemm" => Some((if trans_b { 0 } else { 1 }, 1, node.input.get(2).cloned())),

@@ -10,6 +10,7 @@ use super::units::{apply_axis, Layout, Matchings, Role};
 use crate::error::{Error, Result};
 use crate::graph::Graph;
 use crate::onnx::TensorData;
+use crate::symmetry::rules::attr_int;
 use crate::symmetry::slots::{SlotId, Slots};
 use crate::symmetry::{Group, Member};
 
@@ -133,13 +134,7 @@ pub fn member_vectors(
 /// of Gemm/MatMul): their merged columns are summed over a cluster, all others averaged.
 pub fn input_axes(graph: &Graph) -> HashSet<(String, usize)> {
     let mut out = HashSet::new();
-    let attr = |n: &crate::onnx::proto::NodeProto, name: &str| {
-        n.attribute
-            .iter()
-            .find(|a| a.name.as_deref() == Some(name))
-            .and_then(|a| a.i)
-            .unwrap_or(0)
-    };
+    let attr = |n, name| attr_int(n, name).unwrap_or(0);
     for node in graph.nodes() {
         let input = |k: usize| {
             node.input
