@@ -187,13 +187,27 @@ fn groups_whose_width_the_graph_spells_out_keep_it() {
     assert_eq!(dims(&m, "blocks.0.mlp.fc1.bias"), [192]);
     assert_eq!(dims(&m, "blocks.0.attn.q.bias"), [96]);
     // nn.MultiheadAttention's export reshapes its packed in-projection to [N, B, 3, C]: an
-    // axis that stacks Q, K and V by index, which the merged sizes cannot describe. Its heads
-    // keep their width, and the report names that reshape.
+    // axis that stacks Q, K and V by index. Q/K and V/O widen alike (6 heads each), so the
+    // pieces stay equal and the reshape gets [N, B, 3, 96]; the packed rows hold 3 × 96.
     let (m, r, _) = merged("vit_mha", "1.5", &[]);
-    let kept = kept_reasons(&r);
-    assert_eq!(kept.len(), 8, "{kept:?}");
-    assert!(kept.iter().all(|s| s.contains("Reshape_2")), "{kept:?}");
+    assert!(kept_reasons(&r).is_empty(), "{:?}", kept_reasons(&r));
     assert_eq!(dims(&m, "cls_token"), [1, 1, 96]);
+    assert_eq!(dims(&m, "blocks.0.self_attn.in_proj_bias"), [288]);
+}
+
+/// Packed attention heads widen (the in-projection's Q, K and V pieces at one merged size):
+/// `vit_mha` at `--width 1.2` stays within 1.5× one model's parameters and comes within 5
+/// points of the ensemble (measured 82.25 % at 1.45× against 86.5 %; before its heads could
+/// widen, the best found at ≤ 1.5× was 80.1 %).
+#[test]
+fn packed_attention_heads_widen_near_the_ensemble() {
+    let pair = "vit_mha";
+    let (_, r, got) = merged(pair, "1.2", &[]);
+    assert!(kept_reasons(&r).is_empty(), "{:?}", kept_reasons(&r));
+    let ratio = r["merged_parameters"].as_f64().unwrap() / r["model_parameters"].as_f64().unwrap();
+    assert!(ratio > 1.0 && ratio <= 1.5, "{ratio}");
+    let ensemble = ensemble_task_mean(pair);
+    assert!(got >= ensemble - 5.0, "{got:.1} vs ensemble {ensemble:.1}");
 }
 
 fn kept_reasons(r: &serde_json::Value) -> Vec<String> {
@@ -220,8 +234,8 @@ fn dims(m: &Model, name: &str) -> Vec<i64> {
 #[test]
 fn vits_widen_their_residual_stream_through_the_reshapes_that_read_it() {
     // (pair, Reshapes that touch the widened groups: the patch embedding's flatten and, per
-    // block, the heads' split of Q, K and V and their merge; the packed in-projection's heads
-    // keep their width, but its block splits and merges heads and batch around its
+    // block, the heads' split of Q, K and V and their merge; the packed in-projection's block
+    // also stacks Q, K and V by index and splits and merges heads and batch around its
     // sequence-first attention.)
     for (pair, reshapes) in [("vit", 17), ("vit_mha", 37)] {
         widened_vit_keeps_a_permuted_copys_function(pair, reshapes);
@@ -231,21 +245,19 @@ fn vits_widen_their_residual_stream_through_the_reshapes_that_read_it() {
 fn widened_vit_keeps_a_permuted_copys_function(pair: &str, reshapes: usize) {
     // Merged with a permuted copy of itself at width 2, no unit of a widened group is zipped:
     // the stream holds both copies' units side by side, so each LayerNorm sees every value
-    // twice (the same mean and variance); the heads are both copies' heads (`vit`) or, kept
-    // at one model's width (`vit_mha`), find the permutation (ZipIt: activations alone; the
-    // weight half of MuDSC's similarity is noise where a neighbour keeps the models' units
-    // apart). Every merged unit of the final stream must be one of the model's; a Reshape
-    // left reading a widened size, or pinned to a wrong one, fails to run or scrambles the
-    // tokens or heads.
+    // twice (the same mean and variance); the heads are both copies' heads, in the packed
+    // in-projection (`vit_mha`) as Q, K and V pieces of twice the rows. Every merged unit of
+    // the final stream must be one of the model's; a Reshape left reading a widened size, or
+    // pinned to a wrong one, fails to run or scrambles the tokens, heads or pieces.
     let a = onnx::load(fixture(&format!("{pair}_a.onnx"))).unwrap();
     let inputs = calib_inputs(&a, 256);
     let (m, _) = merged_with_permuted_copy(&a, &inputs);
     assert_eq!(dims(&m, "cls_token"), [1, 1, 128]);
     assert_eq!(dims(&m, "blocks.3.norm2.weight"), [128]);
-    // Separate projections: both copies' heads; packed: one model's (Q, K and V rows).
+    // Both copies' heads: separate projections, or the packed Q, K and V rows.
     let (q, size) = match pair {
         "vit" => ("blocks.0.attn.q.bias", 128),
-        _ => ("blocks.0.self_attn.in_proj_bias", 192),
+        _ => ("blocks.0.self_attn.in_proj_bias", 384),
     };
     assert_eq!(dims(&m, q), [size]);
     let pinned = m

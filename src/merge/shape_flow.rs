@@ -436,7 +436,7 @@ pub fn pin(
         _ => return Err(format!("Reshape '{name}': shape of '{o}' unknown")),
     };
     let (inp, inp2) = (axes.shapes.get(x), axes.shapes_other_batch.get(x));
-    let mut pinned = Vec::with_capacity(out.len());
+    let mut pinned: Vec<i64> = Vec::with_capacity(out.len());
     let mut inferred = 0;
     for i in 0..out.len() {
         let dim = if out[i] != out2[i] {
@@ -471,26 +471,89 @@ pub fn pin(
     // At the calibration batch (a batch × heads axis is a product of the two).
     let merged_in: Vec<usize> = (0..rank).map(|j| axes.merged_size(x, j, widths)).collect();
     let volume: usize = merged_in.iter().product();
-    let known: usize = pinned
-        .iter()
-        .enumerate()
-        .map(|(i, &d)| match d {
-            0 => merged_in.get(i).copied().unwrap_or(0),
-            -1 => 1,
-            d => d as usize,
-        })
-        .product();
-    let fits = if inferred == 0 {
-        known == volume
-    } else {
-        known > 0 && volume.is_multiple_of(known)
+    let fits = |pinned: &[i64]| {
+        let known: usize = pinned
+            .iter()
+            .enumerate()
+            .map(|(i, &d)| match d {
+                0 => merged_in.get(i).copied().unwrap_or(0),
+                -1 => 1,
+                d => d as usize,
+            })
+            .product();
+        if inferred == 0 {
+            known == volume
+        } else {
+            known > 0 && volume.is_multiple_of(known)
+        }
     };
-    if !fits {
-        return Err(format!(
-            "Reshape '{name}': its widened input does not fill {pinned:?}"
-        ));
+    if !fits(&pinned) {
+        // A packed projection's rows split as [pieces, piece] ([3, C] for Q, K and V): the
+        // pieces at their (equal) merged size, where the split is exactly the packed axis.
+        let restacked = inp
+            .and_then(|inp| stacked_pieces(axes, x, inp, out, &pinned, widths))
+            .filter(|p| fits(p));
+        match restacked {
+            Some(p) => pinned = p,
+            None => {
+                return Err(format!(
+                    "Reshape '{name}': its widened input does not fill {pinned:?}"
+                ))
+            }
+        }
     }
     Ok(Some(pinned))
+}
+
+/// `pinned` with a packed axis's piece size widened: input axis `j` of `x` is a concatenation
+/// of `k` pieces of one size (a packed projection's Q, K and V rows), all widened to one merged
+/// size, and the Reshape splits exactly that axis into adjacent `[k, piece]` axes (the sizes
+/// before them hold the same elements on both sides). Each index of the `k` axis then holds
+/// one piece at its merged width, as the rewrite lays the pieces out end to end. `None`
+/// otherwise (pieces widened unequally cannot be stacked on one axis).
+fn stacked_pieces(
+    axes: &Axes,
+    x: &str,
+    inp: &[usize],
+    out: &[usize],
+    pinned: &[i64],
+    widths: &BTreeMap<usize, usize>,
+) -> Option<Vec<i64>> {
+    for (j, &size) in inp.iter().enumerate() {
+        let Some(slot) = axes.disc.slots.slot(x, j) else {
+            continue;
+        };
+        let Def::Concat(pieces) = &axes.disc.structure.comps[axes.disc.structure.comp_of[slot]].def
+        else {
+            continue;
+        };
+        let k = pieces.len();
+        let piece = pieces.first()?.1;
+        let merged: BTreeSet<usize> = pieces
+            .iter()
+            .map(|&(_, _, c)| axes.comp_size(c, widths))
+            .collect();
+        let (true, Some(&merged)) = (
+            k > 1 && pieces.iter().all(|p| p.1 == piece) && merged.len() == 1,
+            merged.first(),
+        ) else {
+            continue;
+        };
+        let before: usize = inp[..j].iter().product();
+        for i in 0..out.len().saturating_sub(1) {
+            let aligned = out[..i].iter().product::<usize>() == before;
+            if aligned
+                && (out[i], out[i + 1]) == (k, piece)
+                && (pinned[i], pinned[i + 1]) == (k as i64, piece as i64)
+                && size == k * piece
+            {
+                let mut p = pinned.to_vec();
+                p[i + 1] = merged as i64;
+                return Some(p);
+            }
+        }
+    }
+    None
 }
 
 #[cfg(test)]
