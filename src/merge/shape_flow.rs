@@ -527,16 +527,15 @@ fn stacked_pieces(
         else {
             continue;
         };
-        let k = pieces.len();
-        let piece = pieces.first()?.1;
+        let (k, piece) = (pieces.len(), pieces.first().map_or(0, |p| p.1));
+        if k < 2 || pieces.iter().any(|p| p.1 != piece) {
+            continue;
+        }
         let merged: BTreeSet<usize> = pieces
             .iter()
             .map(|&(_, _, c)| axes.comp_size(c, widths))
             .collect();
-        let (true, Some(&merged)) = (
-            k > 1 && pieces.iter().all(|p| p.1 == piece) && merged.len() == 1,
-            merged.first(),
-        ) else {
+        let [merged] = merged.into_iter().collect::<Vec<_>>()[..] else {
             continue;
         };
         let before: usize = inp[..j].iter().product();

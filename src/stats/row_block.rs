@@ -202,6 +202,20 @@ impl RowBlock {
 }
 
 impl PairGram {
+    fn within(&self) -> Option<&Symmetric<f32>> {
+        match self {
+            PairGram::Within(t) => Some(t),
+            PairGram::Across(_) => None,
+        }
+    }
+
+    fn across(&self) -> Option<&Array2<f32>> {
+        match self {
+            PairGram::Across(full) => Some(full),
+            PairGram::Within(_) => None,
+        }
+    }
+
     /// `self += beta · x yᵀ` for the columns `x` of one part and `y` of the other (the same
     /// columns: `x` alone on the diagonal).
     fn add(&mut self, x: ArrayView2<f32>, y: ArrayView2<f32>, beta: f32) {
@@ -397,22 +411,16 @@ fn add_pair_grams(blocks: &[&RowBlock], mut out: ArrayViewMut2<f64>) {
         let dst = out.slice_mut(s![a * w..(a + 1) * w, b * w..(b + 1) * w]);
         match pair.gram {
             PairGram::Within(_) => {
-                let triangles: Vec<&Symmetric<f32>> = blocks
+                let triangles: Vec<_> = blocks
                     .iter()
-                    .filter_map(|blk| match &blk.pairs[k].gram {
-                        PairGram::Within(t) => Some(t),
-                        PairGram::Across(_) => None,
-                    })
+                    .filter_map(|b| b.pairs[k].gram.within())
                     .collect();
                 Symmetric::add_all_upper_into(&triangles, dst);
             }
             PairGram::Across(_) => {
-                let fulls: Vec<&Array2<f32>> = blocks
+                let fulls: Vec<_> = blocks
                     .iter()
-                    .filter_map(|blk| match &blk.pairs[k].gram {
-                        PairGram::Across(full) => Some(full),
-                        PairGram::Within(_) => None,
-                    })
+                    .filter_map(|b| b.pairs[k].gram.across())
                     .collect();
                 add_all_into(&fulls, dst);
             }
