@@ -37,11 +37,11 @@ pub struct Side {
     /// Per value (aligned with `names[0]`): its units' axis, `None` for the rank's default.
     pub axes: Vec<Option<usize>>,
     pub samples: usize,
-    /// Values kept whole, batch by batch, over the first `keep_samples` inputs (`keep[i]`:
-    /// model i's names; results keyed by `keep[0]`): the output refit's targets, which then
-    /// cost no endpoint passes of their own.
+    /// Values kept whole, batch by batch, each over the first `keep_samples` inputs (aligned
+    /// with `keep[0]`; `keep[i]`: model i's names; results keyed by `keep[0]`): the output
+    /// refit's targets, which then cost no endpoint passes of their own.
     pub keep: Vec<Vec<String>>,
-    pub keep_samples: usize,
+    pub keep_samples: Vec<usize>,
 }
 
 impl Side {
@@ -52,7 +52,7 @@ impl Side {
             axes: Vec::new(),
             samples: 0,
             keep: Vec::new(),
-            keep_samples: 0,
+            keep_samples: Vec::new(),
         }
     }
 }
@@ -64,7 +64,7 @@ pub type SideMoments = Vec<HashMap<String, UnitMoments>>;
 /// endpoints itself, streaming): a classifier's logits are kilobytes per sample, a language
 /// model's per-token vocabulary scores are not. `--refit-layers auto` refits every layer only
 /// where their outputs fit in it.
-pub const KEEP_BYTES: usize = 512 << 20;
+pub const KEEP_BYTES: usize = 1 << 30;
 
 /// Kept values (`Side::keep`): the calibration batches they cover, as sample ranges, and per
 /// model each value's outputs on them, in order, by model-0 name. Empty when nothing was kept.
@@ -96,7 +96,10 @@ pub fn collect(
         ranges: Vec::new(),
         values: vec![HashMap::new(); n],
     };
-    let (mut keeping, mut kept_bytes) = (side.keep_samples > 0 && !side.keep.is_empty(), 0);
+    let (mut keeping, mut kept_bytes) = (
+        side.keep_samples.iter().any(|&n| n > 0) && !side.keep.is_empty(),
+        0,
+    );
     // Sessions with the side values as extra outputs serve the batches that hold side
     // samples; the rest run without them, so that the engine keeps its fusions there.
     let open = |with_side: bool| -> Result<Vec<Box<dyn crate::runtime::Session>>> {
@@ -200,10 +203,15 @@ pub fn collect(
                     }
                 }
             }
-            if keeping && start < side.keep_samples {
+            if keeping && side.keep_samples.iter().any(|&n| start < n) {
                 // Whole batches: their outputs' batch axis need not be the first.
                 for (i, outs) in per_model.iter().enumerate() {
-                    for (name, key) in side.keep[i].iter().zip(&side.keep[0]) {
+                    for ((name, key), _) in side.keep[i]
+                        .iter()
+                        .zip(&side.keep[0])
+                        .zip(&side.keep_samples)
+                        .filter(|(_, &n)| start < n)
+                    {
                         let v = outs.get(name).ok_or_else(|| Error::Backend {
                             backend: backend.name(),
                             reason: format!("kept value '{name}' missing from the outputs"),

@@ -16,6 +16,7 @@ mod budget;
 pub(crate) use budget::{half_of_ram, parse_size};
 mod calib;
 pub(crate) mod cca;
+mod conv_patches;
 mod dense_use;
 mod held_out;
 mod matching;
@@ -509,26 +510,38 @@ pub fn merge(
                     trunk.as_ref().map(|t| &t.nodes),
                     all,
                 );
+                for l in &mut layers {
+                    l.samples = output_fit::layer_samples(
+                        l,
+                        &models[0],
+                        &prep.shapes,
+                        prep.shape_batch,
+                        samples,
+                    );
+                }
                 layers.retain(|l| {
-                    output_fit::enough_rows(l, &models[0], &prep.shapes, prep.shape_batch, samples)
+                    output_fit::enough_rows(
+                        l,
+                        &models[0],
+                        &prep.shapes,
+                        prep.shape_batch,
+                        l.samples,
+                    )
                 });
                 layers
             },
-            |layers| {
-                output_fit::kept_bytes(
-                    layers,
-                    &prep.shapes,
-                    prep.shape_batch,
-                    samples,
-                    models.len(),
-                )
-            },
+            |layers| output_fit::kept_bytes(layers, &prep.shapes, prep.shape_batch, models.len()),
         )
     } else {
         output_fit::Plan::default()
     };
-    let keep: Vec<String> = if fit_plan.keep {
-        fit_plan.layers.iter().map(|l| l.output.clone()).collect()
+    // The endpoint outputs calibration keeps for the refit, each over its layer's samples.
+    let keep: Vec<(String, usize)> = if fit_plan.keep {
+        fit_plan
+            .layers
+            .iter()
+            .map(|l| (l.output.clone(), l.samples))
+            .collect()
     } else {
         Vec::new()
     };
@@ -1212,13 +1225,14 @@ fn find_matchings(
                         .iter()
                         .map(|map| {
                             keep.iter()
-                                .map(|t| map.get(t).cloned().unwrap_or(t.clone()))
+                                .map(|(t, _)| map.get(t).cloned().unwrap_or(t.clone()))
                                 .collect()
                         })
                         .collect(),
-                    keep_samples: opts
-                        .output_fit_samples
-                        .min(crate::data::sample_count(calib)),
+                    keep_samples: keep
+                        .iter()
+                        .map(|(_, n)| (*n).min(crate::data::sample_count(calib)))
+                        .collect(),
                 };
                 let tapped: Vec<(usize, usize)> = disc
                     .groups
@@ -1525,7 +1539,7 @@ fn find_matchings(
 #[derive(Clone, Copy, Default)]
 struct Later<'a> {
     repair_taps: &'a [(String, Option<usize>)],
-    refit_outputs: &'a [String],
+    refit_outputs: &'a [(String, usize)],
 }
 
 /// One matching's result per group of `unit` (unmerge, block unmerge, merge value; `None`

@@ -320,6 +320,11 @@ pub fn add_gram(outer: &mut Array2<f64>, x: ArrayView2<f64>) {
     add_outer(outer, x.t(), 1.0, 1.0);
 }
 
+/// `c += a·b` in f64 on the same kernel (the refit's normal equations' right-hand side).
+pub fn add_product(c: ArrayViewMut2<f64>, a: ArrayView2<f64>, b: ArrayView2<f64>) {
+    add_product_scaled(c, a, b, 1.0);
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
