@@ -713,16 +713,25 @@ pub fn refit(
                 continue;
             };
             let rows = outputs.first().map_or(0, |t| t.nrows());
-            let target = mean_output(layer, &outputs, rows, m)?;
+            let mut target = mean_output(layer, &outputs, rows, m)?;
+            // A convolution reads its own first samples, within a batch too (axis 0 is
+            // ONNX Conv's batch), whatever batches the outputs were kept in.
+            let mut x = std::borrow::Cow::Borrowed(&x_all[k]);
+            let take = samples_of(layer).min(end) - start;
+            if layer.channels_first && take < end - start {
+                let per_sample = rows / (end - start);
+                target = target
+                    .slice(ndarray::s![..take * per_sample, ..])
+                    .to_owned();
+                x = std::borrow::Cow::Owned(x_all[k].slice_rows(0, take));
+            }
+            let rows = target.nrows();
             match &layer.patches {
-                Some(geometry) => geometry.accumulate(
-                    &layer.input,
-                    &x_all[k].to_f32(),
-                    &target,
-                    &mut systems[k],
-                )?,
+                Some(geometry) => {
+                    geometry.accumulate(&layer.input, &x.to_f32(), &target, &mut systems[k])?
+                }
                 None => {
-                    let x = as_rows(&x_all[k], &layer.input, layer.channels_first)?;
+                    let x = as_rows(&x, &layer.input, layer.channels_first)?;
                     if x.nrows() != rows {
                         return Err(Error::tensor(
                             &layer.output,
@@ -1192,7 +1201,8 @@ mod tests {
         assert!(system.solve(&Array2::zeros((65, 10)), true).is_some());
     }
 
-    /// The bytes kept: per sample from shapes at the batch, times samples and models.
+    /// The bytes kept: per sample from shapes at the batch, times each layer's samples and
+    /// the models.
     #[test]
     fn kept_bytes_scale_from_the_inferred_batch() {
         let shapes: ShapeMap = [
@@ -1201,12 +1211,54 @@ mod tests {
         ]
         .into_iter()
         .collect();
-        let layers = [layer("fc1"), layer("head")];
-        // (16 + 8) floats a sample, 100 samples, 2 models.
+        let with = |name: &str, samples: usize| OutputLayer {
+            samples,
+            ..layer(name)
+        };
+        let layers = [with("fc1", 100), with("head", 40)];
+        // 16 floats a sample over 100 samples, 8 over 40; 2 models.
         assert_eq!(
-            kept_bytes(&layers, &shapes, 8, 100, 2),
-            Some(4 * 24 * 100 * 2)
+            kept_bytes(&layers, &shapes, 8, 2),
+            Some(4 * (16 * 100 + 8 * 40) * 2)
         );
-        assert_eq!(kept_bytes(&[layer("fc2")], &shapes, 8, 100, 2), None);
+        assert_eq!(kept_bytes(&[with("fc2", 100)], &shapes, 8, 2), None);
+    }
+
+    /// A convolution reads the samples that give it `CONV_ROWS_PER_UNKNOWN` rows per unknown
+    /// (at least `CONV_MIN_SAMPLES`, at most the refit's); a layer over units reads them all.
+    #[test]
+    fn a_convolution_reads_the_samples_its_unknowns_need() {
+        use crate::onnx::proto::{GraphProto, ModelProto, TensorProto};
+        let model = Model {
+            proto: ModelProto {
+                graph: Some(GraphProto {
+                    initializer: vec![TensorProto {
+                        name: Some("conv_w".to_string()),
+                        dims: vec![64, 64, 3, 3],
+                        ..Default::default()
+                    }],
+                    ..Default::default()
+                }),
+                ..Default::default()
+            },
+            path: None,
+            data_files: Vec::new(),
+        };
+        let conv = OutputLayer {
+            channels_first: true,
+            ..layer("conv")
+        };
+        // 577 unknowns, 16 rows each: 9,232 rows; 8 × 8 pixels a sample: 145 samples.
+        let at = |pixels: usize, samples: usize| {
+            let shapes: ShapeMap = [("conv_out".to_string(), vec![4, 64, pixels, pixels])]
+                .into_iter()
+                .collect();
+            layer_samples(&conv, &model, &shapes, 4, samples)
+        };
+        assert_eq!(at(8, 1000), 145);
+        assert_eq!(at(8, 100), 100);
+        assert_eq!(at(32, 1000), CONV_MIN_SAMPLES);
+        let shapes: ShapeMap = [("fc_out".to_string(), vec![4, 10])].into_iter().collect();
+        assert_eq!(layer_samples(&layer("fc"), &model, &shapes, 4, 1000), 1000);
     }
 }
