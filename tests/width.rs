@@ -83,9 +83,12 @@ fn at_the_number_of_models_every_unit_keeps_its_own_weights() {
 
 #[test]
 fn wider_merges_run_and_buy_accuracy_with_parameters() {
-    let (_, r1, one) = merged("resnet20_bn_folded", "1", &[]);
-    let (m, r15, wide) = merged("resnet20_bn_folded", "1.5", &[]);
-    let (_, _, wider) = merged("resnet20_bn_folded", "2", &[]);
+    // Without the output refit: refitting every convolution brings even one model's width
+    // within 2 points of the ensemble (87.1 → 88.1 → 88.3), which leaves width little to buy.
+    let no_refit = ["--output-fit", "0"];
+    let (_, r1, one) = merged("resnet20_bn_folded", "1", &no_refit);
+    let (m, r15, wide) = merged("resnet20_bn_folded", "1.5", &no_refit);
+    let (_, _, wider) = merged("resnet20_bn_folded", "2", &no_refit);
     let params = |r: &serde_json::Value| r["merged_parameters"].as_f64().unwrap();
     assert_eq!(params(&r1), r1["model_parameters"].as_f64().unwrap());
     assert!(
@@ -394,13 +397,14 @@ fn the_automatic_shape_stays_within_its_budget() {
 
 /// `--widen worst` gives the width's extra units to the groups the loop merged worst. On the BN
 /// ResNet at `--width 1.2` that stays within 1.5× one model's parameters and comes within 5
-/// points of the ensemble (computed here); measured 87.5 % against 88.7 %, where the even
-/// spread reaches 78.0 % at 1.20×.
+/// points of the ensemble (computed here); without the output refit measured 87.5 % against
+/// 88.7 %, where the even spread reaches 79.0 % at 1.20× (with the refit of every convolution
+/// both reach 87.8 %: the comparison of the spreads is made without it).
 #[test]
 fn widening_the_worst_merged_groups_first_nears_the_ensemble() {
     let pair = "resnet20_bn_folded";
-    let (_, even_report, even) = merged(pair, "1.2", &[]);
-    let (_, r, worst) = merged(pair, "1.2", &["--widen", "worst"]);
+    let (_, even_report, even) = merged(pair, "1.2", &["--output-fit", "0"]);
+    let (_, r, worst) = merged(pair, "1.2", &["--widen", "worst", "--output-fit", "0"]);
     let ratio = r["merged_parameters"].as_f64().unwrap() / r["model_parameters"].as_f64().unwrap();
     assert!(ratio > 1.0 && ratio <= 1.5, "{ratio}");
     let ensemble = ensemble_task_mean(pair);

@@ -116,7 +116,7 @@ impl ConvGeometry {
         let rows = batch * out_h * out_w;
         let groups = self.groups(channels);
         let outputs = target.ncols();
-        if target.nrows() != rows || groups == 0 || outputs % groups != 0 {
+        if target.nrows() != rows || groups == 0 || !outputs.is_multiple_of(groups) {
             return Err(Error::tensor(
                 name,
                 format!(

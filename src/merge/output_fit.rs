@@ -976,7 +976,7 @@ fn apply(merged: &mut Model, layer: &OutputLayer, systems: &[System]) -> Result<
     .map_err(|e| Error::tensor(&layer.weight, e.to_string()))?;
     let groups = systems.len();
     let outputs = if layer.trans_b { w.nrows() } else { w.ncols() };
-    if groups == 0 || outputs % groups != 0 || (groups > 1 && !layer.trans_b) {
+    if groups == 0 || !outputs.is_multiple_of(groups) || (groups > 1 && !layer.trans_b) {
         return Ok(false);
     }
     let per = outputs / groups;
