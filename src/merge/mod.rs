@@ -519,15 +519,15 @@ pub fn merge(
                         samples,
                     );
                 }
+                let (model, shapes, batch) = (&models[0], &prep.shapes, prep.shape_batch);
                 layers.retain(|l| {
-                    output_fit::enough_rows(
-                        l,
-                        &models[0],
-                        &prep.shapes,
-                        prep.shape_batch,
-                        l.samples,
-                    )
+                    output_fit::enough_rows(l, model, shapes, batch, l.samples)
+                        && output_fit::affordable(l, model, shapes, batch, l.samples)
                 });
+                if all && opts.refit_layers == RefitLayers::Auto {
+                    let passes = samples * models.len();
+                    output_fit::auto_conv_budget(&mut layers, model, shapes, batch, passes);
+                }
                 layers
             },
             |layers| output_fit::kept_bytes(layers, &prep.shapes, prep.shape_batch, models.len()),

@@ -266,6 +266,80 @@ pub fn enough_rows(
     rows as f64 >= ROWS_PER_UNKNOWN * (inputs + 1) as f64
 }
 
+/// Most multiply-adds of one convolution's normal equations (rows × unknowns² per group, at
+/// its samples): ≈ 1 s of f64 GEMM on the reference machine. Every ResNet-20 and depthwise
+/// CNN convolution is far below it (≤ 3·10⁹); a ResNet-50's last-stage 3×3 convolutions
+/// (4,609 unknowns over 256 images of 7 × 7 pixels: 2.7·10¹¹) are above it and keep their
+/// merged weights, as every convolution did before patches were fitted.
+const CONV_MULTIPLY_ADDS: f64 = 5e10;
+
+/// Whether `layer`'s normal equations over `samples` cost at most `CONV_MULTIPLY_ADDS`: always
+/// for a layer over units (its cost is bounded by the keep budget and `--refit-layers`), and
+/// where a shape is unknown.
+pub fn affordable(
+    layer: &OutputLayer,
+    model: &Model,
+    shapes: &ShapeMap,
+    batch: usize,
+    samples: usize,
+) -> bool {
+    layer.patches.is_none()
+        || normal_equation_cost(layer, model, shapes, batch, samples)
+            .is_none_or(|cost| cost <= CONV_MULTIPLY_ADDS)
+}
+
+/// Most multiply-adds of all convolutions' normal equations together under
+/// `RefitLayers::Auto` (≈ 2 s of f64 GEMM): the bundled ResNet-20 pairs need 2·10¹⁰, a
+/// real-size ResNet-18's first two stages at 224² ten times more.
+const AUTO_CONV_MULTIPLY_ADDS: f64 = 1e11;
+
+/// Under `RefitLayers::Auto`, the convolutions (`channels_first` layers) stay in the refit's
+/// layers only while their fits cost little beside calibration: their samples together at
+/// most `calibration_passes` (samples × models: the refit's merged passes over them then
+/// cost at most calibration's passes), and their normal equations at most
+/// `AUTO_CONV_MULTIPLY_ADDS`. Else all of them are left out (the layers over units and the
+/// head stay, as the keep budget decides): a ResNet-50's fifty convolutions at 224² would
+/// double its merge. `--refit-layers all` refits them regardless.
+pub fn auto_conv_budget(
+    layers: &mut Vec<OutputLayer>,
+    model: &Model,
+    shapes: &ShapeMap,
+    batch: usize,
+    calibration_passes: usize,
+) {
+    let convs: Vec<&OutputLayer> = layers.iter().filter(|l| l.channels_first).collect();
+    let samples: usize = convs.iter().map(|l| l.samples).sum();
+    let multiply_adds: f64 = convs
+        .iter()
+        .map(|l| normal_equation_cost(l, model, shapes, batch, l.samples).unwrap_or(f64::INFINITY))
+        .sum();
+    if samples > calibration_passes || multiply_adds > AUTO_CONV_MULTIPLY_ADDS {
+        layers.retain(|l| !l.channels_first);
+    }
+}
+
+/// Multiply-adds of `layer`'s normal equations over `samples`: rows × unknowns² (per group);
+/// `None` where a shape is unknown.
+fn normal_equation_cost(
+    layer: &OutputLayer,
+    model: &Model,
+    shapes: &ShapeMap,
+    batch: usize,
+    samples: usize,
+) -> Option<f64> {
+    let out = shapes.get(&layer.output)?;
+    let (inputs, outputs) = unknowns(layer, model)?;
+    let units = if layer.channels_first {
+        out.get(1)
+    } else {
+        out.last()
+    };
+    let positions =
+        out.iter().product::<usize>() / (batch.max(1) * units.copied().unwrap_or(1).max(1));
+    let groups = layer.patches.as_ref().map_or(1, |g| g.groups(outputs));
+    Some((positions * samples) as f64 * groups as f64 * ((inputs + 1) as f64).powi(2))
+}
+
 /// How the refit runs.
 pub struct Fit<'a> {
     /// The calibration inputs; the refit reads the first `samples`, or the batches `kept`
@@ -1265,5 +1339,65 @@ mod tests {
         assert_eq!(at(32, 1000), CONV_MIN_SAMPLES);
         let shapes: ShapeMap = [("fc_out".to_string(), vec![4, 10])].into_iter().collect();
         assert_eq!(layer_samples(&layer("fc"), &model, &shapes, 4, 1000), 1000);
+    }
+
+    /// A convolution whose normal equations cost more than `CONV_MULTIPLY_ADDS` is not
+    /// refitted: a ResNet-50's last-stage 3×3 (512 channels, 7 × 7 pixels, 256 images), not a
+    /// ResNet-20's (64 channels, 8 × 8, 73 images).
+    #[test]
+    fn a_convolution_too_costly_to_fit_keeps_its_weights() {
+        use crate::onnx::proto::{GraphProto, ModelProto, NodeProto, TensorProto};
+        let conv = |channels: i64| {
+            let dims = vec![channels, channels, 3, 3];
+            let geometry = ConvGeometry::of(&NodeProto::default(), &dims);
+            let model = Model {
+                proto: ModelProto {
+                    graph: Some(GraphProto {
+                        initializer: vec![TensorProto {
+                            name: Some("conv_w".to_string()),
+                            dims,
+                            ..Default::default()
+                        }],
+                        ..Default::default()
+                    }),
+                    ..Default::default()
+                },
+                path: None,
+                data_files: Vec::new(),
+            };
+            let layer = OutputLayer {
+                channels_first: true,
+                patches: geometry,
+                ..layer("conv")
+            };
+            (model, layer)
+        };
+        let shapes = |channels: usize, pixels: usize| -> ShapeMap {
+            [("conv_out".to_string(), vec![4, channels, pixels, pixels])]
+                .into_iter()
+                .collect()
+        };
+        let (small, small_layer) = conv(64);
+        assert!(affordable(&small_layer, &small, &shapes(64, 8), 4, 73));
+        let (large, large_layer) = conv(512);
+        assert!(!affordable(&large_layer, &large, &shapes(512, 7), 4, 256));
+        // Without patches (a layer over units) the keep budget bounds it instead.
+        assert!(affordable(&layer("conv"), &large, &shapes(512, 7), 4, 256));
+        // Under auto, convolutions whose samples together exceed calibration's passes are
+        // all left out; the layers over units stay.
+        let with = |samples: usize| OutputLayer {
+            samples,
+            ..small_layer.clone()
+        };
+        let shapes = shapes(64, 8);
+        let mut layers = vec![with(73), with(73), layer("fc")];
+        auto_conv_budget(&mut layers, &small, &shapes, 4, 146);
+        assert_eq!(layers.len(), 3);
+        auto_conv_budget(&mut layers, &small, &shapes, 4, 145);
+        assert_eq!(weights_of(&layers), ["fc_w"]);
+    }
+
+    fn weights_of(layers: &[OutputLayer]) -> Vec<&str> {
+        layers.iter().map(|l| l.weight.as_str()).collect()
     }
 }
