@@ -4,9 +4,10 @@
 //! the endpoints' average output. A 1×1 convolution is that over channels, pixel by pixel. A
 //! k×k one is the same over patches (im2col): each output pixel is a row whose features are
 //! the input values under the kernel. A depthwise convolution is one such layer per channel
-//! (k² features each), a dense one a single layer over all channels' patches. Depthwise chains
-//! are where a zip's merged features stray furthest from the endpoints' average (each channel
-//! only ever sees itself), and their per-channel systems are tiny.
+//! (k² features each), a dense one a single layer over all channels' patches. On the bundled
+//! BN ResNet-20 pair refitting every 3×3 convolution this way took mudsc-zip from 80.8 to
+//! 87.4 % task mean (ensemble 88.7); the depthwise CNN's depthwise and stem convolutions added
+//! about a point (73.4 → 74.3).
 //!
 //! Grouped convolutions other than depthwise ones are not handled (their group width is fixed
 //! by discovery; they keep their merged weights). The patches are built here by hand: they feed
