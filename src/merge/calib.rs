@@ -101,7 +101,8 @@ pub fn collect(
         0,
     );
     // Sessions with the side values as extra outputs serve the batches that hold side
-    // samples; the rest run without them, so that the engine keeps its fusions there.
+    // samples; the rest run without them (and without the kept values no later batch keeps),
+    // so that the engine keeps its fusions there.
     let open = |with_side: bool| -> Result<Vec<Box<dyn crate::runtime::Session>>> {
         models
             .iter()
@@ -111,7 +112,17 @@ pub fn collect(
                 if with_side {
                     extra.extend(side.names.get(i).into_iter().flatten().cloned());
                 }
-                extra.extend(side.keep.get(i).into_iter().flatten().cloned());
+                // A kept value only while a batch still keeps it: a convolution's outputs
+                // over its few samples are not copied out of every later batch.
+                extra.extend(
+                    side.keep
+                        .get(i)
+                        .into_iter()
+                        .flatten()
+                        .zip(&side.keep_samples)
+                        .filter(|&(_, &n)| with_side || n > side.samples)
+                        .map(|(name, _)| name.clone()),
+                );
                 let mut seen = std::collections::HashSet::new();
                 extra.retain(|e| seen.insert(e.clone()));
                 open_session(backend, m, &extra, options)
