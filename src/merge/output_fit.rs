@@ -207,10 +207,8 @@ pub fn layer_samples(
     let (Some(out), Some((inputs, _))) = (shapes.get(&layer.output), unknowns(layer, model)) else {
         return samples;
     };
-    // Output pixels per sample: the shape's elements at `batch` samples over its channels.
-    let channels = out.get(1).copied().unwrap_or(1).max(1);
-    let positions = (out.iter().product::<usize>() / (batch.max(1) * channels)).max(1);
-    let needed = (CONV_ROWS_PER_UNKNOWN * (inputs + 1) as f64 / positions as f64).ceil() as usize;
+    let pixels = positions(layer, out, batch).max(1);
+    let needed = (CONV_ROWS_PER_UNKNOWN * (inputs + 1) as f64 / pixels as f64).ceil() as usize;
     needed.max(CONV_MIN_SAMPLES).min(samples)
 }
 
@@ -256,14 +254,19 @@ pub fn enough_rows(
     let (Some(out), Some((inputs, _))) = (shapes.get(&layer.output), unknowns(layer, model)) else {
         return true;
     };
+    let rows = positions(layer, out, batch) * samples;
+    rows as f64 >= ROWS_PER_UNKNOWN * (inputs + 1) as f64
+}
+
+/// Rows one sample gives `layer`: its output's positions (tokens, pixels), from its shape
+/// `out` inferred at `batch` samples over its units (axis 1 of a Conv's output, else the last).
+fn positions(layer: &OutputLayer, out: &[usize], batch: usize) -> usize {
     let units = if layer.channels_first {
         out.get(1)
     } else {
         out.last()
     };
-    let positions = out.iter().product::<usize>() / units.copied().unwrap_or(1).max(1);
-    let rows = positions / batch.max(1) * samples;
-    rows as f64 >= ROWS_PER_UNKNOWN * (inputs + 1) as f64
+    out.iter().product::<usize>() / (batch.max(1) * units.copied().unwrap_or(1).max(1))
 }
 
 /// Most multiply-adds of one convolution's normal equations (rows × unknowns² per group, at
@@ -329,15 +332,9 @@ fn normal_equation_cost(
 ) -> Option<f64> {
     let out = shapes.get(&layer.output)?;
     let (inputs, outputs) = unknowns(layer, model)?;
-    let units = if layer.channels_first {
-        out.get(1)
-    } else {
-        out.last()
-    };
-    let positions =
-        out.iter().product::<usize>() / (batch.max(1) * units.copied().unwrap_or(1).max(1));
+    let rows = positions(layer, out, batch) * samples;
     let groups = layer.patches.as_ref().map_or(1, |g| g.groups(outputs));
-    Some((positions * samples) as f64 * groups as f64 * ((inputs + 1) as f64).powi(2))
+    Some(rows as f64 * groups as f64 * ((inputs + 1) as f64).powi(2))
 }
 
 /// How the refit runs.
