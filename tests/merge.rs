@@ -419,7 +419,7 @@ fn statistics_repair_is_neutral_when_exact_and_helps_a_real_merge() {
             method: Method::MudscZip,
             max_sweeps: 3,
             repair_samples,
-            // Repair alone: the output refit lifts the unrepaired merge to 71 % by itself.
+            // Repair alone: the output refit lifts the unrepaired merge to 87 % by itself.
             output_fit_samples: 0,
             ..Default::default()
         };
