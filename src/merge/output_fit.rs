@@ -893,8 +893,9 @@ fn mean_output(
                 ),
             ));
         }
-        let mut t = t.clone();
-        if layer.normalized {
+        // A copy only where its rows are normalised first.
+        let t = if layer.normalized {
+            let mut t = t.clone();
             for (mut row, sum) in t.rows_mut().into_iter().zip(norms.iter_mut()) {
                 let norm = row.dot(&row).sqrt();
                 if norm > 0.0 {
@@ -902,20 +903,33 @@ fn mean_output(
                     *sum += norm;
                 }
             }
-        }
+            std::borrow::Cow::Owned(t)
+        } else {
+            std::borrow::Cow::Borrowed(t)
+        };
         if layer.segments.is_empty() {
-            target.scaled_add(1.0 / outputs.len() as f64, &t);
+            target.scaled_add(1.0 / outputs.len() as f64, &*t);
         }
         let columns = super::repair::cluster_columns(&layer.segments, m, i);
-        if columns.iter().any(|&(from, _, _)| from >= t.ncols()) {
+        if columns
+            .iter()
+            .any(|&(from, to, _)| from >= t.ncols() || to >= units)
+        {
             return Err(Error::tensor(
                 &layer.output,
                 format!("{} units, fewer than its matched groups'", t.ncols()),
             ));
         }
-        for (from, to, size) in columns {
-            let w = 1.0 / size.max(1) as f64;
-            target.column_mut(to).scaled_add(w, &t.column(from));
+        let weighted: Vec<(usize, usize, f64)> = columns
+            .into_iter()
+            .map(|(from, to, size)| (from, to, 1.0 / size.max(1) as f64))
+            .collect();
+        // Row by row (both row-major): each element gets the same additions in the same
+        // order as a column at a time, without a strided walk per column.
+        for (src, mut dst) in t.rows().into_iter().zip(target.rows_mut()) {
+            for &(from, to, w) in &weighted {
+                dst[to] += w * src[from];
+            }
         }
     }
     if layer.normalized {
