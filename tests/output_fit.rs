@@ -52,6 +52,20 @@ fn pair(name: &str) -> ([Model; 2], Vec<TensorData>, Vec<TensorData>) {
     (models, calib, test)
 }
 
+/// How many of the `refitted` weights are Conv weights of `model`.
+fn refitted_convs(model: &Model, refitted: &[String]) -> usize {
+    refitted
+        .iter()
+        .filter(|w| {
+            model
+                .graph()
+                .node
+                .iter()
+                .any(|n| n.op_type.as_deref() == Some("Conv") && n.input.get(1) == Some(*w))
+        })
+        .count()
+}
+
 /// mudsc-zip on ONNX Runtime with the refit of `layers` on `samples` samples.
 fn merged(
     models: &[Model],
@@ -210,18 +224,8 @@ fn pointwise_convolutions_are_refitted_as_linear_layers() {
         merged(&models, &calib, 1000, RefitLayers::Output),
         merged(&models, &calib, 1000, RefitLayers::All),
     );
-    let convs: Vec<&String> = report
-        .refitted_layers
-        .iter()
-        .filter(|w| {
-            models[0]
-                .graph()
-                .node
-                .iter()
-                .any(|n| n.op_type.as_deref() == Some("Conv") && n.input.get(1) == Some(*w))
-        })
-        .collect();
-    assert!(convs.len() >= 2, "{:?}", report.refitted_layers);
+    let convs = refitted_convs(&models[0], &report.refitted_layers);
+    assert!(convs >= 2, "{:?}", report.refitted_layers);
     let goal = mean_direction(&models, &test);
     let (alone, all) = (distance(&goal, &test, &head), distance(&goal, &test, &deep));
     eprintln!("dwcnn: squared distance, head alone {alone:.4}, pointwise convs too {all:.4}");
@@ -256,22 +260,8 @@ fn convolutions_are_refitted_over_their_patches() {
             .iter()
             .filter(|n| n.op_type.as_deref() == Some("Conv"))
             .count();
-        let refitted_convs = report
-            .refitted_layers
-            .iter()
-            .filter(|w| {
-                models[0]
-                    .graph()
-                    .node
-                    .iter()
-                    .any(|n| n.op_type.as_deref() == Some("Conv") && n.input.get(1) == Some(*w))
-            })
-            .count();
-        assert_eq!(
-            refitted_convs, convs,
-            "{name}: {:?}",
-            report.refitted_layers
-        );
+        let refitted = refitted_convs(&models[0], &report.refitted_layers);
+        assert_eq!(refitted, convs, "{name}: {:?}", report.refitted_layers);
         let goal = mean_direction(&models, &test);
         let (alone, all) = (distance(&goal, &test, &head), distance(&goal, &test, &deep));
         eprintln!("{name}: squared distance, head alone {alone:.4}, every conv too {all:.4}");

@@ -90,12 +90,7 @@ pub fn fold(graph: &Graph, weights: &Weights) -> Folded {
         {
             continue;
         }
-        let eps = bn
-            .attribute
-            .iter()
-            .find(|a| a.name.as_deref() == Some("epsilon"))
-            .and_then(|a| a.f)
-            .unwrap_or(1e-5) as f64;
+        let eps = epsilon(bn);
         let bias = conv.input.get(2).filter(|b| !b.is_empty());
         let folded: Option<Vec<(Stored, Stored)>> = weights
             .iter()
@@ -157,6 +152,26 @@ fn resolve(graph: &Graph, value: &str) -> String {
 /// `(s·W, β + s·(b − μ))` with `s = γ/√(σ² + ε)`, W's output channels on axis 0; `None` when
 /// the per-channel tensors do not have W's channel count. A non-finite scale (σ² + ε ≤ 0)
 /// is taken as 0, as dead units are elsewhere.
+/// A BatchNormalization's epsilon (ONNX's default 1e-5 where the attribute is absent).
+pub fn epsilon(bn: &crate::onnx::proto::NodeProto) -> f64 {
+    bn.attribute
+        .iter()
+        .find(|a| a.name.as_deref() == Some("epsilon"))
+        .and_then(|a| a.f)
+        .map_or(1e-5, f64::from)
+}
+
+/// A channel's BatchNorm scale `γ/√(σ² + ε)`; 0 where that is not finite (σ² + ε ≤ 0: a
+/// channel the norm zeroes, as the merged norm's `σ̄² = γ̄² − ε` gives for γ̄ = 0).
+pub fn norm_scale(gamma: f64, var: f64, eps: f64) -> f64 {
+    let s = gamma / (var + eps).sqrt();
+    if s.is_finite() {
+        s
+    } else {
+        0.0
+    }
+}
+
 fn fold_one(
     mut w: ArrayD<f64>,
     gamma: &ArrayD<f64>,
@@ -173,14 +188,7 @@ fn fold_one(
     let (gamma, beta, mean) = (values(gamma)?, values(beta)?, values(mean)?);
     let (var, bias) = (values(var)?, values(bias)?);
     let scale: Vec<f64> = (0..channels)
-        .map(|c| {
-            let s = gamma[c] / (var[c] + eps).sqrt();
-            if s.is_finite() {
-                s
-            } else {
-                0.0
-            }
-        })
+        .map(|c| norm_scale(gamma[c], var[c], eps))
         .collect();
     for (c, mut row) in w.axis_iter_mut(Axis(0)).enumerate() {
         row.mapv_inplace(|v| v * scale[c]);

@@ -588,12 +588,6 @@ fn batch_norm_after(graph: &Graph, value: &str, units: usize) -> Option<(String,
         (graph.consumers(name).len() == 1 && t.dims.len() == 1 && t.dims[0] as usize == units)
             .then(|| name.clone())
     };
-    let epsilon = node
-        .attribute
-        .iter()
-        .find(|a| a.name.as_deref() == Some("epsilon"))
-        .and_then(|a| a.f)
-        .unwrap_or(1e-5);
     Some((
         node.output.first()?.clone(),
         NormParams {
@@ -601,7 +595,7 @@ fn batch_norm_after(graph: &Graph, value: &str, units: usize) -> Option<(String,
             shift: param(2)?,
             mean: param(3)?,
             var: param(4)?,
-            epsilon: f64::from(epsilon),
+            epsilon: super::bn_fold::epsilon(node),
         },
     ))
 }
@@ -1095,7 +1089,7 @@ fn apply(merged: &mut Model, layer: &OutputLayer, systems: &[System]) -> Result<
             let scale: Vec<f64> = gamma
                 .iter()
                 .zip(&var)
-                .map(|(g, v)| g / (v + n.epsilon).sqrt())
+                .map(|(&g, &v)| super::bn_fold::norm_scale(g, v, n.epsilon))
                 .collect();
             Some((scale, beta, mean, si))
         }
@@ -1205,6 +1199,31 @@ mod tests {
         }
     }
 
+    /// A model holding only initializers of these names and dims (values empty): what the
+    /// sizing functions read.
+    fn model_with(weights: &[(&str, Vec<i64>)]) -> Model {
+        use crate::onnx::proto::{GraphProto, ModelProto, TensorProto};
+        let initializer = weights
+            .iter()
+            .map(|(name, dims)| TensorProto {
+                name: Some(name.to_string()),
+                dims: dims.clone(),
+                ..Default::default()
+            })
+            .collect();
+        Model {
+            proto: ModelProto {
+                graph: Some(GraphProto {
+                    initializer,
+                    ..Default::default()
+                }),
+                ..Default::default()
+            },
+            path: None,
+            data_files: Vec::new(),
+        }
+    }
+
     /// `find(all)`: two hidden layers and the head, or the head alone.
     fn find(all: bool) -> Vec<OutputLayer> {
         let head = vec![layer("head")];
@@ -1246,26 +1265,7 @@ mod tests {
     /// pixels 1.5 × 33 = 49.5, that is 4 images.
     #[test]
     fn a_layer_is_refitted_only_from_enough_rows() {
-        use crate::onnx::proto::{GraphProto, ModelProto, TensorProto};
-        let weight = |name: &str, dims: Vec<i64>| TensorProto {
-            name: Some(name.to_string()),
-            dims,
-            ..Default::default()
-        };
-        let model = Model {
-            proto: ModelProto {
-                graph: Some(GraphProto {
-                    initializer: vec![
-                        weight("head_w", vec![10, 64]),
-                        weight("conv_w", vec![16, 32, 1, 1]),
-                    ],
-                    ..Default::default()
-                }),
-                ..Default::default()
-            },
-            path: None,
-            data_files: Vec::new(),
-        };
+        let model = model_with(&[("head_w", vec![10, 64]), ("conv_w", vec![16, 32, 1, 1])]);
         let shapes: ShapeMap = [
             ("head_out".to_string(), vec![8, 10]),
             ("conv_out".to_string(), vec![8, 16, 4, 4]),
@@ -1318,22 +1318,7 @@ mod tests {
     /// (at least `CONV_MIN_SAMPLES`, at most the refit's); a layer over units reads them all.
     #[test]
     fn a_convolution_reads_the_samples_its_unknowns_need() {
-        use crate::onnx::proto::{GraphProto, ModelProto, TensorProto};
-        let model = Model {
-            proto: ModelProto {
-                graph: Some(GraphProto {
-                    initializer: vec![TensorProto {
-                        name: Some("conv_w".to_string()),
-                        dims: vec![64, 64, 3, 3],
-                        ..Default::default()
-                    }],
-                    ..Default::default()
-                }),
-                ..Default::default()
-            },
-            path: None,
-            data_files: Vec::new(),
-        };
+        let model = model_with(&[("conv_w", vec![64, 64, 3, 3])]);
         let conv = OutputLayer {
             channels_first: true,
             ..layer("conv")
@@ -1357,25 +1342,10 @@ mod tests {
     /// ResNet-20's (64 channels, 8 × 8, 73 images).
     #[test]
     fn a_convolution_too_costly_to_fit_keeps_its_weights() {
-        use crate::onnx::proto::{GraphProto, ModelProto, NodeProto, TensorProto};
         let conv = |channels: i64| {
             let dims = vec![channels, channels, 3, 3];
-            let geometry = ConvGeometry::of(&NodeProto::default(), &dims);
-            let model = Model {
-                proto: ModelProto {
-                    graph: Some(GraphProto {
-                        initializer: vec![TensorProto {
-                            name: Some("conv_w".to_string()),
-                            dims,
-                            ..Default::default()
-                        }],
-                        ..Default::default()
-                    }),
-                    ..Default::default()
-                },
-                path: None,
-                data_files: Vec::new(),
-            };
+            let geometry = ConvGeometry::of(&crate::onnx::proto::NodeProto::default(), &dims);
+            let model = model_with(&[("conv_w", dims)]);
             let layer = OutputLayer {
                 channels_first: true,
                 patches: geometry,
