@@ -11,10 +11,8 @@
 # usage: scripts/bench-real.sh [--samples N] [--models resnet18,resnet50,vit_b16] [--write]
 # environment: BENCH_CACHE (models and calibration set; default
 #   ${XDG_CACHE_HOME:-$HOME/.cache}/mudsc-bench), BENCH_THREADS (PyTorch threads while
-#   generating, default 1), GEMM_GFLOPS (f64 GEMM peak in GFLOP/s, default 100: the README's
-#   101 GFLOP/s for the gemm crate on the 2-core reference machine; `numpy` measures a
-#   single-threaded numpy/OpenBLAS f64 2048³ product here instead, a stand-in for the gemm
-#   crate's kernel, which mudsc runs single-threaded), BATCH (samples per inference batch,
+#   generating, default 1), GEMM_GFLOPS and GEMM_GFLOPS_F32 (the f64 and f32 GEMM peaks in
+#   GFLOP/s; unset, `cargo bench --bench scaling -- peak` measures mudsc's kernel here), BATCH (samples per inference batch,
 #   passed to both `run` and `merge`; unset, both use mudsc's default), BENCH_PYTHON (an
 #   interpreter that already has torch, torchvision, timm, onnx and onnxruntime: used instead
 #   of creating .venv-bench, e.g. on a machine without a package index; the table names the
@@ -86,25 +84,21 @@ else
     py="$venv/bin/python"
 fi
 
-# The GEMM peak of the limit.
-if [ "${GEMM_GFLOPS:-}" = numpy ]; then
-    gemm="$(OPENBLAS_NUM_THREADS=1 OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 "$py" -c "
-import time, numpy as np
-a, b = np.random.rand(2048, 2048), np.random.rand(2048, 2048)
-a @ b
-best = float('inf')
-for _ in range(3):
-    t = time.perf_counter()
-    a @ b
-    best = min(best, time.perf_counter() - t)
-print('%.1f' % (2 * 2048**3 / best / 1e9))")"
-    gemm_note="GEMM peak used for the limit: $gemm GFLOP/s f64, measured now with numpy (OpenBLAS, 1 thread, 2048³): an approximation, not the gemm crate's kernel"
-elif [ -n "${GEMM_GFLOPS:-}" ]; then
+# The GEMM peaks of the limit: mudsc's own kernel, f64 and f32 (calibration multiplies in f32
+# and sums in f64), measured now by the scaling benchmark unless $GEMM_GFLOPS gives them.
+if [ -n "${GEMM_GFLOPS:-}" ]; then
     gemm="$GEMM_GFLOPS"
-    gemm_note="GEMM peak used for the limit: $gemm GFLOP/s f64 (from \$GEMM_GFLOPS)"
+    gemm32="${GEMM_GFLOPS_F32:-$(awk -v g="$gemm" 'BEGIN { print 2 * g }')}"
+    gemm_note="GEMM peaks used for the limit: f64 $gemm, f32 $gemm32 GFLOP/s (from \$GEMM_GFLOPS$([ -n "${GEMM_GFLOPS_F32:-}" ] && echo ' and $GEMM_GFLOPS_F32' || echo '; f32 taken as twice f64'))"
 else
-    gemm=100
-    gemm_note="GEMM peak used for the limit: $gemm GFLOP/s f64 (default: the README's 101 GFLOP/s for the gemm crate, f64 2048³, on its reference machine; not measured here)"
+    echo "Measuring the GEMM kernel's peaks (cargo bench --bench scaling -- peak) ..." >&2
+    peaks="$(cargo bench --quiet --bench scaling -- peak 2>/dev/null)" || {
+        echo "bench-real.sh: could not run the scaling benchmark; set GEMM_GFLOPS" >&2
+        exit 1
+    }
+    gemm="$(sed -n 's/^gemm f64 GFLOP\/s: //p' <<< "$peaks")"
+    gemm32="$(sed -n 's/^gemm f32 GFLOP\/s: //p' <<< "$peaks")"
+    gemm_note="GEMM peaks used for the limit: f64 $gemm, f32 $gemm32 GFLOP/s (mudsc's kernel, the gemm crate, 2048³, measured in this run)"
 fi
 echo "$gemm_note" >&2
 
@@ -155,7 +149,7 @@ for pair in "${pairs[@]}"; do
 done
 
 table="$("$py" "$root/scripts/bench/real_table.py" "$cache" "$work" "${pairs[@]}" \
-    --samples "$samples" --gemm-gflops "$gemm" --notes "$work/notes.txt")"
+    --samples "$samples" --gemm-gflops "$gemm" --gemm-gflops-f32 "$gemm32" --notes "$work/notes.txt")"
 machine="$(nproc) cores, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | sed 's/^ //'), $(free -g | awk '/Mem:/ {print $2}') GiB"
 if [ "$device" != cpu ]; then
     machine="$machine; --device $device: $(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -1 || echo 'GPU not named')"
@@ -185,8 +179,9 @@ if [ "$write" = 1 ]; then
         echo "- bare passes: \`mudsc run\` of model A, then of model B, over the calibration set on ONNX"
         echo "  Runtime (batch $batch; wall clock including loading each model)."
         echo "- Σxxᵀ at peak: the statistics arithmetic, Σ over groups of 2 · samples · tap positions ·"
-        echo "  (2·width)² flops (the joint A‖B matrix, full: the issue's definition; mudsc computes its upper triangle, about half), at the GEMM peak."
-        echo "- limit: bare passes + Σxxᵀ at peak. The repair's forward passes are not in it."
+        echo "  (2·width)² flops (the joint A‖B matrix, full: the issue's definition; mudsc computes its upper triangle, about half),"
+        echo "  at the kernel's f64 peak · at its f32 peak (calibration multiplies in f32, sums in f64)."
+        echo "- limit: bare passes + Σxxᵀ at peak, f64 · f32. The repair's forward passes are not in it."
         echo "- calibration, matching, repair: \`mudsc merge --backend ort\` (mudsc-zip, batch $batch),"
         echo "  seconds of those phases in its report; other: the rest (read, discovery, statistics,"
         echo "  rewrite, write, ...); total: the sum of all phases."

@@ -13,13 +13,17 @@ and the models themselves, ``CACHE/<pair>_a.onnx`` and ``_b.onnx``.
 
 The physical limit of a merge is the bare forward passes of both endpoints over the
 calibration set, plus the arithmetic of the statistics at the machine's GEMM peak: each group
-accumulates Σxxᵀ over the units of both models side by side (2·width of them, the full matrix,
-as mudsc computes it), one row per calibration sample and tap position (every element of the
-tap that is neither the batch nor the unit axis), 2 flops per multiply-add:
+accumulates Σxxᵀ over the units of both models side by side (2·width of them, the full matrix:
+the issue's definition; mudsc computes its upper triangle, about half), one row per
+calibration sample and tap position (every element of the tap that is neither the batch nor
+the unit axis), 2 flops per multiply-add:
     Σ_groups 2 · samples · positions · (2·width)²  /  GEMM flop/s.
-It leaves out the repair's forward passes, so the repair counts as overhead.
+It leaves out the repair's forward passes, so the repair counts as overhead. Two peaks give two
+limits, shown as "f64 · f32" in one cell: the f64 peak (moments accumulated in f64, the
+issue's reading) and the f32 peak (calibration multiplies in f32, so this is the limit its
+own kernel could reach, the stricter one).
 
-Usage: real_table.py CACHE WORK --samples N --gemm-gflops G PAIR [PAIR ...]
+Usage: real_table.py CACHE WORK --samples N --gemm-gflops G --gemm-gflops-f32 G32 PAIR [PAIR ...]
 """
 
 import argparse
@@ -68,7 +72,7 @@ def statistics_flops(groups: dict, taps: dict, samples: int, models: int = 2) ->
     return flops, notes
 
 
-def row(cache: str, work: str, pair: str, samples: int, gemm_gflops: float) -> tuple[str, list[str]]:
+def row(cache: str, work: str, pair: str, samples: int, peaks: tuple[float, float]) -> tuple[str, list[str]]:
     d = os.path.join(work, pair)
     a, b = (os.path.join(cache, f"{pair}_{s}.onnx") for s in "ab")
     failed = os.path.join(d, "failed")
@@ -88,8 +92,8 @@ def row(cache: str, work: str, pair: str, samples: int, gemm_gflops: float) -> t
     bare = sum(float(_last_line(os.path.join(d, f"bare_{s}.time")).split()[0]) for s in "ab")
     used = report.get("calibration_samples", samples)
     flops, notes = statistics_flops(groups, taps, used)
-    stats_s = flops / (gemm_gflops * 1e9)
-    limit = bare + stats_s
+    stats_s = [flops / (gflops * 1e9) for gflops in peaks]
+    limits = [bare + s for s in stats_s]
     seconds = report["seconds"]
     total = sum(seconds.values())
     shown = [seconds.get(p, 0.0) for p in PHASES_SHOWN]
@@ -102,12 +106,12 @@ def row(cache: str, work: str, pair: str, samples: int, gemm_gflops: float) -> t
         "%.0f" % (size_a / 2**20),
         "%d" % used,
         "%.1f" % bare,
-        "%.2f" % stats_s,
-        "%.1f" % limit,
+        " · ".join("%.2f" % s for s in stats_s),
+        " · ".join("%.1f" % l for l in limits),
         *("%.1f" % s for s in shown),
         "%.1f" % other,
         "%.1f" % total,
-        "%.1f" % (total / limit) if limit > 0 else "–",
+        " · ".join("%.2f" % (total / l) if l > 0 else "–" for l in limits),
         "%.0f" % peak,
         "%.2f" % (peak * 2**20 / (size_a + size_b)),
     ]
@@ -127,8 +131,8 @@ def row(cache: str, work: str, pair: str, samples: int, gemm_gflops: float) -> t
 
 
 HEADER = (
-    "| pair | params per model (M) | model MiB | samples | bare passes s | Σxxᵀ at peak s | limit s "
-    "| calibration | matching | repair | other | total s | total ÷ limit | peak RSS MiB | peak ÷ model bytes |\n"
+    "| pair | params per model (M) | model MiB | samples | bare passes s | Σxxᵀ at peak s (f64 · f32) | limit s (f64 · f32) "
+    "| calibration | matching | repair | other | total s | total ÷ limit (f64 · f32) | peak RSS MiB | peak ÷ model bytes |\n"
     "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"
 )
 
@@ -139,13 +143,14 @@ def main() -> None:
     p.add_argument("work")
     p.add_argument("pairs", nargs="+")
     p.add_argument("--samples", type=int, required=True)
-    p.add_argument("--gemm-gflops", type=float, required=True)
+    p.add_argument("--gemm-gflops", type=float, required=True, help="f64 GEMM peak")
+    p.add_argument("--gemm-gflops-f32", type=float, required=True, help="f32 GEMM peak")
     p.add_argument("--notes", help="file to write per-pair notes (phase seconds, unknown tap shapes) to")
     args = p.parse_args()
     print(HEADER)
     all_notes = []
     for pair in args.pairs:
-        line, notes = row(args.cache, args.work, pair, args.samples, args.gemm_gflops)
+        line, notes = row(args.cache, args.work, pair, args.samples, (args.gemm_gflops, args.gemm_gflops_f32))
         print(line)
         all_notes += notes
     if args.notes:

@@ -315,9 +315,10 @@ fn product_on<T: Copy + 'static>(
 /// over every batch). Done by the `gemm` crate, a pure-Rust BLAS-class kernel that dispatches
 /// to AVX-512/AVX2/NEON at run time: measured at the machine's GEMM peak, 2× ndarray's
 /// matrixmultiply in f64 (`benches/scaling.rs`), with no system library to install. Any
-/// strides: a transposed view is read in place, never copied.
-pub fn add_gram(outer: &mut Array2<f64>, x: ArrayView2<f64>) {
-    add_outer(outer, x.t(), 1.0, 1.0);
+/// strides: a transposed view is read in place, never copied. Generic so that the benchmarks
+/// can measure the same kernel's f32 peak, the precision calibration multiplies in.
+pub fn add_gram<T: ndarray::LinalgScalar>(outer: &mut Array2<T>, x: ArrayView2<T>) {
+    add_outer(outer, x.t(), T::one(), T::one());
 }
 
 /// `c += a·b` in f64 on the same kernel (the refit's normal equations' right-hand side).
