@@ -3,7 +3,7 @@ use std::path::PathBuf;
 use anyhow::{Context, Result};
 use clap::{Args, ValueEnum};
 use mudsc::data;
-use mudsc::merge::{merge, MergeOptions, Method};
+use mudsc::merge::{merge, MergeOptions, Method, Spread};
 use mudsc::onnx::{ExternalData, SaveOptions};
 use mudsc::same_base::Combine;
 
@@ -40,6 +40,7 @@ pub enum MethodArg {
 pub enum Widen {
     All,
     Worst,
+    PerParameter,
 }
 
 /// What `--method` names: a permutation merge, or a same-base one.
@@ -104,9 +105,12 @@ pub struct MergeArgs {
     #[arg(long, default_value_t = 1.0)]
     pub(super) width: f64,
     /// With --width: `all` widens every widenable group by the factor; `worst` gives the same
-    /// number of extra units to the groups the matching merged worst (mudsc-zip, weight-zip;
-    /// GroupNorm groups take whole groups; heads, which share their order with other groups,
-    /// widen only with `all`).
+    /// number of extra units to the groups the matching merged worst (GroupNorm groups take
+    /// whole groups; heads, which share their order with other groups, widen only with `all`
+    /// and `per-parameter`); `per-parameter` gives the parameters `all` would add (to first
+    /// order) to the groups whose merge lost the most per parameter a unit costs (attention
+    /// heads whole, Q/K with V/O). `worst` and `per-parameter` read the loop's merge values
+    /// (mudsc-zip, weight-zip). `--zip-until auto` tries all three.
     #[arg(long, value_enum, default_value_t = Widen::All)]
     pub(super) widen: Widen,
     /// --method cca: ridge added to each model's activation covariance, relative to its mean
@@ -435,7 +439,11 @@ pub fn execute(args: &mut MergeArgs) -> Result<Merged> {
                 None => format!(
                     "width {}{}",
                     p.width,
-                    if p.worst { " (worst first)" } else { "" }
+                    match p.widen {
+                        Spread::All => "",
+                        Spread::Worst => " (worst first)",
+                        Spread::PerParameter => " (per parameter)",
+                    }
                 ),
             };
             match p.score {
@@ -450,8 +458,8 @@ pub fn execute(args: &mut MergeArgs) -> Result<Merged> {
             "chose {} ({:.2}× parameters, budget {}×; {} on {} held-out samples)",
             match c.zip_until {
                 Some(k) => format!("--zip-until -{k}"),
-                None if c.worst => format!("--width {} --widen worst", c.width),
-                None => format!("--width {}", c.width),
+                None if c.widen == Spread::All => format!("--width {}", c.width),
+                None => format!("--width {} --widen {}", c.width, c.widen.name()),
             },
             c.parameters,
             c.max_params,
@@ -460,7 +468,7 @@ pub fn execute(args: &mut MergeArgs) -> Result<Merged> {
         );
         opts.zip_until = c.cut();
         opts.width = c.width;
-        opts.widen_worst = c.worst;
+        opts.widen = c.widen;
         shape = Some(c);
     }
     let mut progress = super::progress::Progress::default();
@@ -623,7 +631,11 @@ pub(super) fn options(
         max_memory: args.max_memory.or_else(crate::merge::half_of_ram),
         zip_until,
         width: args.width,
-        widen_worst: args.widen == Widen::Worst,
+        widen: match args.widen {
+            Widen::All => Spread::All,
+            Widen::Worst => Spread::Worst,
+            Widen::PerParameter => Spread::PerParameter,
+        },
         cca_ridge: if args.cca_ridge.is_finite() {
             args.cca_ridge.max(0.0)
         } else {

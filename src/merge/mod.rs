@@ -30,6 +30,7 @@ mod shape_flow;
 mod shape_search;
 mod shard;
 mod similarity;
+mod spread;
 mod taps;
 mod tournament;
 mod units;
@@ -56,6 +57,7 @@ pub use output_fit::RefitLayers;
 pub use partial::{Cut, Trunk};
 pub use shape_search::{choose_shape, ShapeChoice, ShapePoint};
 pub use shard::{fingerprint, ShardGroup, Stats};
+pub use spread::Spread;
 pub use units::{Layout, Matchings, Role, Unmerge};
 pub(crate) use weights::as_f64 as float_array;
 
@@ -125,7 +127,9 @@ impl Method {
         )
     }
 
-    fn iterates(self) -> bool {
+    /// Whether the method runs the iterative dual-space loop (and so has the merge values
+    /// that `--widen worst` and `per-parameter` read).
+    pub fn iterates(self) -> bool {
         matches!(
             self,
             Method::Rebasin
@@ -249,9 +253,9 @@ pub struct MergeOptions {
     /// size; the number of models: no unit merged). Blocked groups (heads, norm groups) keep
     /// one model's width.
     pub width: f64,
-    /// `--width` goes to the groups merged worst (their merge value after the loop) instead
-    /// of every widenable group alike; the same number of extra units in all.
-    pub widen_worst: bool,
+    /// Which groups `--width`'s extra units go to (`spread`): every widenable group alike,
+    /// the worst merged, or the most merge loss per parameter.
+    pub widen: Spread,
     /// `--method cca`: ridge added to the covariances, relative to their mean variance
     /// (`cca::maps`).
     pub cca_ridge: f64,
@@ -286,7 +290,7 @@ impl Default for MergeOptions {
             stats: None,
             cca_ridge: DEFAULT_CCA_RIDGE,
             width: 1.0,
-            widen_worst: false,
+            widen: Spread::All,
             max_memory: None,
         }
     }
@@ -459,10 +463,11 @@ pub fn merge(
             )));
         }
     }
-    if opts.widen_worst && opts.width != 1.0 && !opts.method.iterates() {
+    if opts.widen.reads_merge_values() && opts.width != 1.0 && !opts.method.iterates() {
         return Err(Error::Usage(format!(
-            "--widen worst reads the merge values of the iterative loop: {} has none (use \
+            "--widen {} reads the merge values of the iterative loop: {} has none (use \
              mudsc-zip or weight-zip)",
+            opts.widen.name(),
             opts.method.name()
         )));
     }
@@ -846,6 +851,21 @@ pub fn repair_merged(
 }
 
 /// Entries of a model's float initializers.
+/// Elements of every initializer, by name (the parameter cost of widening its axes).
+fn weight_elements(model: &Model) -> HashMap<String, usize> {
+    model
+        .graph()
+        .initializer
+        .iter()
+        .filter_map(|t| {
+            Some((
+                t.name.clone()?,
+                t.dims.iter().product::<i64>().max(0) as usize,
+            ))
+        })
+        .collect()
+}
+
 fn float_parameters(model: &Model) -> usize {
     model
         .graph()
@@ -1181,7 +1201,7 @@ fn find_matchings(
                 let wide = (g.width as f64 * opts.width).round() as usize;
                 Some((g.id, wide.clamp(g.width, models.len() * g.width)))
             }
-            GroupKind::Blocked { .. } if opts.widen_worst && shares_blocks(g) => None,
+            GroupKind::Blocked { .. } if opts.widen == Spread::Worst && shares_blocks(g) => None,
             GroupKind::Blocked {
                 blocks, block_size, ..
             } => {
@@ -1468,12 +1488,23 @@ fn find_matchings(
         }
         if !uniform.is_empty() {
             // Groups every model holds identically stay as they are.
-            let wide: HashMap<usize, usize> = if opts.widen_worst {
-                worst_first(&uniform, &disc.groups, &values, n, opts.width)
-                    .into_iter()
-                    .collect()
-            } else {
-                uniform.clone()
+            let wide: HashMap<usize, usize> = match opts.widen {
+                Spread::All => uniform.clone(),
+                Spread::Worst => {
+                    spread::worst_first(&uniform, &disc.groups, &values, n, opts.width)
+                        .into_iter()
+                        .collect()
+                }
+                Spread::PerParameter => spread::per_parameter(
+                    &uniform,
+                    &disc.groups,
+                    &matching_units(&disc.groups),
+                    &values,
+                    &weight_elements(&models[0]),
+                    n,
+                )
+                .into_iter()
+                .collect(),
             }
             .into_iter()
             .filter(|(g, _)| !pinned.contains_key(g))
@@ -1644,43 +1675,6 @@ fn widen_matched(
         }
     }
     Ok(())
-}
-
-/// `--widen worst`: the extra merged units that `uniform` gives the widenable groups, in all,
-/// reassigned to the groups with the lowest merge values first (each up to all of its units,
-/// a blocked group in whole blocks),
-/// so that the budget keeps apart the units the matching could pair least well.
-fn worst_first(
-    uniform: &HashMap<usize, usize>,
-    groups: &[symmetry::Group],
-    values: &Values,
-    models: usize,
-    factor: f64,
-) -> BTreeMap<usize, usize> {
-    // In units, not whole blocks: a blocked group's rounded target would make the budget
-    // jump by a block per group.
-    let mut extra: usize = uniform
-        .keys()
-        .map(|g| (groups[*g].width as f64 * (factor - 1.0)).round() as usize)
-        .sum();
-    let mut order: Vec<usize> = uniform.keys().copied().collect();
-    let value = |g: &usize| values.get(g).map_or(f64::INFINITY, |v| v.0);
-    order.sort_by(|a, b| value(a).total_cmp(&value(b)).then(a.cmp(b)));
-    let mut out = BTreeMap::new();
-    for g in order {
-        let w = groups[g].width;
-        // Whole blocks only (GroupNorm groups); what is left goes to the next group.
-        let step = match groups[g].kind {
-            GroupKind::Blocked { block_size, .. } => block_size.max(1),
-            GroupKind::Plain => 1,
-        };
-        let more = extra.min((models - 1) * w) / step * step;
-        if more > 0 {
-            extra -= more;
-            out.insert(g, w + more);
-        }
-    }
-    out
 }
 
 /// The per-unit standard deviations of the groups in `scope` that `moments` hold: with the
