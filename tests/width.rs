@@ -525,6 +525,34 @@ fn group_norm_rule_models_merged_with_a_permuted_copy_at_width_2_keep_their_func
 }
 
 #[test]
+fn stacked_packed_attention_merged_with_a_permuted_copy_at_width_2_keeps_its_function() {
+    // timm's export of a packed projection: [B, N, 3·C] reshaped to [B, N, 3, heads,
+    // head_dim], moved to the front and taken apart by Gathers (`qkv[0]`) or a Split
+    // (`unbind`). Widened, the reshape's heads axis takes the merged head count (Q/K and V/O
+    // widen alike, so the three pieces stay equal). Merged with a permuted copy of itself at
+    // width 2, every head of both copies is kept and the model's outputs come back (scaled:
+    // the output projection averages the copies' halves); a heads axis left at one model's
+    // count fails to run or mixes heads.
+    for name in ["attention_stacked_gather", "attention_stacked_split"] {
+        let a = onnx::load(common::rule_models().join(format!("{name}.onnx"))).unwrap();
+        let shapes = data::input_shapes(&a, None, &[], 16).unwrap();
+        let inputs = data::random_inputs(&a, &shapes, 7).unwrap();
+        let ort = BackendKind::Ort;
+        let (m, report) = merged_with_permuted_copy_at(&a, &inputs, 2.0, ort);
+        let kept = kept_in(&report);
+        assert!(kept.is_empty(), "{name}: {kept:?}");
+        assert_eq!(dims(&m, "wqkv")[1], 2 * dims(&a, "wqkv")[1], "{name}");
+        let run = |model: &Model| outputs_on(ort, model, &inputs, &[]).swap_remove(0);
+        let (want, got) = (run(&a), run(&m));
+        let diff = max_gap(&want, &got, 1.0);
+        assert!(
+            diff <= 1e-4 * magnitude(&want),
+            "{name}: merged outputs differ by {diff}"
+        );
+    }
+}
+
+#[test]
 fn a_constant_over_widened_groups_that_is_not_one_value_keeps_the_width() {
     // The GroupNorm export's per-group InstanceNormalization scale is ones, repeated to the
     // merged group count; a scale of different values could not be, so its group keeps one

@@ -507,10 +507,10 @@ pub fn pin(
 
 /// `pinned` with a packed axis's piece size widened: input axis `j` of `x` is a concatenation
 /// of `k` pieces of one size (a packed projection's Q, K and V rows), all widened to one merged
-/// size, and the Reshape splits exactly that axis into adjacent `[k, piece]` axes (the sizes
-/// before them hold the same elements on both sides). Each index of the `k` axis then holds
-/// one piece at its merged width, as the rewrite lays the pieces out end to end. `None`
-/// otherwise (pieces widened unequally cannot be stacked on one axis).
+/// size, and the Reshape splits exactly that axis into adjacent `[k, piece]` axes, or `[k,
+/// heads, head_dim]` (the sizes before them hold the same elements on both sides). Each index
+/// of the `k` axis then holds one piece at its merged width, as the rewrite lays the pieces out
+/// end to end. `None` otherwise (pieces widened unequally cannot be stacked on one axis).
 fn stacked_pieces(
     axes: &Axes,
     x: &str,
@@ -539,15 +539,29 @@ fn stacked_pieces(
             continue;
         };
         let before: usize = inp[..j].iter().product();
+        if size != k * piece {
+            continue;
+        }
         for i in 0..out.len().saturating_sub(1) {
             let aligned = out[..i].iter().product::<usize>() == before;
-            if aligned
-                && (out[i], out[i + 1]) == (k, piece)
-                && (pinned[i], pinned[i + 1]) == (k as i64, piece as i64)
-                && size == k * piece
-            {
+            if !aligned || out[i] != k || pinned[i] != k as i64 {
+                continue;
+            }
+            // The piece as one axis ([k, C]: nn.MultiheadAttention's [N, B, 3, C]) or as
+            // factors ([k, heads, head_dim]: timm's [B, N, 3, heads, head_dim]). The rewrite
+            // widens a piece by whole blocks, block-major, so the outer factor takes the merged
+            // size over the inner ones, which stay.
+            let mut end = i + 1;
+            let mut product = 1;
+            while end < out.len() && product < piece {
+                product *= out[end];
+                end += 1;
+            }
+            let unchanged = (i + 1..end).all(|a| pinned[a] == out[a] as i64);
+            let inner: usize = out[i + 2..end].iter().product();
+            if product == piece && unchanged && inner > 0 && merged.is_multiple_of(inner) {
                 let mut p = pinned.to_vec();
-                p[i + 1] = merged as i64;
+                p[i + 1] = (merged / inner) as i64;
                 return Some(p);
             }
         }
