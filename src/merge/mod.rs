@@ -532,6 +532,11 @@ pub fn merge(
                 if all && opts.refit_layers == RefitLayers::Auto {
                     let passes = samples * models.len();
                     output_fit::auto_conv_budget(&mut layers, model, shapes, batch, passes);
+                    // A large model refits its output layer alone (`plan`: past the keep
+                    // budget, the same).
+                    if !output_fit::sessions_affordable(&layers, 4 * float_parameters(model)) {
+                        layers.clear();
+                    }
                 }
                 layers
             },
