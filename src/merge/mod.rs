@@ -1133,10 +1133,14 @@ fn activation_bytes_per_sample(model: &Model, shapes: &ShapeMap, batch: usize) -
 
 /// What `--repair-batch auto` allows the merged-model pass's activations (by
 /// `activation_bytes_per_sample`). Below it every repair sample goes in one batch, the exact
-/// one-pass scheme (every bundled pair); a 224² ResNet-50 at 256 samples would hold about
-/// 2.6 GB more, so it runs in batches whose statistics are pooled (on the bundled pairs,
-/// batches of 64 and 16 land within 0.5 points of one batch of 256).
-const REPAIR_ACTIVATIONS: usize = 2 << 30;
+/// one-pass scheme (every bundled pair: the largest estimate, the GroupNorm ResNet-20's, is
+/// 1.1 GB for its 256 samples); a 224² ResNet-50 at 256 samples would hold about 2.6 GB more,
+/// so it runs in batches whose statistics are pooled (on the bundled pairs, batches of 64 and
+/// 16 land within 0.5 points of one batch of 256). 1.25 GiB, not the 2 GiB of before: larger
+/// batches were slower, not faster (224² ResNet-18 pair, 256 samples: batches of 91 7.1 s at
+/// a 2.87 GB peak, of 56 6.2–6.4 s at 1.96 GB, of 22 6.0 s at 1.45 GB; ResNet-50, batches of
+/// 20 or 10: 16.3 and 16.7 s, its peak calibration's either way).
+const REPAIR_ACTIVATIONS: usize = 5 << 28;
 
 /// The merged-model pass's batch: `opts.repair_batch`, or (0, auto) the largest within
 /// `REPAIR_ACTIVATIONS`, at most every repair sample.
