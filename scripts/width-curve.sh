@@ -3,7 +3,7 @@
 # (`--widen all`, solid lines) and per parameter (`--widen per-parameter`, dashed), defaults
 # otherwise (ONNX Runtime), each pair's ensemble beside it. Writes docs/width-curve.csv and
 # draws docs/width-curve.png (matplotlib, installed into .venv-bench from PyPI if missing).
-#   bash scripts/width-curve.sh            # ~20 minutes on 2 cores
+#   bash scripts/width-curve.sh            # ~8 minutes on 2 cores
 set -euo pipefail
 root="$(cd "$(dirname "$0")/.." && pwd)"
 cd "$root"
