@@ -506,22 +506,30 @@ fn group_norm_rule_models_merged_with_a_permuted_copy_at_width_2_keep_their_func
     // normalises every channel with the same channels as before, so it computes the model's
     // outputs; a num_groups left at one model's count normalises two groups as one.
     for name in ["groupnorm_op18", "groupnorm_op21", "groupnorm_instancenorm"] {
-        let a = onnx::load(common::rule_models().join(format!("{name}.onnx"))).unwrap();
-        let shapes = data::input_shapes(&a, None, &[], 16).unwrap();
-        let inputs = data::random_inputs(&a, &shapes, 7).unwrap();
-        let ort = BackendKind::Ort;
-        let (m, report) = merged_with_permuted_copy_at(&a, &inputs, 2.0, ort);
-        let kept = kept_in(&report);
-        assert!(kept.is_empty(), "{name}: {kept:?}");
+        let (_, m) = rule_model_keeps_its_function_at_width_2(name);
         assert_eq!(dims(&m, "w1")[0], 16, "{name}");
-        let run = |model: &Model| outputs_on(ort, model, &inputs, &[]).swap_remove(0);
-        let (want, got) = (run(&a), run(&m));
-        let diff = max_gap(&want, &got, 1.0);
-        assert!(
-            diff <= 1e-4 * magnitude(&want),
-            "{name}: merged outputs differ by {diff}"
-        );
     }
+}
+
+/// Rule model `name` merged with a randomly permuted copy of itself at width 2 on ONNX Runtime:
+/// asserts that no group kept one model's width and that the merged model computes the
+/// model's outputs; returns the model and the merge.
+fn rule_model_keeps_its_function_at_width_2(name: &str) -> (Model, Model) {
+    let a = onnx::load(common::rule_models().join(format!("{name}.onnx"))).unwrap();
+    let shapes = data::input_shapes(&a, None, &[], 16).unwrap();
+    let inputs = data::random_inputs(&a, &shapes, 7).unwrap();
+    let ort = BackendKind::Ort;
+    let (m, report) = merged_with_permuted_copy_at(&a, &inputs, 2.0, ort);
+    let kept = kept_in(&report);
+    assert!(kept.is_empty(), "{name}: {kept:?}");
+    let run = |model: &Model| outputs_on(ort, model, &inputs, &[]).swap_remove(0);
+    let (want, got) = (run(&a), run(&m));
+    let diff = max_gap(&want, &got, 1.0);
+    assert!(
+        diff <= 1e-4 * magnitude(&want),
+        "{name}: merged outputs differ by {diff}"
+    );
+    (a, m)
 }
 
 #[test]
@@ -534,21 +542,8 @@ fn stacked_packed_attention_merged_with_a_permuted_copy_at_width_2_keeps_its_fun
     // the output projection averages the copies' halves); a heads axis left at one model's
     // count fails to run or mixes heads.
     for name in ["attention_stacked_gather", "attention_stacked_split"] {
-        let a = onnx::load(common::rule_models().join(format!("{name}.onnx"))).unwrap();
-        let shapes = data::input_shapes(&a, None, &[], 16).unwrap();
-        let inputs = data::random_inputs(&a, &shapes, 7).unwrap();
-        let ort = BackendKind::Ort;
-        let (m, report) = merged_with_permuted_copy_at(&a, &inputs, 2.0, ort);
-        let kept = kept_in(&report);
-        assert!(kept.is_empty(), "{name}: {kept:?}");
+        let (a, m) = rule_model_keeps_its_function_at_width_2(name);
         assert_eq!(dims(&m, "wqkv")[1], 2 * dims(&a, "wqkv")[1], "{name}");
-        let run = |model: &Model| outputs_on(ort, model, &inputs, &[]).swap_remove(0);
-        let (want, got) = (run(&a), run(&m));
-        let diff = max_gap(&want, &got, 1.0);
-        assert!(
-            diff <= 1e-4 * magnitude(&want),
-            "{name}: merged outputs differ by {diff}"
-        );
     }
 }
 

@@ -149,9 +149,6 @@ fn resolve(graph: &Graph, value: &str) -> String {
     name
 }
 
-/// `(s·W, β + s·(b − μ))` with `s = γ/√(σ² + ε)`, W's output channels on axis 0; `None` when
-/// the per-channel tensors do not have W's channel count. A non-finite scale (σ² + ε ≤ 0)
-/// is taken as 0, as dead units are elsewhere.
 /// A BatchNormalization's epsilon (ONNX's default 1e-5 where the attribute is absent).
 pub fn epsilon(bn: &crate::onnx::proto::NodeProto) -> f64 {
     bn.attribute
@@ -172,6 +169,9 @@ pub fn norm_scale(gamma: f64, var: f64, eps: f64) -> f64 {
     }
 }
 
+/// `(s·W, β + s·(b − μ))` with `s = γ/√(σ² + ε)`, W's output channels on axis 0; `None` when
+/// the per-channel tensors do not have W's channel count. A non-finite scale (σ² + ε ≤ 0)
+/// is taken as 0, as dead units are elsewhere.
 fn fold_one(
     mut w: ArrayD<f64>,
     gamma: &ArrayD<f64>,

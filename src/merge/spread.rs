@@ -269,6 +269,17 @@ mod tests {
         }
     }
 
+    fn elements(tensors: &[(&str, usize)]) -> HashMap<String, usize> {
+        tensors.iter().map(|&(t, n)| (t.to_string(), n)).collect()
+    }
+
+    fn values(merge_values: &[(usize, f64)]) -> Values {
+        merge_values
+            .iter()
+            .map(|&(g, v)| (g, (v, String::new())))
+            .collect()
+    }
+
     #[test]
     fn concatenated_axes_count_the_pieces_a_unit_owns() {
         assert_eq!(owned_fraction("g3", &[3]), 1.0);
@@ -300,12 +311,8 @@ mod tests {
             group(1, 10, &[("b", "g1")]),
             group(2, 10, &[("c", "g2")]),
         ];
-        let elements: HashMap<String, usize> = [("a", 100), ("b", 100), ("c", 1000)]
-            .map(|(k, v)| (k.to_string(), v))
-            .into();
-        let values: Values = [(0, 0.2), (1, 0.95), (2, 0.0)]
-            .map(|(g, v)| (g, (v, String::new())))
-            .into();
+        let elements = elements(&[("a", 100), ("b", 100), ("c", 1000)]);
+        let values = values(&[(0, 0.2), (1, 0.95), (2, 0.0)]);
         // The even spread at 1.5×: 5 units each, 5·10 + 5·10 + 5·100 = 600 parameters.
         let uniform: HashMap<usize, usize> = [(0, 15), (1, 15), (2, 15)].into();
         let units = vec![vec![0], vec![1], vec![2]];
@@ -336,12 +343,8 @@ mod tests {
             )
         };
         let groups = vec![blocked(0), blocked(1), group(2, 64, &[("mlp", "g2")])];
-        let elements: HashMap<String, usize> = [("qkv", 64 * 65), ("o", 64 * 64), ("mlp", 64 * 64)]
-            .map(|(k, v)| (k.to_string(), v))
-            .into();
-        let values: Values = [(0, 0.3), (1, 0.4), (2, 0.9)]
-            .map(|(g, v)| (g, (v, String::new())))
-            .into();
+        let elements = elements(&[("qkv", 64 * 65), ("o", 64 * 64), ("mlp", 64 * 64)]);
+        let values = values(&[(0, 0.3), (1, 0.4), (2, 0.9)]);
         // A head step: one block (16 units) in both groups, (64·65 + 64·64) / 4 = 2,064
         // parameters; an MLP unit 64. Given budget: one head step and 48 MLP units, 5,136.
         let uniform: HashMap<usize, usize> = [(0, 80), (1, 80), (2, 112)].into();
