@@ -13,7 +13,27 @@ use super::taps::{unit_width, UnitMoments};
 
 /// Bytes of engine outputs (taps of every model) one calibration batch may hold: on 224²
 /// models a batch of 64 with every layer tapped held gigabytes.
-const BATCH_BYTES: usize = 256 << 20;
+pub const BATCH_BYTES: usize = 256 << 20;
+
+/// How calibration cuts the data into batches.
+#[derive(Clone, Copy)]
+pub struct Batching {
+    /// The largest batch (`--batch`).
+    pub batch: usize,
+    /// An upper bound of one sample's outputs in one model (all its activations): the first
+    /// batch is cut to fit `BATCH_BYTES` by it, before any output has been measured.
+    pub sample_bytes: usize,
+}
+
+impl Batching {
+    /// The first batch: at most 4 samples, fewer where even the bound says they would not fit
+    /// (a ViT-B pair's four first samples with every tap and repair's endpoints: 0.9 GB of
+    /// outputs, and the engines' arenas sized for them, raised calibration's peak by 0.5 GB).
+    fn first(&self, models: usize) -> usize {
+        let per_sample = self.sample_bytes.saturating_mul(models).max(1);
+        (BATCH_BYTES / per_sample).clamp(1, self.batch.clamp(1, 4))
+    }
+}
 
 /// Each model's outputs of one batch, by name.
 type Outputs = Vec<HashMap<String, TensorData>>;
@@ -81,7 +101,7 @@ pub fn collect(
     taps: &[Tap],
     side: &Side,
     inputs: &[TensorData],
-    batch: usize,
+    batching: Batching,
     backend: BackendKind,
     options: &BackendOptions,
     progress: &mut dyn FnMut(usize, usize),
@@ -134,9 +154,10 @@ pub fn collect(
     } else {
         None
     };
+    super::trace_memory("calibration sessions open");
     let mut plain: Option<Vec<Box<dyn crate::runtime::Session>>> = None;
     let total = crate::data::sample_count(inputs);
-    let batch = batch.max(1);
+    let batch = batching.batch.max(1);
     // Inference of the next batch runs on a second thread while this one folds the previous
     // batch into the statistics: the engine and the Σxxᵀ GEMM each keep a core busy.
     std::thread::scope(|scope| -> Result<()> {
@@ -145,7 +166,7 @@ pub fn collect(
             let mut start = 0;
             // The first batch is small; its outputs size the rest so that a batch's taps stay
             // within the budget (two batches are alive at once: one folded, one computed).
-            let mut size = batch.min(4);
+            let mut size = batching.first(n);
             while start < total {
                 // A batch never straddles the end of the side samples: side values are
                 // taken whole, whatever axis holds their batch (a sequence-first
@@ -171,6 +192,7 @@ pub fn collect(
                                 }
                             }
                         }
+                        super::trace_memory("calibration sessions reopened");
                         plain.as_mut().expect("opened above")
                     }
                 };
@@ -188,6 +210,9 @@ pub fn collect(
                         .map(|t| t.len() * t.dtype().size())
                         .sum();
                     let per_sample = (bytes / (end - start).max(1)).max(1);
+                    if std::env::var_os("MUDSC_TRACE_MEMORY").is_some() {
+                        eprintln!("batch {start}..{end}: outputs {} MiB", bytes >> 20);
+                    }
                     size = (BATCH_BYTES / per_sample).clamp(1, batch);
                 }
                 let failed = outs.is_err();
@@ -253,6 +278,7 @@ pub fn collect(
                 }
             }
             progress(end, total);
+            super::trace_memory("calibration batch");
         }
         Ok(())
     })?;

@@ -374,6 +374,43 @@ pub fn peak_rss_mib() -> f64 {
     usage.ru_maxrss as f64 / 1024.0
 }
 
+/// With `MUDSC_TRACE_MEMORY` set, prints the resident memory now and at its peak to stderr,
+/// labelled: where a merge's memory goes, step by step (the report has only per-phase peaks).
+pub(crate) fn trace_memory(label: &str) {
+    if std::env::var_os("MUDSC_TRACE_MEMORY").is_none() {
+        return;
+    }
+    let now = resident_bytes() as f64 / 1048576.0;
+    eprintln!(
+        "memory: {label}: {now:.0} MiB now, {:.0} MiB peak",
+        peak_rss_mib()
+    );
+}
+
+/// This process's resident memory now, in bytes (Linux's /proc/self/statm; 0 where unknown).
+fn resident_bytes() -> u64 {
+    std::fs::read_to_string("/proc/self/statm")
+        .ok()
+        .and_then(|s| s.split_whitespace().nth(1)?.parse::<u64>().ok())
+        .map_or(0, |pages| pages.saturating_mul(page_bytes()))
+}
+
+/// Hands the heap's free memory back to the system. Freed memory otherwise stays with the
+/// process: after calibration on a ViT-B pair, 1.3 GB that the engines and the moments had
+/// freed was still counted as resident (and the next phase's peak stood on it).
+fn give_back_freed_memory() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: malloc_trim only returns free heap memory to the system.
+    unsafe {
+        libc::malloc_trim(0);
+    }
+}
+
+fn page_bytes() -> u64 {
+    // SAFETY: sysconf has no preconditions.
+    (unsafe { libc::sysconf(libc::_SC_PAGESIZE) }).max(1) as u64
+}
+
 /// Wall-clock seconds per pipeline phase.
 struct Timer {
     seconds: BTreeMap<String, f64>,
@@ -392,8 +429,10 @@ impl Timer {
     }
 
     fn lap(&mut self, phase: &str) {
+        give_back_freed_memory();
         *self.seconds.entry(phase.to_string()).or_default() += self.clock.elapsed().as_secs_f64();
         self.peaks.insert(phase.to_string(), peak_rss_mib());
+        trace_memory(phase);
         self.clock = Instant::now();
     }
 }
@@ -997,6 +1036,8 @@ impl Prepared {
             })
             .collect::<Result<_>>()?;
         self.folded = bn_fold::fold(&Graph::new(base)?, &self.weights);
+        // Copied: the models' mapped pages that the copy read need not stay resident.
+        crate::onnx::mapped::release();
         Ok(())
     }
 }
@@ -1014,12 +1055,18 @@ pub fn statistics(
         stats: None,
         ..opts.clone()
     };
-    let Prepared { disc, names, .. } = discover(models, calib, opts)?;
+    let Prepared {
+        disc,
+        names,
+        sample_bytes,
+        ..
+    } = discover(models, calib, opts)?;
     let none = calib::Side::none();
     let all = disc.groups.iter().map(|g| g.id).collect();
     let pass = Pass {
         groups: &all,
         side: &none,
+        sample_bytes,
     };
     let (moments, _, _) = collect_moments(&disc, &names, models, calib, pass, opts, progress)?;
     Ok(Stats {
@@ -1269,7 +1316,17 @@ fn find_matchings(
                     .filter(|g| g.tap.is_some())
                     .map(|g| (g.id, g.width * models.len()))
                     .collect();
-                let plan = passes::plan(&tapped, opts.max_memory);
+                // The budget is the whole process's: what it holds already, the engines'
+                // copies of the models and the batches in flight come off it first.
+                let model_bytes: Vec<u64> = models
+                    .iter()
+                    .map(|m| prost::Message::encoded_len(&m.proto) as u64)
+                    .collect();
+                let engines = passes::engine_bytes(&model_bytes, calib::BATCH_BYTES);
+                let budget = opts
+                    .max_memory
+                    .map(|b| b.saturating_sub(resident_bytes() + engines));
+                let plan = passes::plan(&tapped, budget);
                 calibration_passes = plan.len();
                 let none = calib::Side::none();
                 for (k, pass) in plan.iter().enumerate() {
@@ -1278,6 +1335,7 @@ fn find_matchings(
                     let pass = Pass {
                         groups: &only,
                         side,
+                        sample_bytes: prep.sample_bytes,
                     };
                     let (moments, side, rows) =
                         collect_moments(disc, names, models, calib, pass, opts, progress)?;
@@ -1288,6 +1346,8 @@ fn find_matchings(
                     keep_sd(&moments, &cca_scope, &mut cca_sd);
                     // Correlations now, so that only this pass's f64 moments are ever held.
                     act.extend(moments.into_iter().map(|(g, m)| (g, m.correlation_f32())));
+                    give_back_freed_memory();
+                    trace_memory("calibration pass");
                 }
                 None
             }
@@ -1356,7 +1416,9 @@ fn find_matchings(
             &disc.slots,
             weights,
             &prep.folded,
-        );
+        )
+        .with_capacity(weight_cache_bytes(&disc.groups, n, opts));
+        trace_memory("weight similarities ready");
         // Start: activations where the method uses them.
         if opts.method.uses_activations() {
             for unit in &units {
@@ -1464,6 +1526,7 @@ fn find_matchings(
                     / values.len().max(1) as f64;
                 sweep_values.push(mean);
                 progress("matching", sweep + 1, opts.max_sweeps);
+                trace_memory("matching sweep");
                 // A sweep that changed no matching reached a fixed point: every later sweep,
                 // in any order, recomputes the same matchings from the same state.
                 let fixed = m.p == before.0 && m.blocks == before.1;
@@ -1700,11 +1763,33 @@ fn keep_sd(
     }
 }
 
+/// What the weight similarities' cache may hold under `--max-memory`: the budget less what
+/// the process holds now (the models' weights, every group's correlation) and the widest
+/// group's matrices while it is matched, at most `similarity::CACHE_BYTES`. A cache that does
+/// not fit only costs time: the blocks left out are recomputed when read.
+fn weight_cache_bytes(groups: &[symmetry::Group], models: usize, opts: &MergeOptions) -> usize {
+    let Some(budget) = opts.max_memory else {
+        return similarity::CACHE_BYTES;
+    };
+    let widest = groups
+        .iter()
+        .map(|g| budget::group_bytes(g, models, opts.method).0)
+        .max()
+        .unwrap_or(0);
+    let free = budget.saturating_sub(resident_bytes().saturating_add(widest));
+    usize::try_from(free)
+        .unwrap_or(usize::MAX)
+        .min(similarity::CACHE_BYTES)
+}
+
 /// One pass over the calibration data: the groups it taps, and the side values whose unit
 /// moments ride on it.
 struct Pass<'a> {
     groups: &'a std::collections::HashSet<usize>,
     side: &'a calib::Side,
+    /// Model 0's activations per sample (`Prepared::sample_bytes`): what one sample's
+    /// outputs can hold at most, which sizes the first batch.
+    sample_bytes: usize,
 }
 
 /// Runs every model on the calibration data and streams each tapped group's moments.
@@ -1721,7 +1806,11 @@ fn collect_moments(
     calib::SideMoments,
     calib::Kept,
 )> {
-    let Pass { groups: only, side } = pass;
+    let Pass {
+        groups: only,
+        side,
+        sample_bytes,
+    } = pass;
     let layout = Layout::new(&disc.structure, &disc.groups);
     let graph = Graph::new(&models[0])?;
     let taps: Vec<calib::Tap> = disc
@@ -1749,7 +1838,10 @@ fn collect_moments(
         &taps,
         side,
         calib,
-        opts.batch,
+        calib::Batching {
+            batch: opts.batch,
+            sample_bytes,
+        },
         opts.backend,
         &opts.backend_options,
         &mut |done, total| progress("calibration", done, total),

@@ -23,7 +23,7 @@ use crate::symmetry::Group;
 /// (11 sweeps from a 256-image shard, Grams kept by model pair) 1 GiB holds every member and
 /// re-correlates 53 % of the columns read (matching 27.0 s, peak 2.04 GB), 512 MiB 70 %
 /// (29.2 s, 1.80 GB): below calibration's own peak of a full merge either way.
-const CACHE_BYTES: usize = 1 << 30;
+pub const CACHE_BYTES: usize = 1 << 30;
 
 /// A member with fewer features per unit than this is recomputed rather than cached: its
 /// Gram costs little more than adding a cached one (biases, norm parameters, a 10-class head).
@@ -57,6 +57,8 @@ pub struct WeightSimilarity<'a> {
     deps: HashMap<usize, Vec<Vec<(usize, bool)>>>,
     cache: HashMap<(usize, usize), (State, RowBlock)>,
     bytes: usize,
+    /// What the cache may hold: `CACHE_BYTES`, less under a tight `--max-memory`.
+    capacity: usize,
     pub counts: Counts,
 }
 
@@ -97,7 +99,16 @@ impl<'a> WeightSimilarity<'a> {
             deps,
             cache: HashMap::new(),
             bytes: 0,
+            capacity: CACHE_BYTES,
             counts: Counts::default(),
+        }
+    }
+
+    /// The same with a cache of at most `bytes`.
+    pub fn with_capacity(self, bytes: usize) -> WeightSimilarity<'a> {
+        WeightSimilarity {
+            capacity: bytes.min(CACHE_BYTES),
+            ..self
         }
     }
 
@@ -154,7 +165,7 @@ impl<'a> WeightSimilarity<'a> {
             self.counts.columns_correlated += z.ncols();
             self.counts.columns_read += z.ncols();
             let kept = RowBlock::updatable_bytes(z.dim(), m.models);
-            if z.ncols() >= MIN_CACHED_FEATURES && self.bytes + kept <= CACHE_BYTES {
+            if z.ncols() >= MIN_CACHED_FEATURES && self.bytes + kept <= self.capacity {
                 let block = RowBlock::updatable(z.view(), m.models);
                 self.bytes += block.bytes();
                 self.cache.insert((g.id, k), (state, block));

@@ -27,7 +27,7 @@ pub(super) fn read_file(path: &Path) -> Result<Bytes> {
     // SAFETY: the map is read-only; as with every mmap-based model loader (tract, ORT), a file
     // truncated by another process while we run is outside what we can guard against.
     let map = unsafe { memmap2::Mmap::map(&file) }.map_err(|e| Error::io(path, e))?;
-    Ok(Bytes::from_owner(map))
+    Ok(Bytes::from_owner(super::mapped::MappedFile::new(map)))
 }
 
 /// Resolves external tensors of one model, caching each data file.

@@ -2,6 +2,7 @@
 
 mod external;
 mod load;
+pub mod mapped;
 pub mod proto;
 mod save;
 mod tensor;

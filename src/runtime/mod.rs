@@ -166,15 +166,19 @@ pub fn open_session(
     extra_outputs: &[String],
     options: &BackendOptions,
 ) -> Result<Box<dyn Session>> {
-    match kind.resolve(options) {
+    let session: Box<dyn Session> = match kind.resolve(options) {
         BackendKind::Tract | BackendKind::Auto => {
             if options.device != Device::Cpu {
                 warn_once("tract runs on the CPU only (--device cuda needs --backend ort)");
             }
-            Ok(Box::new(tract::TractSession::new(model, extra_outputs)?))
+            Box::new(tract::TractSession::new(model, extra_outputs)?)
         }
-        BackendKind::Ort => open_ort(model, extra_outputs, options),
-    }
+        BackendKind::Ort => open_ort(model, extra_outputs, options)?,
+    };
+    // Both engines copy the weights they were given: the model's mapped pages, every one of
+    // which opening it read, need not stay resident beside that copy.
+    crate::onnx::mapped::release();
+    Ok(session)
 }
 
 #[cfg(feature = "ort")]
