@@ -218,9 +218,11 @@ pub struct MergeArgs {
     /// Cuts the statistics arithmetic on large maps (e.g. 64 on 224² models).
     #[arg(long, default_value_t = 0)]
     pub(super) tap_positions: usize,
-    /// Memory the activation statistics may hold at once (bytes, or with K/M/G: 512M, 8G);
-    /// when all groups' Σxxᵀ exceed it, the groups are calibrated in several passes over the
-    /// data. Default: half of the machine's RAM.
+    /// The merge's memory budget (bytes, or with K/M/G: 512M, 8G). Calibration counts what
+    /// the process holds, the engines and their batches against it; when all groups' Σxxᵀ
+    /// do not fit beside them, the groups are calibrated in several passes over the data
+    /// (one forward pass of every model each). The matching's weight-similarity cache takes
+    /// only what is left (up to 1 GiB). Default: half of the machine's RAM.
     #[arg(long, value_parser = parse_bytes, value_name = "SIZE")]
     pub(super) max_memory: Option<u64>,
     /// Partial zip: merge only up to a node (a node name, or the name of the value it makes)

@@ -259,8 +259,10 @@ pub struct MergeOptions {
     /// `--method cca`: ridge added to the covariances, relative to their mean variance
     /// (`cca::maps`).
     pub cca_ridge: f64,
-    /// Bytes the calibration statistics may hold at once; beyond it the groups are calibrated
-    /// in several passes over the data (`passes`). `None`: one pass.
+    /// The process's memory budget, bytes: calibration splits into passes over the data
+    /// (`passes`) where all groups' statistics do not fit beside what the process holds and
+    /// the engines; the weight-similarity cache takes only what is left. `None`: one pass and
+    /// the full cache.
     pub max_memory: Option<u64>,
 }
 
