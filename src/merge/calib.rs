@@ -185,14 +185,16 @@ pub fn collect(
                         with_side = None;
                         if plain.is_none() {
                             match open(false) {
-                                Ok(s) => plain = Some(s),
+                                Ok(s) => {
+                                    plain = Some(s);
+                                    super::trace_memory("calibration sessions reopened");
+                                }
                                 Err(e) => {
                                     let _ = tx.send(Err(e));
                                     return;
                                 }
                             }
                         }
-                        super::trace_memory("calibration sessions reopened");
                         plain.as_mut().expect("opened above")
                     }
                 };
@@ -211,7 +213,7 @@ pub fn collect(
                         .sum();
                     let per_sample = (bytes / (end - start).max(1)).max(1);
                     if std::env::var_os("MUDSC_TRACE_MEMORY").is_some() {
-                        eprintln!("batch {start}..{end}: outputs {} MiB", bytes >> 20);
+                        eprintln!("memory: batch {start}..{end}: outputs {} MiB", bytes >> 20);
                     }
                     size = (BATCH_BYTES / per_sample).clamp(1, batch);
                 }
