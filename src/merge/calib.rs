@@ -154,7 +154,7 @@ pub fn collect(
     } else {
         None
     };
-    super::trace_memory("calibration sessions open");
+    super::process_memory::trace_memory("calibration sessions open");
     let mut plain: Option<Vec<Box<dyn crate::runtime::Session>>> = None;
     let total = crate::data::sample_count(inputs);
     let batch = batching.batch.max(1);
@@ -187,7 +187,9 @@ pub fn collect(
                             match open(false) {
                                 Ok(s) => {
                                     plain = Some(s);
-                                    super::trace_memory("calibration sessions reopened");
+                                    super::process_memory::trace_memory(
+                                        "calibration sessions reopened",
+                                    );
                                 }
                                 Err(e) => {
                                     let _ = tx.send(Err(e));
@@ -212,7 +214,7 @@ pub fn collect(
                         .map(|t| t.len() * t.dtype().size())
                         .sum();
                     let per_sample = (bytes / (end - start).max(1)).max(1);
-                    if std::env::var_os("MUDSC_TRACE_MEMORY").is_some() {
+                    if super::process_memory::traced() {
                         eprintln!("memory: batch {start}..{end}: outputs {} MiB", bytes >> 20);
                     }
                     size = (BATCH_BYTES / per_sample).clamp(1, batch);
@@ -280,7 +282,7 @@ pub fn collect(
                 }
             }
             progress(end, total);
-            super::trace_memory("calibration batch");
+            super::process_memory::trace_memory("calibration batch");
         }
         Ok(())
     })?;

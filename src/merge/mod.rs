@@ -25,6 +25,7 @@ mod output_fit;
 mod partial;
 mod passes;
 mod probe;
+mod process_memory;
 mod repair;
 mod shape_flow;
 mod shape_search;
@@ -363,55 +364,8 @@ pub struct MergeReport {
     pub peak_rss_mib_by_phase: BTreeMap<String, f64>,
 }
 
-/// Peak resident set size of this process in MiB, from `getrusage` (kilobytes on Linux).
-pub fn peak_rss_mib() -> f64 {
-    let mut usage = std::mem::MaybeUninit::<libc::rusage>::zeroed();
-    // SAFETY: getrusage fills the struct it is given; RUSAGE_SELF is always valid.
-    let rc = unsafe { libc::getrusage(libc::RUSAGE_SELF, usage.as_mut_ptr()) };
-    if rc != 0 {
-        return 0.0;
-    }
-    // SAFETY: rc == 0 means the struct was written.
-    let usage = unsafe { usage.assume_init() };
-    usage.ru_maxrss as f64 / 1024.0
-}
-
-/// With `MUDSC_TRACE_MEMORY` set, prints the resident memory now and at its peak to stderr,
-/// labelled: where a merge's memory goes, step by step (the report has only per-phase peaks).
-pub(crate) fn trace_memory(label: &str) {
-    if std::env::var_os("MUDSC_TRACE_MEMORY").is_none() {
-        return;
-    }
-    let now = resident_bytes() as f64 / 1048576.0;
-    eprintln!(
-        "memory: {label}: {now:.0} MiB now, {:.0} MiB peak",
-        peak_rss_mib()
-    );
-}
-
-/// This process's resident memory now, in bytes (Linux's /proc/self/statm; 0 where unknown).
-fn resident_bytes() -> u64 {
-    std::fs::read_to_string("/proc/self/statm")
-        .ok()
-        .and_then(|s| s.split_whitespace().nth(1)?.parse::<u64>().ok())
-        .map_or(0, |pages| pages.saturating_mul(page_bytes()))
-}
-
-/// Hands the heap's free memory back to the system. Freed memory otherwise stays with the
-/// process: after calibration on a ViT-B pair, 1.3 GB that the engines and the moments had
-/// freed was still counted as resident (and the next phase's peak stood on it).
-fn give_back_freed_memory() {
-    #[cfg(all(target_os = "linux", target_env = "gnu"))]
-    // SAFETY: malloc_trim only returns free heap memory to the system.
-    unsafe {
-        libc::malloc_trim(0);
-    }
-}
-
-fn page_bytes() -> u64 {
-    // SAFETY: sysconf has no preconditions.
-    (unsafe { libc::sysconf(libc::_SC_PAGESIZE) }).max(1) as u64
-}
+pub use process_memory::peak_rss_mib;
+use process_memory::{give_back_freed_memory, resident_bytes, trace_memory};
 
 /// Wall-clock seconds per pipeline phase.
 struct Timer {
