@@ -323,7 +323,8 @@ fn repair_keeps_float16_and_float64_graphs_valid() {
 
 /// Statistics over the memory budget are calibrated in several passes over the data: every
 /// group sees the same samples, so the merge (repair included, whose endpoint statistics ride
-/// on the first pass) is the one-pass merge exactly.
+/// on the first pass) is the one-pass merge exactly; correlations spilled to a file and read
+/// back group by group in every sweep are the ones held.
 #[test]
 fn calibrating_in_several_passes_gives_the_one_pass_merge() {
     let models = [
@@ -344,6 +345,8 @@ fn calibrating_in_several_passes_gives_the_one_pass_merge() {
     };
     let (many, rm) = merge(&models, &calib, &tight, &mut |_, _, _| {}).unwrap();
     assert_eq!(r1.calibration_passes, 1);
+    // Nor does the budget hold the correlations: they went through a temporary file.
+    assert!(!r1.correlations_spilled && rm.correlations_spilled);
     assert!(
         rm.calibration_passes > 3,
         "{} passes",

@@ -221,8 +221,10 @@ pub struct MergeArgs {
     /// The merge's memory budget (bytes, or with K/M/G: 512M, 8G). Calibration counts what
     /// the process holds, the engines and their batches against it; when all groups' Σxxᵀ
     /// do not fit beside them, the groups are calibrated in several passes over the data
-    /// (one forward pass of every model each). The matching's weight-similarity cache takes
-    /// only what is left (up to 1 GiB). Default: half of the machine's RAM.
+    /// (one forward pass of every model each); when their correlations do not fit beside the
+    /// weights, they are held in a temporary file ($TMPDIR) and read back group by group. The
+    /// matching's weight-similarity cache takes only what is left (up to 1 GiB). Default: half
+    /// of the machine's RAM.
     #[arg(long, value_parser = parse_bytes, value_name = "SIZE")]
     pub(super) max_memory: Option<u64>,
     /// Partial zip: merge only up to a node (a node name, or the name of the value it makes)

@@ -17,6 +17,7 @@ pub(crate) use budget::{half_of_ram, parse_size};
 mod calib;
 pub(crate) mod cca;
 mod conv_patches;
+mod correlations;
 mod dense_use;
 mod held_out;
 mod matching;
@@ -262,8 +263,9 @@ pub struct MergeOptions {
     pub cca_ridge: f64,
     /// The process's memory budget, bytes: calibration splits into passes over the data
     /// (`passes`) where all groups' statistics do not fit beside what the process holds and
-    /// the engines; the weight-similarity cache takes only what is left. `None`: one pass and
-    /// the full cache.
+    /// the engines; the correlations go to a temporary file where they do not fit beside the
+    /// weights (`correlations`); the weight-similarity cache takes only what is left. `None`:
+    /// one pass, correlations held, and the full cache.
     pub max_memory: Option<u64>,
 }
 
@@ -326,6 +328,10 @@ pub struct MergeReport {
     /// Passes over the calibration data for the activation statistics (more than one when
     /// they exceed `--max-memory`; 0 when given as `--stats`).
     pub calibration_passes: usize,
+    /// Whether the activation correlations were held in a temporary file through the
+    /// matching, read back group by group, because `--max-memory` would not hold them beside
+    /// the weights.
+    pub correlations_spilled: bool,
     /// Weight similarities are summed from one block per member tensor: blocks computed
     /// whole, updated by the columns a neighbour's new matching moved, and reused because no
     /// neighbour's matching had changed; and the columns correlated of the columns read
@@ -364,6 +370,7 @@ pub struct MergeReport {
     pub peak_rss_mib_by_phase: BTreeMap<String, f64>,
 }
 
+use correlations::Correlations;
 pub use process_memory::peak_rss_mib;
 use process_memory::{give_back_freed_memory, resident_bytes, trace_memory};
 
@@ -419,6 +426,7 @@ struct Matching {
     sweeps: usize,
     sweep_values: Vec<f64>,
     calibration_passes: usize,
+    correlations_spilled: bool,
     similarities: similarity::Counts,
     /// Repair's endpoint statistics, when calibration gathered them.
     endpoint: Option<calib::SideMoments>,
@@ -575,6 +583,7 @@ pub fn merge(
         sweeps,
         sweep_values,
         calibration_passes,
+        correlations_spilled,
         similarities,
         endpoint,
         kept,
@@ -727,6 +736,7 @@ pub fn merge(
         sweeps: *sweeps,
         sweep_values: sweep_values.clone(),
         calibration_passes: *calibration_passes,
+        correlations_spilled: *correlations_spilled,
         weight_similarities_computed: similarities.computed,
         weight_similarities_updated: similarities.updated,
         weight_similarities_reused: similarities.reused,
@@ -1174,10 +1184,21 @@ fn find_matchings(
     let mut kept = calib::Kept::default();
     let mut calibration_passes = 0;
     // Activation statistics: given, or calibrated here.
-    // Held as f32 upper triangles for the whole iterative loop: they only rank candidate pairs
-    // (as the f32 weight similarities do), and on a ViT-B pair the twelve 6,144-unit MLP
-    // groups' matrices are 0.9 GB so, 3.6 GB as full f64 matrices.
-    let mut act: HashMap<usize, crate::stats::Symmetric<f32>> = HashMap::new();
+    // Correlations, as f32 upper triangles for the whole iterative loop: they only rank
+    // candidate pairs (as the f32 weight similarities do), and on a ViT-B pair the twelve
+    // 6,144-unit MLP groups' matrices are 0.9 GB so, 3.6 GB as full f64 matrices. Spilled to
+    // a temporary file where `--max-memory` would not hold them beside the weights.
+    let model_bytes: Vec<u64> = models
+        .iter()
+        .map(|m| prost::Message::encoded_len(&m.proto) as u64)
+        .collect();
+    let mut act = if opts.method.uses_activations()
+        && spills_correlations(&disc.groups, &model_bytes, opts)
+    {
+        Correlations::spilling()?
+    } else {
+        Correlations::held()
+    };
     // CCA: the groups a linear map can align, and their maps (from the moments, before those
     // become correlations).
     let cca_scope = if opts.method == Method::Cca {
@@ -1274,15 +1295,11 @@ fn find_matchings(
                     .collect();
                 // The budget is the whole process's: what it holds already, the engines'
                 // copies of the models and the batches in flight come off it first.
-                let model_bytes: Vec<u64> = models
-                    .iter()
-                    .map(|m| prost::Message::encoded_len(&m.proto) as u64)
-                    .collect();
                 let engines = passes::engine_bytes(&model_bytes, calib::BATCH_BYTES);
                 let budget = opts
                     .max_memory
                     .map(|b| b.saturating_sub(resident_bytes() + engines));
-                let plan = passes::plan(&tapped, budget);
+                let plan = passes::plan(&tapped, budget, !act.spills());
                 calibration_passes = plan.len();
                 let none = calib::Side::none();
                 for (k, pass) in plan.iter().enumerate() {
@@ -1301,7 +1318,9 @@ fn find_matchings(
                     }
                     keep_sd(&moments, &cca_scope, &mut cca_sd);
                     // Correlations now, so that only this pass's f64 moments are ever held.
-                    act.extend(moments.into_iter().map(|(g, m)| (g, m.correlation_f32())));
+                    for (g, m) in moments {
+                        act.insert(g, m.correlation_f32())?;
+                    }
                     give_back_freed_memory();
                     trace_memory("calibration pass");
                 }
@@ -1312,7 +1331,9 @@ fn find_matchings(
         // Correlations straight from the shards' sums (a clone of those would hold them
         // twice: 3.9 GB on a ViT-B pair).
         if let Some(shards) = shards {
-            act.extend(shards.iter().map(|(g, m)| (*g, m.correlation_f32())));
+            for (g, m) in shards {
+                act.insert(*g, m.correlation_f32())?;
+            }
         }
         timer.lap("statistics");
     }
@@ -1380,13 +1401,13 @@ fn find_matchings(
             for unit in &units {
                 // Without the iterative loop a correlation is used once: freed as it is read.
                 let iterates = opts.method.iterates();
-                let sims: Vec<(usize, Array2<f64>, String)> = unit
-                    .iter()
-                    .map(|&g| match act.get(&g) {
+                let mut sims: Vec<(usize, Array2<f64>, String)> = Vec::new();
+                for &g in unit {
+                    let a = act.get(g)?.map(|a| a.map_full(|_, _, v| f64::from(v)));
+                    sims.push(match a {
                         Some(a) => {
-                            let a = a.map_full(|_, _, v| f64::from(v));
                             if !iterates && !uniform.contains_key(&g) {
-                                act.remove(&g);
+                                act.remove(g);
                             }
                             (g, a, "activation".to_string())
                         }
@@ -1396,8 +1417,8 @@ fn find_matchings(
                                 .unwrap_or_else(|| Array2::eye(n * disc.groups[g].width));
                             (g, s, "weight (no tap)".to_string())
                         }
-                    })
-                    .collect();
+                    });
+                }
                 match_unit(&disc.groups, sims, opts, &targets, &mut m, &mut values)?;
             }
         }
@@ -1444,32 +1465,30 @@ fn find_matchings(
                         wsim.counts.matchings_kept += 1;
                         continue;
                     }
-                    let sims: Vec<(usize, Array2<f64>, String)> = units[u]
-                        .iter()
-                        .map(|&g| {
-                            // Upper triangles: `blend` reads and mirrors only that.
-                            let w = wsim.get_upper(&disc.groups[g], &m);
-                            let a = act.get(&g);
-                            match (w, a, opts.method.uses_activations()) {
-                                (Some(mut w), Some(a), true) => {
-                                    blend(&mut w, a, opts.alpha);
-                                    (g, w, "dual".into())
-                                }
-                                (Some(mut w), _, _) => {
-                                    crate::stats::mirror_upper(&mut w);
-                                    (g, w, "weight".into())
-                                }
-                                (None, Some(a), _) => (
-                                    g,
-                                    a.map_full(|_, _, v| f64::from(v)),
-                                    "activation (no weights)".into(),
-                                ),
-                                (None, None, _) => {
-                                    (g, Array2::eye(n * disc.groups[g].width), "none".into())
-                                }
+                    let mut sims: Vec<(usize, Array2<f64>, String)> = Vec::new();
+                    for &g in &units[u] {
+                        // Upper triangles: `blend` reads and mirrors only that.
+                        let w = wsim.get_upper(&disc.groups[g], &m);
+                        let a = act.get(g)?;
+                        sims.push(match (w, a, opts.method.uses_activations()) {
+                            (Some(mut w), Some(a), true) => {
+                                blend(&mut w, &a, opts.alpha);
+                                (g, w, "dual".into())
                             }
-                        })
-                        .collect();
+                            (Some(mut w), _, _) => {
+                                crate::stats::mirror_upper(&mut w);
+                                (g, w, "weight".into())
+                            }
+                            (None, Some(a), _) => (
+                                g,
+                                a.map_full(|_, _, v| f64::from(v)),
+                                "activation (no weights)".into(),
+                            ),
+                            (None, None, _) => {
+                                (g, Array2::eye(n * disc.groups[g].width), "none".into())
+                            }
+                        });
+                    }
                     match_unit(&disc.groups, sims, opts, &targets, &mut m, &mut values)?;
                     let held = result(&units[u], &m, &values);
                     seen.entry(u).or_default().push((inputs, held));
@@ -1553,7 +1572,7 @@ fn find_matchings(
     // model holds identically stays as it is), anchored to those permutations where the
     // activations leave the map undetermined (dead units).
     for (g, sd) in cca_sd {
-        let (Some(r), Some(p)) = (act.get(&g), m.p.get(&g)) else {
+        let (Some(r), Some(p)) = (act.get(g)?, m.p.get(&g)) else {
             continue;
         };
         if pinned.contains_key(&g) {
@@ -1586,6 +1605,7 @@ fn find_matchings(
         sweeps,
         sweep_values,
         calibration_passes,
+        correlations_spilled: act.spills(),
         similarities,
         endpoint,
         kept,
@@ -1665,7 +1685,7 @@ fn widen_matched(
     groups: &[symmetry::Group],
     wide: &HashMap<usize, usize>,
     wsim: &mut similarity::WeightSimilarity,
-    act: &HashMap<usize, crate::stats::Symmetric<f32>>,
+    act: &Correlations,
     opts: &MergeOptions,
     m: &mut Matchings,
     values: &mut Values,
@@ -1679,7 +1699,7 @@ fn widen_matched(
         }
         let mut unit_sims = Vec::with_capacity(unit.len());
         for &g in &unit {
-            let a = act.get(&g);
+            let a = act.get(g)?;
             let weighs = opts.method.iterates() || a.is_none();
             let w = if weighs {
                 wsim.get(&groups[g], &before)
@@ -1688,7 +1708,7 @@ fn widen_matched(
             };
             let sim = match (w, a) {
                 (Some(mut w), Some(a)) if opts.method.uses_activations() => {
-                    blend(&mut w, a, opts.alpha);
+                    blend(&mut w, &a, opts.alpha);
                     w
                 }
                 (Some(w), _) => w,
@@ -1717,6 +1737,36 @@ fn keep_sd(
             out.insert(*g, m.mean_std().1);
         }
     }
+}
+
+/// Whether `--max-memory` is too small to hold every tapped group's correlation through the
+/// matching beside what the process holds now, the models' weights (about the models' size)
+/// and the widest group's matrices while it is matched: then they are spilled to a temporary
+/// file (`Correlations::spilling`) and calibration's passes need not keep them either.
+fn spills_correlations(
+    groups: &[symmetry::Group],
+    model_bytes: &[u64],
+    opts: &MergeOptions,
+) -> bool {
+    let Some(budget) = opts.max_memory else {
+        return false;
+    };
+    let n = model_bytes.len();
+    let correlations: u64 = groups
+        .iter()
+        .filter(|g| g.tap.is_some())
+        .map(|g| passes::correlation_bytes(g.width * n))
+        .sum();
+    let widest = groups
+        .iter()
+        .map(|g| budget::group_bytes(g, n, opts.method).0)
+        .max()
+        .unwrap_or(0);
+    let needed = resident_bytes()
+        .saturating_add(model_bytes.iter().sum())
+        .saturating_add(correlations)
+        .saturating_add(widest);
+    needed > budget
 }
 
 /// What the weight similarities' cache may hold under `--max-memory`: the budget less what

@@ -28,10 +28,10 @@ pub fn engine_bytes(model_bytes: &[u64], batch_bytes: usize) -> u64 {
 }
 
 /// Groups (id, units across models) split into passes, in the order given: a pass takes
-/// groups while its f64 moments plus the f32 correlations of the passes before it stay
-/// within `budget` bytes. A group larger than the budget by itself gets a pass of its own.
-/// `None`: one pass.
-pub fn plan(groups: &[(usize, usize)], budget: Option<u64>) -> Vec<Vec<usize>> {
+/// groups while its f64 moments plus the f32 correlations of the passes before it (where
+/// they are held in memory, `kept_held`, not spilled) stay within `budget` bytes. A group larger than
+/// the budget by itself gets a pass of its own. `None`: one pass.
+pub fn plan(groups: &[(usize, usize)], budget: Option<u64>, kept_held: bool) -> Vec<Vec<usize>> {
     let Some(budget) = budget else {
         return vec![groups.iter().map(|g| g.0).collect()];
     };
@@ -47,7 +47,9 @@ pub fn plan(groups: &[(usize, usize)], budget: Option<u64>) -> Vec<Vec<usize>> {
         }
         pass.push(id);
         current += bytes;
-        correlations += correlation_bytes(units);
+        if kept_held {
+            correlations += correlation_bytes(units);
+        }
     }
     if !pass.is_empty() || passes.is_empty() {
         passes.push(pass);
@@ -67,13 +69,16 @@ mod tests {
         assert!(m > 4_000_000 && m < 5_200_000, "{m}");
         assert_eq!(2 * c, m);
         let groups: Vec<(usize, usize)> = (0..4).map(|i| (i, 1000)).collect();
-        assert_eq!(plan(&groups, None), vec![vec![0, 1, 2, 3]]);
-        assert_eq!(plan(&groups, Some(4 * m)), vec![vec![0, 1, 2, 3]]);
+        assert_eq!(plan(&groups, None, true), vec![vec![0, 1, 2, 3]]);
+        assert_eq!(plan(&groups, Some(4 * m), true), vec![vec![0, 1, 2, 3]]);
         // Two groups' moments: two, then their correlations (m) + one more, then 1.5 m + one.
-        let p = plan(&groups, Some(2 * m + 1));
+        let p = plan(&groups, Some(2 * m + 1), true);
         assert_eq!(p, vec![vec![0, 1], vec![2], vec![3]]);
+        // Spilled correlations take nothing from the later passes: two and two.
+        let spilled = plan(&groups, Some(2 * m + 1), false);
+        assert_eq!(spilled, vec![vec![0, 1], vec![2, 3]]);
         // Smaller than one group: one pass each.
-        assert_eq!(plan(&groups, Some(1)).len(), 4);
+        assert_eq!(plan(&groups, Some(1), true).len(), 4);
         let mut all: Vec<usize> = p.into_iter().flatten().collect();
         all.sort_unstable();
         assert_eq!(all, vec![0, 1, 2, 3]);

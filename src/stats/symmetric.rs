@@ -39,6 +39,11 @@ impl<T: Copy + Default> Symmetric<T> {
         }
     }
 
+    /// The matrix's side.
+    pub fn units(&self) -> usize {
+        self.units
+    }
+
     /// Elements the triangle of `units` holds (what `bytes` counts, before allocating it).
     pub fn elements(units: usize) -> usize {
         panel_shapes(units, PANEL)
@@ -98,6 +103,22 @@ impl<T: Copy + Default> Symmetric<T> {
     /// The full matrix.
     pub fn to_full(&self) -> Array2<T> {
         self.map_full(|_, _, v| v)
+    }
+
+    /// The triangle's storage: each panel's elements in row-major order, panel by panel (what
+    /// a spill file holds; `panels_mut` of a triangle of the same units reads it back).
+    pub fn panels(&self) -> impl Iterator<Item = &[T]> {
+        self.panels
+            .iter()
+            .map(|p| p.as_slice().expect("panels are built in standard layout"))
+    }
+
+    /// The triangle's storage to fill, in the order `panels` gives it.
+    pub fn panels_mut(&mut self) -> impl Iterator<Item = &mut [T]> {
+        self.panels.iter_mut().map(|p| {
+            p.as_slice_mut()
+                .expect("panels are built in standard layout")
+        })
     }
 
     /// Bytes held.
