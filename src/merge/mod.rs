@@ -1296,9 +1296,17 @@ fn find_matchings(
                 // The budget is the whole process's: what it holds already, the engines'
                 // copies of the models and the batches in flight come off it first.
                 let engines = passes::engine_bytes(&model_bytes, calib::BATCH_BYTES);
-                let budget = opts
-                    .max_memory
-                    .map(|b| b.saturating_sub(resident_bytes() + engines));
+                let held = resident_bytes();
+                if let Some(b) = opts.max_memory.filter(|&b| b < held + engines) {
+                    crate::runtime::warn_once(&format!(
+                        "--max-memory {} MiB is below what calibration holds besides the \
+                         statistics, about {} MiB (the process now, the engines' copies of the \
+                         models, their batches): the merge will go over it",
+                        b >> 20,
+                        (held + engines) >> 20
+                    ));
+                }
+                let budget = opts.max_memory.map(|b| b.saturating_sub(held + engines));
                 let plan = passes::plan(&tapped, budget, !act.spills());
                 calibration_passes = plan.len();
                 let none = calib::Side::none();
