@@ -383,7 +383,7 @@ fn the_automatic_shape_stays_within_its_budget() {
             })
             .unwrap();
         assert_eq!(chosen["score"].as_f64().unwrap(), best);
-        assert_eq!(c["criterion"], "accuracy");
+        assert_eq!(c["criterion"], "log-likelihood of the labels");
         let ratio =
             r["merged_parameters"].as_f64().unwrap() / r["model_parameters"].as_f64().unwrap();
         assert!(

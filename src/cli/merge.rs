@@ -93,8 +93,8 @@ pub struct MergeArgs {
     #[arg(long, value_enum, default_value_t = MethodArg::MudscZip)]
     pub(super) method: MethodArg,
     /// --zip-until auto: the budget, in parameters relative to one model, within which the
-    /// cut or the width is chosen (best calibration agreement, or accuracy with
-    /// --calib-labels, on a held-out fifth of --calib).
+    /// cut or the width is chosen (on a held-out fifth of --calib, the best log-likelihood of
+    /// the endpoints' ensemble, or of the labels with --calib-labels).
     #[arg(long, default_value_t = 1.5)]
     pub(super) max_params: f64,
     /// Zip methods: merged units per group as a factor of one model's width (1 = one model's
@@ -141,11 +141,12 @@ pub struct MergeArgs {
     #[arg(long)]
     pub(super) align_first: bool,
     /// Weight-space share of the dual similarity (0 = activations only, 1 = weights only), or
-    /// `auto`: try 0.1 … 0.9 on a held-out fifth of the calibration data (accuracy when it has
-    /// --calib-labels, else top-1 agreement with the endpoints) and keep the best.
+    /// `auto`: try 0.1 … 0.9 on a held-out fifth of the calibration data (the log-likelihood of
+    /// its --calib-labels, else of the endpoints' ensemble) and keep the best.
     #[arg(long, default_value = "0.5")]
     pub(super) alpha: String,
-    /// Key of integer labels in the calibration file, for `--alpha auto` by accuracy.
+    /// Key of integer labels in the calibration file, for `--alpha auto` and `--zip-until auto`
+    /// scored on them.
     #[arg(long)]
     pub(super) calib_labels: Option<String>,
     /// Zip: similarity decay of merged clusters.

@@ -19,7 +19,8 @@ pub struct AlphaPoint {
 #[derive(Clone, Debug, Serialize)]
 pub struct AlphaChoice {
     pub alpha: f64,
-    /// "accuracy" or "agreement".
+    /// What the score is (`HeldOut::criterion`): a log-likelihood of the labels or of the
+    /// endpoints' ensemble.
     pub criterion: String,
     pub curve: Vec<AlphaPoint>,
     pub held_out: usize,
