@@ -286,3 +286,27 @@ fn save_never_overwrites_its_input_and_leaves_no_partial_file() {
         .collect();
     assert!(leftovers.is_empty());
 }
+
+/// `into_inputs` moves the file's arrays into the model's inputs: the same inputs, in the
+/// graph's order, as `bind_inputs` copies, and the same refusal of a missing one.
+#[test]
+fn inputs_moved_out_of_the_arrays_are_the_bound_ones() {
+    let m = onnx::load(model("two_inputs.onnx")).unwrap();
+    let path = model("two_inputs_input.npz");
+    let mut arrays = mudsc::data::read(&path).unwrap();
+    // Stored b first: binding is by name, not by position.
+    arrays.0.reverse();
+    assert_eq!(arrays.0[0].0, "b");
+    let copied = mudsc::data::bind_inputs(&arrays, &m, &path).unwrap();
+    let moved = mudsc::data::into_inputs(arrays, &m, &path).unwrap();
+    assert_eq!(moved.len(), 2);
+    assert_eq!(moved, copied);
+    let a = mudsc::data::read(&path).unwrap().get("a").unwrap().clone();
+    assert_eq!(moved[0], a);
+    let mut short = mudsc::data::read(&path).unwrap();
+    short.take("b");
+    let err = mudsc::data::into_inputs(short, &m, &path)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("no array for model input 'b'"), "{err}");
+}

@@ -394,7 +394,7 @@ pub fn execute(args: &mut MergeArgs) -> Result<Merged> {
         .into());
     }
     outputs.refuse_protected(args, &protect)?;
-    let mut calib = data::bind_inputs(&arrays, &models[0], &calib_path)?;
+    let mut calib = data::into_inputs(arrays, &models[0], &calib_path)?;
     if let Some(n) = args.samples {
         calib = first_samples(&calib, n)?;
         if let Some(l) = labels.as_mut() {

@@ -37,7 +37,7 @@ pub fn run(args: RunArgs) -> Result<()> {
         &args.extra,
         &args.backend.options(),
     )?;
-    let inputs = data::bind_inputs(&arrays, &model, &args.input)?;
+    let inputs = data::into_inputs(arrays, &model, &args.input)?;
     let outputs = mudsc::runtime::run_batched(session.as_mut(), &inputs, args.backend.batch)?;
     let names = session.output_names().to_vec();
     for (name, t) in names.iter().zip(&outputs) {

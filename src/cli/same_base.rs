@@ -119,7 +119,7 @@ fn read_calib(args: &mut MergeArgs, model: &Model) -> Result<Option<Vec<TensorDa
         }
         None => mudsc::data::read(&path)?,
     };
-    let mut calib = mudsc::data::bind_inputs(&arrays, model, &path)?;
+    let mut calib = mudsc::data::into_inputs(arrays, model, &path)?;
     if let Some(n) = args.samples {
         calib = first_samples(&calib, n)?;
     }

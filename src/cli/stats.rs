@@ -39,7 +39,7 @@ pub fn run(args: StatsArgs) -> Result<()> {
     protect.push(args.calib.clone());
     mudsc::atomic::refuse_protected(&args.output, &protect)?;
     let arrays = data::read(&args.calib)?;
-    let calib = data::bind_inputs(&arrays, &models[0], &args.calib)?;
+    let calib = data::into_inputs(arrays, &models[0], &args.calib)?;
     let opts = MergeOptions {
         backend: args.backend.kind(),
         backend_options: args.backend.options(),
