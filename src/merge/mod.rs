@@ -1765,16 +1765,21 @@ fn spills_correlations(
         .filter(|g| g.tap.is_some())
         .map(|g| passes::correlation_bytes(g.width * n))
         .sum();
-    let widest = groups
-        .iter()
-        .map(|g| budget::group_bytes(g, n, opts.method).0)
-        .max()
-        .unwrap_or(0);
+    let widest = widest_group_bytes(groups, n, opts.method);
     let needed = resident_bytes()
         .saturating_add(model_bytes.iter().sum())
         .saturating_add(correlations)
         .saturating_add(widest);
     needed > budget
+}
+
+/// The most any one group holds while it is matched (`budget::group_bytes`' peak).
+fn widest_group_bytes(groups: &[symmetry::Group], models: usize, method: Method) -> u64 {
+    groups
+        .iter()
+        .map(|g| budget::group_bytes(g, models, method).0)
+        .max()
+        .unwrap_or(0)
 }
 
 /// What the weight similarities' cache may hold under `--max-memory`: the budget less what
@@ -1785,11 +1790,7 @@ fn weight_cache_bytes(groups: &[symmetry::Group], models: usize, opts: &MergeOpt
     let Some(budget) = opts.max_memory else {
         return similarity::CACHE_BYTES;
     };
-    let widest = groups
-        .iter()
-        .map(|g| budget::group_bytes(g, models, opts.method).0)
-        .max()
-        .unwrap_or(0);
+    let widest = widest_group_bytes(groups, models, opts.method);
     let free = budget.saturating_sub(resident_bytes().saturating_add(widest));
     usize::try_from(free)
         .unwrap_or(usize::MAX)
