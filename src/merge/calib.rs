@@ -21,8 +21,16 @@ pub struct Batching {
     /// The largest batch (`--batch`).
     pub batch: usize,
     /// An upper bound of one sample's outputs in one model (all its activations): the first
-    /// batch is cut to fit `BATCH_BYTES` by it, before any output has been measured.
+    /// batch is cut to fit `bytes` by it, before any output has been measured.
     pub sample_bytes: usize,
+    /// Bytes one batch's outputs (the taps of every model) may take
+    /// (`passes::batch_bytes`).
+    pub bytes: usize,
+    /// Bytes the engines' activations may take for one batch, bounded by `sample_bytes`
+    /// (`None`: unbounded). Under a `--max-memory` that binds, ONNX Runtime's arenas grew with
+    /// batches sized by their outputs alone: a ViT-B pair's later passes took batches of 55
+    /// images and the engines went from 1.1 to 3.4 GB.
+    pub activations: Option<usize>,
 }
 
 impl Batching {
@@ -31,7 +39,29 @@ impl Batching {
     /// outputs, and the engines' arenas sized for them, raised calibration's peak by 0.5 GB).
     fn first(&self, models: usize) -> usize {
         let per_sample = self.sample_bytes.saturating_mul(models).max(1);
-        (BATCH_BYTES / per_sample).clamp(1, self.batch.clamp(1, 4))
+        self.cap(
+            (self.bytes / per_sample).clamp(1, self.batch.clamp(1, 4)),
+            models,
+        )
+    }
+
+    /// The batch after one whose outputs took `per_sample` bytes a sample.
+    fn next(&self, per_sample: usize, models: usize) -> usize {
+        self.cap(
+            (self.bytes / per_sample.max(1)).clamp(1, self.batch.max(1)),
+            models,
+        )
+    }
+
+    /// `size` cut to what `activations` allows every model's engine (at least one sample).
+    fn cap(&self, size: usize, models: usize) -> usize {
+        match self.activations {
+            Some(bytes) => {
+                let per_sample = self.sample_bytes.saturating_mul(models).max(1);
+                size.min((bytes / per_sample).max(1))
+            }
+            None => size,
+        }
     }
 }
 
@@ -107,10 +137,10 @@ pub fn collect(
     progress: &mut dyn FnMut(usize, usize),
 ) -> Result<(HashMap<usize, Moments>, SideMoments, Kept)> {
     let n = models.len();
-    let mut moments: HashMap<usize, Moments> = taps
-        .iter()
-        .map(|t| (t.group, Moments::new(n * t.width)))
-        .collect();
+    // Each group's moments are made at its first batch, once the engines are open: building
+    // an engine briefly holds its model two or three times over, and a ViT-B pass's moments
+    // (0.8 GB, zeroed) beside that made the pass's peak.
+    let mut moments: HashMap<usize, Moments> = HashMap::new();
     let mut side_moments: SideMoments = vec![HashMap::new(); n];
     let mut kept = Kept {
         ranges: Vec::new(),
@@ -145,7 +175,11 @@ pub fn collect(
                 );
                 let mut seen = std::collections::HashSet::new();
                 extra.retain(|e| seen.insert(e.clone()));
-                open_session(backend, m, &extra, options)
+                let session = open_session(backend, m, &extra, options);
+                // The engine's parse of the model is freed once it is built, but kept by the
+                // heap unless handed back.
+                super::process_memory::give_back_freed_memory();
+                session
             })
             .collect()
     };
@@ -157,7 +191,6 @@ pub fn collect(
     super::process_memory::trace_memory("calibration sessions open");
     let mut plain: Option<Vec<Box<dyn crate::runtime::Session>>> = None;
     let total = crate::data::sample_count(inputs);
-    let batch = batching.batch.max(1);
     // Inference of the next batch runs on a second thread while this one folds the previous
     // batch into the statistics: the engine and the Σxxᵀ GEMM each keep a core busy.
     std::thread::scope(|scope| -> Result<()> {
@@ -217,7 +250,7 @@ pub fn collect(
                     if super::process_memory::traced() {
                         eprintln!("memory: batch {start}..{end}: outputs {} MiB", bytes >> 20);
                     }
-                    size = (BATCH_BYTES / per_sample).clamp(1, batch);
+                    size = batching.next(per_sample, n);
                 }
                 let failed = outs.is_err();
                 if tx.send(outs.map(|o| (start, end, o))).is_err() || failed {
@@ -277,14 +310,20 @@ pub fn collect(
                         reason: format!("tap '{}' missing from the outputs", t.names[i]),
                     })?);
                 }
-                if let Some(m) = moments.get_mut(&t.group) {
-                    super::taps::add_joint(m, &values, t.axis, t.width, &t.names, t.positions)?;
-                }
+                let m = moments
+                    .entry(t.group)
+                    .or_insert_with(|| Moments::new(n * t.width));
+                super::taps::add_joint(m, &values, t.axis, t.width, &t.names, t.positions)?;
             }
             progress(end, total);
             super::process_memory::trace_memory("calibration batch");
         }
         Ok(())
     })?;
+    for t in taps {
+        moments
+            .entry(t.group)
+            .or_insert_with(|| Moments::new(n * t.width));
+    }
     Ok((moments, side_moments, kept))
 }

@@ -418,6 +418,15 @@ struct Prepared {
     folded: bn_fold::Folded,
 }
 
+impl Prepared {
+    /// Bytes of one sample of model 0's value `name` (4 an element; 0 where its shape is
+    /// unknown).
+    fn value_sample_bytes(&self, name: &str) -> u64 {
+        let elements: usize = self.shapes.get(name).map_or(0, |s| s.iter().product());
+        4 * (elements / self.shape_batch.max(1)) as u64
+    }
+}
+
 /// The outcome of matching: per-group matrices, merge values, the sweeps it took, and how
 /// much of the weight similarities the cache saved.
 struct Matching {
@@ -1032,7 +1041,12 @@ pub fn statistics(
     let pass = Pass {
         groups: &all,
         side: &none,
-        sample_bytes,
+        batching: calib::Batching {
+            batch: opts.batch,
+            sample_bytes,
+            bytes: calib::BATCH_BYTES,
+            activations: None,
+        },
     };
     let (moments, _, _) = collect_moments(&disc, &names, models, calib, pass, opts, progress)?;
     Ok(Stats {
@@ -1287,15 +1301,21 @@ fn find_matchings(
                         .map(|(_, n)| (*n).min(crate::data::sample_count(calib)))
                         .collect(),
                 };
-                let tapped: Vec<(usize, usize)> = disc
-                    .groups
-                    .iter()
-                    .filter(|g| g.tap.is_some())
-                    .map(|g| (g.id, g.width * models.len()))
-                    .collect();
+                let tapped = tapped_groups(prep, models, opts)?;
+                if process_memory::traced() {
+                    for t in &tapped {
+                        eprintln!(
+                            "memory: group {} {} units, {} KiB of taps a sample",
+                            t.id,
+                            t.units,
+                            t.sample_outputs >> 10
+                        );
+                    }
+                }
                 // The budget is the whole process's: what it holds already, the engines'
                 // copies of the models and the batches in flight come off it first.
-                let engines = passes::engine_bytes(&model_bytes, calib::BATCH_BYTES);
+                let batch_bytes = passes::batch_bytes(opts.max_memory);
+                let engines = passes::engine_bytes(&model_bytes, batch_bytes);
                 let held = resident_bytes();
                 if let Some(b) = opts.max_memory.filter(|&b| b < held + engines) {
                     crate::runtime::warn_once(&format!(
@@ -1307,16 +1327,47 @@ fn find_matchings(
                     ));
                 }
                 let budget = opts.max_memory.map(|b| b.saturating_sub(held + engines));
-                let plan = passes::plan(&tapped, budget, !act.spills());
+                // One sample of the first pass's side values, in every model.
+                let side_outputs = repair_taps
+                    .iter()
+                    .map(|(t, _)| t)
+                    .chain(keep.iter().map(|(t, _)| t))
+                    .map(|t| prep.value_sample_bytes(t))
+                    .sum::<u64>()
+                    * models.len() as u64;
+                let plan = passes::plan(&tapped, side_outputs, budget, batch_bytes, !act.spills());
                 calibration_passes = plan.len();
                 let none = calib::Side::none();
                 for (k, pass) in plan.iter().enumerate() {
-                    let only: std::collections::HashSet<usize> = pass.iter().copied().collect();
+                    let only: std::collections::HashSet<usize> =
+                        pass.groups.iter().copied().collect();
                     let side = if k == 0 { &side } else { &none };
+                    // The engines' activations get the one batch `engines` set aside for
+                    // them, and whatever the pass's statistics leave of the budget.
+                    let activations = budget.map(|b| {
+                        let free = usize::try_from(b.saturating_sub(pass.held));
+                        batch_bytes.saturating_add(free.unwrap_or(usize::MAX))
+                    });
+                    if process_memory::traced() {
+                        eprintln!(
+                            "memory: pass {k}: {} groups, statistics {} MiB, batches of {} MiB, \
+                             activations {} MiB ({} MiB a sample)",
+                            only.len(),
+                            pass.held >> 20,
+                            batch_bytes >> 20,
+                            activations.map_or(usize::MAX, |a| a >> 20),
+                            (prep.sample_bytes * models.len()) >> 20
+                        );
+                    }
                     let pass = Pass {
                         groups: &only,
                         side,
-                        sample_bytes: prep.sample_bytes,
+                        batching: calib::Batching {
+                            batch: opts.batch,
+                            sample_bytes: prep.sample_bytes,
+                            bytes: batch_bytes,
+                            activations,
+                        },
                     };
                     let (moments, side, rows) =
                         collect_moments(disc, names, models, calib, pass, opts, progress)?;
@@ -1802,9 +1853,37 @@ fn weight_cache_bytes(groups: &[symmetry::Group], models: usize, opts: &MergeOpt
 struct Pass<'a> {
     groups: &'a std::collections::HashSet<usize>,
     side: &'a calib::Side,
-    /// Model 0's activations per sample (`Prepared::sample_bytes`): what one sample's
-    /// outputs can hold at most, which sizes the first batch.
-    sample_bytes: usize,
+    /// How the data is cut into batches.
+    batching: calib::Batching,
+}
+
+/// The tapped groups as calibration's pass plan sees them: units across models, and one
+/// sample's tap outputs in every model (model 0's shapes, 4 bytes an element).
+fn tapped_groups(
+    prep: &Prepared,
+    models: &[Model],
+    opts: &MergeOptions,
+) -> Result<Vec<passes::Tapped>> {
+    let disc = &prep.disc;
+    let layout = Layout::new(&disc.structure, &disc.groups);
+    let graph = Graph::new(&models[0])?;
+    Ok(disc
+        .groups
+        .iter()
+        .filter(|g| g.tap.is_some())
+        .map(|g| {
+            let taps = observe::tap_points(g, &graph, &disc.slots, &layout, opts.token_taps);
+            passes::Tapped {
+                id: g.id,
+                units: g.width * models.len(),
+                sample_outputs: taps
+                    .iter()
+                    .map(|(t, _)| prep.value_sample_bytes(t))
+                    .sum::<u64>()
+                    * models.len() as u64,
+            }
+        })
+        .collect())
 }
 
 /// Runs every model on the calibration data and streams each tapped group's moments.
@@ -1824,7 +1903,7 @@ fn collect_moments(
     let Pass {
         groups: only,
         side,
-        sample_bytes,
+        batching,
     } = pass;
     let layout = Layout::new(&disc.structure, &disc.groups);
     let graph = Graph::new(&models[0])?;
@@ -1853,10 +1932,7 @@ fn collect_moments(
         &taps,
         side,
         calib,
-        calib::Batching {
-            batch: opts.batch,
-            sample_bytes,
-        },
+        batching,
         opts.backend,
         &opts.backend_options,
         &mut |done, total| progress("calibration", done, total),
