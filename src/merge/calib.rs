@@ -327,3 +327,39 @@ pub fn collect(
     }
     Ok((moments, side_moments, kept))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn batching(activations: Option<usize>) -> Batching {
+        Batching {
+            batch: 64,
+            sample_bytes: 10 << 20,
+            bytes: 64 << 20,
+            activations,
+        }
+    }
+
+    #[test]
+    fn batches_fit_the_outputs_and_the_engines_activations() {
+        // Unbounded activations: the first batch is at most 4 (and fits 64 MiB at 10 MiB a
+        // sample in each of two models: 3), later ones fit their measured outputs.
+        let free = batching(None);
+        assert_eq!(free.first(2), 3);
+        assert_eq!(free.next(1 << 20, 2), 64);
+        assert_eq!(free.next(2 << 20, 2), 32);
+        // Outputs of one sample beyond the batch: still one sample.
+        assert_eq!(free.next(100 << 20, 2), 1);
+        // 40 MiB for the engines' activations: two samples of 20 MiB (two models).
+        let capped = batching(Some(40 << 20));
+        assert_eq!(capped.first(2), 2);
+        assert_eq!(capped.next(1 << 20, 2), 2);
+        // Below one sample: one.
+        assert_eq!(batching(Some(1)).next(1 << 20, 2), 1);
+        // `--batch 0` is read as 1, not a panic.
+        let zero = Batching { batch: 0, ..free };
+        assert_eq!(zero.next(1, 2), 1);
+        assert_eq!(zero.first(2), 1);
+    }
+}

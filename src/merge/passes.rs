@@ -152,8 +152,8 @@ mod tests {
         // Two groups' moments: two, then their correlations (m) + one more, then 1.5 m + one.
         let p = plan(&groups, 0, Some(2 * m + 1), BATCH, true);
         assert_eq!(ids(&p), vec![vec![0, 1], vec![2], vec![3]]);
+        // The last is over the budget: its group alone does not fit beside what is kept.
         assert_eq!(held(&p), vec![2 * m, m + m, m + c + m]);
-        assert!(p.iter().all(|p| p.held <= 2 * m + 1));
         // Spilled correlations take nothing from the later passes: two and two.
         let spilled = plan(&groups, 0, Some(2 * m + 1), BATCH, false);
         assert_eq!(ids(&spilled), vec![vec![0, 1], vec![2, 3]]);
