@@ -109,9 +109,7 @@ impl<'a> HeldOut<'a> {
         let opts = &candidate(opts);
         let (merged, report) = merge(self.models, &self.fit, opts, &mut |_, _, _| {})?;
         let z = logits(&merged, &self.test, opts)?;
-        let score = LOG_TEMPERATURES
-            .map(|k| log_likelihood(&z, f64::from(k) / 10.0, &self.target))
-            .fold(f64::MIN, f64::max);
+        let score = best_log_likelihood(&z, &self.target);
         Ok((score, report))
     }
 }
@@ -145,6 +143,13 @@ fn softmax(z: &Array2<f64>, t: f64) -> Array2<f64> {
         row.mapv_inplace(|v| v / sum);
     }
     p
+}
+
+/// The score: `log_likelihood` at the temperature of `LOG_TEMPERATURES` that fits best.
+fn best_log_likelihood(z: &Array2<f64>, target: &Target) -> f64 {
+    LOG_TEMPERATURES
+        .map(|k| log_likelihood(z, f64::from(k) / 10.0, target))
+        .fold(f64::MIN, f64::max)
 }
 
 /// Mean log-likelihood of `target` under the softmax of `z` at temperature `e^log_t`; the
@@ -207,12 +212,6 @@ fn candidate(opts: &MergeOptions) -> MergeOptions {
 mod tests {
     use super::*;
 
-    fn best(z: &Array2<f64>, target: &Target) -> f64 {
-        LOG_TEMPERATURES
-            .map(|k| log_likelihood(z, f64::from(k) / 10.0, target))
-            .fold(f64::MIN, f64::max)
-    }
-
     #[test]
     fn scores_rank_what_the_outputs_rank_whatever_their_scale() {
         let z = ndarray::array![[2.0, 0.5, -1.0], [0.0, 3.0, 1.0], [1.0, 1.2, 0.0]];
@@ -223,17 +222,20 @@ mod tests {
             // Shrunk logits (a merge's averaged weights) score as their scale would: the
             // temperature is fitted (e^1.2 is on the grid).
             let shrunk = &z * (-1.2f64).exp();
-            assert!((best(&shrunk, target) - best(&z, target)).abs() < 1e-9);
+            assert!(
+                (best_log_likelihood(&shrunk, target) - best_log_likelihood(&z, target)).abs()
+                    < 1e-9
+            );
             // Outputs that rank every target class last score lower, and below chance.
             let wrong = -&z;
-            assert!(best(&wrong, target) < best(&z, target));
+            assert!(best_log_likelihood(&wrong, target) < best_log_likelihood(&z, target));
             let uniform = Array2::<f64>::zeros((3, 3));
-            assert!(best(&z, target) > best(&uniform, target));
-            assert!((best(&uniform, target) + 3f64.ln()).abs() < 1e-9);
+            assert!(best_log_likelihood(&z, target) > best_log_likelihood(&uniform, target));
+            assert!((best_log_likelihood(&uniform, target) + 3f64.ln()).abs() < 1e-9);
             // A candidate with non-finite outputs loses to every other.
             let mut broken = z.clone();
             broken[[1, 1]] = f64::NAN;
-            assert_eq!(best(&broken, target), f64::MIN);
+            assert_eq!(best_log_likelihood(&broken, target), f64::MIN);
         }
         // The ensemble target at its own temperature: the likelihood is minus its entropy.
         let Target::Ensemble(p) = &ensemble else {

@@ -1038,8 +1038,10 @@ pub fn statistics(
     } = discover(models, calib, opts)?;
     let none = calib::Side::none();
     let all = disc.groups.iter().map(|g| g.id).collect();
+    let points = tap_points(&disc, &models[0], opts)?;
     let pass = Pass {
         groups: &all,
+        points: &points,
         side: &none,
         batching: calib::Batching {
             batch: opts.batch,
@@ -1301,7 +1303,8 @@ fn find_matchings(
                         .map(|(_, n)| (*n).min(crate::data::sample_count(calib)))
                         .collect(),
                 };
-                let tapped = tapped_groups(prep, models, opts)?;
+                let points = tap_points(disc, &models[0], opts)?;
+                let tapped = tapped_groups(prep, &points, models.len());
                 if process_memory::traced() {
                     for t in &tapped {
                         eprintln!(
@@ -1361,6 +1364,7 @@ fn find_matchings(
                     }
                     let pass = Pass {
                         groups: &only,
+                        points: &points,
                         side,
                         batching: calib::Batching {
                             batch: opts.batch,
@@ -1852,38 +1856,46 @@ fn weight_cache_bytes(groups: &[symmetry::Group], models: usize, opts: &MergeOpt
 /// moments ride on it.
 struct Pass<'a> {
     groups: &'a std::collections::HashSet<usize>,
+    /// Every tapped group's tap points (`tap_points`), of which the pass reads its groups'.
+    points: &'a TapPoints,
     side: &'a calib::Side,
     /// How the data is cut into batches.
     batching: calib::Batching,
 }
 
-/// The tapped groups as calibration's pass plan sees them: units across models, and one
-/// sample's tap outputs in every model (model 0's shapes, 4 bytes an element).
-fn tapped_groups(
-    prep: &Prepared,
-    models: &[Model],
-    opts: &MergeOptions,
-) -> Result<Vec<passes::Tapped>> {
-    let disc = &prep.disc;
+/// Each tapped group's tap points in model 0 (`observe::tap_points`: values and unit axes),
+/// in group order. Computed once: the pass plan and every calibration pass read them.
+type TapPoints = Vec<(usize, Vec<(String, usize)>)>;
+
+fn tap_points(disc: &symmetry::Discovery, model: &Model, opts: &MergeOptions) -> Result<TapPoints> {
     let layout = Layout::new(&disc.structure, &disc.groups);
-    let graph = Graph::new(&models[0])?;
+    let graph = Graph::new(model)?;
     Ok(disc
         .groups
         .iter()
         .filter(|g| g.tap.is_some())
         .map(|g| {
-            let taps = observe::tap_points(g, &graph, &disc.slots, &layout, opts.token_taps);
-            passes::Tapped {
-                id: g.id,
-                units: g.width * models.len(),
-                sample_outputs: taps
-                    .iter()
-                    .map(|(t, _)| prep.value_sample_bytes(t))
-                    .sum::<u64>()
-                    * models.len() as u64,
-            }
+            let points = observe::tap_points(g, &graph, &disc.slots, &layout, opts.token_taps);
+            (g.id, points)
         })
         .collect())
+}
+
+/// The tapped groups as calibration's pass plan sees them: units across `models`, and one
+/// sample's tap outputs in every model (model 0's shapes, 4 bytes an element).
+fn tapped_groups(prep: &Prepared, points: &TapPoints, models: usize) -> Vec<passes::Tapped> {
+    points
+        .iter()
+        .map(|(id, taps)| passes::Tapped {
+            id: *id,
+            units: prep.disc.groups[*id].width * models,
+            sample_outputs: taps
+                .iter()
+                .map(|(t, _)| prep.value_sample_bytes(t))
+                .sum::<u64>()
+                * models as u64,
+        })
+        .collect()
 }
 
 /// Runs every model on the calibration data and streams each tapped group's moments.
@@ -1902,25 +1914,24 @@ fn collect_moments(
 )> {
     let Pass {
         groups: only,
+        points,
         side,
         batching,
     } = pass;
-    let layout = Layout::new(&disc.structure, &disc.groups);
-    let graph = Graph::new(&models[0])?;
-    let taps: Vec<calib::Tap> = disc
-        .groups
+    let taps: Vec<calib::Tap> = points
         .iter()
-        .filter(|g| only.contains(&g.id))
-        .flat_map(|g| {
-            observe::tap_points(g, &graph, &disc.slots, &layout, opts.token_taps)
-                .into_iter()
+        .filter(|(id, _)| only.contains(id))
+        .flat_map(|(id, points)| {
+            let g = &disc.groups[*id];
+            points
+                .iter()
                 .map(|(tap, axis)| calib::Tap {
                     group: g.id,
                     names: names
                         .iter()
-                        .map(|m| m.get(&tap).cloned().unwrap_or(tap.clone()))
+                        .map(|m| m.get(tap).cloned().unwrap_or(tap.clone()))
                         .collect(),
-                    axis,
+                    axis: *axis,
                     width: g.width,
                     positions: opts.tap_positions,
                 })
