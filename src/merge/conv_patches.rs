@@ -14,7 +14,7 @@
 //! normal equations chunk by chunk, so the full im2col matrix is never held (a crate's im2col
 //! would materialise it).
 
-use ndarray::{s, Array2, ArrayD, ArrayView4};
+use ndarray::{s, Array2, ArrayD, ArrayView4, ArrayViewMut2};
 
 use super::output_fit::System;
 use crate::error::{Error, Result};
@@ -141,14 +141,24 @@ impl ConvGeometry {
                 "the channel count changed between batches",
             ));
         }
+        // One chunk's patch rows, reused: a fresh matrix per chunk (4,096 × 577 f64 for a
+        // 64-channel 3×3 convolution) cost its page faults on every chunk.
+        let mut p = Array2::<f64>::zeros((CHUNK_ROWS.min(rows), features + 1));
         for (g, system) in systems.iter_mut().enumerate() {
+            // The group's channels contiguous (a copy only for grouped convolutions).
             let inputs = x.slice(s![.., g * per_group_in..(g + 1) * per_group_in, .., ..]);
+            let inputs = inputs.as_standard_layout();
+            let Some(data) = inputs.as_slice() else {
+                unreachable!("a standard-layout array is one slice")
+            };
             let mut start = 0;
             while start < rows {
                 let end = (start + CHUNK_ROWS).min(rows);
-                let p = self.patches(inputs, start..end, [out_h, out_w]);
+                let mut chunk = p.slice_mut(s![..end - start, ..]);
+                let dims = (per_group_in, height, width);
+                self.patches(data, dims, start..end, [out_h, out_w], chunk.view_mut());
                 let t = target.slice(s![start..end, g * per_group_out..(g + 1) * per_group_out]);
-                system.add_with_bias_column(&p, &t.to_owned());
+                system.add_with_bias_column(chunk.view(), t);
                 start = end;
             }
         }
@@ -167,22 +177,27 @@ impl ConvGeometry {
     }
 
     /// Rows `range` (batch, y, x in order) of the patch matrix of `x` ([batch, channels, h,
-    /// w], one group's channels): features in the weight's order (channel, ky, kx), zeros
-    /// outside the input, and a last column of ones (the bias).
+    /// w] of one group's channels, row-major), written into `p`: features in the weight's
+    /// order (channel, ky, kx), zeros outside the input, and a last column of ones (the bias).
     fn patches(
         &self,
-        x: ArrayView4<f32>,
+        x: &[f32],
+        (channels, height, width): (usize, usize, usize),
         range: std::ops::Range<usize>,
         [out_h, out_w]: [usize; 2],
-    ) -> Array2<f64> {
-        let (_, channels, height, width) = x.dim();
+        mut p: ArrayViewMut2<f64>,
+    ) {
         let [kh, kw] = self.kernel;
         let features = channels * kh * kw;
-        let mut p = Array2::<f64>::zeros((range.len(), features + 1));
+        let plane = height * width;
+        p.fill(0.0);
         for (i, r) in range.enumerate() {
             let (b, pixel) = (r / (out_h * out_w), r % (out_h * out_w));
             let (oy, ox) = (pixel / out_w, pixel % out_w);
             let mut row = p.row_mut(i);
+            let Some(row) = row.as_slice_mut() else {
+                unreachable!("rows of a standard-layout matrix are contiguous")
+            };
             row[features] = 1.0;
             for ky in 0..kh {
                 let y = (oy * self.strides[0] + ky * self.dilations[0]).checked_sub(self.pads[0]);
@@ -195,15 +210,16 @@ impl ConvGeometry {
                     let Some(xx) = xx.filter(|&xx| xx < width) else {
                         continue;
                     };
+                    // Channel 0's value; channel c's is a plane further on.
+                    let at = b * channels * plane + y * width + xx;
                     for c in 0..channels {
-                        let v = x[[b, c, y, xx]];
+                        let v = x[at + c * plane];
                         row[(c * kh + ky) * kw + kx] =
                             if v.is_finite() { f64::from(v) } else { 0.0 };
                     }
                 }
             }
         }
-        p
     }
 }
 
