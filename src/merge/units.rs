@@ -301,6 +301,15 @@ impl AxisMap {
         }
     }
 
+    /// Each row's single entry (new index, scale) and the new width, where no row has more
+    /// than one (every unmerge and merge matrix): what `apply_axis` scatters.
+    pub fn single_entries(&self) -> Option<(Vec<Option<(usize, f64)>>, usize)> {
+        match self {
+            AxisMap::Sparse { cols, entries } => Some((entries.clone(), *cols)),
+            AxisMap::Dense(d) => one_per_row(d).map(|single| (single, d.ncols())),
+        }
+    }
+
     pub fn dim(&self) -> (usize, usize) {
         match self {
             AxisMap::Sparse { cols, entries } => (entries.len(), *cols),

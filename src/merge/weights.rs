@@ -3,10 +3,10 @@
 
 use std::collections::{HashMap, HashSet};
 
-use ndarray::{Array2, ArrayD, Axis};
+use ndarray::{ArrayD, ArrayViewMut2, Axis};
 
 use super::bn_fold::Folded;
-use super::units::{apply_axis, Layout, Matchings, Role};
+use super::units::{apply_axis, AxisMap, Layout, Matchings, Role};
 use crate::error::{Error, Result};
 use crate::graph::Graph;
 use crate::onnx::TensorData;
@@ -27,6 +27,20 @@ pub enum Stored {
 }
 
 impl Stored {
+    pub fn is_standard_layout(&self) -> bool {
+        match self {
+            Stored::F32(a) => a.is_standard_layout(),
+            Stored::F64(a) => a.is_standard_layout(),
+        }
+    }
+
+    pub fn shape(&self) -> &[usize] {
+        match self {
+            Stored::F32(a) => a.shape(),
+            Stored::F64(a) => a.shape(),
+        }
+    }
+
     pub fn to_f64(&self) -> ArrayD<f64> {
         match self {
             Stored::F32(a) => a.mapv(f64::from),
@@ -61,11 +75,12 @@ pub fn stored(t: TensorData) -> Option<Stored> {
 
 /// One member tensor's share of group `g`'s unit weight vectors (BatchNorm-kept layers read
 /// through `folded`), every model stacked
-/// model-major: `[N·W, F]`. The tensor has its other axes mapped into merged coordinates by
+/// model-major: `[N·W, F]`, written row-major into `out` (its dims returned). The tensor has its other axes mapped into merged coordinates by
 /// the current matchings (the unmerge P, so that alignment-matched neighbours line up), then
 /// its lanes along the group's axis are the units' features. A group's vectors are its
 /// members' blocks side by side (§2), correlated block by block (`stats::RowBlock`). `None`
 /// where the member gives no usable vectors (no slots, or units with unequal lane counts).
+#[allow(clippy::too_many_arguments)]
 pub fn member_vectors(
     g: &Group,
     member: &Member,
@@ -74,7 +89,8 @@ pub fn member_vectors(
     weights: &Weights,
     folded: &Folded,
     m: &Matchings,
-) -> Option<Array2<f64>> {
+    out: &mut Vec<f64>,
+) -> Option<(usize, usize)> {
     let axes = slots.of(&member.tensor)?;
     let own = axes.get(member.axis).copied().flatten()?;
     let units = layout.units_along(layout.st.comp_of[own], g);
@@ -86,12 +102,62 @@ pub fn member_vectors(
         return None;
     }
     // Filled in place: on a residual stream the members hold every block's weights.
-    let mut out: Option<Array2<f64>> = None;
+    let mut dims: Option<(usize, usize)> = None;
     for i in 0..weights.len() {
         let w = folded.get(weights, i, &member.tensor)?;
-        let t = map_axes(w.to_f64(), axes, layout, m, i, |a| {
-            (a != member.axis).then_some(Role::Unmerge)
-        });
+        // The other grouped axes, each mapped by model i's unmerge (alignment-matched
+        // neighbours line up).
+        let maps: Vec<(usize, AxisMap)> = axes
+            .iter()
+            .enumerate()
+            .filter(|&(a, _)| a != member.axis)
+            .filter_map(|(a, s)| {
+                let s = (*s)?;
+                let r = layout.axis_map(layout.st.comp_of[s], m, i, Role::Unmerge)?;
+                Some((a, r))
+            })
+            .collect();
+        // One pass straight into the unit rows where at most one axis moves, by a map of at
+        // most one entry per lane (every unmerge): converting, mapping and copying the tensor
+        // in three passes, each a fresh tensor, was a third of a ResNet's matching.
+        let single = match maps.as_slice() {
+            _ if !w.is_standard_layout() => None,
+            [] => Some(None),
+            [(a, r)] => r.single_entries().map(|(e, new)| Some((*a, e, new))),
+            _ => None,
+        };
+        if let Some(single) = single {
+            let mapped = single.as_ref().map(|(a, e, new)| (*a, e.as_slice(), *new));
+            let mut shape = w.shape().to_vec();
+            if let Some((a, _, new)) = mapped {
+                shape[a] = new;
+            }
+            let lane: usize = shape
+                .iter()
+                .enumerate()
+                .filter(|&(d, _)| d != member.axis)
+                .map(|(_, &n)| n)
+                .product();
+            let d = *dims
+                .get_or_insert_with(|| zeroed(out, (weights.len() * g.width, lanes[0] * lane)));
+            let mut out = ArrayViewMut2::from_shape(d, &mut out[..]).ok()?;
+            let rows = Lanes {
+                axis: member.axis,
+                units: &units,
+                width: g.width,
+                first_row: i * g.width,
+                lane,
+            };
+            match w {
+                Stored::F32(a) => rows.scatter(a, mapped, &mut out)?,
+                Stored::F64(a) => rows.scatter(a, mapped, &mut out)?,
+            }
+            continue;
+        }
+        let mut t = w.to_f64();
+        for (a, r) in &maps {
+            t = apply_axis(&t, *a, r);
+        }
         // As [outer, lanes, inner] (standard layout after the maps): each lane is `outer` runs
         // of `inner` contiguous values, copied as slices (iterating the dynamic-rank view
         // element by element cost more than the rest of the similarity).
@@ -106,9 +172,9 @@ pub fn member_vectors(
         };
         let t = t.into_shape_with_order((outer, lanes_here, inner)).ok()?;
         let lane = outer * inner;
-        let out = out.get_or_insert_with(|| {
-            Array2::<f64>::zeros((weights.len() * g.width, lanes[0] * lane))
-        });
+        let d =
+            *dims.get_or_insert_with(|| zeroed(out, (weights.len() * g.width, lanes[0] * lane)));
+        let mut out = ArrayViewMut2::from_shape(d, &mut out[..]).ok()?;
         let mut cursor = vec![0; g.width];
         for (k, unit) in units.iter().enumerate() {
             let Some(u) = unit else { continue };
@@ -127,7 +193,103 @@ pub fn member_vectors(
             cursor[*u] += lane;
         }
     }
-    out
+    dims
+}
+
+/// `buffer` as `dims.0 × dims.1` zeros (its allocation kept when it is large enough).
+fn zeroed(buffer: &mut Vec<f64>, dims: (usize, usize)) -> (usize, usize) {
+    buffer.clear();
+    buffer.resize(dims.0 * dims.1, 0.0);
+    dims
+}
+
+/// Where one model's lanes of a member tensor go: lane `k` along `axis` is unit `units[k]`'s
+/// next `lane` features, in row `first_row + unit`.
+struct Lanes<'a> {
+    axis: usize,
+    units: &'a [Option<usize>],
+    width: usize,
+    first_row: usize,
+    lane: usize,
+}
+
+impl Lanes<'_> {
+    /// Writes `w`'s lanes into `out` (zeros there), with `mapped` (an axis, its lanes' single
+    /// entries, its new width) scattered on the way: the values `apply_axis` and a copy give,
+    /// by the same f64 additions in the same order (into each new index, from 0, its source
+    /// lanes in ascending order). Reads `w`'s contiguous runs in place (a lane of a consumer's
+    /// input axis is strided). `None` where `w` is not in standard layout or the shapes
+    /// disagree (the caller checks the layout).
+    fn scatter<T: Copy>(
+        &self,
+        w: &ArrayD<T>,
+        mapped: Option<(usize, &[Option<(usize, f64)>], usize)>,
+        out: &mut ArrayViewMut2<f64>,
+    ) -> Option<()>
+    where
+        f64: From<T>,
+    {
+        let (shape, src, a) = (w.shape(), w.as_slice()?, self.axis);
+        let lanes = *shape.get(a)?;
+        if lanes != self.units.len() {
+            return None;
+        }
+        // The dims around the member axis `a` and the mapped axis `b`: [pre, lo, mid, hi,
+        // post], with lo/hi the lower/higher of the two.
+        let b = mapped.map_or(a, |(b, _, _)| b);
+        let (lo, hi) = (a.min(b), a.max(b));
+        let pre: usize = shape[..lo].iter().product();
+        let mid: usize = shape.get(lo + 1..hi).map_or(1, |d| d.iter().product());
+        let post: usize = shape[hi + 1..].iter().product();
+        let mut cursor = vec![0; self.width];
+        for (k, unit) in self.units.iter().enumerate() {
+            let Some(u) = *unit else { continue };
+            let at = cursor.get_mut(u)?;
+            let mut row = out.row_mut(self.first_row + u);
+            let dst = row.as_slice_mut()?.get_mut(*at..*at + self.lane)?;
+            *at += self.lane;
+            let Some((_, entries, new)) = mapped else {
+                // [pre, a, post]: lane k is `pre` runs of `post`.
+                for p in 0..pre {
+                    let from = src.get((p * lanes + k) * post..(p * lanes + k + 1) * post)?;
+                    let to = dst.get_mut(p * post..(p + 1) * post)?;
+                    for (d, &s) in to.iter_mut().zip(from) {
+                        *d = f64::from(s);
+                    }
+                }
+                continue;
+            };
+            if entries.len() != shape[b] {
+                return None;
+            }
+            for p in 0..pre {
+                for (l, hit) in entries.iter().enumerate() {
+                    let Some((j, v)) = *hit else { continue };
+                    for q in 0..mid {
+                        // Source [pre, lo, mid, hi, post]; the lane [pre, mid, new, post]
+                        // (a < b) or [pre, new, mid, post] (b < a).
+                        let (from, to) = if a < b {
+                            (
+                                (((p * lanes + k) * mid + q) * shape[b] + l) * post,
+                                ((p * mid + q) * new + j) * post,
+                            )
+                        } else {
+                            (
+                                (((p * shape[b] + l) * mid + q) * lanes + k) * post,
+                                ((p * new + j) * mid + q) * post,
+                            )
+                        };
+                        let from = src.get(from..from + post)?;
+                        let to = dst.get_mut(to..to + post)?;
+                        for (d, &s) in to.iter_mut().zip(from) {
+                            *d += v * f64::from(s);
+                        }
+                    }
+                }
+            }
+        }
+        Some(())
+    }
 }
 
 /// Axes that a consumer contracts with its input activation (Conv input channels, the K axis
@@ -241,5 +403,102 @@ pub fn as_f64(t: &TensorData) -> Option<ArrayD<f64>> {
         TensorData::F16(a) => Some(a.mapv(|v| f64::from(f32::from(v)))),
         TensorData::BF16(a) => Some(a.mapv(|v| f64::from(f32::from(v)))),
         _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::symmetry::permute::SplitMix;
+
+    /// What `Lanes::scatter` replaces: the tensor in f64, mapped by `apply_axis`, then each
+    /// unit's lanes copied after each other.
+    fn mapped_then_copied(
+        w: &ArrayD<f32>,
+        member: usize,
+        map: Option<(usize, &AxisMap)>,
+        units: &[Option<usize>],
+        width: usize,
+    ) -> Vec<Vec<f64>> {
+        let mut t = w.mapv(f64::from);
+        if let Some((a, r)) = map {
+            t = apply_axis(&t, a, r);
+        }
+        let mut rows = vec![Vec::new(); width];
+        for (k, unit) in units.iter().enumerate() {
+            if let Some(u) = unit {
+                rows[*u].extend(t.index_axis(Axis(member), k).iter().copied());
+            }
+        }
+        rows
+    }
+
+    #[test]
+    fn lanes_scatter_gives_the_mapped_copy_bit_for_bit() {
+        let mut rng = SplitMix(11);
+        let shape = [6, 5, 3, 2];
+        let w = ArrayD::from_shape_fn(&shape[..], |_| (rng.uniform() * 2.0 - 1.0) as f32);
+        // Every member axis, with no map, or one map of another axis whose lanes merge
+        // (several into one, with scales that f32 does not hold) or are dropped.
+        for member in 0..shape.len() {
+            // Units: lanes in shuffled order, two lanes per unit, an odd lane left out.
+            let width = shape[member] / 2;
+            let mut order: Vec<usize> = (0..shape[member]).collect();
+            rng.shuffle(&mut order);
+            let units: Vec<Option<usize>> = order
+                .iter()
+                .map(|&o| (o < 2 * width).then_some(o / 2))
+                .collect();
+            let lanes = 2;
+            let mut maps: Vec<Option<(usize, AxisMap)>> = vec![None];
+            for a in (0..shape.len()).filter(|&a| a != member) {
+                let cols = shape[a] - 1;
+                let entries = (0..shape[a])
+                    .map(|l| (l != 1).then(|| ((l * 7) % cols, 1.0 / (1.0 + l as f64))))
+                    .collect();
+                maps.push(Some((a, AxisMap::Sparse { cols, entries })));
+            }
+            for map in &maps {
+                let mapped = map
+                    .as_ref()
+                    .and_then(|(a, r)| r.single_entries().map(|(e, new)| (*a, e, new)));
+                let mut out_shape = shape.to_vec();
+                if let Some((a, _, new)) = &mapped {
+                    out_shape[*a] = *new;
+                }
+                let lane: usize = (0..shape.len())
+                    .filter(|&d| d != member)
+                    .map(|d| out_shape[d])
+                    .product();
+                let mut out = ndarray::Array2::<f64>::zeros((width, lanes * lane));
+                let rows = Lanes {
+                    axis: member,
+                    units: &units,
+                    width,
+                    first_row: 0,
+                    lane,
+                };
+                let entries = mapped.as_ref().map(|(a, e, new)| (*a, e.as_slice(), *new));
+                rows.scatter(&w, entries, &mut out.view_mut())
+                    .expect("shapes agree");
+                let want = mapped_then_copied(
+                    &w,
+                    member,
+                    map.as_ref().map(|(a, r)| (*a, r)),
+                    &units,
+                    width,
+                );
+                for (u, want) in want.iter().enumerate() {
+                    let got: Vec<u64> = out.row(u).iter().map(|v| v.to_bits()).collect();
+                    let want: Vec<u64> = want.iter().map(|v| v.to_bits()).collect();
+                    assert_eq!(
+                        got,
+                        want,
+                        "member axis {member}, map {:?}, unit {u}",
+                        map.as_ref().map(|m| m.0)
+                    );
+                }
+            }
+        }
     }
 }
