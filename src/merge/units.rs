@@ -279,6 +279,9 @@ fn model_map(p: &Unmerge, model: usize, models: usize, role: Role) -> AxisMap {
     }
 }
 
+/// A lane's single entry in a map: its new index and scale, or none.
+pub type Entry = Option<(usize, f64)>;
+
 /// The matrix an axis is mapped through ([old, new]). Every unmerge and merge matrix, and
 /// their Kronecker products and block-diagonals, has at most one entry per row and is kept as
 /// those entries: the dense form of a 3,072-unit MLP axis is 75 MB of zeros to build and scan,
@@ -303,7 +306,7 @@ impl AxisMap {
 
     /// Each row's single entry (new index, scale) and the new width, where no row has more
     /// than one (every unmerge and merge matrix): what `apply_axis` scatters.
-    pub fn single_entries(&self) -> Option<(Vec<Option<(usize, f64)>>, usize)> {
+    pub fn single_entries(&self) -> Option<(Vec<Entry>, usize)> {
         match self {
             AxisMap::Sparse { cols, entries } => Some((entries.clone(), *cols)),
             AxisMap::Dense(d) => one_per_row(d).map(|single| (single, d.ncols())),

@@ -6,7 +6,7 @@ use std::collections::{HashMap, HashSet};
 use ndarray::{ArrayD, ArrayViewMut2, Axis};
 
 use super::bn_fold::Folded;
-use super::units::{apply_axis, AxisMap, Layout, Matchings, Role};
+use super::units::{apply_axis, AxisMap, Entry, Layout, Matchings, Role};
 use crate::error::{Error, Result};
 use crate::graph::Graph;
 use crate::onnx::TensorData;
@@ -127,10 +127,14 @@ pub fn member_vectors(
             _ => None,
         };
         if let Some(single) = single {
-            let mapped = single.as_ref().map(|(a, e, new)| (*a, e.as_slice(), *new));
+            let mapped = single.as_ref().map(|(axis, entries, new)| Mapped {
+                axis: *axis,
+                entries,
+                new: *new,
+            });
             let mut shape = w.shape().to_vec();
-            if let Some((a, _, new)) = mapped {
-                shape[a] = new;
+            if let Some(m) = &mapped {
+                shape[m.axis] = m.new;
             }
             let lane: usize = shape
                 .iter()
@@ -149,8 +153,8 @@ pub fn member_vectors(
                 lane,
             };
             match w {
-                Stored::F32(a) => rows.scatter(a, mapped, &mut out)?,
-                Stored::F64(a) => rows.scatter(a, mapped, &mut out)?,
+                Stored::F32(a) => rows.scatter(a, mapped.as_ref(), &mut out)?,
+                Stored::F64(a) => rows.scatter(a, mapped.as_ref(), &mut out)?,
             }
             continue;
         }
@@ -203,6 +207,14 @@ fn zeroed(buffer: &mut Vec<f64>, dims: (usize, usize)) -> (usize, usize) {
     dims
 }
 
+/// An axis of a member tensor mapped by single entries (`AxisMap::single_entries`) to `new`
+/// indices.
+struct Mapped<'a> {
+    axis: usize,
+    entries: &'a [Entry],
+    new: usize,
+}
+
 /// Where one model's lanes of a member tensor go: lane `k` along `axis` is unit `units[k]`'s
 /// next `lane` features, in row `first_row + unit`.
 struct Lanes<'a> {
@@ -223,7 +235,7 @@ impl Lanes<'_> {
     fn scatter<T: Copy>(
         &self,
         w: &ArrayD<T>,
-        mapped: Option<(usize, &[Option<(usize, f64)>], usize)>,
+        mapped: Option<&Mapped>,
         out: &mut ArrayViewMut2<f64>,
     ) -> Option<()>
     where
@@ -236,7 +248,7 @@ impl Lanes<'_> {
         }
         // The dims around the member axis `a` and the mapped axis `b`: [pre, lo, mid, hi,
         // post], with lo/hi the lower/higher of the two.
-        let b = mapped.map_or(a, |(b, _, _)| b);
+        let b = mapped.map_or(a, |m| m.axis);
         let (lo, hi) = (a.min(b), a.max(b));
         let pre: usize = shape[..lo].iter().product();
         let mid: usize = shape.get(lo + 1..hi).map_or(1, |d| d.iter().product());
@@ -248,7 +260,7 @@ impl Lanes<'_> {
             let mut row = out.row_mut(self.first_row + u);
             let dst = row.as_slice_mut()?.get_mut(*at..*at + self.lane)?;
             *at += self.lane;
-            let Some((_, entries, new)) = mapped else {
+            let Some(&Mapped { entries, new, .. }) = mapped else {
                 // [pre, a, post]: lane k is `pre` runs of `post`.
                 for p in 0..pre {
                     let from = src.get((p * lanes + k) * post..(p * lanes + k + 1) * post)?;
@@ -478,8 +490,12 @@ mod tests {
                     first_row: 0,
                     lane,
                 };
-                let entries = mapped.as_ref().map(|(a, e, new)| (*a, e.as_slice(), *new));
-                rows.scatter(&w, entries, &mut out.view_mut())
+                let entries = mapped.as_ref().map(|(axis, entries, new)| Mapped {
+                    axis: *axis,
+                    entries,
+                    new: *new,
+                });
+                rows.scatter(&w, entries.as_ref(), &mut out.view_mut())
                     .expect("shapes agree");
                 let want = mapped_then_copied(
                     &w,
