@@ -74,8 +74,8 @@ pub fn stored(t: TensorData) -> Option<Stored> {
 }
 
 /// One member tensor's share of group `g`'s unit weight vectors (BatchNorm-kept layers read
-/// through `folded`), every model stacked
-/// model-major: `[N·W, F]`, written row-major into `out` (its dims returned). The tensor has its other axes mapped into merged coordinates by
+/// through `folded`), every model stacked model-major: `[N·W, F]`, written row-major into
+/// `out` (its dims returned). The tensor has its other axes mapped into merged coordinates by
 /// the current matchings (the unmerge P, so that alignment-matched neighbours line up), then
 /// its lanes along the group's axis are the units' features. A group's vectors are its
 /// members' blocks side by side (§2), correlated block by block (`stats::RowBlock`). `None`
