@@ -764,14 +764,14 @@ pub fn refit(
         // batch): 32 of a batch of 64 (the every-layer refit of a ResNet-20 ran each prefix
         // over twice the samples it used).
         let batch_end = end;
-        let on: Vec<&OutputLayer> = layers
+        let reading: Vec<&OutputLayer> = layers
             .iter()
             .zip(&active)
             .filter(|p| *p.1)
             .map(|p| p.0)
             .collect();
-        let end = match on.iter().all(|l| l.channels_first) {
-            true => on
+        let end = match reading.iter().all(|l| l.channels_first) {
+            true => reading
                 .iter()
                 .map(|l| samples_of(l).min(end))
                 .max()

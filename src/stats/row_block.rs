@@ -133,9 +133,9 @@ impl RowBlock {
         self.update_reusing(z, &mut Vec::new())
     }
 
-    /// `update`, centring `z` into `spare`'s allocation and leaving the replaced columns' in
-    /// it: a ResNet-18's widest member is 19 MB of centred f32 columns, whose fresh
-    /// allocation per update cost its page faults every time.
+    /// `update`, centring `z` into `spare`'s allocation and leaving the replaced columns'
+    /// allocation in it: a ResNet-18's widest member is 19 MB of centred f32 columns, whose
+    /// fresh allocation per update cost its page faults every time.
     pub fn update_reusing(&mut self, z: ArrayView2<f64>, spare: &mut Vec<f32>) -> usize {
         let Some((old, old_hashes)) = self.columns.take().filter(|(c, _)| c.dim() == z.dim())
         else {
