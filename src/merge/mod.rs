@@ -1053,38 +1053,29 @@ pub fn statistics(
     let (moments, _, _) = collect_moments(&disc, &names, models, calib, pass, opts, progress)?;
     Ok(Stats {
         models: models.iter().map(fingerprint).collect(),
-        groups: shard_groups(&disc, &models[0], opts.token_taps)?,
+        groups: shard_groups(&disc, &points),
         samples: crate::data::sample_count(calib),
         moments,
     })
 }
 
 /// The groups whose activations are calibrated, as statistics files record them: each with
-/// the values it is observed at (`observe`, joined by " + "), so that statistics taken at
+/// the values it is observed at (`tap_points`, joined by " + "), so that statistics taken at
 /// other points (`--taps`) are refused.
-fn shard_groups(
-    disc: &symmetry::Discovery,
-    model: &Model,
-    token_taps: bool,
-) -> Result<Vec<ShardGroup>> {
-    let graph = Graph::new(model)?;
-    let layout = Layout::new(&disc.structure, &disc.groups);
-    Ok(disc
-        .groups
+fn shard_groups(disc: &symmetry::Discovery, points: &TapPoints) -> Vec<ShardGroup> {
+    points
         .iter()
-        .filter_map(|g| {
-            let points = observe::tap_points(g, &graph, &disc.slots, &layout, token_taps);
-            (!points.is_empty()).then(|| ShardGroup {
-                id: g.id,
-                width: g.width,
-                tap: points
-                    .iter()
-                    .map(|(t, _)| t.as_str())
-                    .collect::<Vec<_>>()
-                    .join(" + "),
-            })
+        .filter(|(_, points)| !points.is_empty())
+        .map(|(id, points)| ShardGroup {
+            id: *id,
+            width: disc.groups[*id].width,
+            tap: points
+                .iter()
+                .map(|(t, _)| t.as_str())
+                .collect::<Vec<_>>()
+                .join(" + "),
         })
-        .collect())
+        .collect()
 }
 
 /// Model 0's groups, discovered at the calibration batch shape, and every model's value names
@@ -1264,6 +1255,7 @@ fn find_matchings(
     // which a neighbour widened during the loop would keep apart.
     let targets: HashMap<usize, usize> = HashMap::new();
     if opts.method.uses_activations() {
+        let points = tap_points(disc, &models[0], opts)?;
         // Shards' sums (`--stats`), read in place; calibrated groups are correlations already.
         let shards = match &opts.stats {
             Some(stats) => {
@@ -1271,7 +1263,7 @@ fn find_matchings(
                 stats.check(
                     std::path::Path::new("--stats"),
                     &fingerprints,
-                    &shard_groups(disc, &models[0], opts.token_taps)?,
+                    &shard_groups(disc, &points),
                 )?;
                 keep_sd(&stats.moments, &cca_scope, &mut cca_sd);
                 Some(&stats.moments)
@@ -1303,7 +1295,6 @@ fn find_matchings(
                         .map(|(_, n)| (*n).min(crate::data::sample_count(calib)))
                         .collect(),
                 };
-                let points = tap_points(disc, &models[0], opts)?;
                 let tapped = tapped_groups(prep, &points, models.len());
                 if process_memory::traced() {
                     for t in &tapped {
@@ -1864,7 +1855,8 @@ struct Pass<'a> {
 }
 
 /// Each tapped group's tap points in model 0 (`observe::tap_points`: values and unit axes),
-/// in group order. Computed once: the pass plan and every calibration pass read them.
+/// in group order. Computed once: the pass plan, every calibration pass and the statistics
+/// files' group list (`shard_groups`) read them.
 type TapPoints = Vec<(usize, Vec<(String, usize)>)>;
 
 fn tap_points(disc: &symmetry::Discovery, model: &Model, opts: &MergeOptions) -> Result<TapPoints> {
