@@ -126,75 +126,52 @@ pub fn member_vectors(
             [(a, r)] => r.single_entries().map(|(e, new)| Some((*a, e, new))),
             _ => None,
         };
-        if let Some(single) = single {
-            let mapped = single.as_ref().map(|(axis, entries, new)| Mapped {
-                axis: *axis,
-                entries,
-                new: *new,
-            });
-            let mut shape = w.shape().to_vec();
-            if let Some(m) = &mapped {
-                shape[m.axis] = m.new;
+        // Elsewhere (CCA's dense maps, several mapped axes) the tensor is mapped whole first.
+        let general;
+        let (source, mapped) = match &single {
+            Some(single) => (
+                w,
+                single.as_ref().map(|(axis, entries, new)| Mapped {
+                    axis: *axis,
+                    entries,
+                    new: *new,
+                }),
+            ),
+            None => {
+                let mut t = w.to_f64();
+                for (a, r) in &maps {
+                    t = apply_axis(&t, *a, r);
+                }
+                if !t.is_standard_layout() {
+                    t = t.as_standard_layout().into_owned();
+                }
+                general = Stored::F64(t);
+                (&general, None)
             }
-            let lane: usize = shape
-                .iter()
-                .enumerate()
-                .filter(|&(d, _)| d != member.axis)
-                .map(|(_, &n)| n)
-                .product();
-            let d = *dims
-                .get_or_insert_with(|| zeroed(out, (weights.len() * g.width, lanes[0] * lane)));
-            let mut out = ArrayViewMut2::from_shape(d, &mut out[..]).ok()?;
-            let rows = Lanes {
-                axis: member.axis,
-                units: &units,
-                width: g.width,
-                first_row: i * g.width,
-                lane,
-            };
-            match w {
-                Stored::F32(a) => rows.scatter(a, mapped.as_ref(), &mut out)?,
-                Stored::F64(a) => rows.scatter(a, mapped.as_ref(), &mut out)?,
-            }
-            continue;
-        }
-        let mut t = w.to_f64();
-        for (a, r) in &maps {
-            t = apply_axis(&t, *a, r);
-        }
-        // As [outer, lanes, inner] (standard layout after the maps): each lane is `outer` runs
-        // of `inner` contiguous values, copied as slices (iterating the dynamic-rank view
-        // element by element cost more than the rest of the similarity).
-        let shape = t.shape();
-        let outer: usize = shape[..member.axis].iter().product();
-        let inner: usize = shape[member.axis + 1..].iter().product();
-        let lanes_here = shape[member.axis];
-        let t = if t.is_standard_layout() {
-            t
-        } else {
-            t.as_standard_layout().into_owned()
         };
-        let t = t.into_shape_with_order((outer, lanes_here, inner)).ok()?;
-        let lane = outer * inner;
+        let mut shape = source.shape().to_vec();
+        if let Some(m) = &mapped {
+            shape[m.axis] = m.new;
+        }
+        let lane: usize = shape
+            .iter()
+            .enumerate()
+            .filter(|&(d, _)| d != member.axis)
+            .map(|(_, &n)| n)
+            .product();
         let d =
             *dims.get_or_insert_with(|| zeroed(out, (weights.len() * g.width, lanes[0] * lane)));
         let mut out = ArrayViewMut2::from_shape(d, &mut out[..]).ok()?;
-        let mut cursor = vec![0; g.width];
-        for (k, unit) in units.iter().enumerate() {
-            let Some(u) = unit else { continue };
-            let mut row = out.row_mut(i * g.width + u);
-            let dst = row.slice_mut(ndarray::s![cursor[*u]..cursor[*u] + lane]);
-            let src = t.index_axis(Axis(1), k);
-            match (dst.into_slice(), src.as_slice()) {
-                (Some(d), Some(s)) => d.copy_from_slice(s),
-                (Some(d), None) => {
-                    for (d, s) in d.iter_mut().zip(src.iter()) {
-                        *d = *s;
-                    }
-                }
-                (None, _) => return None,
-            }
-            cursor[*u] += lane;
+        let rows = Lanes {
+            axis: member.axis,
+            units: &units,
+            width: g.width,
+            first_row: i * g.width,
+            lane,
+        };
+        match source {
+            Stored::F32(a) => rows.scatter(a, mapped.as_ref(), &mut out)?,
+            Stored::F64(a) => rows.scatter(a, mapped.as_ref(), &mut out)?,
         }
     }
     dims
