@@ -191,6 +191,10 @@ pub fn collect(
     super::process_memory::trace_memory("calibration sessions open");
     let mut plain: Option<Vec<Box<dyn crate::runtime::Session>>> = None;
     let total = crate::data::sample_count(inputs);
+    let mut by_group: HashMap<usize, Vec<&Tap>> = HashMap::new();
+    for t in taps {
+        by_group.entry(t.group).or_default().push(t);
+    }
     // Inference of the next batch runs on a second thread while this one folds the previous
     // batch into the statistics: the engine and the Σxxᵀ GEMM each keep a core busy.
     std::thread::scope(|scope| -> Result<()> {
@@ -302,19 +306,8 @@ pub fn collect(
                     kept = Kept::default();
                 }
             }
-            for t in taps {
-                let mut values = Vec::with_capacity(n);
-                for (i, outs) in per_model.iter().enumerate() {
-                    values.push(outs.get(&t.names[i]).ok_or_else(|| Error::Backend {
-                        backend: backend.name(),
-                        reason: format!("tap '{}' missing from the outputs", t.names[i]),
-                    })?);
-                }
-                let m = moments
-                    .entry(t.group)
-                    .or_insert_with(|| Moments::new(n * t.width));
-                super::taps::add_joint(m, &values, t.axis, t.width, &t.names, t.positions)?;
-            }
+            let spread = crate::stats::spread_cores().is_some();
+            fold_taps(&mut moments, &by_group, &per_model, backend, spread)?;
             progress(end, total);
             super::process_memory::trace_memory("calibration batch");
         }
@@ -328,9 +321,137 @@ pub fn collect(
     Ok((moments, side_moments, kept))
 }
 
+/// Folds one batch's taps into their groups' moments (made at the first batch). Groups are
+/// independent sums, so with `spread` (where `stats::spread_cores` allows) they are folded
+/// side by side: on
+/// sixteen cores one thread folded every group while the engine waited for it (ResNet-50:
+/// calibration 29.6 s against 4 s of bare passes and 5 s of Σxxᵀ at the cores' peak). A
+/// group's taps keep their order, so each group gets the same additions in the same order
+/// whatever the cores: the moments do not depend on them.
+fn fold_taps(
+    moments: &mut HashMap<usize, Moments>,
+    by_group: &HashMap<usize, Vec<&Tap>>,
+    per_model: &Outputs,
+    backend: BackendKind,
+    spread: bool,
+) -> Result<()> {
+    use rayon::prelude::*;
+    let n = per_model.len();
+    for (&group, taps) in by_group {
+        moments
+            .entry(group)
+            .or_insert_with(|| Moments::new(n * taps[0].width));
+    }
+    let fold = |(m, taps): (&mut Moments, &Vec<&Tap>)| -> Result<()> {
+        for t in taps {
+            let values = per_model
+                .iter()
+                .zip(&t.names)
+                .map(|(outs, name)| {
+                    outs.get(name).ok_or_else(|| Error::Backend {
+                        backend: backend.name(),
+                        reason: format!("tap '{name}' missing from the outputs"),
+                    })
+                })
+                .collect::<Result<Vec<_>>>()?;
+            super::taps::add_joint(m, &values, t.axis, t.width, &t.names, t.positions)?;
+        }
+        Ok(())
+    };
+    let work: Vec<_> = moments
+        .iter_mut()
+        .filter_map(|(g, m)| by_group.get(g).map(|taps| (m, taps)))
+        .collect();
+    if spread {
+        work.into_par_iter().try_for_each(fold)
+    } else {
+        work.into_iter().try_for_each(fold)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Two models' outputs of one batch: two [4, 3, 5, 5] maps and a [6, 2] matrix each.
+    fn outputs(batch: usize) -> Outputs {
+        let value = |model: usize, shape: &[usize]| {
+            let mut k = 0.0f32;
+            TensorData::F32(ndarray::ArrayD::from_shape_fn(shape.to_vec(), |_| {
+                k += 1.0;
+                (k * 0.37 + (model * 7 + batch * 3) as f32).sin() * (1.0 + k / 50.0)
+            }))
+        };
+        (0..2)
+            .map(|model| {
+                HashMap::from([
+                    (format!("map{model}"), value(model, &[4, 3, 5, 5])),
+                    (format!("alt{model}"), value(model + 2, &[4, 3, 5, 5])),
+                    (format!("mat{model}"), value(model, &[6, 2])),
+                ])
+            })
+            .collect()
+    }
+
+    #[test]
+    fn groups_folded_side_by_side_give_the_same_moments_bit_for_bit() {
+        let tap = |group, name: &str, axis, width| Tap {
+            group,
+            names: vec![format!("{name}0"), format!("{name}1")],
+            axis,
+            width,
+            positions: 0,
+        };
+        // Group 0 is read at two taps (their order within the group matters to the bits),
+        // group 1 at one.
+        let taps = [
+            tap(0, "map", 1, 3),
+            tap(1, "mat", 1, 2),
+            tap(0, "alt", 1, 3),
+        ];
+        let mut by_group: HashMap<usize, Vec<&Tap>> = HashMap::new();
+        for t in &taps {
+            by_group.entry(t.group).or_default().push(t);
+        }
+        let fold = |spread| {
+            let mut moments = HashMap::new();
+            for batch in 0..3 {
+                fold_taps(
+                    &mut moments,
+                    &by_group,
+                    &outputs(batch),
+                    BackendKind::Tract,
+                    spread,
+                )
+                .unwrap();
+            }
+            moments
+        };
+        let (one, side_by_side) = (fold(false), fold(true));
+        assert_eq!(one.len(), 2);
+        for (g, m) in &one {
+            let p = &side_by_side[g];
+            assert_eq!(m.count, p.count, "group {g}");
+            // Every sample of every tap counted: 2 taps × 4·25 positions, or 6 rows; 3 batches.
+            assert_eq!(m.count, if *g == 0 { 600 } else { 18 });
+            let bits = |a: &ndarray::Array2<f64>| a.iter().map(|v| v.to_bits()).collect::<Vec<_>>();
+            assert_eq!(
+                bits(&m.outer.to_full()),
+                bits(&p.outer.to_full()),
+                "group {g}"
+            );
+            assert_eq!(m.sum, p.sum, "group {g}");
+            assert_eq!(m.correlation(), p.correlation(), "group {g}");
+        }
+        // A missing tap is an error naming it, on either path.
+        let mut moments = HashMap::new();
+        let mut outs = outputs(0);
+        outs[1].remove("mat1");
+        for spread in [false, true] {
+            let e = fold_taps(&mut moments, &by_group, &outs, BackendKind::Tract, spread);
+            assert!(e.unwrap_err().to_string().contains("mat1"));
+        }
+    }
 
     fn batching(activations: Option<usize>) -> Batching {
         Batching {

@@ -232,13 +232,19 @@ fn add_outer<T: Copy + 'static>(gram: &mut Array2<T>, x: ArrayView2<T>, alpha: T
 /// (docs/benchmarks-real.md, the H100 machine). The kernel splits the output, not the sums,
 /// so the result does not depend on the thread count (tested).
 fn gemm_threads() -> gemm::Parallelism {
+    match spread_cores() {
+        Some(cores) => gemm::Parallelism::Rayon(cores),
+        None => gemm::Parallelism::None,
+    }
+}
+
+/// The cores that independent statistics work (the kernel's output tiles, calibration's
+/// groups) may spread over: all of them on a machine with more than two, `None` on two or
+/// fewer (see `gemm_threads`).
+pub fn spread_cores() -> Option<usize> {
     static CORES: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
     let cores = *CORES.get_or_init(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
-    if cores > 2 {
-        gemm::Parallelism::Rayon(cores)
-    } else {
-        gemm::Parallelism::None
-    }
+    (cores > 2).then_some(cores)
 }
 
 fn add_outer_on<T: Copy + 'static>(
