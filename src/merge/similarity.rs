@@ -17,7 +17,7 @@ use super::units::{Layout, Matchings, Unmerge};
 use super::weights::{member_vectors, Weights};
 use crate::stats::{mirror_upper, row_correlation_upper_of_blocks, RowBlock};
 use crate::symmetry::slots::Slots;
-use crate::symmetry::Group;
+use crate::symmetry::{Group, Member};
 
 /// Cached blocks beyond this many bytes are recomputed instead of kept. On the ResNet-50 pair
 /// (11 sweeps from a 256-image shard, Grams kept by model pair) 1 GiB holds every member and
@@ -47,6 +47,26 @@ pub struct Counts {
 /// numbering of merged units (`Unmerge::canonical`).
 type State = Vec<Option<Unmerge>>;
 
+/// Per member of a group, in member order: `Ok(k)`, its block in the cache; `Err(i)`, the
+/// `i`-th of the blocks computed and not kept (the second part).
+type Placed = (Vec<Result<usize, usize>>, Vec<RowBlock>);
+
+/// A member's block once read: updated from the cache's stale one, or new.
+enum Built {
+    Updated {
+        block: RowBlock,
+        /// Its bytes before the update.
+        before: usize,
+        /// Columns re-correlated.
+        changed: usize,
+    },
+    New(RowBlock),
+}
+
+/// Bytes of member vectors one wave of `read_side_by_side` may hold: a ViT-B stream group's
+/// members hold every block's weights, 1.4 GB of f64 vectors for a pair.
+const WAVE_BYTES: usize = 256 << 20;
+
 pub struct WeightSimilarity<'a> {
     layout: &'a Layout<'a>,
     slots: &'a Slots,
@@ -64,6 +84,8 @@ pub struct WeightSimilarity<'a> {
     scratch: Vec<f64>,
     /// Centred f32 columns a block gave up at its last update, for the next (`RowBlock`).
     spare: Vec<f32>,
+    /// Members read side by side on this many cores (`stats::spread_cores`), or in turn.
+    spread: Option<usize>,
     pub counts: Counts,
 }
 
@@ -107,6 +129,7 @@ impl<'a> WeightSimilarity<'a> {
             capacity: CACHE_BYTES,
             scratch: Vec::new(),
             spare: Vec::new(),
+            spread: crate::stats::spread_cores(),
             counts: Counts::default(),
         }
     }
@@ -115,6 +138,15 @@ impl<'a> WeightSimilarity<'a> {
     pub fn with_capacity(self, bytes: usize) -> WeightSimilarity<'a> {
         WeightSimilarity {
             capacity: bytes.min(CACHE_BYTES),
+            ..self
+        }
+    }
+
+    /// The same with members read side by side on `cores`, or in turn (`None`).
+    #[cfg(test)]
+    pub fn with_spread(self, cores: Option<usize>) -> WeightSimilarity<'a> {
+        WeightSimilarity {
+            spread: cores,
             ..self
         }
     }
@@ -133,19 +165,34 @@ impl<'a> WeightSimilarity<'a> {
     pub fn get_upper(&mut self, g: &Group, m: &Matchings) -> Option<Array2<f64>> {
         // Per member, in member order (so the sum's rounding does not depend on the cache):
         // its cached block, or its index among those computed and not kept.
-        let mut fresh = Vec::new();
-        let mut order: Vec<Result<usize, usize>> = Vec::new();
+        let (order, fresh) = match self.spread {
+            Some(cores) => self.read_side_by_side(g, m, cores)?,
+            None => self.read_in_turn(g, m)?,
+        };
+        let blocks: Vec<&RowBlock> = order
+            .iter()
+            .filter_map(|source| match source {
+                Ok(k) => self.cache.get(&(g.id, *k)).map(|(_, b)| b),
+                Err(i) => fresh.get(*i),
+            })
+            .filter(|b| b.features() > 0)
+            .collect();
+        (!blocks.is_empty()).then(|| row_correlation_upper_of_blocks(&blocks))
+    }
+
+    /// The members' blocks, read one after the other into one reused buffer; `None` at the
+    /// first member without vectors (the blocks before it stay as they were updated).
+    fn read_in_turn(&mut self, g: &Group, m: &Matchings) -> Option<Placed> {
+        let (mut order, mut fresh) = (Vec::new(), Vec::new());
         for (k, member) in g.members.iter().enumerate() {
             if self.folded.left_out.contains(&member.tensor) {
                 continue;
             }
             let state = self.state(g.id, k, m);
-            if let Some((seen, _)) = self.cache.get(&(g.id, k)) {
-                if *seen == state {
-                    self.counts.reused += 1;
-                    order.push(Ok(k));
-                    continue;
-                }
+            if matches!(self.cache.get(&(g.id, k)), Some((seen, _)) if *seen == state) {
+                self.counts.reused += 1;
+                order.push(Ok(k));
+                continue;
             }
             let dims = member_vectors(
                 g,
@@ -158,41 +205,190 @@ impl<'a> WeightSimilarity<'a> {
                 &mut self.scratch,
             )?;
             let z = ArrayView2::from_shape(dims, &self.scratch[..dims.0 * dims.1]).ok()?;
-            if let Some((seen, block)) = self.cache.get_mut(&(g.id, k)) {
+            let built = match self.cache.remove(&(g.id, k)) {
                 // A neighbour moved: only the columns it moved change.
-                let before = block.bytes();
-                let changed = block.update_reusing(z.view(), &mut self.spare);
-                self.counts.columns_correlated += changed;
-                self.counts.columns_read += z.ncols();
-                self.counts.updated += 1;
-                *seen = state;
-                self.bytes = self.bytes + block.bytes() - before;
-                order.push(Ok(k));
+                Some((_, mut block)) => {
+                    let before = block.bytes();
+                    let changed = block.update_reusing(z.view(), &mut self.spare);
+                    Built::Updated {
+                        block,
+                        before,
+                        changed,
+                    }
+                }
+                None => {
+                    let keep = self.keeps(dims, m.models);
+                    Built::New(if keep {
+                        RowBlock::updatable(z.view(), m.models)
+                    } else {
+                        RowBlock::new(z.view(), m.models)
+                    })
+                }
+            };
+            order.push(self.place((g.id, k), state, dims, built, m.models, &mut fresh));
+        }
+        Some((order, fresh))
+    }
+
+    /// `read_in_turn` with the members that need reading read side by side on `cores`: on
+    /// sixteen cores the loop's reads (the scatter into unit rows, the centring, the column
+    /// hashes) ran on one while the threaded GEMM had little to spread (ResNet-50 matching
+    /// 33 s there against 28 s on two). Each block gets the same arithmetic and the cache
+    /// the same decisions in member order, so the answer and the cache are bit for bit
+    /// `read_in_turn`'s (tested). Members are read in waves of at most `cores` and
+    /// `WAVE_BYTES` of vectors, all of a wave's vectors before any of its blocks changes: a
+    /// member without vectors ends the read where `read_in_turn` ends it.
+    fn read_side_by_side(&mut self, g: &Group, m: &Matchings, cores: usize) -> Option<Placed> {
+        use rayon::prelude::*;
+        // In member order: unchanged cached blocks, and the members to read (by index).
+        let mut slots: Vec<Result<usize, usize>> = Vec::new();
+        let mut todo: Vec<(usize, State)> = Vec::new();
+        for (k, member) in g.members.iter().enumerate() {
+            if self.folded.left_out.contains(&member.tensor) {
                 continue;
             }
-            self.counts.computed += 1;
-            self.counts.columns_correlated += z.ncols();
-            self.counts.columns_read += z.ncols();
-            let kept = RowBlock::updatable_bytes(z.dim(), m.models);
-            if z.ncols() >= MIN_CACHED_FEATURES && self.bytes + kept <= self.capacity {
-                let block = RowBlock::updatable(z.view(), m.models);
-                self.bytes += block.bytes();
-                self.cache.insert((g.id, k), (state, block));
-                order.push(Ok(k));
+            let state = self.state(g.id, k, m);
+            if matches!(self.cache.get(&(g.id, k)), Some((seen, _)) if *seen == state) {
+                slots.push(Ok(k));
             } else {
-                order.push(Err(fresh.len()));
-                fresh.push(RowBlock::new(z.view(), m.models));
+                slots.push(Err(todo.len()));
+                todo.push((k, state));
             }
         }
-        let blocks: Vec<&RowBlock> = order
-            .iter()
-            .filter_map(|source| match source {
-                Ok(k) => self.cache.get(&(g.id, *k)).map(|(_, b)| b),
-                Err(i) => fresh.get(*i),
-            })
-            .filter(|b| b.features() > 0)
-            .collect();
-        (!blocks.is_empty()).then(|| row_correlation_upper_of_blocks(&blocks))
+        let mut fresh = Vec::new();
+        // Where each member read went (`order`'s entries), up to the first without vectors.
+        let mut placed: Vec<Result<usize, usize>> = Vec::with_capacity(todo.len());
+        let mut todo = todo.into_iter().peekable();
+        let mut failed = false;
+        while !failed && todo.peek().is_some() {
+            let mut wave = Vec::new();
+            let mut bytes = 0;
+            while let Some((k, _)) = todo.peek() {
+                let b = self.vector_bytes(&g.members[*k], m.models);
+                if !wave.is_empty() && (wave.len() == cores || bytes + b > WAVE_BYTES) {
+                    break;
+                }
+                bytes += b;
+                wave.extend(todo.next());
+            }
+            let vectors: Vec<Option<((usize, usize), Vec<f64>)>> = wave
+                .par_iter()
+                .map(|(k, _)| {
+                    let mut z = Vec::new();
+                    let dims = member_vectors(
+                        g,
+                        &g.members[*k],
+                        self.layout,
+                        self.slots,
+                        self.weights,
+                        self.folded,
+                        m,
+                        &mut z,
+                    )?;
+                    (dims.0 * dims.1 <= z.len()).then_some((dims, z))
+                })
+                .collect();
+            failed = vectors.iter().any(Option::is_none);
+            let jobs: Vec<_> = wave
+                .into_iter()
+                .zip(vectors.into_iter().map_while(|v| v))
+                .map(|((k, state), (dims, z))| {
+                    let stale = self.cache.remove(&(g.id, k)).map(|(_, b)| b);
+                    (k, state, dims, z, stale)
+                })
+                .collect();
+            let built: Vec<_> = jobs
+                .into_par_iter()
+                .map(|(k, state, dims, z, stale)| {
+                    let z = ArrayView2::from_shape(dims, &z[..dims.0 * dims.1])
+                        .expect("member_vectors sized the rows");
+                    let built = match stale {
+                        Some(mut block) => {
+                            let before = block.bytes();
+                            let changed = block.update(z);
+                            Built::Updated {
+                                block,
+                                before,
+                                changed,
+                            }
+                        }
+                        // Kept or not is decided in member order (`place`).
+                        None if dims.1 >= MIN_CACHED_FEATURES => {
+                            Built::New(RowBlock::updatable(z, m.models))
+                        }
+                        None => Built::New(RowBlock::new(z, m.models)),
+                    };
+                    (k, state, dims, built)
+                })
+                .collect();
+            for (k, state, dims, built) in built {
+                placed.push(self.place((g.id, k), state, dims, built, m.models, &mut fresh));
+            }
+        }
+        let mut order = Vec::with_capacity(slots.len());
+        for slot in slots {
+            match slot {
+                Ok(k) => {
+                    self.counts.reused += 1;
+                    order.push(Ok(k));
+                }
+                Err(j) => order.push(*placed.get(j)?),
+            }
+        }
+        Some((order, fresh))
+    }
+
+    /// Whether a new block of `dims` is kept in the cache (and so built updatable): wide
+    /// enough to be worth it, and within the capacity.
+    fn keeps(&self, dims: (usize, usize), models: usize) -> bool {
+        dims.1 >= MIN_CACHED_FEATURES
+            && self.bytes + RowBlock::updatable_bytes(dims, models) <= self.capacity
+    }
+
+    /// Member `k`'s block, once read, into the cache or `fresh`, with what it cost in
+    /// `counts`: where `order` finds it.
+    fn place(
+        &mut self,
+        (group, k): (usize, usize),
+        state: State,
+        dims: (usize, usize),
+        built: Built,
+        models: usize,
+        fresh: &mut Vec<RowBlock>,
+    ) -> Result<usize, usize> {
+        self.counts.columns_read += dims.1;
+        match built {
+            Built::Updated {
+                block,
+                before,
+                changed,
+            } => {
+                self.counts.columns_correlated += changed;
+                self.counts.updated += 1;
+                self.bytes = self.bytes + block.bytes() - before;
+                self.cache.insert((group, k), (state, block));
+                Ok(k)
+            }
+            Built::New(block) => {
+                self.counts.computed += 1;
+                self.counts.columns_correlated += dims.1;
+                if self.keeps(dims, models) {
+                    self.bytes += block.bytes();
+                    self.cache.insert((group, k), (state, block));
+                    Ok(k)
+                } else {
+                    fresh.push(block.without_columns());
+                    Err(fresh.len() - 1)
+                }
+            }
+        }
+    }
+
+    /// An upper bound of the bytes of member vectors (f64, every model) a member reads.
+    fn vector_bytes(&self, member: &Member, models: usize) -> usize {
+        self.folded
+            .get(self.weights, 0, &member.tensor)
+            .map_or(0, |w| w.shape().iter().product::<usize>() * models * 8)
     }
 
     /// Everything group `g`'s similarity is made of that can change during the loop: the
@@ -228,10 +424,8 @@ mod tests {
     use crate::symmetry::permute::SplitMix;
     use crate::symmetry::GroupKind;
 
-    /// The cache's answers (reused, updated by changed columns, rebuilt) equal a fresh
-    /// computation under matchings that moved some units and renumbered others.
-    #[test]
-    fn cached_similarities_equal_fresh_ones() {
+    /// The BN-folded ResNet-20 pair, prepared for matching.
+    fn resnet20() -> crate::merge::Prepared {
         let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
         let models: Vec<_> = ["a", "b"]
             .iter()
@@ -244,12 +438,12 @@ mod tests {
         let calib =
             crate::data::bind_inputs(&crate::data::read(&data).expect("calib"), &models[0], &data)
                 .expect("bound");
-        let opts = MergeOptions::default();
-        let prep = prepare(&models, &calib, &opts, &mut Timer::new()).expect("prepare");
-        let groups = &prep.disc.groups;
-        let layout = Layout::new(&prep.disc.structure, groups);
-        // Every group: model 0 identity, model 1 a permutation; then some groups' model-1
-        // units swapped in pairs and others only renumbered.
+        prepare(&models, &calib, &MergeOptions::default(), &mut Timer::new()).expect("prepare")
+    }
+
+    /// Two matchings of every group: model 0 identity, model 1 a permutation; then some
+    /// groups' model-1 units swapped in pairs and others only renumbered.
+    fn two_states(groups: &[Group]) -> (Matchings, Matchings) {
         let mut rng = SplitMix(7);
         let mut m = Matchings {
             models: 2,
@@ -295,6 +489,17 @@ mod tests {
                 moved.blocks.insert(g.id, b);
             }
         }
+        (m, moved)
+    }
+
+    /// The cache's answers (reused, updated by changed columns, rebuilt) equal a fresh
+    /// computation under matchings that moved some units and renumbered others.
+    #[test]
+    fn cached_similarities_equal_fresh_ones() {
+        let prep = resnet20();
+        let groups = &prep.disc.groups;
+        let layout = Layout::new(&prep.disc.structure, groups);
+        let (m, moved) = two_states(groups);
         let mut cached = WeightSimilarity::new(
             groups,
             &layout,
@@ -333,5 +538,50 @@ mod tests {
         assert!(compared > 5, "{compared} groups compared");
         assert!(c.reused > 0 && c.updated > 0, "paths exercised: {c:?}");
         assert!(c.columns_correlated < c.columns_read, "{c:?}");
+    }
+
+    /// Members read side by side give the similarities of members read in turn, bit for
+    /// bit, and leave the cache in the same state (the same counts), through new, reused
+    /// and updated blocks, a cache too small for all of them, and waves cut by the cores.
+    #[test]
+    fn members_read_side_by_side_equal_members_read_in_turn() {
+        let prep = resnet20();
+        let groups = &prep.disc.groups;
+        let layout = Layout::new(&prep.disc.structure, groups);
+        let (m, moved) = two_states(groups);
+        let run = |spread: Option<usize>| {
+            let mut w = WeightSimilarity::new(
+                groups,
+                &layout,
+                &prep.disc.slots,
+                &prep.weights,
+                &prep.folded,
+            )
+            .with_capacity(200 << 10)
+            .with_spread(spread);
+            let mut out = Vec::new();
+            for state in [&m, &moved, &m, &moved] {
+                for g in groups {
+                    out.push(w.get_upper(g, state).map(|s| s.mapv(f64::to_bits)));
+                }
+            }
+            (out, w.counts, w.bytes)
+        };
+        let (one, counts, bytes) = run(None);
+        for cores in [2, 3] {
+            let (side, c, b) = run(Some(cores));
+            assert!(one == side, "similarities differ on {cores} cores");
+            assert_eq!(format!("{counts:?}"), format!("{c:?}"), "{cores} cores");
+            assert_eq!(bytes, b, "{cores} cores");
+        }
+        // Every path of the cache was taken, and some blocks did not fit.
+        assert!(
+            counts.reused > 0 && counts.updated > 0 && counts.computed > 0,
+            "{counts:?}"
+        );
+        assert!(
+            bytes > 0 && counts.computed > groups.len(),
+            "{counts:?}, {bytes} bytes"
+        );
     }
 }

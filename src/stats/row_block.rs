@@ -207,6 +207,14 @@ impl RowBlock {
     pub fn features(&self) -> usize {
         self.features
     }
+
+    /// The block without its columns: what `new` builds where `updatable` built this.
+    pub fn without_columns(self) -> RowBlock {
+        RowBlock {
+            columns: None,
+            ..self
+        }
+    }
 }
 
 impl PairGram {
