@@ -51,6 +51,9 @@ type State = Vec<Option<Unmerge>>;
 /// `i`-th of the blocks computed and not kept (the second part).
 type Placed = (Vec<Result<usize, usize>>, Vec<RowBlock>);
 
+/// A member's vectors read into a buffer of their own: `[units, features]` and the buffer.
+type Vectors = ((usize, usize), Vec<f64>);
+
 /// A member's block once read: updated from the cache's stale one, or new.
 enum Built {
     Updated {
@@ -271,7 +274,7 @@ impl<'a> WeightSimilarity<'a> {
                 bytes += b;
                 wave.extend(todo.next());
             }
-            let vectors: Vec<Option<((usize, usize), Vec<f64>)>> = wave
+            let vectors: Vec<Option<Vectors>> = wave
                 .par_iter()
                 .map(|(k, _)| {
                     let mut z = Vec::new();
