@@ -131,6 +131,47 @@ fn a_graph_input_asked_for_as_an_output_is_the_fed_data() {
     }
 }
 
+/// Outputs read where the engine left them (`run_lent`: ONNX Runtime lends its f32 values)
+/// equal the copied ones, and stay valid after the next run, a graph input asked for as an
+/// output included (ONNX Runtime's is a view of the fed buffer).
+#[test]
+fn outputs_read_in_place_equal_copies_and_outlive_the_next_run() {
+    let m = onnx::load(model("convnet.onnx")).unwrap();
+    let input = m.graph().input[0].name.clone().unwrap();
+    let arrays = data::read(&model("convnet_input.npz")).unwrap();
+    let fed = data::bind_inputs(&arrays, &m, &model("convnet_input.npz")).unwrap();
+    let zeros: Vec<TensorData> = fed
+        .iter()
+        .map(|t| TensorData::F32(ndarray::ArrayD::zeros(t.shape())))
+        .collect();
+    let extra = ["feat".to_string(), "c".to_string(), input];
+    for kind in [BackendKind::Tract, BackendKind::Ort] {
+        let mut s = open_session(kind, &m, &extra, &BackendOptions::default()).unwrap();
+        let copied = s.run(&fed).unwrap();
+        let lent = s.run_lent(&fed).unwrap();
+        // Another batch runs (other data through the same buffers) before they are read.
+        s.run_lent(&zeros).unwrap();
+        assert_eq!(copied.len(), lent.len(), "{kind:?}");
+        for (k, (c, l)) in copied.iter().zip(&lent).enumerate() {
+            let l = l.to_tensor().unwrap();
+            assert_eq!(c.shape(), l.shape(), "{kind:?} output {k}");
+            assert_within(c, &l, 0.0, 0.0, &format!("{kind:?} output {k}"));
+            assert!(
+                c.to_f32().iter().any(|&v| v != 0.0),
+                "{kind:?} output {k} is zeros"
+            );
+        }
+        #[cfg(feature = "ort")]
+        if kind == BackendKind::Ort {
+            let in_place = lent
+                .iter()
+                .filter(|o| matches!(o, mudsc::runtime::Output::Lent(_)))
+                .count();
+            assert_eq!(in_place, 3, "ONNX Runtime lends its computed f32 outputs");
+        }
+    }
+}
+
 #[test]
 fn test_data_set_directory_input() {
     let (_, from_dir) = run(

@@ -6,10 +6,10 @@ use std::collections::HashMap;
 
 use crate::error::{Error, Result};
 use crate::onnx::{Model, TensorData};
-use crate::runtime::{open_session, BackendKind, BackendOptions};
+use crate::runtime::{open_session, BackendKind, BackendOptions, Output};
 use crate::stats::Moments;
 
-use super::taps::{unit_width, UnitMoments};
+use super::taps::{unit_width_of, UnitMoments};
 
 /// Bytes of engine outputs (taps of every model) one calibration batch may hold: on 224²
 /// models a batch of 64 with every layer tapped held gigabytes.
@@ -65,8 +65,8 @@ impl Batching {
     }
 }
 
-/// Each model's outputs of one batch, by name.
-type Outputs = Vec<HashMap<String, TensorData>>;
+/// Each model's outputs of one batch, by name, read where the engine left them.
+type Outputs = Vec<HashMap<String, Output>>;
 
 /// Where a group is read in each model.
 pub struct Tap {
@@ -240,16 +240,12 @@ pub fn collect(
                 let outs: Result<Outputs> = sessions
                     .iter_mut()
                     .map(|s| {
-                        let out = s.run(&slice)?;
+                        let out = s.run_lent(&slice)?;
                         Ok(s.output_names().iter().cloned().zip(out).collect())
                     })
                     .collect();
                 if let Ok(o) = &outs {
-                    let bytes: usize = o
-                        .iter()
-                        .flat_map(|m| m.values())
-                        .map(|t| t.len() * t.dtype().size())
-                        .sum();
+                    let bytes: usize = o.iter().flat_map(|m| m.values()).map(Output::bytes).sum();
                     let per_sample = (bytes / (end - start).max(1)).max(1);
                     if super::process_memory::traced() {
                         eprintln!("memory: batch {start}..{end}: outputs {} MiB", bytes >> 20);
@@ -275,8 +271,10 @@ pub fn collect(
                         };
                         side_moments[i]
                             .entry(key.clone())
-                            .or_insert_with(|| UnitMoments::along(unit_width(v, *axis), *axis))
-                            .add(v, name)?;
+                            .or_insert_with(|| {
+                                UnitMoments::along(unit_width_of(&v.shape(), *axis), *axis)
+                            })
+                            .add_f32(v.f32().view(), name)?;
                     }
                 }
             }
@@ -293,11 +291,11 @@ pub fn collect(
                             backend: backend.name(),
                             reason: format!("kept value '{name}' missing from the outputs"),
                         })?;
-                        kept_bytes += v.len() * v.dtype().size();
+                        kept_bytes += v.bytes();
                         kept.values[i]
                             .entry(key.clone())
                             .or_default()
-                            .push(v.clone());
+                            .push(v.to_tensor()?);
                     }
                 }
                 kept.ranges.push((start, end));
@@ -348,13 +346,16 @@ fn fold_taps(
                 .iter()
                 .zip(&t.names)
                 .map(|(outs, name)| {
-                    outs.get(name).ok_or_else(|| Error::Backend {
-                        backend: backend.name(),
-                        reason: format!("tap '{name}' missing from the outputs"),
-                    })
+                    outs.get(name)
+                        .map(Output::f32)
+                        .ok_or_else(|| Error::Backend {
+                            backend: backend.name(),
+                            reason: format!("tap '{name}' missing from the outputs"),
+                        })
                 })
                 .collect::<Result<Vec<_>>>()?;
-            super::taps::add_joint(m, &values, t.axis, t.width, &t.names, t.positions)?;
+            let views: Vec<_> = values.iter().map(|v| v.view()).collect();
+            super::taps::add_joint(m, &views, t.axis, t.width, &t.names, t.positions)?;
         }
         Ok(())
     };
@@ -389,6 +390,9 @@ mod tests {
                     (format!("alt{model}"), value(model + 2, &[4, 3, 5, 5])),
                     (format!("mat{model}"), value(model, &[6, 2])),
                 ])
+                .into_iter()
+                .map(|(name, v)| (name, Output::Tensor(v)))
+                .collect()
             })
             .collect()
     }

@@ -5,7 +5,7 @@
 //! per-model column block, and a concatenation of them (what the first version did: four
 //! copies per tap per model per batch).
 
-use ndarray::{Array1, Array2, CowArray, IxDyn};
+use ndarray::{Array1, Array2, ArrayViewD, CowArray, IxDyn};
 
 use crate::error::{Error, Result};
 use crate::onnx::TensorData;
@@ -38,13 +38,12 @@ fn as_f32(t: &TensorData) -> CowArray<'_, f32, IxDyn> {
 /// arithmetic would outweigh the forward pass; 0 keeps them all.
 pub fn add_joint(
     m: &mut Moments,
-    taps: &[&TensorData],
+    owned: &[ArrayViewD<'_, f32>],
     axis: usize,
     width: usize,
     names: &[String],
     positions: usize,
 ) -> Result<()> {
-    let owned: Vec<CowArray<'_, f32, IxDyn>> = taps.iter().map(|t| as_f32(t)).collect();
     let mut blocks = Vec::with_capacity(owned.len());
     for (v, name) in owned.iter().zip(names) {
         if v.shape().get(axis) != Some(&width) {
@@ -193,7 +192,11 @@ impl UnitMoments {
 
     /// Folds in a batch of tap `t`, units on `self.axis`. NaN and ±inf count as 0.
     pub fn add(&mut self, t: &TensorData, name: &str) -> Result<()> {
-        let v = as_f32(t);
+        self.add_f32(as_f32(t).view(), name)
+    }
+
+    /// `add` for f32 values read in place.
+    pub fn add_f32(&mut self, v: ArrayViewD<'_, f32>, name: &str) -> Result<()> {
         let axis = self.axis.unwrap_or(if v.ndim() >= 3 {
             1
         } else {
@@ -262,7 +265,11 @@ impl UnitMoments {
 
 /// The width of a tap's unit axis, as `UnitMoments::add` reads it.
 pub fn unit_width(t: &TensorData, axis: Option<usize>) -> usize {
-    let s = t.shape();
+    unit_width_of(t.shape(), axis)
+}
+
+/// `unit_width` of a value of shape `s`.
+pub fn unit_width_of(s: &[usize], axis: Option<usize>) -> usize {
     match (axis, s.len()) {
         (Some(a), _) => s.get(a).copied().unwrap_or(0),
         (None, 0) => 1,
@@ -288,15 +295,7 @@ mod tests {
         let (a, b) = (f(0.7), f(1.3));
         let names = vec!["a".to_string(), "b".to_string()];
         let mut m = Moments::new(8);
-        add_joint(
-            &mut m,
-            &[&TensorData::F32(a.clone()), &TensorData::F32(b.clone())],
-            1,
-            4,
-            &names,
-            0,
-        )
-        .unwrap();
+        add_joint(&mut m, &[a.view(), b.view()], 1, 4, &names, 0).unwrap();
         let cols = |x: &ArrayD<f32>| {
             x.view()
                 .permuted_axes(vec![0, 2, 3, 1])
@@ -343,7 +342,7 @@ mod tests {
         let mut m = Moments::new(1200);
         add_joint(
             &mut m,
-            &[&TensorData::F32(a.clone()), &TensorData::F32(b.clone())],
+            &[a.view(), b.view()],
             2,
             600,
             &["a".into(), "b".into()],
@@ -380,15 +379,7 @@ mod tests {
             (ix[0] * 30 + ix[1] * 10 + ix[2]) as f32
         });
         let mut m = Moments::new(3);
-        add_joint(
-            &mut m,
-            &[&TensorData::F32(a.clone())],
-            1,
-            3,
-            &["a".into()],
-            4,
-        )
-        .unwrap();
+        add_joint(&mut m, &[a.view()], 1, 3, &["a".into()], 4).unwrap();
         // 10 positions, at most 4 kept: every 3rd (0, 3, 6, 9) of each sample.
         assert_eq!(m.count, 8);
         let want: f64 = [0, 3, 6, 9, 30, 33, 36, 39].iter().map(|&v| v as f64).sum();
@@ -396,7 +387,7 @@ mod tests {
         // Units last ([samples, tokens, units]): tokens are sampled.
         let t = ArrayD::from_shape_fn(IxDyn(&[2, 6, 3]), |ix| (ix[1] + 10 * ix[0]) as f32);
         let mut m = Moments::new(3);
-        add_joint(&mut m, &[&TensorData::F32(t)], 2, 3, &["t".into()], 3).unwrap();
+        add_joint(&mut m, &[t.view()], 2, 3, &["t".into()], 3).unwrap();
         assert_eq!(m.count, 6);
         assert_eq!(
             m.raw_sum()[0],
@@ -406,9 +397,17 @@ mod tests {
 
     #[test]
     fn wrong_width_names_the_tap() {
-        let t = TensorData::F32(ArrayD::zeros(IxDyn(&[2, 3])));
+        let t = ArrayD::<f32>::zeros(IxDyn(&[2, 3]));
         let mut m = Moments::new(8);
-        let e = add_joint(&mut m, &[&t, &t], 1, 4, &["x".into(), "y".into()], 0).unwrap_err();
+        let e = add_joint(
+            &mut m,
+            &[t.view(), t.view()],
+            1,
+            4,
+            &["x".into(), "y".into()],
+            0,
+        )
+        .unwrap_err();
         assert!(e.to_string().contains('x'), "{e}");
     }
 }

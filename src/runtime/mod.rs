@@ -8,7 +8,10 @@
 pub mod ort;
 #[cfg(feature = "ort")]
 pub mod ort_library;
+pub mod output;
 pub mod tract;
+
+pub use output::Output;
 
 use std::path::PathBuf;
 
@@ -156,6 +159,11 @@ pub trait Session: Send {
     fn output_names(&self) -> &[String];
     /// Runs one batch.
     fn run(&mut self, inputs: &[TensorData]) -> Result<Vec<TensorData>>;
+    /// `run`, its outputs read where the engine left them when it lends them (`Output`): for
+    /// outputs read once and dropped with the batch.
+    fn run_lent(&mut self, inputs: &[TensorData]) -> Result<Vec<Output>> {
+        Ok(self.run(inputs)?.into_iter().map(Output::Tensor).collect())
+    }
 }
 
 /// Prepares `model` on the chosen backend, with `extra_outputs` (names of intermediate values)

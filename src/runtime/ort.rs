@@ -11,7 +11,7 @@ use ort::session::Session as OrtInner;
 use ort::value::{DynValue, Tensor, TensorElementType, ValueType};
 use prost::Message;
 
-use super::{all_output_names, check_arity, graph_input_names, BackendOptions, Session};
+use super::{all_output_names, check_arity, graph_input_names, BackendOptions, Output, Session};
 use crate::error::{Error, Result};
 use crate::onnx::proto::{GraphProto, ModelProto, ValueInfoProto};
 use crate::onnx::{self, Model, TensorData};
@@ -230,30 +230,105 @@ impl Session for OrtSession {
     }
 
     fn run(&mut self, inputs: &[TensorData]) -> Result<Vec<TensorData>> {
+        self.run_lent(inputs)?
+            .into_iter()
+            .map(|o| match o {
+                Output::Tensor(t) => Ok(t),
+                lent => lent.to_tensor(),
+            })
+            .collect()
+    }
+
+    fn run_lent(&mut self, inputs: &[TensorData]) -> Result<Vec<Output>> {
         check_arity("ort", &self.inputs, inputs.len())?;
-        let feed = self
-            .inputs
-            .iter()
-            .zip(inputs)
-            .map(|(name, t)| Ok((name.clone(), to_ort(t)?)))
-            .collect::<Result<Vec<(String, DynValue)>>>()?;
+        // The fed values live as long as any output read in place: ONNX Runtime may hand
+        // back an output that is a view of an input's buffer (a graph input asked for as an
+        // output is one), which the input's drop would free under the reader.
+        let fed: std::sync::Arc<Vec<(String, DynValue)>> = std::sync::Arc::new(
+            self.inputs
+                .iter()
+                .zip(inputs)
+                .map(|(name, t)| Ok((name.clone(), to_ort(t)?)))
+                .collect::<Result<_>>()?,
+        );
+        let feed: Vec<(&str, &DynValue)> = fed.iter().map(|(n, v)| (n.as_str(), v)).collect();
         let name = &self.display_name;
-        let outputs = self
+        let mut outputs = self
             .session
             .run(feed)
             .map_err(|e| err(format!("running {name}: {e}")))?;
-        self.outputs
-            .iter()
-            .map(|o| {
-                if let Some(i) = self.inputs.iter().position(|n| n == o) {
-                    return Ok(inputs[i].clone());
-                }
-                let v = outputs
-                    .get(o)
-                    .ok_or_else(|| err(format!("{name}: output '{o}' missing")))?;
-                from_ort(o, v)
-            })
-            .collect()
+        let mut out: Vec<Output> = Vec::with_capacity(self.outputs.len());
+        for (k, o) in self.outputs.iter().enumerate() {
+            if let Some(i) = self.inputs.iter().position(|n| n == o) {
+                out.push(Output::Tensor(inputs[i].clone()));
+                continue;
+            }
+            // A name declared twice is taken once and copied.
+            if let Some(first) = self.outputs[..k].iter().position(|n| n == o) {
+                let copy = out[first].to_tensor()?;
+                out.push(Output::Tensor(copy));
+                continue;
+            }
+            let v = outputs
+                .remove(o)
+                .ok_or_else(|| err(format!("{name}: output '{o}' missing")))?;
+            out.push(match LentF32::new(v, &fed) {
+                Ok(lent) => Output::Lent(lent),
+                Err(v) => Output::Tensor(from_ort(o, &v)?),
+            });
+        }
+        Ok(out)
+    }
+}
+
+/// An f32 output of ONNX Runtime, read in place (`Output::Lent`) and freed by its allocator
+/// when dropped.
+pub struct LentF32 {
+    _value: DynValue,
+    /// The run's fed values, which the value may view.
+    _fed: std::sync::Arc<Vec<(String, DynValue)>>,
+    data: std::ptr::NonNull<f32>,
+    shape: Vec<usize>,
+}
+
+// SAFETY: the values are Send and Sync (the `ort` crate's own impls), `data` points into
+// memory they keep alive, and `LentF32` only ever reads it.
+unsafe impl Send for LentF32 {}
+unsafe impl Sync for LentF32 {}
+
+impl LentF32 {
+    /// The value where it is an f32 tensor in standard layout, else the value back.
+    fn new(
+        value: DynValue,
+        fed: &std::sync::Arc<Vec<(String, DynValue)>>,
+    ) -> std::result::Result<LentF32, DynValue> {
+        let Ok(view) = value.try_extract_array::<f32>() else {
+            return Err(value);
+        };
+        if !view.is_standard_layout() {
+            return Err(value);
+        }
+        let shape = view.shape().to_vec();
+        // An empty tensor's pointer may be null: any aligned pointer reads no element.
+        let data = std::ptr::NonNull::new(view.as_ptr().cast_mut())
+            .filter(|_| !view.is_empty())
+            .unwrap_or(std::ptr::NonNull::dangling());
+        Ok(LentF32 {
+            _value: value,
+            _fed: fed.clone(),
+            data,
+            shape,
+        })
+    }
+
+    pub fn view(&self) -> ndarray::ArrayViewD<'_, f32> {
+        // SAFETY: `data` is where the held value's `shape` f32s lie, in standard layout (or
+        // dangling for none); ONNX Runtime wrote them before `new` and nothing writes them
+        // while `self` holds the value and the fed values it may view, which keep the memory
+        // alive for the view's lifetime.
+        unsafe {
+            ndarray::ArrayViewD::from_shape_ptr(ndarray::IxDyn(&self.shape), self.data.as_ptr())
+        }
     }
 }
 
