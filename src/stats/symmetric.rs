@@ -217,15 +217,13 @@ impl Symmetric<f64> {
         for (p, panel) in self.panels.iter_mut().enumerate() {
             let (start, end) = (p * self.panel, panel.nrows());
             let len = end * (end - start);
-            scratch[..len].fill(0.0);
             let product =
                 ndarray::ArrayViewMut2::from_shape((end, end - start), &mut scratch[..len])
                     .expect("scratch holds the widest panel");
-            super::add_product_scaled(
+            super::set_product(
                 product,
                 x.slice(ndarray::s![.., ..end]).t(),
                 x.slice(ndarray::s![.., start..end]),
-                1.0,
             );
             for (d, &s) in panel.iter_mut().zip(&scratch[..len]) {
                 *d += f64::from(s);
