@@ -321,11 +321,10 @@ pub fn collect(
 
 /// Folds one batch's taps into their groups' moments (made at the first batch). Groups are
 /// independent sums, so with `spread` (where `stats::spread_cores` allows) they are folded
-/// side by side: on
-/// sixteen cores one thread folded every group while the engine waited for it (ResNet-50:
-/// calibration 29.6 s against 4 s of bare passes and 5 s of Σxxᵀ at the cores' peak). A
-/// group's taps keep their order, so each group gets the same additions in the same order
-/// whatever the cores: the moments do not depend on them.
+/// side by side: on sixteen cores one thread folded every group while the engine waited for
+/// it (ResNet-50: calibration 29.6 s against 4 s of bare passes and 5 s of Σxxᵀ at the
+/// cores' peak). A group's taps keep their order, so each group gets the same additions in
+/// the same order whatever the cores: the moments do not depend on them.
 fn fold_taps(
     moments: &mut HashMap<usize, Moments>,
     by_group: &HashMap<usize, Vec<&Tap>>,
