@@ -295,7 +295,7 @@ pub fn collect(
                         kept.values[i]
                             .entry(key.clone())
                             .or_default()
-                            .push(v.to_tensor()?);
+                            .push(v.to_tensor());
                     }
                 }
                 kept.ranges.push((start, end));

@@ -38,14 +38,14 @@ fn as_f32(t: &TensorData) -> CowArray<'_, f32, IxDyn> {
 /// arithmetic would outweigh the forward pass; 0 keeps them all.
 pub fn add_joint(
     m: &mut Moments,
-    owned: &[ArrayViewD<'_, f32>],
+    taps: &[ArrayViewD<'_, f32>],
     axis: usize,
     width: usize,
     names: &[String],
     positions: usize,
 ) -> Result<()> {
-    let mut blocks = Vec::with_capacity(owned.len());
-    for (v, name) in owned.iter().zip(names) {
+    let mut blocks = Vec::with_capacity(taps.len());
+    for (v, name) in taps.iter().zip(names) {
         if v.shape().get(axis) != Some(&width) {
             return Err(Error::tensor(
                 name,
@@ -55,13 +55,13 @@ pub fn add_joint(
                 ),
             ));
         }
-        if v.shape() != owned[0].shape() {
+        if v.shape() != taps[0].shape() {
             return Err(Error::tensor(
                 name,
                 format!(
                     "tap has shape {:?} in this model and {:?} in model 0",
                     v.shape(),
-                    owned[0].shape()
+                    taps[0].shape()
                 ),
             ));
         }
@@ -75,7 +75,7 @@ pub fn add_joint(
     };
     // Positions per calibration sample: the inner axes, or (units last) the outer ones after
     // the batch axis.
-    let batch = owned[0].shape().first().copied().unwrap_or(1).max(1);
+    let batch = taps[0].shape().first().copied().unwrap_or(1).max(1);
     let per_sample = if inner > 1 { inner } else { outer / batch };
     let stride = if positions == 0 {
         1

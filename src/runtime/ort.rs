@@ -230,13 +230,14 @@ impl Session for OrtSession {
     }
 
     fn run(&mut self, inputs: &[TensorData]) -> Result<Vec<TensorData>> {
-        self.run_lent(inputs)?
+        Ok(self
+            .run_lent(inputs)?
             .into_iter()
             .map(|o| match o {
-                Output::Tensor(t) => Ok(t),
+                Output::Tensor(t) => t,
                 lent => lent.to_tensor(),
             })
-            .collect()
+            .collect())
     }
 
     fn run_lent(&mut self, inputs: &[TensorData]) -> Result<Vec<Output>> {
@@ -265,7 +266,7 @@ impl Session for OrtSession {
             }
             // A name declared twice is taken once and copied.
             if let Some(first) = self.outputs[..k].iter().position(|n| n == o) {
-                let copy = out[first].to_tensor()?;
+                let copy = out[first].to_tensor();
                 out.push(Output::Tensor(copy));
                 continue;
             }

@@ -7,7 +7,6 @@
 
 use ndarray::{CowArray, IxDyn};
 
-use crate::error::Result;
 use crate::onnx::TensorData;
 
 /// One output of one run.
@@ -48,11 +47,11 @@ impl Output {
     }
 
     /// A tensor of our own (a copy of a lent value): for what outlives the run's batch.
-    pub fn to_tensor(&self) -> Result<TensorData> {
-        Ok(match self {
+    pub fn to_tensor(&self) -> TensorData {
+        match self {
             Output::Tensor(t) => t.clone(),
             #[cfg(feature = "ort")]
             Output::Lent(v) => TensorData::F32(v.view().to_owned()),
-        })
+        }
     }
 }
