@@ -109,15 +109,21 @@ fn intermediate_taps_on_both_backends() {
     assert!(e.to_string().contains("no_such_value"), "{e}");
 }
 
+/// The convnet fixture, its graph input's name and the data bound to it.
+fn convnet_and_its_input() -> (onnx::Model, String, Vec<TensorData>) {
+    let m = onnx::load(model("convnet.onnx")).unwrap();
+    let input = m.graph().input[0].name.clone().unwrap();
+    let arrays = data::read(&model("convnet_input.npz")).unwrap();
+    let fed = data::bind_inputs(&arrays, &m, &model("convnet_input.npz")).unwrap();
+    (m, input, fed)
+}
+
 /// A graph input asked for as an output (the output refit reads a first layer's input, which
 /// is the model's) comes back as the fed data on both engines. ONNX Runtime returns it as a
 /// view of the fed buffer, gone after the run: read from there it was a use after free.
 #[test]
 fn a_graph_input_asked_for_as_an_output_is_the_fed_data() {
-    let m = onnx::load(model("convnet.onnx")).unwrap();
-    let input = m.graph().input[0].name.clone().unwrap();
-    let arrays = data::read(&model("convnet_input.npz")).unwrap();
-    let fed = data::bind_inputs(&arrays, &m, &model("convnet_input.npz")).unwrap();
+    let (_, input, fed) = convnet_and_its_input();
     for kind in [BackendKind::Tract, BackendKind::Ort] {
         let (names, out) = run(
             kind,
@@ -136,10 +142,7 @@ fn a_graph_input_asked_for_as_an_output_is_the_fed_data() {
 /// output included (ONNX Runtime's is a view of the fed buffer).
 #[test]
 fn outputs_read_in_place_equal_copies_and_outlive_the_next_run() {
-    let m = onnx::load(model("convnet.onnx")).unwrap();
-    let input = m.graph().input[0].name.clone().unwrap();
-    let arrays = data::read(&model("convnet_input.npz")).unwrap();
-    let fed = data::bind_inputs(&arrays, &m, &model("convnet_input.npz")).unwrap();
+    let (m, input, fed) = convnet_and_its_input();
     let zeros: Vec<TensorData> = fed
         .iter()
         .map(|t| TensorData::F32(ndarray::ArrayD::zeros(t.shape())))

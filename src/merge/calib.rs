@@ -195,6 +195,7 @@ pub fn collect(
     for t in taps {
         by_group.entry(t.group).or_default().push(t);
     }
+    let spread = crate::stats::spread_cores().is_some();
     // Inference of the next batch runs on a second thread while this one folds the previous
     // batch into the statistics: the engine and the Σxxᵀ GEMM each keep a core busy.
     std::thread::scope(|scope| -> Result<()> {
@@ -304,7 +305,6 @@ pub fn collect(
                     kept = Kept::default();
                 }
             }
-            let spread = crate::stats::spread_cores().is_some();
             fold_taps(&mut moments, &by_group, &per_model, backend, spread)?;
             progress(end, total);
             super::process_memory::trace_memory("calibration batch");

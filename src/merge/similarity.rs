@@ -48,8 +48,12 @@ pub struct Counts {
 type State = Vec<Option<Unmerge>>;
 
 /// Per member of a group, in member order: `Ok(k)`, its block in the cache; `Err(i)`, the
-/// `i`-th of the blocks computed and not kept (the second part).
-type Placed = (Vec<Result<usize, usize>>, Vec<RowBlock>);
+/// `i`-th of the blocks computed and not kept (`Placed`'s second part; in `to_read`'s slots,
+/// the `i`-th member to read).
+type Order = Vec<Result<usize, usize>>;
+
+/// A group's `Order` and the blocks computed and not kept.
+type Placed = (Order, Vec<RowBlock>);
 
 /// A member's vectors read into a buffer of their own: `[units, features]` and the buffer.
 type Vectors = ((usize, usize), Vec<f64>);
@@ -64,6 +68,32 @@ enum Built {
         changed: usize,
     },
     New(RowBlock),
+}
+
+impl Built {
+    /// Member vectors `z` as a block: the cache's stale one updated by the columns that
+    /// changed (a neighbour moved), or a new one, `updatable` where the cache may keep it.
+    fn read(
+        z: ArrayView2<f64>,
+        stale: Option<RowBlock>,
+        updatable: bool,
+        models: usize,
+        spare: &mut Vec<f32>,
+    ) -> Built {
+        match stale {
+            Some(mut block) => {
+                let before = block.bytes();
+                let changed = block.update_reusing(z, spare);
+                Built::Updated {
+                    block,
+                    before,
+                    changed,
+                }
+            }
+            None if updatable => Built::New(RowBlock::updatable(z, models)),
+            None => Built::New(RowBlock::new(z, models)),
+        }
+    }
 }
 
 /// Bytes of member vectors one wave of `read_side_by_side` may hold: a ViT-B stream group's
@@ -186,51 +216,30 @@ impl<'a> WeightSimilarity<'a> {
     /// The members' blocks, read one after the other into one reused buffer; `None` at the
     /// first member without vectors (the blocks before it stay as they were updated).
     fn read_in_turn(&mut self, g: &Group, m: &Matchings) -> Option<Placed> {
-        let (mut order, mut fresh) = (Vec::new(), Vec::new());
-        for (k, member) in g.members.iter().enumerate() {
-            if self.folded.left_out.contains(&member.tensor) {
-                continue;
-            }
-            let state = self.state(g.id, k, m);
-            if matches!(self.cache.get(&(g.id, k)), Some((seen, _)) if *seen == state) {
-                self.counts.reused += 1;
-                order.push(Ok(k));
-                continue;
-            }
-            let dims = member_vectors(
+        let (slots, todo) = self.to_read(g, m);
+        let (mut placed, mut fresh) = (Vec::with_capacity(todo.len()), Vec::new());
+        for (k, state) in todo {
+            let Some(dims) = member_vectors(
                 g,
-                member,
+                &g.members[k],
                 self.layout,
                 self.slots,
                 self.weights,
                 self.folded,
                 m,
                 &mut self.scratch,
-            )?;
-            let z = ArrayView2::from_shape(dims, &self.scratch[..dims.0 * dims.1]).ok()?;
-            let built = match self.cache.remove(&(g.id, k)) {
-                // A neighbour moved: only the columns it moved change.
-                Some((_, mut block)) => {
-                    let before = block.bytes();
-                    let changed = block.update_reusing(z.view(), &mut self.spare);
-                    Built::Updated {
-                        block,
-                        before,
-                        changed,
-                    }
-                }
-                None => {
-                    let keep = self.keeps(dims, m.models);
-                    Built::New(if keep {
-                        RowBlock::updatable(z.view(), m.models)
-                    } else {
-                        RowBlock::new(z.view(), m.models)
-                    })
-                }
+            ) else {
+                break;
             };
-            order.push(self.place((g.id, k), state, dims, built, m.models, &mut fresh));
+            let Ok(z) = ArrayView2::from_shape(dims, &self.scratch[..dims.0 * dims.1]) else {
+                break;
+            };
+            let stale = self.cache.remove(&(g.id, k)).map(|(_, b)| b);
+            let updatable = self.keeps(dims, m.models);
+            let built = Built::read(z, stale, updatable, m.models, &mut self.spare);
+            placed.push(self.place((g.id, k), state, dims, built, m.models, &mut fresh));
         }
-        Some((order, fresh))
+        Some((self.order(slots, &placed)?, fresh))
     }
 
     /// `read_in_turn` with the members that need reading read side by side on `cores`: on
@@ -243,24 +252,8 @@ impl<'a> WeightSimilarity<'a> {
     /// member without vectors ends the read where `read_in_turn` ends it.
     fn read_side_by_side(&mut self, g: &Group, m: &Matchings, cores: usize) -> Option<Placed> {
         use rayon::prelude::*;
-        // In member order: unchanged cached blocks, and the members to read (by index).
-        let mut slots: Vec<Result<usize, usize>> = Vec::new();
-        let mut todo: Vec<(usize, State)> = Vec::new();
-        for (k, member) in g.members.iter().enumerate() {
-            if self.folded.left_out.contains(&member.tensor) {
-                continue;
-            }
-            let state = self.state(g.id, k, m);
-            if matches!(self.cache.get(&(g.id, k)), Some((seen, _)) if *seen == state) {
-                slots.push(Ok(k));
-            } else {
-                slots.push(Err(todo.len()));
-                todo.push((k, state));
-            }
-        }
-        let mut fresh = Vec::new();
-        // Where each member read went (`order`'s entries), up to the first without vectors.
-        let mut placed: Vec<Result<usize, usize>> = Vec::with_capacity(todo.len());
+        let (slots, todo) = self.to_read(g, m);
+        let (mut placed, mut fresh) = (Vec::with_capacity(todo.len()), Vec::new());
         let mut todo = todo.into_iter().peekable();
         let mut failed = false;
         while !failed && todo.peek().is_some() {
@@ -305,22 +298,9 @@ impl<'a> WeightSimilarity<'a> {
                 .map(|(k, state, dims, z, stale)| {
                     let z = ArrayView2::from_shape(dims, &z[..dims.0 * dims.1])
                         .expect("member_vectors sized the rows");
-                    let built = match stale {
-                        Some(mut block) => {
-                            let before = block.bytes();
-                            let changed = block.update(z);
-                            Built::Updated {
-                                block,
-                                before,
-                                changed,
-                            }
-                        }
-                        // Kept or not is decided in member order (`place`).
-                        None if dims.1 >= MIN_CACHED_FEATURES => {
-                            Built::New(RowBlock::updatable(z, m.models))
-                        }
-                        None => Built::New(RowBlock::new(z, m.models)),
-                    };
+                    // Kept or not is decided in member order (`place`).
+                    let updatable = dims.1 >= MIN_CACHED_FEATURES;
+                    let built = Built::read(z, stale, updatable, m.models, &mut Vec::new());
                     (k, state, dims, built)
                 })
                 .collect();
@@ -328,6 +308,32 @@ impl<'a> WeightSimilarity<'a> {
                 placed.push(self.place((g.id, k), state, dims, built, m.models, &mut fresh));
             }
         }
+        Some((self.order(slots, &placed)?, fresh))
+    }
+
+    /// In member order, `Ok(k)` for a member whose cached block is current and `Err(j)` for
+    /// the `j`-th member to read; and the members to read, with the matchings they read.
+    fn to_read(&self, g: &Group, m: &Matchings) -> (Order, Vec<(usize, State)>) {
+        let (mut slots, mut todo) = (Vec::new(), Vec::new());
+        for (k, member) in g.members.iter().enumerate() {
+            if self.folded.left_out.contains(&member.tensor) {
+                continue;
+            }
+            let state = self.state(g.id, k, m);
+            if matches!(self.cache.get(&(g.id, k)), Some((seen, _)) if *seen == state) {
+                slots.push(Ok(k));
+            } else {
+                slots.push(Err(todo.len()));
+                todo.push((k, state));
+            }
+        }
+        (slots, todo)
+    }
+
+    /// `get_upper`'s member order from `to_read`'s slots and where each member read went
+    /// (`placed`, up to the first without vectors): `None` at that member, the cached
+    /// blocks before it counted as reused.
+    fn order(&mut self, slots: Order, placed: &[Result<usize, usize>]) -> Option<Order> {
         let mut order = Vec::with_capacity(slots.len());
         for slot in slots {
             match slot {
@@ -338,7 +344,7 @@ impl<'a> WeightSimilarity<'a> {
                 Err(j) => order.push(*placed.get(j)?),
             }
         }
-        Some((order, fresh))
+        Some(order)
     }
 
     /// Whether a new block of `dims` is kept in the cache (and so built updatable): wide
@@ -444,6 +450,20 @@ mod tests {
         prepare(&models, &calib, &MergeOptions::default(), &mut Timer::new()).expect("prepare")
     }
 
+    /// A weight similarity of `prep`'s groups, its cache empty.
+    fn similarity<'a>(
+        prep: &'a crate::merge::Prepared,
+        layout: &'a Layout<'a>,
+    ) -> WeightSimilarity<'a> {
+        WeightSimilarity::new(
+            &prep.disc.groups,
+            layout,
+            &prep.disc.slots,
+            &prep.weights,
+            &prep.folded,
+        )
+    }
+
     /// Two matchings of every group: model 0 identity, model 1 a permutation; then some
     /// groups' model-1 units swapped in pairs and others only renumbered.
     fn two_states(groups: &[Group]) -> (Matchings, Matchings) {
@@ -503,27 +523,14 @@ mod tests {
         let groups = &prep.disc.groups;
         let layout = Layout::new(&prep.disc.structure, groups);
         let (m, moved) = two_states(groups);
-        let mut cached = WeightSimilarity::new(
-            groups,
-            &layout,
-            &prep.disc.slots,
-            &prep.weights,
-            &prep.folded,
-        );
+        let mut cached = similarity(&prep, &layout);
         for g in groups {
             cached.get(g, &m);
         }
         let mut compared = 0;
         for g in groups {
             let again = cached.get(g, &moved);
-            let fresh = WeightSimilarity::new(
-                groups,
-                &layout,
-                &prep.disc.slots,
-                &prep.weights,
-                &prep.folded,
-            )
-            .get(g, &moved);
+            let fresh = similarity(&prep, &layout).get(g, &moved);
             match (again, fresh) {
                 (Some(a), Some(f)) => {
                     let d = (&a - &f).iter().fold(0f64, |x, v| x.max(v.abs()));
@@ -553,15 +560,9 @@ mod tests {
         let layout = Layout::new(&prep.disc.structure, groups);
         let (m, moved) = two_states(groups);
         let run = |spread: Option<usize>| {
-            let mut w = WeightSimilarity::new(
-                groups,
-                &layout,
-                &prep.disc.slots,
-                &prep.weights,
-                &prep.folded,
-            )
-            .with_capacity(200 << 10)
-            .with_spread(spread);
+            let mut w = similarity(&prep, &layout)
+                .with_capacity(200 << 10)
+                .with_spread(spread);
             let mut out = Vec::new();
             for state in [&m, &moved, &m, &moved] {
                 for g in groups {
