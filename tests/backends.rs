@@ -175,6 +175,57 @@ fn outputs_read_in_place_equal_copies_and_outlive_the_next_run() {
     }
 }
 
+/// A session asked only for a value early in the graph (the output refit's passes) runs only
+/// the nodes that value needs on both engines: ONNX Runtime itself runs every node of its
+/// graph, so mudsc hands it the pruned graph. Past the tapped value the model gets a node
+/// no engine implements: a session that kept it would fail.
+#[test]
+fn a_session_for_an_early_value_runs_only_the_nodes_it_needs() {
+    use mudsc::onnx::proto::{NodeProto, OperatorSetIdProto, ValueInfoProto};
+    let (full, _, fed) = convnet_and_its_input();
+    let mut poisoned = full.clone();
+    poisoned.proto.opset_import.push(OperatorSetIdProto {
+        domain: Some("mudsc.test".into()),
+        version: Some(1),
+    });
+    let graph = poisoned.proto.graph.as_mut().unwrap();
+    graph.node.push(NodeProto {
+        op_type: Some("NoSuchOp".into()),
+        domain: Some("mudsc.test".into()),
+        input: vec!["logits".into()],
+        output: vec!["poisoned".into()],
+        name: Some("poison".into()),
+        ..Default::default()
+    });
+    let only = |name: &str| {
+        vec![ValueInfoProto {
+            name: Some(name.into()),
+            ..Default::default()
+        }]
+    };
+    let options = BackendOptions::default();
+    for kind in [BackendKind::Tract, BackendKind::Ort] {
+        let mut whole = poisoned.clone();
+        whole.proto.graph.as_mut().unwrap().output = only("poisoned");
+        let ran = open_session(kind, &whole, &[], &options).and_then(|mut s| s.run(&fed));
+        assert!(
+            ran.is_err(),
+            "{kind:?}: the poison node fails where it is run"
+        );
+        let mut early = poisoned.clone();
+        early.proto.graph.as_mut().unwrap().output = only("feat");
+        let mut s = open_session(kind, &early, &["c".into()], &options)
+            .unwrap_or_else(|e| panic!("{kind:?}: the pruned graph opens: {e}"));
+        assert_eq!(s.output_names(), ["feat", "c"], "{kind:?}");
+        let got = s.run(&fed).unwrap();
+        let mut reference =
+            open_session(kind, &full, &["feat".into(), "c".into()], &options).unwrap();
+        let want = reference.run(&fed).unwrap();
+        assert_within(&got[0], &want[1], 0.0, 0.0, &format!("{kind:?} feat"));
+        assert_within(&got[1], &want[2], 0.0, 0.0, &format!("{kind:?} c"));
+    }
+}
+
 #[test]
 fn test_data_set_directory_input() {
     let (_, from_dir) = run(

@@ -175,10 +175,15 @@ impl OrtSession {
         }
         let display_name = model.display_name();
         let load_err = |e: ort::Error| err(format!("cannot load {display_name}: {e}"));
+        // Only the nodes the outputs need (`prune`): ONNX Runtime would run them all.
+        let keep = super::prune::needed_nodes(model.graph(), &outputs);
         let (session, spill) = if model.proto.encoded_len() > IN_MEMORY_LIMIT {
             let mut proto = model.proto.clone();
             if let Some(graph) = proto.graph.as_mut() {
                 graph.output.extend(added);
+                if let Some(keep) = &keep {
+                    super::prune::retain(graph, keep);
+                }
             }
             let dir = tempfile::tempdir().map_err(|e| Error::io(std::env::temp_dir(), e))?;
             let path = dir.path().join("model.onnx");
@@ -197,7 +202,10 @@ impl OrtSession {
             // protobuf parser merges concatenated messages (embedded messages merged,
             // repeated fields appended), so ONNX Runtime reads the model with those outputs
             // declared, and no clone of the model (its weights: 330 MB on a ViT-B) is made.
-            let mut bytes = model.proto.encode_to_vec();
+            let mut bytes = match &keep {
+                Some(keep) => super::prune::encode_pruned(&model.proto, keep),
+                None => model.proto.encode_to_vec(),
+            };
             let outputs = ModelProto {
                 graph: Some(GraphProto {
                     output: added,

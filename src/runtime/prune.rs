@@ -1,0 +1,245 @@
+//! A model cut down to the nodes its outputs need, for ONNX Runtime.
+//!
+//! ONNX Runtime runs every node of a session's graph, whatever outputs a run fetches
+//! (microsoft/onnxruntime#16483; its `only_execute_path_to_fetches` serves training builds
+//! only). A session asked for a value early in the graph ran the whole model: the output
+//! refit's pass for each layer's inputs cost a full pass of the merged model, however early
+//! the layer. tract prunes what no output needs when it optimises; this gives ONNX Runtime
+//! the same graph.
+
+use std::collections::{HashMap, HashSet};
+
+use prost::encoding::{encode_key, encode_varint, message, WireType};
+use prost::Message;
+
+use crate::onnx::proto::{GraphProto, ModelProto, NodeProto};
+
+/// `ModelProto.graph`'s and `GraphProto.initializer`'s field numbers (onnx.proto).
+const MODEL_GRAPH: u32 = 7;
+const GRAPH_INITIALIZER: u32 = 5;
+
+/// Per node of `graph`, whether computing `outputs` needs it; `None` when every node is
+/// needed, or when a node holds a subgraph (its body may read any outer value by name, so
+/// what it needs is not in its inputs).
+pub(crate) fn needed_nodes(graph: &GraphProto, outputs: &[String]) -> Option<Vec<bool>> {
+    if graph.node.iter().any(has_subgraph) {
+        return None;
+    }
+    let producer: HashMap<&str, usize> = graph
+        .node
+        .iter()
+        .enumerate()
+        .flat_map(|(k, n)| n.output.iter().map(move |o| (o.as_str(), k)))
+        .collect();
+    let mut needed = vec![false; graph.node.len()];
+    let mut pending: Vec<&str> = outputs.iter().map(String::as_str).collect();
+    while let Some(name) = pending.pop() {
+        let Some(&k) = producer.get(name) else {
+            continue; // a graph input or an initializer
+        };
+        if !needed[k] {
+            needed[k] = true;
+            pending.extend(graph.node[k].input.iter().map(String::as_str));
+        }
+    }
+    (!needed.iter().all(|&n| n)).then_some(needed)
+}
+
+fn has_subgraph(node: &NodeProto) -> bool {
+    node.attribute
+        .iter()
+        .any(|a| a.g.is_some() || !a.graphs.is_empty())
+}
+
+/// `model` encoded with only the `keep` nodes and the initializers they read (and those the
+/// graph lists as inputs, which would otherwise become inputs to feed). The initializers are
+/// encoded one by one after the rest, as further occurrences of the graph field that a
+/// protobuf parser merges into one graph: no copy of the weights is made.
+pub(crate) fn encode_pruned(model: &ModelProto, keep: &[bool]) -> Vec<u8> {
+    let Some(graph) = model.graph.as_ref() else {
+        return model.encode_to_vec();
+    };
+    let nodes: Vec<NodeProto> = graph
+        .node
+        .iter()
+        .zip(keep)
+        .filter(|p| *p.1)
+        .map(|p| p.0.clone())
+        .collect();
+    let read: HashSet<&str> = graph
+        .node
+        .iter()
+        .zip(keep)
+        .filter(|p| *p.1)
+        .flat_map(|p| p.0.input.iter())
+        .chain(graph.input.iter().filter_map(|i| i.name.as_ref()))
+        .map(String::as_str)
+        .collect();
+    // Every field but the graph's nodes and initializers as they are: an exhaustive literal,
+    // so that a field added to onnx.proto is not dropped unseen.
+    let shell = ModelProto {
+        ir_version: model.ir_version,
+        opset_import: model.opset_import.clone(),
+        producer_name: model.producer_name.clone(),
+        producer_version: model.producer_version.clone(),
+        domain: model.domain.clone(),
+        model_version: model.model_version,
+        doc_string: model.doc_string.clone(),
+        metadata_props: model.metadata_props.clone(),
+        training_info: model.training_info.clone(),
+        functions: model.functions.clone(),
+        configuration: model.configuration.clone(),
+        graph: Some(GraphProto {
+            node: nodes,
+            name: graph.name.clone(),
+            initializer: Vec::new(),
+            sparse_initializer: graph.sparse_initializer.clone(),
+            doc_string: graph.doc_string.clone(),
+            input: graph.input.clone(),
+            output: graph.output.clone(),
+            value_info: graph.value_info.clone(),
+            quantization_annotation: graph.quantization_annotation.clone(),
+            metadata_props: graph.metadata_props.clone(),
+        }),
+    };
+    let mut bytes = shell.encode_to_vec();
+    for t in &graph.initializer {
+        if t.name.as_deref().is_some_and(|n| read.contains(n)) {
+            encode_key(MODEL_GRAPH, WireType::LengthDelimited, &mut bytes);
+            encode_varint(
+                message::encoded_len(GRAPH_INITIALIZER, t) as u64,
+                &mut bytes,
+            );
+            message::encode(GRAPH_INITIALIZER, t, &mut bytes);
+        }
+    }
+    bytes
+}
+
+/// `graph` with only the `keep` nodes and the initializers they read (or the graph lists as
+/// inputs), in place.
+pub(crate) fn retain(graph: &mut GraphProto, keep: &[bool]) {
+    let mut flags = keep.iter();
+    graph.node.retain(|_| flags.next().copied().unwrap_or(true));
+    let read: HashSet<String> = graph
+        .node
+        .iter()
+        .flat_map(|n| n.input.iter())
+        .chain(graph.input.iter().filter_map(|i| i.name.as_ref()))
+        .cloned()
+        .collect();
+    graph
+        .initializer
+        .retain(|t| t.name.as_ref().is_some_and(|n| read.contains(n)));
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::onnx::proto::{AttributeProto, TensorProto, ValueInfoProto};
+
+    fn node(name: &str, inputs: &[&str], output: &str) -> NodeProto {
+        NodeProto {
+            name: Some(name.into()),
+            op_type: Some("Add".into()),
+            input: inputs.iter().map(|s| s.to_string()).collect(),
+            output: vec![output.into()],
+            ..Default::default()
+        }
+    }
+
+    fn tensor(name: &str, values: &[f32]) -> TensorProto {
+        TensorProto {
+            name: Some(name.into()),
+            dims: vec![values.len() as i64],
+            data_type: Some(1),
+            float_data: values.to_vec(),
+            ..Default::default()
+        }
+    }
+
+    fn value(name: &str) -> ValueInfoProto {
+        ValueInfoProto {
+            name: Some(name.into()),
+            ..Default::default()
+        }
+    }
+
+    /// x → a (+ wa) → b (+ wb) → out, and a side branch a → side (+ ws); nodes out of
+    /// graph order, so that the walk must follow producers, not positions.
+    fn model() -> ModelProto {
+        ModelProto {
+            ir_version: Some(8),
+            graph: Some(GraphProto {
+                node: vec![
+                    node("n_b", &["a", "wb"], "b"),
+                    node("n_a", &["x", "wa"], "a"),
+                    node("n_side", &["a", "ws"], "side"),
+                    node("n_out", &["b", "b"], "out"),
+                ],
+                initializer: vec![
+                    tensor("wa", &[1.0]),
+                    tensor("wb", &[2.0, 3.0]),
+                    tensor("ws", &[4.0]),
+                    tensor("listed", &[5.0]),
+                ],
+                input: vec![value("x"), value("listed")],
+                output: vec![value("out"), value("side")],
+                ..Default::default()
+            }),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn only_the_producers_of_the_outputs_are_needed() {
+        let m = model();
+        let g = m.graph.as_ref().unwrap();
+        let names = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        assert_eq!(
+            needed_nodes(g, &names(&["b"])),
+            Some(vec![true, true, false, false])
+        );
+        assert_eq!(
+            needed_nodes(g, &names(&["side"])),
+            Some(vec![false, true, true, false])
+        );
+        assert_eq!(needed_nodes(g, &names(&["x"])), Some(vec![false; 4]));
+        assert_eq!(needed_nodes(g, &names(&["out", "side"])), None);
+        // A node with a subgraph: nothing is pruned.
+        let mut with_body = m.clone();
+        with_body.graph.as_mut().unwrap().node[2]
+            .attribute
+            .push(AttributeProto {
+                name: Some("body".into()),
+                g: Some(GraphProto::default()),
+                ..Default::default()
+            });
+        assert_eq!(
+            needed_nodes(with_body.graph.as_ref().unwrap(), &names(&["b"])),
+            None
+        );
+    }
+
+    /// The pruned bytes parse to the model pruned in place: the kept nodes in their order,
+    /// the initializers they read and those listed as inputs, every other field untouched.
+    #[test]
+    fn pruned_bytes_parse_to_the_model_pruned_in_place() {
+        let m = model();
+        let keep = vec![true, true, false, false];
+        let parsed = ModelProto::decode(encode_pruned(&m, &keep).as_slice()).unwrap();
+        let mut pruned = m.clone();
+        retain(pruned.graph.as_mut().unwrap(), &keep);
+        assert_eq!(parsed, pruned);
+        let g = pruned.graph.as_ref().unwrap();
+        let kept: Vec<_> = g.node.iter().map(|n| n.name.clone().unwrap()).collect();
+        assert_eq!(kept, ["n_b", "n_a"]);
+        let inits: Vec<_> = g
+            .initializer
+            .iter()
+            .map(|t| t.name.clone().unwrap())
+            .collect();
+        assert_eq!(inits, ["wa", "wb", "listed"]);
+        assert_eq!(g.output, m.graph.as_ref().unwrap().output);
+    }
+}
