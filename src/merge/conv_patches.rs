@@ -21,7 +21,13 @@ use crate::error::{Error, Result};
 use crate::onnx::proto::NodeProto;
 use crate::symmetry::rules::{attr_int, attr_ints};
 
-/// Rows of patches built and added to the normal equations at a time.
+/// Rows of patches built and added to the normal equations at a time: the f32 products
+/// (`System::add_f32_with_bias_column`) sum over at most this many rows, f64 across chunks.
+/// f32 against the f64 products before (2026-11-29): refit 1.3 → 1.05 s on the BN-folded
+/// ResNet-20 pair; on every bundled pair the task means stayed the same, and the merged
+/// models' logits moved by at most 4.3e-4 (logit std 2.5–4), every prediction unchanged on
+/// 500 test images. 1,024 rows instead of 4,096 moved nothing: the difference is the f32
+/// rounding of the rows and targets, not of the sums.
 const CHUNK_ROWS: usize = 4096;
 
 /// Where a 2-D convolution reads its input: kernel, strides, pads and dilations, and whether
@@ -143,7 +149,7 @@ impl ConvGeometry {
         }
         // One chunk's patch rows, reused: a fresh matrix per chunk (4,096 × 577 f64 for a
         // 64-channel 3×3 convolution) cost its page faults on every chunk.
-        let mut p = Array2::<f64>::zeros((CHUNK_ROWS.min(rows), features + 1));
+        let mut p = Array2::<f32>::zeros((CHUNK_ROWS.min(rows), features + 1));
         for (g, system) in systems.iter_mut().enumerate() {
             // The group's channels contiguous (a copy only for grouped convolutions).
             let inputs = x.slice(s![.., g * per_group_in..(g + 1) * per_group_in, .., ..]);
@@ -157,8 +163,10 @@ impl ConvGeometry {
                 let mut chunk = p.slice_mut(s![..end - start, ..]);
                 let dims = (per_group_in, height, width);
                 self.patches(data, dims, start..end, [out_h, out_w], chunk.view_mut());
-                let t = target.slice(s![start..end, g * per_group_out..(g + 1) * per_group_out]);
-                system.add_with_bias_column(chunk.view(), t);
+                let t = target
+                    .slice(s![start..end, g * per_group_out..(g + 1) * per_group_out])
+                    .mapv(|v| v as f32);
+                system.add_f32_with_bias_column(chunk.view(), t.view());
                 start = end;
             }
         }
@@ -185,7 +193,7 @@ impl ConvGeometry {
         (channels, height, width): (usize, usize, usize),
         range: std::ops::Range<usize>,
         [out_h, out_w]: [usize; 2],
-        mut p: ArrayViewMut2<f64>,
+        mut p: ArrayViewMut2<f32>,
     ) {
         let [kh, kw] = self.kernel;
         let features = channels * kh * kw;
@@ -214,8 +222,7 @@ impl ConvGeometry {
                     let at = b * channels * plane + y * width + xx;
                     for c in 0..channels {
                         let v = x[at + c * plane];
-                        row[(c * kh + ky) * kw + kx] =
-                            if v.is_finite() { f64::from(v) } else { 0.0 };
+                        row[(c * kh + ky) * kw + kx] = if v.is_finite() { v } else { 0.0 };
                     }
                 }
             }

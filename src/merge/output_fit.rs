@@ -1050,6 +1050,15 @@ impl System {
         self.rows += x1.nrows();
     }
 
+    /// `add_with_bias_column` for f32 rows and targets: the products in f32, over the few
+    /// thousand rows of one call, added into the f64 sums (a convolution's patch rows, which
+    /// are the engine's f32 values).
+    pub(super) fn add_f32_with_bias_column(&mut self, x1: ArrayView2<f32>, t: ArrayView2<f32>) {
+        self.gram.add_f32(x1);
+        crate::stats::add_product_f32(self.cross.view_mut(), x1.t(), t);
+        self.rows += x1.nrows();
+    }
+
     /// argmin ‖X₁W − T‖² + λ‖W − W₀‖² over the weight rows (the bias row is free), for the
     /// current weights `w0` ([in + 1, out], the bias last); `None` from too few rows
     /// (`ROWS_PER_UNKNOWN`) or a non-finite solution.

@@ -349,6 +349,14 @@ pub fn add_product(c: ArrayViewMut2<f64>, a: ArrayView2<f64>, b: ArrayView2<f64>
     add_product_scaled(c, a, b, 1.0);
 }
 
+/// `c += a·b` for f32 factors: the product in f32 (twice f64's throughput), added into the
+/// f64 sums. The caller keeps the inner dimension short (f32 sums over it).
+pub fn add_product_f32(mut c: ArrayViewMut2<f64>, a: ArrayView2<f32>, b: ArrayView2<f32>) {
+    let mut product = Array2::<f32>::zeros(c.dim());
+    set_product(product.view_mut(), a, b);
+    c.zip_mut_with(&product, |d, &s| *d += f64::from(s));
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
