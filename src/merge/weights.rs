@@ -230,6 +230,9 @@ impl Lanes<'_> {
         let pre: usize = shape[..lo].iter().product();
         let mid: usize = shape.get(lo + 1..hi).map_or(1, |d| d.iter().product());
         let post: usize = shape[hi + 1..].iter().product();
+        if let Some(m) = mapped.filter(|_| mid == 1 && post == 1) {
+            return self.scatter_adjacent(src, (pre, lanes, shape[b]), m, a < b, out);
+        }
         let mut cursor = vec![0; self.width];
         for (k, unit) in self.units.iter().enumerate() {
             let Some(u) = *unit else { continue };
@@ -272,6 +275,82 @@ impl Lanes<'_> {
                         let to = dst.get_mut(to..to + post)?;
                         for (d, &s) in to.iter_mut().zip(from) {
                             *d += v * f64::from(s);
+                        }
+                    }
+                }
+            }
+        }
+        Some(())
+    }
+
+    /// `scatter` where the mapped axis is next to the member axis and last but for it (a
+    /// Gemm's or a 1×1 convolution's weight: `mid` and `post` 1), whose general loop spent
+    /// most of its time slicing runs of one element: a ResNet-50's matching spent 18 % of
+    /// its time there. The same additions in the same order (each new index from 0, its
+    /// source lanes ascending). A consumer's lanes (its input axis, `member_first` false)
+    /// are strided: they are read in blocks of neighbouring lanes, one cache line of each
+    /// source row at a time.
+    fn scatter_adjacent<T: Copy>(
+        &self,
+        src: &[T],
+        (pre, lanes, across): (usize, usize, usize),
+        m: &Mapped,
+        member_first: bool,
+        out: &mut ArrayViewMut2<f64>,
+    ) -> Option<()>
+    where
+        f64: From<T>,
+    {
+        const BLOCK: usize = 16;
+        if m.entries.len() != across || m.entries.iter().flatten().any(|&(j, _)| j >= m.new) {
+            return None;
+        }
+        let cols = out.ncols();
+        let out = out.as_slice_mut()?;
+        // Each lane's start in `out`, as `scatter`'s cursors place them.
+        let mut cursor = vec![0; self.width];
+        let mut starts = Vec::with_capacity(self.units.len());
+        for unit in self.units {
+            starts.push(match *unit {
+                Some(u) => {
+                    let at = cursor.get_mut(u)?;
+                    let start = (self.first_row + u) * cols + *at;
+                    *at += self.lane;
+                    if *at > cols || pre * m.new > self.lane {
+                        return None;
+                    }
+                    Some(start)
+                }
+                None => None,
+            });
+        }
+        if member_first {
+            // [pre, lanes, across]: lane k is `pre` contiguous runs of `across`.
+            for (k, start) in starts.iter().enumerate() {
+                let Some(start) = *start else { continue };
+                for p in 0..pre {
+                    let from = src.get((p * lanes + k) * across..(p * lanes + k + 1) * across)?;
+                    let to = out.get_mut(start + p * m.new..start + (p + 1) * m.new)?;
+                    for (hit, &s) in m.entries.iter().zip(from) {
+                        if let Some((j, v)) = *hit {
+                            to[j] += v * f64::from(s);
+                        }
+                    }
+                }
+            }
+            return Some(());
+        }
+        // [pre, across, lanes]: lane k is element k of every source row.
+        for k0 in (0..lanes).step_by(BLOCK) {
+            let k1 = (k0 + BLOCK).min(lanes);
+            for p in 0..pre {
+                for (l, hit) in m.entries.iter().enumerate() {
+                    let Some((j, v)) = *hit else { continue };
+                    let row = (p * across + l) * lanes;
+                    let from = src.get(row + k0..row + k1)?;
+                    for (&s, start) in from.iter().zip(&starts[k0..k1]) {
+                        if let Some(start) = *start {
+                            *out.get_mut(start + p * m.new + j)? += v * f64::from(s);
                         }
                     }
                 }
@@ -422,11 +501,19 @@ mod tests {
         rows
     }
 
+    /// Against the mapped copy: a 4-D tensor (every member axis, mapped axes adjacent or
+    /// not), and a Gemm-sized 2-D one, whose adjacent axes take `scatter_adjacent` with more
+    /// lanes than its blocks hold.
     #[test]
     fn lanes_scatter_gives_the_mapped_copy_bit_for_bit() {
         let mut rng = SplitMix(11);
-        let shape = [6, 5, 3, 2];
-        let w = ArrayD::from_shape_fn(&shape[..], |_| (rng.uniform() * 2.0 - 1.0) as f32);
+        for shape in [vec![6, 5, 3, 2], vec![37, 40]] {
+            scatter_matches_the_mapped_copy(&shape, &mut rng);
+        }
+    }
+
+    fn scatter_matches_the_mapped_copy(shape: &[usize], rng: &mut SplitMix) {
+        let w = ArrayD::from_shape_fn(shape, |_| (rng.uniform() * 2.0 - 1.0) as f32);
         // Every member axis, with no map, or one map of another axis whose lanes merge
         // (several into one, with scales that f32 does not hold) or are dropped.
         for member in 0..shape.len() {
