@@ -21,11 +21,11 @@ use crate::error::{Error, Result};
 use crate::onnx::proto::NodeProto;
 use crate::symmetry::rules::{attr_int, attr_ints};
 
-/// Rows of patches built and added to the normal equations at a time: the f32 products
-/// (`System::add_f32_with_bias_column`) sum over at most this many rows, f64 across chunks.
+/// Rows of patches multiplied at a time (`System::next_rows`): the f32 products sum over
+/// this many rows, f64 across chunks; the last chunk holds what is left.
 /// f32 against the f64 products before (2026-11-29): refit 1.3 → 1.05 s on the BN-folded
 /// ResNet-20 pair; on every bundled pair the task means stayed the same, and the merged
-/// models' logits moved by at most 4.3e-4 (logit std 2.5–4), every prediction unchanged on
+/// models' logits moved by at most 6.4e-4 (logit std 2.5–4), every prediction unchanged on
 /// 500 test images. 1,024 rows instead of 4,096 moved nothing: the difference is the f32
 /// rounding of the rows and targets, not of the sums.
 const CHUNK_ROWS: usize = 4096;
@@ -113,6 +113,18 @@ impl ConvGeometry {
         target: &Array2<f64>,
         systems: &mut Vec<System>,
     ) -> Result<()> {
+        self.accumulate_in_chunks(name, x, target, systems, CHUNK_ROWS)
+    }
+
+    /// `accumulate` with the f32 products over `chunk` rows.
+    fn accumulate_in_chunks(
+        &self,
+        name: &str,
+        x: &ArrayD<f32>,
+        target: &Array2<f64>,
+        systems: &mut Vec<System>,
+        chunk: usize,
+    ) -> Result<()> {
         let x: ArrayView4<f32> = x
             .view()
             .into_dimensionality()
@@ -147,9 +159,8 @@ impl ConvGeometry {
                 "the channel count changed between batches",
             ));
         }
-        // One chunk's patch rows, reused: a fresh matrix per chunk (4,096 × 577 f64 for a
-        // 64-channel 3×3 convolution) cost its page faults on every chunk.
-        let mut p = Array2::<f32>::zeros((CHUNK_ROWS.min(rows), features + 1));
+        // The rows go straight into each system's pending chunk (`System::next_rows`),
+        // multiplied once it is full, whichever batch brought them.
         for (g, system) in systems.iter_mut().enumerate() {
             // The group's channels contiguous (a copy only for grouped convolutions).
             let inputs = x.slice(s![.., g * per_group_in..(g + 1) * per_group_in, .., ..]);
@@ -159,14 +170,15 @@ impl ConvGeometry {
             };
             let mut start = 0;
             while start < rows {
-                let end = (start + CHUNK_ROWS).min(rows);
-                let mut chunk = p.slice_mut(s![..end - start, ..]);
+                let (rows_in, mut t) = system.next_rows(rows - start, chunk);
+                let end = start + rows_in.nrows();
                 let dims = (per_group_in, height, width);
-                self.patches(data, dims, start..end, [out_h, out_w], chunk.view_mut());
-                let t = target
-                    .slice(s![start..end, g * per_group_out..(g + 1) * per_group_out])
-                    .mapv(|v| v as f32);
-                system.add_f32_with_bias_column(chunk.view(), t.view());
+                self.patches(data, dims, start..end, [out_h, out_w], rows_in);
+                t.zip_mut_with(
+                    &target.slice(s![start..end, g * per_group_out..(g + 1) * per_group_out]),
+                    |d, &v| *d = v as f32,
+                );
+                system.commit(end - start);
                 start = end;
             }
         }
@@ -351,16 +363,17 @@ mod tests {
                 .clone()
                 .into_shape_with_order((out_channels, ipg * 6))
                 .expect("flat");
-            for (g, system) in systems.iter().enumerate() {
-                let mut w0 = Array2::<f64>::zeros((ipg * 6 + 1, out_channels / systems.len()));
+            let count = systems.len();
+            for (g, system) in systems.iter_mut().enumerate() {
+                let mut w0 = Array2::<f64>::zeros((ipg * 6 + 1, out_channels / count));
                 w0.slice_mut(s![..ipg * 6, ..]).assign(&group_weights(
                     &flat.mapv(|_| 0.0),
                     g,
-                    systems.len(),
+                    count,
                 ));
                 let solved = system.solve(&w0, true).expect("enough rows");
-                let truth = group_weights(&flat, g, systems.len());
-                let per = out_channels / systems.len();
+                let truth = group_weights(&flat, g, count);
+                let per = out_channels / count;
                 for o in 0..per {
                     for f in 0..ipg * 6 {
                         assert!(
@@ -371,6 +384,37 @@ mod tests {
                     assert!((solved[[ipg * 6, o]] - bias[g * per + o]).abs() < 1e-3);
                 }
             }
+        }
+    }
+
+    /// The normal equations do not depend on how the rows were batched: rows wait in a
+    /// chunk until it is full (calibration's kept outputs and the refit's own passes cut the
+    /// same samples into different batches). One batch of 6 images, or batches of 1, 2
+    /// and 3, give the same solution bit for bit, with chunks of 50 rows (an image is 49) that
+    /// straddle the batches, and with the default chunk that none fills.
+    #[test]
+    fn batching_does_not_change_the_normal_equations() {
+        let mut rng = crate::symmetry::permute::SplitMix(3);
+        let node = conv(1, &[1, 1], &[1, 1, 1, 1], &[1, 1]);
+        let geom = ConvGeometry::of(&node, &[4, 3, 3, 3]).expect("a supported convolution");
+        let x = ndarray::Array4::from_shape_fn((6, 3, 7, 7), |_| rng.uniform() as f32 - 0.5);
+        let t = Array2::from_shape_fn((6 * 49, 4), |_| rng.uniform() - 0.5);
+        let solve = |cuts: &[usize], chunk: usize| {
+            let mut systems = Vec::new();
+            for w in cuts.windows(2) {
+                let batch = x.slice(s![w[0]..w[1], .., .., ..]).to_owned().into_dyn();
+                let rows = t.slice(s![w[0] * 49..w[1] * 49, ..]).to_owned();
+                geom.accumulate_in_chunks("conv", &batch, &rows, &mut systems, chunk)
+                    .expect("accumulated");
+            }
+            let w0 = Array2::<f64>::zeros((28, 4));
+            systems[0].solve(&w0, true).expect("enough rows")
+        };
+        let bits = |a: Array2<f64>| a.iter().map(|v| v.to_bits()).collect::<Vec<_>>();
+        for chunk in [50, CHUNK_ROWS] {
+            let whole = bits(solve(&[0, 6], chunk));
+            assert_eq!(whole, bits(solve(&[0, 1, 3, 6], chunk)), "chunk {chunk}");
+            assert_eq!(whole, bits(solve(&[0, 5, 6], chunk)), "chunk {chunk}");
         }
     }
 

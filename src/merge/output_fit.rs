@@ -37,7 +37,7 @@ use std::collections::{HashMap, HashSet};
 
 use faer::prelude::Solve;
 use faer::Mat;
-use ndarray::{Array2, ArrayD, ArrayView2, Axis};
+use ndarray::{Array2, ArrayD, ArrayView2, ArrayViewMut2, Axis};
 
 use super::calib::KEEP_BYTES;
 use super::conv_patches::{group_weights, ConvGeometry};
@@ -868,11 +868,11 @@ pub fn refit(
     drop(merged_session);
     drop(endpoints);
     let mut refitted = Vec::new();
-    for (layer, system) in layers.iter().zip(systems) {
+    for (layer, mut system) in layers.iter().zip(systems) {
         if system.is_empty() {
             continue;
         }
-        if apply(merged, layer, &system)? {
+        if apply(merged, layer, &mut system)? {
             refitted.push(layer.weight.clone());
         }
     }
@@ -1026,6 +1026,19 @@ pub(super) struct System {
     gram: crate::stats::SymmetricGram,
     cross: Array2<f64>,
     rows: usize,
+    /// f32 rows not yet multiplied (`next_rows`): the f32 products run over whole chunks,
+    /// wherever the batches that brought the rows ended, so that the sums do not depend on
+    /// the batching (calibration's kept outputs and the refit's own passes cut the same
+    /// samples differently).
+    pending: Option<Pending>,
+}
+
+/// Rows (their bias column included) and targets waiting for their chunk's product.
+#[derive(Clone)]
+struct Pending {
+    rows: Array2<f32>,
+    targets: Array2<f32>,
+    filled: usize,
 }
 
 impl System {
@@ -1034,7 +1047,55 @@ impl System {
             gram: crate::stats::SymmetricGram::zeros(inputs + 1),
             cross: Array2::zeros((inputs + 1, outputs)),
             rows: 0,
+            pending: None,
         }
+    }
+
+    /// Views for up to `n` more f32 rows (bias column included, the last) and their targets,
+    /// within a chunk of `chunk` rows: the caller writes the first rows of them, as many as
+    /// it then `commit`s.
+    pub(super) fn next_rows(
+        &mut self,
+        n: usize,
+        chunk: usize,
+    ) -> (ArrayViewMut2<'_, f32>, ArrayViewMut2<'_, f32>) {
+        let (inputs, outputs) = (self.gram.units(), self.cross.ncols());
+        let p = self.pending.get_or_insert_with(|| Pending {
+            rows: Array2::zeros((chunk.max(1), inputs)),
+            targets: Array2::zeros((chunk.max(1), outputs)),
+            filled: 0,
+        });
+        let end = (p.filled + n).min(p.rows.nrows());
+        (
+            p.rows.slice_mut(ndarray::s![p.filled..end, ..]),
+            p.targets.slice_mut(ndarray::s![p.filled..end, ..]),
+        )
+    }
+
+    /// Adds the `n` rows written into `next_rows`' views; a full chunk is multiplied.
+    pub(super) fn commit(&mut self, n: usize) {
+        let full = self.pending.as_mut().is_some_and(|p| {
+            p.filled = (p.filled + n).min(p.rows.nrows());
+            p.filled == p.rows.nrows()
+        });
+        if full {
+            self.flush();
+        }
+    }
+
+    /// Multiplies the pending rows (products in f32, added into the f64 sums).
+    fn flush(&mut self) {
+        let Some(p) = self.pending.as_mut().filter(|p| p.filled > 0) else {
+            return;
+        };
+        let (x1, t) = (
+            p.rows.slice(ndarray::s![..p.filled, ..]),
+            p.targets.slice(ndarray::s![..p.filled, ..]),
+        );
+        self.gram.add_f32(x1);
+        crate::stats::add_product_f32(self.cross.view_mut(), x1.t(), t);
+        self.rows += p.filled;
+        p.filled = 0;
     }
 
     fn add(&mut self, x: &Array2<f64>, t: &Array2<f64>) {
@@ -1050,19 +1111,12 @@ impl System {
         self.rows += x1.nrows();
     }
 
-    /// `add_with_bias_column` for f32 rows and targets: the products in f32, over the few
-    /// thousand rows of one call, added into the f64 sums (a convolution's patch rows, which
-    /// are the engine's f32 values).
-    pub(super) fn add_f32_with_bias_column(&mut self, x1: ArrayView2<f32>, t: ArrayView2<f32>) {
-        self.gram.add_f32(x1);
-        crate::stats::add_product_f32(self.cross.view_mut(), x1.t(), t);
-        self.rows += x1.nrows();
-    }
-
     /// argmin ‖X₁W − T‖² + λ‖W − W₀‖² over the weight rows (the bias row is free), for the
     /// current weights `w0` ([in + 1, out], the bias last); `None` from too few rows
     /// (`ROWS_PER_UNKNOWN`) or a non-finite solution.
-    pub(super) fn solve(&self, w0: &Array2<f64>, with_bias: bool) -> Option<Array2<f64>> {
+    pub(super) fn solve(&mut self, w0: &Array2<f64>, with_bias: bool) -> Option<Array2<f64>> {
+        self.flush();
+        self.pending = None;
         let n = self.gram.units() - usize::from(!with_bias);
         let d = self.gram.units() - 1;
         if (self.rows as f64) < ROWS_PER_UNKNOWN * n as f64 {
@@ -1087,7 +1141,7 @@ impl System {
 /// has no solution keeps its merged weights. Behind a BatchNormalization the fit is of the
 /// composite (per channel `s·W` and `s·(b − μ) + β`): the conv gets `W'/s`, the normalisation's
 /// shift the fitted bias (its scale and statistics stay as repair left them).
-fn apply(merged: &mut Model, layer: &OutputLayer, systems: &[System]) -> Result<bool> {
+fn apply(merged: &mut Model, layer: &OutputLayer, systems: &mut [System]) -> Result<bool> {
     let Some(graph) = merged.proto.graph.as_mut() else {
         return Ok(false);
     };
@@ -1166,7 +1220,7 @@ fn apply(merged: &mut Model, layer: &OutputLayer, systems: &[System]) -> Result<
     let free_bias = bias_index.is_some() || norm.is_some();
     let mut fitted_bias = composite_bias.clone();
     let mut any = false;
-    for (g, system) in systems.iter().enumerate() {
+    for (g, system) in systems.iter_mut().enumerate() {
         let units = g * per..(g + 1) * per;
         // [in, out] of this group's outputs (as the composite computes them), the bias row
         // appended.
