@@ -30,6 +30,12 @@ use crate::symmetry::rules::{attr_int, attr_ints};
 /// rounding of the rows and targets, not of the sums.
 const CHUNK_ROWS: usize = 4096;
 
+/// f32 elements a layer's pending chunks (rows and targets, every group's) may hold: fewer
+/// rows per chunk where a convolution has many groups (a depthwise one has a system per
+/// channel), at least `MIN_CHUNK_ROWS`.
+const PENDING_ELEMENTS: usize = 1 << 24;
+const MIN_CHUNK_ROWS: usize = 256;
+
 /// Where a 2-D convolution reads its input: kernel, strides, pads and dilations, and whether
 /// it is depthwise (one group per channel) rather than dense (one group).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -161,6 +167,8 @@ impl ConvGeometry {
         }
         // The rows go straight into each system's pending chunk (`System::next_rows`),
         // multiplied once it is full, whichever batch brought them.
+        let per_row = groups * (features + 1 + per_group_out);
+        let chunk = chunk.min((PENDING_ELEMENTS / per_row.max(1)).max(MIN_CHUNK_ROWS));
         for (g, system) in systems.iter_mut().enumerate() {
             // The group's channels contiguous (a copy only for grouped convolutions).
             let inputs = x.slice(s![.., g * per_group_in..(g + 1) * per_group_in, .., ..]);
