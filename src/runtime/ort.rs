@@ -182,7 +182,7 @@ impl OrtSession {
             if let Some(graph) = proto.graph.as_mut() {
                 graph.output.extend(added);
                 if let Some(keep) = &keep {
-                    super::prune::retain(graph, keep);
+                    super::prune::retain(graph, keep, &outputs);
                 }
             }
             let dir = tempfile::tempdir().map_err(|e| Error::io(std::env::temp_dir(), e))?;
@@ -203,7 +203,7 @@ impl OrtSession {
             // repeated fields appended), so ONNX Runtime reads the model with those outputs
             // declared, and no clone of the model (its weights: 330 MB on a ViT-B) is made.
             let mut bytes = match &keep {
-                Some(keep) => super::prune::encode_pruned(&model.proto, keep),
+                Some(keep) => super::prune::encode_pruned(&model.proto, keep, &outputs),
                 None => model.proto.encode_to_vec(),
             };
             let outputs = ModelProto {

@@ -51,11 +51,26 @@ fn has_subgraph(node: &NodeProto) -> bool {
         .any(|a| a.g.is_some() || !a.graphs.is_empty())
 }
 
-/// `model` encoded with only the `keep` nodes and the initializers they read (and those the
-/// graph lists as inputs, which would otherwise become inputs to feed). The initializers are
-/// encoded one by one after the rest, as further occurrences of the graph field that a
-/// protobuf parser merges into one graph: no copy of the weights is made.
-pub(crate) fn encode_pruned(model: &ModelProto, keep: &[bool]) -> Vec<u8> {
+/// The initializers a pruned graph keeps: those its `keep` nodes read, those the graph lists
+/// as inputs (they would otherwise become inputs to feed) and those asked for as `outputs`.
+fn kept_initializers(graph: &GraphProto, keep: &[bool], outputs: &[String]) -> HashSet<String> {
+    graph
+        .node
+        .iter()
+        .zip(keep)
+        .filter(|p| *p.1)
+        .flat_map(|p| p.0.input.iter())
+        .chain(graph.input.iter().filter_map(|i| i.name.as_ref()))
+        .chain(outputs)
+        .cloned()
+        .collect()
+}
+
+/// `model` encoded with only the `keep` nodes and their initializers (`kept_initializers`,
+/// for `outputs`). The initializers are encoded one by one after the rest, as further
+/// occurrences of the graph field that a protobuf parser merges into one graph: no copy of
+/// the weights is made.
+pub(crate) fn encode_pruned(model: &ModelProto, keep: &[bool], outputs: &[String]) -> Vec<u8> {
     let Some(graph) = model.graph.as_ref() else {
         return model.encode_to_vec();
     };
@@ -66,15 +81,7 @@ pub(crate) fn encode_pruned(model: &ModelProto, keep: &[bool]) -> Vec<u8> {
         .filter(|p| *p.1)
         .map(|p| p.0.clone())
         .collect();
-    let read: HashSet<&str> = graph
-        .node
-        .iter()
-        .zip(keep)
-        .filter(|p| *p.1)
-        .flat_map(|p| p.0.input.iter())
-        .chain(graph.input.iter().filter_map(|i| i.name.as_ref()))
-        .map(String::as_str)
-        .collect();
+    let read = kept_initializers(graph, keep, outputs);
     // Every field but the graph's nodes and initializers as they are: an exhaustive literal,
     // so that a field added to onnx.proto is not dropped unseen.
     let shell = ModelProto {
@@ -116,18 +123,12 @@ pub(crate) fn encode_pruned(model: &ModelProto, keep: &[bool]) -> Vec<u8> {
     bytes
 }
 
-/// `graph` with only the `keep` nodes and the initializers they read (or the graph lists as
-/// inputs), in place.
-pub(crate) fn retain(graph: &mut GraphProto, keep: &[bool]) {
+/// `graph` with only the `keep` nodes and their initializers (`kept_initializers`, for
+/// `outputs`), in place.
+pub(crate) fn retain(graph: &mut GraphProto, keep: &[bool], outputs: &[String]) {
+    let read = kept_initializers(graph, keep, outputs);
     let mut flags = keep.iter();
     graph.node.retain(|_| flags.next().copied().unwrap_or(true));
-    let read: HashSet<String> = graph
-        .node
-        .iter()
-        .flat_map(|n| n.input.iter())
-        .chain(graph.input.iter().filter_map(|i| i.name.as_ref()))
-        .cloned()
-        .collect();
     graph
         .initializer
         .retain(|t| t.name.as_ref().is_some_and(|n| read.contains(n)));
@@ -227,9 +228,11 @@ mod tests {
     fn pruned_bytes_parse_to_the_model_pruned_in_place() {
         let m = model();
         let keep = vec![true, true, false, false];
-        let parsed = ModelProto::decode(encode_pruned(&m, &keep).as_slice()).unwrap();
+        // An initializer asked for as an output stays, though no kept node reads it.
+        let outputs = ["b".to_string(), "ws".to_string()];
+        let parsed = ModelProto::decode(encode_pruned(&m, &keep, &outputs).as_slice()).unwrap();
         let mut pruned = m.clone();
-        retain(pruned.graph.as_mut().unwrap(), &keep);
+        retain(pruned.graph.as_mut().unwrap(), &keep, &outputs);
         assert_eq!(parsed, pruned);
         let g = pruned.graph.as_ref().unwrap();
         let kept: Vec<_> = g.node.iter().map(|n| n.name.clone().unwrap()).collect();
@@ -239,7 +242,7 @@ mod tests {
             .iter()
             .map(|t| t.name.clone().unwrap())
             .collect();
-        assert_eq!(inits, ["wa", "wb", "listed"]);
+        assert_eq!(inits, ["wa", "wb", "ws", "listed"]);
         assert_eq!(g.output, m.graph.as_ref().unwrap().output);
     }
 }
