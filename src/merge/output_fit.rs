@@ -1093,7 +1093,7 @@ impl System {
             p.targets.slice(ndarray::s![..p.filled, ..]),
         );
         self.gram.add_f32(x1);
-        crate::stats::add_product_f32(self.cross.view_mut(), x1.t(), t);
+        crate::stats::add_product_f32(self.cross.view_mut(), x1.t(), t, &mut Vec::new());
         self.rows += p.filled;
         p.filled = 0;
     }

@@ -233,13 +233,11 @@ impl Lanes<'_> {
         if let Some(m) = mapped.filter(|_| mid == 1 && post == 1) {
             return self.scatter_adjacent(src, (pre, lanes, shape[b]), m, a < b, out);
         }
-        let mut cursor = vec![0; self.width];
-        for (k, unit) in self.units.iter().enumerate() {
-            let Some(u) = *unit else { continue };
-            let at = cursor.get_mut(u)?;
-            let mut row = out.row_mut(self.first_row + u);
-            let dst = row.as_slice_mut()?.get_mut(*at..*at + self.lane)?;
-            *at += self.lane;
+        let starts = self.lane_starts(out.ncols())?;
+        let out = out.as_slice_mut()?;
+        for (k, start) in starts.iter().enumerate() {
+            let Some(start) = *start else { continue };
+            let dst = out.get_mut(start..start + self.lane)?;
             let Some(&Mapped { entries, new, .. }) = mapped else {
                 // [pre, a, post]: lane k is `pre` runs of `post`.
                 for p in 0..pre {
@@ -283,6 +281,25 @@ impl Lanes<'_> {
         Some(())
     }
 
+    /// Where each lane (of `units`) starts in the row-major `out` of `cols` columns: its
+    /// unit's row, after the unit's earlier lanes; `None` where a unit's lanes overflow its
+    /// row.
+    fn lane_starts(&self, cols: usize) -> Option<Vec<Option<usize>>> {
+        let mut cursor = vec![0; self.width];
+        self.units
+            .iter()
+            .map(|unit| match *unit {
+                Some(u) => {
+                    let at = cursor.get_mut(u)?;
+                    let start = (self.first_row + u) * cols + *at;
+                    *at += self.lane;
+                    (*at <= cols).then_some(Some(start))
+                }
+                None => Some(None),
+            })
+            .collect()
+    }
+
     /// `scatter` where the mapped axis is next to the member axis and last but for it (a
     /// Gemm's or a 1×1 convolution's weight: `mid` and `post` 1), whose general loop spent
     /// most of its time slicing runs of one element: a ResNet-50's matching spent 18 % of
@@ -305,25 +322,11 @@ impl Lanes<'_> {
         if m.entries.len() != across || m.entries.iter().flatten().any(|&(j, _)| j >= m.new) {
             return None;
         }
-        let cols = out.ncols();
-        let out = out.as_slice_mut()?;
-        // Each lane's start in `out`, as `scatter`'s cursors place them.
-        let mut cursor = vec![0; self.width];
-        let mut starts = Vec::with_capacity(self.units.len());
-        for unit in self.units {
-            starts.push(match *unit {
-                Some(u) => {
-                    let at = cursor.get_mut(u)?;
-                    let start = (self.first_row + u) * cols + *at;
-                    *at += self.lane;
-                    if *at > cols || pre * m.new > self.lane {
-                        return None;
-                    }
-                    Some(start)
-                }
-                None => None,
-            });
+        if pre * m.new > self.lane {
+            return None;
         }
+        let starts = self.lane_starts(out.ncols())?;
+        let out = out.as_slice_mut()?;
         if member_first {
             // [pre, lanes, across]: lane k is `pre` contiguous runs of `across`.
             for (k, start) in starts.iter().enumerate() {

@@ -349,10 +349,21 @@ pub fn add_product(c: ArrayViewMut2<f64>, a: ArrayView2<f64>, b: ArrayView2<f64>
     add_product_scaled(c, a, b, 1.0);
 }
 
-/// `c += a·b` for f32 factors: the product in f32 (twice f64's throughput), added into the
-/// f64 sums. The caller keeps the inner dimension short (f32 sums over it).
-pub fn add_product_f32(mut c: ArrayViewMut2<f64>, a: ArrayView2<f32>, b: ArrayView2<f32>) {
-    let mut product = Array2::<f32>::zeros(c.dim());
+/// `c += a·b` for f32 factors: the product in f32 (twice f64's throughput), made in
+/// `scratch` (grown as needed, so that a caller multiplying often reuses it), then added
+/// into the f64 sums. The caller keeps the inner dimension short (f32 sums over it).
+pub fn add_product_f32(
+    mut c: ArrayViewMut2<f64>,
+    a: ArrayView2<f32>,
+    b: ArrayView2<f32>,
+    scratch: &mut Vec<f32>,
+) {
+    let (m, n) = c.dim();
+    if scratch.len() < m * n {
+        scratch.resize(m * n, 0.0);
+    }
+    let mut product = ArrayViewMut2::from_shape((m, n), &mut scratch[..m * n])
+        .expect("scratch holds the product");
     set_product(product.view_mut(), a, b);
     c.zip_mut_with(&product, |d, &s| *d += f64::from(s));
 }

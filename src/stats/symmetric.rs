@@ -213,21 +213,15 @@ impl Symmetric<f64> {
     /// the samples few (f32 sums) and centred (`Moments::add_f32`).
     pub fn add_f32(&mut self, x: ArrayView2<f32>) {
         assert_eq!(x.ncols(), self.units, "batch of {} units", self.units);
-        let mut scratch = vec![0f32; self.units * self.panel.min(self.units)];
+        let mut scratch = Vec::new();
         for (p, panel) in self.panels.iter_mut().enumerate() {
             let (start, end) = (p * self.panel, panel.nrows());
-            let len = end * (end - start);
-            let product =
-                ndarray::ArrayViewMut2::from_shape((end, end - start), &mut scratch[..len])
-                    .expect("scratch holds the widest panel");
-            super::set_product(
-                product,
+            super::add_product_f32(
+                panel.view_mut(),
                 x.slice(ndarray::s![.., ..end]).t(),
                 x.slice(ndarray::s![.., start..end]),
+                &mut scratch,
             );
-            for (d, &s) in panel.iter_mut().zip(&scratch[..len]) {
-                *d += f64::from(s);
-            }
         }
     }
 
