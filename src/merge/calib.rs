@@ -198,7 +198,7 @@ pub fn collect(
     let spread = crate::stats::spread_cores().is_some();
     // Inference of the next batch runs on a second thread while this one folds the previous
     // batch into the statistics: the engine and the Σxxᵀ GEMM each keep a core busy.
-    std::thread::scope(|scope| -> Result<()> {
+    let folded = std::thread::scope(|scope| -> Result<()> {
         let (tx, rx) = std::sync::mpsc::sync_channel::<Result<(usize, usize, Outputs)>>(0);
         scope.spawn(move || {
             let mut start = 0;
@@ -310,7 +310,9 @@ pub fn collect(
             super::process_memory::trace_memory("calibration batch");
         }
         Ok(())
-    })?;
+    });
+    super::taps::release_buffers();
+    folded?;
     for t in taps {
         moments
             .entry(t.group)

@@ -73,12 +73,27 @@ impl Moments {
                 row.iter().map(|&v| f64::from(v)).sum::<f64>() / row.len() as f64
             });
         }
-        for (mut row, (&c, s)) in batch
+        let sums: Vec<f64> = batch
             .rows_mut()
             .into_iter()
-            .zip(self.shift.iter().zip(self.sum.iter_mut()))
-        {
-            *s += centre_f32(row.view_mut(), c);
+            .zip(self.shift.iter())
+            .map(|(mut row, &c)| centre_f32(row.view_mut(), c))
+            .collect();
+        self.add_centred_f32(batch.view(), &sums);
+    }
+
+    /// The point the moments are taken about, once the first `add_f32` batch has set it:
+    /// what a caller centring its own copy of the samples (`CentredSums`) subtracts.
+    pub fn shift(&self) -> Option<&Array1<f64>> {
+        (self.count > 0).then_some(&self.shift)
+    }
+
+    /// Folds in a unit-major batch already centred on `shift()` (each difference rounded to
+    /// f32 once), with `sums[u]` the f64 sum of unit u's exact differences: `add_f32` without
+    /// its centring pass, for a caller that centres while it copies the samples in.
+    pub fn add_centred_f32(&mut self, batch: ArrayView2<f32>, sums: &[f64]) {
+        for (s, &d) in self.sum.iter_mut().zip(sums) {
+            *s += d;
         }
         self.count += batch.ncols() as u64;
         let mut start = 0;
@@ -173,6 +188,85 @@ impl Moments {
                 .sqrt()
         });
         (mean + &self.shift, sd)
+    }
+}
+
+/// Per unit, the f64 sum of centred values written run by run into a unit-major chunk of
+/// `len` samples, with the additions of `centre_f32` over the whole row in its order: the
+/// first `8·⌊len/8⌋` positions into eight lanes by position, the rest added one by one after
+/// the lanes. A tap's samples arrive as runs (an image's pixels, a block of tokens), and
+/// centring them as they are copied saves a pass over every tapped value; the sums stay the
+/// bits `centre_f32` gives, so the moments do not depend on which path made them.
+pub struct CentredSums {
+    lanes: Vec<[f64; 8]>,
+    tails: Vec<[f64; 8]>,
+    body: usize,
+    len: usize,
+}
+
+impl CentredSums {
+    pub fn new(units: usize, len: usize) -> CentredSums {
+        CentredSums {
+            lanes: vec![[0.0; 8]; units],
+            tails: vec![[0.0; 8]; units],
+            body: len / 8 * 8,
+            len,
+        }
+    }
+
+    /// Writes `src` (NaN and ±inf as 0) minus `c`, each difference rounded to f32 once, into
+    /// `dst`, which holds positions `start..start + src.len()` of unit `u`'s row.
+    pub fn centre_run(&mut self, u: usize, start: usize, src: &[f32], dst: &mut [f32], c: f64) {
+        debug_assert_eq!(src.len(), dst.len());
+        debug_assert!(start + src.len() <= self.len);
+        let lanes = &mut self.lanes[u];
+        let diff = |s: f32| f64::from(if s.is_finite() { s } else { 0.0 }) - c;
+        // Up to the next multiple of 8 (or the end of the body), one at a time.
+        let in_body = self.body.saturating_sub(start).min(src.len());
+        let head = ((8 - start % 8) % 8).min(in_body);
+        for i in 0..head {
+            let d = diff(src[i]);
+            dst[i] = d as f32;
+            lanes[(start + i) % 8] += d;
+        }
+        // Whole groups of eight, lane k taking position 8m + k: the loop vectorizes.
+        let (src_body, dst_body) = (&src[head..in_body], &mut dst[head..in_body]);
+        for (s8, d8) in src_body.chunks_exact(8).zip(dst_body.chunks_exact_mut(8)) {
+            for k in 0..8 {
+                let d = diff(s8[k]);
+                d8[k] = d as f32;
+                lanes[k] += d;
+            }
+        }
+        let done = head + (in_body - head) / 8 * 8;
+        debug_assert!(done <= in_body);
+        for i in done..in_body {
+            let d = diff(src[i]);
+            dst[i] = d as f32;
+            lanes[(start + i) % 8] += d;
+        }
+        // Past the body: kept by position, added after the lanes.
+        for i in in_body..src.len() {
+            let d = diff(src[i]);
+            dst[i] = d as f32;
+            self.tails[u][start + i - self.body] = d;
+        }
+    }
+
+    /// Each unit's sum, once its whole row has been written.
+    pub fn sums(&self) -> Vec<f64> {
+        let tail = self.len - self.body;
+        self.lanes
+            .iter()
+            .zip(&self.tails)
+            .map(|(lanes, tails)| {
+                let mut sum: f64 = lanes.iter().sum();
+                for &d in &tails[..tail] {
+                    sum += d;
+                }
+                sum
+            })
+            .collect()
     }
 }
 
@@ -459,6 +553,51 @@ mod tests {
                 let d = (got.raw_outer(i, j) - w).abs() / w.abs().max(1.0);
                 assert!(d < 1e-6, "Σxx [{i},{j}] off by {d:e} relative");
             }
+        }
+    }
+
+    /// Centring run by run, in runs of any length (1 to 10) and start, gives the values and the sums `centre_f32` gives over the whole row, bit for bit,
+    /// with NaN and ±inf read as 0: for rows shorter than 8, of whole groups of 8, and with
+    /// a tail that runs straddle.
+    #[test]
+    fn centring_in_runs_gives_the_whole_row_bits() {
+        let mut rng = crate::symmetry::permute::SplitMix(11);
+        for len in [1usize, 5, 8, 16, 29, 103] {
+            let units = 3;
+            let x = Array2::from_shape_fn((units, len), |(u, j)| match (u + j) % 17 {
+                3 => f32::NAN,
+                9 => f32::INFINITY,
+                _ => (rng.uniform() * 100.0 - 20.0) as f32,
+            });
+            let shift = [1.25f64, -3.0, 17.123];
+            let mut want = x.mapv(|v| if v.is_finite() { v } else { 0.0 });
+            let want_sums: Vec<f64> = want
+                .rows_mut()
+                .into_iter()
+                .zip(shift)
+                .map(|(mut row, c)| centre_f32(row.view_mut(), c))
+                .collect();
+            let mut got = Array2::<f32>::from_elem((units, len), f32::NAN);
+            let mut sums = CentredSums::new(units, len);
+            for (u, &c) in shift.iter().enumerate() {
+                let src = x.row(u).to_vec();
+                let mut dst = vec![0f32; len];
+                let mut at = 0;
+                while at < len {
+                    let run = ((rng.uniform() * 11.0) as usize).clamp(1, len - at);
+                    sums.centre_run(u, at, &src[at..at + run], &mut dst[at..at + run], c);
+                    at += run;
+                }
+                got.row_mut(u).assign(&Array1::from(dst));
+            }
+            let bits = |a: &Array2<f32>| a.iter().map(|v| v.to_bits()).collect::<Vec<_>>();
+            assert_eq!(bits(&got), bits(&want), "values, row of {len}");
+            let sum_bits = |v: &[f64]| v.iter().map(|s| s.to_bits()).collect::<Vec<_>>();
+            assert_eq!(
+                sum_bits(&sums.sums()),
+                sum_bits(&want_sums),
+                "sums, row of {len}"
+            );
         }
     }
 
