@@ -19,6 +19,7 @@ pub(crate) mod cca;
 mod conv_patches;
 mod correlations;
 mod dense_use;
+mod frontier;
 mod held_out;
 mod matching;
 mod observe;
@@ -683,14 +684,24 @@ pub fn merge(
     };
     let refitted_layers = if fit_plan.every_layer {
         // In graph order, each fitted on the merged model as the layers before it left it.
+        // The merged model's values computed once across the layers (`frontier`).
+        let mut frontier = output_fit::frontier(&merged, &fit_plan.layers, &fit);
         let mut all = Vec::new();
         for layer in &fit_plan.layers {
             let one = std::slice::from_ref(layer);
-            all.extend(output_fit::refit(models, names, &mut merged, one, m, &fit)?);
+            all.extend(output_fit::refit(
+                models,
+                names,
+                &mut merged,
+                one,
+                m,
+                &fit,
+                Some(&mut frontier),
+            )?);
         }
         all
     } else {
-        output_fit::refit(models, names, &mut merged, &fit_plan.layers, m, &fit)?
+        output_fit::refit(models, names, &mut merged, &fit_plan.layers, m, &fit, None)?
     };
     if !refitted_layers.is_empty() {
         timer.lap("refit");

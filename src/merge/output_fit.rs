@@ -41,6 +41,7 @@ use ndarray::{Array2, ArrayD, ArrayView2, ArrayViewMut2, Axis};
 
 use super::calib::KEEP_BYTES;
 use super::conv_patches::{group_weights, ConvGeometry};
+use super::frontier::Frontier;
 use super::repair::Segment;
 use super::store_float;
 use super::units::{Layout, Matchings};
@@ -692,6 +693,7 @@ pub fn refit(
     layers: &[OutputLayer],
     m: &Matchings,
     fit: &Fit,
+    frontier: Option<&mut Frontier>,
 ) -> Result<Vec<String>> {
     // A group's layer is refitted only where its units were matched by a permutation.
     let layers: Vec<OutputLayer> = layers
@@ -708,15 +710,9 @@ pub fn refit(
         return Ok(Vec::new());
     }
     let inputs: Vec<String> = layers.iter().map(|l| l.input.clone()).collect();
-    let mut merged_session = with_outputs(merged, &inputs, |up_to| {
-        open_session(fit.backend, up_to, &[], fit.options)
-    })?;
     // The endpoints' outputs: kept by calibration on its batches, or computed here.
     // Each layer reads its own first samples (a convolution fewer than the refit's).
-    let samples_of = |l: &OutputLayer| match l.samples {
-        0 => fit.samples,
-        n => n.min(fit.samples),
-    };
+    let samples_of = |l: &OutputLayer| samples_of(l, fit);
     let batches_of = |l: &OutputLayer, ranges: &[(usize, usize)]| {
         ranges.iter().take_while(|r| r.0 < samples_of(l)).count()
     };
@@ -753,6 +749,30 @@ pub fn refit(
                 .collect()
         }
     };
+    // The merged model's values of the layer's input: from the frontier (every node computed
+    // once across the layers, on its batches, which are then this refit's), else from a
+    // pass of the model up to it.
+    let all_samples = crate::data::sample_count(fit.calib);
+    let frontier_values = match (frontier, layers) {
+        (Some(f), [layer])
+            if f.covers(samples_of(layer).min(all_samples))
+                && (kept.is_none() || ranges.starts_with(f.ranges())) =>
+        {
+            f.advance(merged, &layer.input, fit.calib, fit.backend, fit.options)?
+                .map(|values| (values, f.ranges().to_vec()))
+        }
+        _ => None,
+    };
+    let ranges = match &frontier_values {
+        Some((_, r)) => r.clone(),
+        None => ranges,
+    };
+    let mut merged_session = match frontier_values {
+        Some(_) => None,
+        None => Some(with_outputs(merged, &inputs, |up_to| {
+            open_session(fit.backend, up_to, &[], fit.options)
+        })?),
+    };
     // Per layer its normal equations: one system, or one per group of a patch layer.
     let mut systems: Vec<Vec<System>> = vec![Vec::new(); layers.len()];
     for (b, &(start, end)) in ranges.iter().enumerate() {
@@ -778,8 +798,21 @@ pub fn refit(
                 .unwrap_or(end),
             false => end,
         };
-        let slice: Vec<TensorData> = fit.calib.iter().map(|t| t.slice_rows(start, end)).collect();
-        let x_all = named(merged_session.as_mut(), &slice, &inputs)?;
+        let slice =
+            || -> Vec<TensorData> { fit.calib.iter().map(|t| t.slice_rows(start, end)).collect() };
+        let x_all: Vec<std::borrow::Cow<TensorData>> = match (&frontier_values, &mut merged_session)
+        {
+            // The frontier's batch, cut to the samples a convolution's pass reads.
+            (Some((values, _)), _) => vec![match end < batch_end {
+                true => std::borrow::Cow::Owned(values[b].slice_rows(0, end - start)),
+                false => std::borrow::Cow::Borrowed(&values[b]),
+            }],
+            (None, Some(session)) => named(session.as_mut(), &slice(), &inputs)?
+                .into_iter()
+                .map(std::borrow::Cow::Owned)
+                .collect(),
+            (None, None) => unreachable!("the session is opened without the frontier's values"),
+        };
         // Per model, per active layer: the endpoint's output as rows.
         let t_all: Vec<Vec<Option<Array2<f64>>>> = match &kept {
             Some(kept) => kept
@@ -810,7 +843,7 @@ pub fn refit(
             None => endpoints
                 .iter_mut()
                 .map(|(s, outs)| {
-                    named(s.as_mut(), &slice, outs)?
+                    named(s.as_mut(), &slice(), outs)?
                         .iter()
                         .zip(outs.iter().zip(layers.iter().zip(&active)))
                         .map(|(t, (name, (l, &on)))| {
@@ -832,7 +865,7 @@ pub fn refit(
             let mut target = mean_output(layer, &outputs, rows, m)?;
             // A convolution reads its own first samples, within a batch too (axis 0 is
             // ONNX Conv's batch), whatever batches the outputs were kept in.
-            let mut x = std::borrow::Cow::Borrowed(&x_all[k]);
+            let mut x = std::borrow::Cow::Borrowed(&*x_all[k]);
             let take = samples_of(layer).min(end) - start;
             if layer.channels_first && take < end - start {
                 let per_sample = rows / (end - start);
@@ -877,6 +910,50 @@ pub fn refit(
         }
     }
     Ok(refitted)
+}
+
+/// The calibration samples `layer`'s fit reads: its own (a convolution's few), at most the
+/// refit's.
+fn samples_of(layer: &OutputLayer, fit: &Fit) -> usize {
+    match layer.samples {
+        0 => fit.samples,
+        n => n.min(fit.samples),
+    }
+}
+
+/// A frontier for refitting `layers` one by one (`Frontier`), on the batches the refits use
+/// (calibration's where it kept the endpoints' outputs, else `fit.batch`-sample batches) over
+/// the most samples a layer but the last reads. The last (the output layer) is often read
+/// over many more samples than the convolutions before it (1,000 against 32–95 on the
+/// bundled ResNet-20s): holding every value over those for it made the convolutions' passes
+/// over them cost three times the prefixes they replaced, so it runs its own pass there. Its
+/// held values may take `KEEP_BYTES`, as calibration's kept outputs may.
+pub fn frontier(merged: &Model, layers: &[OutputLayer], fit: &Fit) -> Frontier {
+    let before_last = match layers {
+        [only] => std::slice::from_ref(only),
+        [before @ .., _] => before,
+        [] => &[],
+    };
+    let total = before_last
+        .iter()
+        .map(|l| samples_of(l, fit))
+        .max()
+        .unwrap_or(0)
+        .min(crate::data::sample_count(fit.calib));
+    let ranges = if fit.kept.values.is_empty() {
+        let batch = fit.batch.max(1);
+        (0..total.div_ceil(batch))
+            .map(|k| (k * batch, ((k + 1) * batch).min(total)))
+            .collect()
+    } else {
+        fit.kept
+            .ranges
+            .iter()
+            .copied()
+            .take_while(|r| r.0 < total)
+            .collect()
+    };
+    Frontier::new(merged, ranges, KEEP_BYTES)
 }
 
 /// `f` of `model` with `values` as its only outputs, so that the engine runs only the nodes

@@ -9,8 +9,7 @@ pub mod ort;
 #[cfg(feature = "ort")]
 pub mod ort_library;
 pub mod output;
-#[cfg(feature = "ort")]
-mod prune;
+pub(crate) mod prune;
 pub mod tract;
 
 pub use output::Output;

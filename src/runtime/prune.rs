@@ -5,7 +5,8 @@
 //! only). A session asked for a value early in the graph ran the whole model: the output
 //! refit's pass for each layer's inputs cost a full pass of the merged model, however early
 //! the layer. tract prunes what no output needs when it optimises; this gives ONNX Runtime
-//! the same graph.
+//! the same graph. The output refit's frontier (`merge::frontier`) builds its step models from
+//! the same walk and shell, on either engine.
 
 use std::collections::{HashMap, HashSet};
 
@@ -45,7 +46,7 @@ pub(crate) fn needed_nodes(graph: &GraphProto, outputs: &[String]) -> Option<Vec
     (!needed.iter().all(|&n| n)).then_some(needed)
 }
 
-fn has_subgraph(node: &NodeProto) -> bool {
+pub(crate) fn has_subgraph(node: &NodeProto) -> bool {
     node.attribute
         .iter()
         .any(|a| a.g.is_some() || !a.graphs.is_empty())
@@ -53,6 +54,7 @@ fn has_subgraph(node: &NodeProto) -> bool {
 
 /// The initializers a pruned graph keeps: those its `keep` nodes read, those the graph lists
 /// as inputs (they would otherwise become inputs to feed) and those asked for as `outputs`.
+#[cfg_attr(not(feature = "ort"), allow(dead_code))] // ONNX Runtime's sessions only
 fn kept_initializers(graph: &GraphProto, keep: &[bool], outputs: &[String]) -> HashSet<String> {
     graph
         .node
@@ -70,6 +72,7 @@ fn kept_initializers(graph: &GraphProto, keep: &[bool], outputs: &[String]) -> H
 /// for `outputs`). The initializers are encoded one by one after the rest, as further
 /// occurrences of the graph field that a protobuf parser merges into one graph: no copy of
 /// the weights is made.
+#[cfg_attr(not(feature = "ort"), allow(dead_code))] // ONNX Runtime's sessions only
 pub(crate) fn encode_pruned(model: &ModelProto, keep: &[bool], outputs: &[String]) -> Vec<u8> {
     let Some(graph) = model.graph.as_ref() else {
         return model.encode_to_vec();
@@ -82,33 +85,14 @@ pub(crate) fn encode_pruned(model: &ModelProto, keep: &[bool], outputs: &[String
         .map(|p| p.0.clone())
         .collect();
     let read = kept_initializers(graph, keep, outputs);
-    // Every field but the graph's nodes and initializers as they are: an exhaustive literal,
-    // so that a field added to onnx.proto is not dropped unseen.
-    let shell = ModelProto {
-        ir_version: model.ir_version,
-        opset_import: model.opset_import.clone(),
-        producer_name: model.producer_name.clone(),
-        producer_version: model.producer_version.clone(),
-        domain: model.domain.clone(),
-        model_version: model.model_version,
-        doc_string: model.doc_string.clone(),
-        metadata_props: model.metadata_props.clone(),
-        training_info: model.training_info.clone(),
-        functions: model.functions.clone(),
-        configuration: model.configuration.clone(),
-        graph: Some(GraphProto {
+    let shell = with_graph(
+        model,
+        GraphProto {
             node: nodes,
-            name: graph.name.clone(),
             initializer: Vec::new(),
-            sparse_initializer: graph.sparse_initializer.clone(),
-            doc_string: graph.doc_string.clone(),
-            input: graph.input.clone(),
-            output: graph.output.clone(),
-            value_info: graph.value_info.clone(),
-            quantization_annotation: graph.quantization_annotation.clone(),
-            metadata_props: graph.metadata_props.clone(),
-        }),
-    };
+            ..graph_fields(graph)
+        },
+    );
     let mut bytes = shell.encode_to_vec();
     for t in &graph.initializer {
         if t.name.as_deref().is_some_and(|n| read.contains(n)) {
@@ -123,8 +107,44 @@ pub(crate) fn encode_pruned(model: &ModelProto, keep: &[bool], outputs: &[String
     bytes
 }
 
+/// `model` with `graph` as its graph: every other field as it is, in an exhaustive literal,
+/// so that a field added to onnx.proto is not dropped unseen.
+pub(crate) fn with_graph(model: &ModelProto, graph: GraphProto) -> ModelProto {
+    ModelProto {
+        ir_version: model.ir_version,
+        opset_import: model.opset_import.clone(),
+        producer_name: model.producer_name.clone(),
+        producer_version: model.producer_version.clone(),
+        domain: model.domain.clone(),
+        model_version: model.model_version,
+        doc_string: model.doc_string.clone(),
+        metadata_props: model.metadata_props.clone(),
+        training_info: model.training_info.clone(),
+        functions: model.functions.clone(),
+        configuration: model.configuration.clone(),
+        graph: Some(graph),
+    }
+}
+
+/// `graph`'s fields but its nodes and initializers (left empty), in an exhaustive literal.
+pub(crate) fn graph_fields(graph: &GraphProto) -> GraphProto {
+    GraphProto {
+        node: Vec::new(),
+        name: graph.name.clone(),
+        initializer: Vec::new(),
+        sparse_initializer: graph.sparse_initializer.clone(),
+        doc_string: graph.doc_string.clone(),
+        input: graph.input.clone(),
+        output: graph.output.clone(),
+        value_info: graph.value_info.clone(),
+        quantization_annotation: graph.quantization_annotation.clone(),
+        metadata_props: graph.metadata_props.clone(),
+    }
+}
+
 /// `graph` with only the `keep` nodes and their initializers (`kept_initializers`, for
 /// `outputs`), in place.
+#[cfg_attr(not(feature = "ort"), allow(dead_code))] // ONNX Runtime's sessions only
 pub(crate) fn retain(graph: &mut GraphProto, keep: &[bool], outputs: &[String]) {
     let read = kept_initializers(graph, keep, outputs);
     let mut flags = keep.iter();
