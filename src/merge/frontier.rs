@@ -56,8 +56,10 @@ impl Frontier {
 
     /// The values of `target` in `model` on every batch (`inputs`: the model's graph inputs
     /// over all samples, in their order), computing only the nodes no earlier call computed.
-    /// `None` where it cannot: a node holding a subgraph (what it reads is not in its inputs),
-    /// a value it needs that it no longer holds, or more held values than its limit.
+    /// `None`, now and from then on, where it cannot: a node holding a subgraph (what it
+    /// reads is not in its inputs), a value it needs that it no longer holds, a node reading
+    /// the target already computed (targets out of graph order), or more held values than
+    /// its limit.
     pub fn advance(
         &mut self,
         model: &Model,
@@ -70,7 +72,15 @@ impl Frontier {
         if self.given_up || graph.node.len() != self.done.len() {
             return Ok(None);
         }
-        let Some(needed) = needed_nodes(graph, target) else {
+        // A node that reads the target and was already computed ran before the layer that
+        // reads it was refitted (layers out of graph order): what it gave may be stale.
+        let stale = graph
+            .node
+            .iter()
+            .zip(&self.done)
+            .any(|(n, &done)| done && n.input.iter().any(|i| i == target));
+        let Some(needed) = needed_nodes(graph, target).filter(|_| !stale) else {
+            self.give_up();
             return Ok(None);
         };
         let new: Vec<bool> = needed
@@ -99,6 +109,7 @@ impl Frontier {
                 continue;
             }
             if !self.held.contains_key(name) && !input_names.iter().any(|i| i == name) {
+                self.give_up();
                 return Ok(None);
             }
             feeds.push(name);
@@ -150,7 +161,10 @@ impl Frontier {
         }
         let result = match out.get(target).or(self.held.get(target)) {
             Some(v) => v.clone(),
-            None => return Ok(None),
+            None => {
+                self.give_up();
+                return Ok(None);
+            }
         };
         // Mark the new nodes done, hold what later nodes read, drop what none reads now.
         for (d, n) in self.done.iter_mut().zip(&new) {
@@ -170,10 +184,15 @@ impl Frontier {
             .map(|t| t.len() * t.dtype().size())
             .sum();
         if bytes > self.limit {
-            self.given_up = true;
-            self.held.clear();
+            self.give_up();
         }
         Ok(Some(result))
+    }
+
+    /// From now on `advance` returns `None`, and nothing is held.
+    fn give_up(&mut self) {
+        self.given_up = true;
+        self.held.clear();
     }
 }
 
@@ -442,6 +461,30 @@ mod tests {
                 "y",
             );
         }
+    }
+
+    /// Targets out of graph order: once `y` is computed, `h1`'s reader (the second layer's
+    /// node) has run with the weights it had then, so the frontier gives up rather than hold
+    /// values a refit of that layer would make stale.
+    #[test]
+    fn targets_out_of_order_give_up() {
+        let x = TensorData::F32(ArrayD::from_elem(vec![5, 4], 0.5f32));
+        let m = model();
+        let options = BackendOptions::default();
+        let mut f = Frontier::new(&m, vec![(0, 5)], 1 << 20);
+        let fed = std::slice::from_ref(&x);
+        assert!(f
+            .advance(&m, "y", fed, BackendKind::Tract, &options)
+            .unwrap()
+            .is_some());
+        assert!(f
+            .advance(&m, "h1", fed, BackendKind::Tract, &options)
+            .unwrap()
+            .is_none());
+        assert!(f
+            .advance(&m, "y", fed, BackendKind::Tract, &options)
+            .unwrap()
+            .is_none());
     }
 
     /// Past its byte limit the frontier gives up: the values of that call come back, and every
