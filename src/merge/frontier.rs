@@ -54,12 +54,12 @@ impl Frontier {
         self.ranges.last().map_or(0, |r| r.1) >= samples
     }
 
-    /// The values of `target` in `model` on every batch (`inputs`: the model's graph inputs
-    /// over all samples, in their order), computing only the nodes no earlier call computed.
-    /// `None`, now and from then on, where it cannot: a node holding a subgraph (what it
-    /// reads is not in its inputs), a value it needs that it no longer holds, a node reading
-    /// the target already computed (targets out of graph order), or more held values than
-    /// its limit.
+    /// Computes the values of `target` in `model` on every batch (`inputs`: the model's
+    /// graph inputs over all samples, in their order), running only the nodes no earlier call
+    /// ran; `values(target)` then holds them. False, now and from then on, where it cannot: a
+    /// node holding a subgraph (what it reads is not in its inputs), a value it needs that it
+    /// no longer holds, a node reading the target already run (targets out of graph order),
+    /// or more held values than its limit.
     pub fn advance(
         &mut self,
         model: &Model,
@@ -67,133 +67,177 @@ impl Frontier {
         inputs: &[TensorData],
         backend: BackendKind,
         options: &BackendOptions,
-    ) -> Result<Option<Vec<TensorData>>> {
-        let graph = model.graph();
-        if self.given_up || graph.node.len() != self.done.len() {
-            return Ok(None);
+    ) -> Result<bool> {
+        if self.given_up || model.graph().node.len() != self.done.len() {
+            return Ok(false);
         }
-        // A node that reads the target and was already computed ran before the layer that
-        // reads it was refitted (layers out of graph order): what it gave may be stale.
-        let stale = graph
-            .node
-            .iter()
-            .zip(&self.done)
-            .any(|(n, &done)| done && n.input.iter().any(|i| i == target));
-        let Some(needed) = needed_nodes(graph, target).filter(|_| !stale) else {
+        let input_names = crate::runtime::graph_input_names(model)?;
+        let Some(step) = self.plan(model, target, &input_names) else {
             self.give_up();
-            return Ok(None);
+            return Ok(false);
         };
-        let new: Vec<bool> = needed
-            .iter()
-            .zip(&self.done)
-            .map(|(&n, &d)| n && !d)
-            .collect();
-        let input_names: Vec<String> = crate::runtime::graph_input_names(model)?;
-        let initializers: HashSet<&str> = graph
-            .initializer
-            .iter()
-            .filter_map(|t| t.name.as_deref())
-            .collect();
-        // What the new nodes read from outside themselves, and what of theirs is still read
-        // after them (by nodes neither done nor new) or asked for.
-        let produced: HashSet<&str> = nodes(graph, &new)
-            .flat_map(|n| n.output.iter().map(String::as_str))
-            .collect();
-        let mut feeds: Vec<&str> = Vec::new();
-        for name in nodes(graph, &new).flat_map(|n| n.input.iter().map(String::as_str)) {
-            if name.is_empty()
-                || produced.contains(name)
-                || initializers.contains(name)
-                || feeds.contains(&name)
-            {
-                continue;
-            }
-            if !self.held.contains_key(name) && !input_names.iter().any(|i| i == name) {
-                self.give_up();
-                return Ok(None);
-            }
-            feeds.push(name);
-        }
-        let later: HashSet<&str> = graph
-            .node
-            .iter()
-            .enumerate()
-            .filter(|(k, _)| !new[*k] && !self.done[*k])
-            .flat_map(|(_, n)| n.input.iter().map(String::as_str))
-            .collect();
-        let mut wanted: Vec<String> = produced
-            .iter()
-            .filter(|&&v| later.contains(v))
-            .map(|v| v.to_string())
-            .collect();
-        wanted.sort();
-        if !wanted.iter().any(|w| w == target) {
-            wanted.push(target.to_string());
-        }
-        // The target without a node to run: a graph input, or a value already held.
-        let from_feed =
-            |name: &str, b: usize, (start, end): (usize, usize)| match self.held.get(name) {
-                Some(batches) => batches[b].clone(),
-                None => {
-                    let at = input_names.iter().position(|i| i == name).unwrap_or(0);
-                    inputs[at].slice_rows(start, end)
-                }
-            };
-        let mut out: HashMap<String, Vec<TensorData>> = HashMap::new();
-        if new.contains(&true) {
-            let step = step_model(model, &new, &feeds, &wanted, &self.held, &input_names);
-            let mut session = open_session(backend, &step, &[], options)?;
-            let names = session.output_names().to_vec();
-            for (b, &range) in self.ranges.iter().enumerate() {
-                let fed: Vec<TensorData> = feeds.iter().map(|f| from_feed(f, b, range)).collect();
-                for (name, value) in names.iter().zip(session.run(&fed)?) {
-                    out.entry(name.clone()).or_default().push(value);
-                }
-            }
-        } else if produced.is_empty() && !self.held.contains_key(target) {
-            let batches = self
-                .ranges
-                .iter()
-                .enumerate()
-                .map(|(b, &r)| from_feed(target, b, r))
-                .collect();
-            out.insert(target.to_string(), batches);
-        }
-        let result = match out.get(target).or(self.held.get(target)) {
-            Some(v) => v.clone(),
-            None => {
-                self.give_up();
-                return Ok(None);
-            }
-        };
-        // Mark the new nodes done, hold what later nodes read, drop what none reads now.
-        for (d, n) in self.done.iter_mut().zip(&new) {
+        let computed = self.run(model, &step, inputs, &input_names, backend, options)?;
+        // Mark the step's nodes run; hold what later nodes read (and the target, for
+        // `values`), past the limit give up.
+        for (d, n) in self.done.iter_mut().zip(&step.new) {
             *d |= n;
         }
-        for (name, batches) in out {
-            // Graph inputs are sliced from `inputs` when read, never held.
-            if later.contains(name.as_str()) && !input_names.contains(&name) {
-                self.held.insert(name, batches);
-            }
-        }
-        self.held.retain(|name, _| later.contains(name.as_str()));
+        let keep = |name: &str| step.later.contains(name) || name == target;
+        self.held.retain(|name, _| keep(name));
+        self.held
+            .extend(computed.into_iter().filter(|(name, _)| keep(name)));
         let bytes: usize = self
             .held
             .values()
             .flatten()
             .map(|t| t.len() * t.dtype().size())
             .sum();
-        if bytes > self.limit {
+        if bytes > self.limit || !self.held.contains_key(target) {
             self.give_up();
         }
-        Ok(Some(result))
+        Ok(!self.given_up)
     }
 
-    /// From now on `advance` returns `None`, and nothing is held.
+    /// The values of `target` on every batch, after an `advance` to it that returned true.
+    pub fn values(&self, target: &str) -> Option<&[TensorData]> {
+        self.held.get(target).map(Vec::as_slice)
+    }
+
+    /// The step to `target`: the nodes it needs that have not run, the values they read from
+    /// outside themselves, and what of theirs later nodes read. `None` where the frontier
+    /// cannot give the target (see `advance`).
+    fn plan(&self, model: &Model, target: &str, input_names: &[String]) -> Option<Step> {
+        let graph = model.graph();
+        // A node that reads the target and has already run ran before the layer that reads
+        // it was refitted (layers out of graph order): what it gave may be stale.
+        let stale = graph
+            .node
+            .iter()
+            .zip(&self.done)
+            .any(|(n, &done)| done && n.input.iter().any(|i| i == target));
+        if stale {
+            return None;
+        }
+        let needed = needed_nodes(graph, target)?;
+        let new: Vec<bool> = needed
+            .iter()
+            .zip(&self.done)
+            .map(|(&n, &d)| n && !d)
+            .collect();
+        let initializers: HashSet<&str> = graph
+            .initializer
+            .iter()
+            .filter_map(|t| t.name.as_deref())
+            .collect();
+        let produced: HashSet<&str> = nodes(graph, &new)
+            .flat_map(|n| n.output.iter().map(String::as_str))
+            .collect();
+        let available =
+            |name: &str| self.held.contains_key(name) || input_names.iter().any(|i| i == name);
+        let mut feeds: Vec<String> = Vec::new();
+        for name in nodes(graph, &new).flat_map(|n| n.input.iter()) {
+            let outside = !name.is_empty()
+                && !produced.contains(name.as_str())
+                && !initializers.contains(name.as_str());
+            if outside && !feeds.contains(name) {
+                if !available(name) {
+                    return None;
+                }
+                feeds.push(name.clone());
+            }
+        }
+        if !produced.contains(target) && !available(target) {
+            return None;
+        }
+        let later: HashSet<String> = graph
+            .node
+            .iter()
+            .zip(new.iter().zip(&self.done))
+            .filter(|(_, (&n, &d))| !n && !d)
+            .flat_map(|(node, _)| node.input.iter().cloned())
+            .collect();
+        let mut wanted: Vec<String> = produced
+            .iter()
+            .filter(|&&v| later.contains(v) || v == target)
+            .map(|v| v.to_string())
+            .collect();
+        wanted.sort();
+        Some(Step {
+            target: target.to_string(),
+            new,
+            feeds,
+            wanted,
+            later,
+        })
+    }
+
+    /// Runs `step` on every batch: its wanted values by name, the target's too where no node
+    /// had to run for it (a graph input, or a value held).
+    fn run(
+        &self,
+        model: &Model,
+        step: &Step,
+        inputs: &[TensorData],
+        input_names: &[String],
+        backend: BackendKind,
+        options: &BackendOptions,
+    ) -> Result<HashMap<String, Vec<TensorData>>> {
+        // A value read from outside the step: held, else a graph input's slice.
+        let outside = |name: &str, b: usize, (start, end): (usize, usize)| match self.held.get(name)
+        {
+            Some(batches) => batches[b].clone(),
+            None => {
+                let at = input_names.iter().position(|i| i == name);
+                inputs[at.expect("planned from the held values and the graph inputs")]
+                    .slice_rows(start, end)
+            }
+        };
+        let mut computed: HashMap<String, Vec<TensorData>> = HashMap::new();
+        if !step.new.contains(&true) {
+            if !self.held.contains_key(&step.target) {
+                let batches = (self.ranges.iter().enumerate())
+                    .map(|(b, &r)| outside(&step.target, b, r))
+                    .collect();
+                computed.insert(step.target.clone(), batches);
+            }
+            return Ok(computed);
+        }
+        let feeds: Vec<&str> = step.feeds.iter().map(String::as_str).collect();
+        let model = step_model(
+            model,
+            &step.new,
+            &feeds,
+            &step.wanted,
+            &self.held,
+            input_names,
+        );
+        let mut session = open_session(backend, &model, &[], options)?;
+        let names = session.output_names().to_vec();
+        for (b, &range) in self.ranges.iter().enumerate() {
+            let fed: Vec<TensorData> = feeds.iter().map(|f| outside(f, b, range)).collect();
+            for (name, value) in names.iter().zip(session.run(&fed)?) {
+                computed.entry(name.clone()).or_default().push(value);
+            }
+        }
+        Ok(computed)
+    }
+
+    /// From now on `advance` returns false, and nothing is held.
     fn give_up(&mut self) {
         self.given_up = true;
         self.held.clear();
     }
+}
+
+/// One `advance`: the nodes to run (`new`), the values they read from outside themselves
+/// (`feeds`), the values of theirs to return (`wanted`: what `later` nodes read, and the
+/// target), and every value a node neither run nor to run reads (`later`).
+struct Step {
+    target: String,
+    new: Vec<bool>,
+    feeds: Vec<String>,
+    wanted: Vec<String>,
+    later: HashSet<String>,
 }
 
 /// Per node, whether `target` needs it (all of them included); `None` where a node holds a
@@ -439,27 +483,20 @@ mod tests {
             let options = BackendOptions::default();
             let mut m = model();
             let mut f = Frontier::new(&m, ranges.clone(), 1 << 20);
-            let xs = f
-                .advance(&m, "x", std::slice::from_ref(&x), kind, &options)
-                .unwrap();
+            let fed = std::slice::from_ref(&x);
+            assert!(f.advance(&m, "x", fed, kind, &options).unwrap());
             let want: Vec<TensorData> = ranges.iter().map(|&(a, b)| x.slice_rows(a, b)).collect();
-            assert_close(&xs.expect("the graph input"), &want, "x");
+            assert_close(f.values("x").expect("the graph input"), &want, "x");
             set_weight(&mut m, "W1", 2.1);
-            let h1 = f
-                .advance(&m, "h1", std::slice::from_ref(&x), kind, &options)
-                .unwrap();
-            assert_close(&h1.expect("h1"), &whole(&m, "h1", &x, &ranges, kind), "h1");
+            assert!(f.advance(&m, "h1", fed, kind, &options).unwrap());
+            let want = whole(&m, "h1", &x, &ranges, kind);
+            assert_close(f.values("h1").expect("h1"), &want, "h1");
             set_weight(&mut m, "W2", -0.9);
             let reference = m.clone();
             set_weight(&mut m, "W1", f32::NAN);
-            let y = f
-                .advance(&m, "y", std::slice::from_ref(&x), kind, &options)
-                .unwrap();
-            assert_close(
-                &y.expect("y"),
-                &whole(&reference, "y", &x, &ranges, kind),
-                "y",
-            );
+            assert!(f.advance(&m, "y", fed, kind, &options).unwrap());
+            let want = whole(&reference, "y", &x, &ranges, kind);
+            assert_close(f.values("y").expect("y"), &want, "y");
         }
     }
 
@@ -475,41 +512,36 @@ mod tests {
         let fed = std::slice::from_ref(&x);
         assert!(f
             .advance(&m, "y", fed, BackendKind::Tract, &options)
-            .unwrap()
-            .is_some());
-        assert!(f
+            .unwrap());
+        assert!(!f
             .advance(&m, "h1", fed, BackendKind::Tract, &options)
-            .unwrap()
-            .is_none());
-        assert!(f
+            .unwrap());
+        assert!(!f
             .advance(&m, "y", fed, BackendKind::Tract, &options)
-            .unwrap()
-            .is_none());
+            .unwrap());
+        assert!(f.values("y").is_none(), "nothing held once given up");
     }
 
-    /// Past its byte limit the frontier gives up: the values of that call come back, and every
-    /// later call returns `None` (the refit then runs prefixes again).
+    /// Past its byte limit the frontier gives up: the call that would hold more returns false,
+    /// as every later call does (the refit then runs prefixes again), and nothing is held.
     #[test]
     fn past_its_limit_the_frontier_gives_up() {
         let x = TensorData::F32(ArrayD::from_elem(vec![5, 4], 0.5f32));
         let m = model();
         let options = BackendOptions::default();
-        let mut f = Frontier::new(&m, vec![(0, 5)], 16);
-        let h1 = f.advance(
-            &m,
-            "h1",
-            std::slice::from_ref(&x),
-            BackendKind::Tract,
-            &options,
-        );
-        assert!(h1.unwrap().is_some(), "the call that goes past the limit");
-        let y = f.advance(
-            &m,
-            "y",
-            std::slice::from_ref(&x),
-            BackendKind::Tract,
-            &options,
-        );
-        assert!(y.unwrap().is_none(), "given up");
+        let fed = std::slice::from_ref(&x);
+        // h1 over 5 samples is 80 bytes.
+        let mut f = Frontier::new(&m, vec![(0, 5)], 100);
+        assert!(f
+            .advance(&m, "h1", fed, BackendKind::Tract, &options)
+            .unwrap());
+        let mut f = Frontier::new(&m, vec![(0, 5)], 79);
+        assert!(!f
+            .advance(&m, "h1", fed, BackendKind::Tract, &options)
+            .unwrap());
+        assert!(f.values("h1").is_none());
+        assert!(!f
+            .advance(&m, "y", fed, BackendKind::Tract, &options)
+            .unwrap());
     }
 }

@@ -753,16 +753,17 @@ pub fn refit(
     // once across the layers, on its batches, which are then this refit's), else from a
     // pass of the model up to it.
     let all_samples = crate::data::sample_count(fit.calib);
-    let frontier_values = match (frontier, layers) {
+    let ready: Option<&Frontier> = match (frontier, layers) {
         (Some(f), [layer])
             if f.covers(samples_of(layer).min(all_samples))
                 && (kept.is_none() || ranges.starts_with(f.ranges())) =>
         {
-            f.advance(merged, &layer.input, fit.calib, fit.backend, fit.options)?
-                .map(|values| (values, f.ranges().to_vec()))
+            let ready = f.advance(merged, &layer.input, fit.calib, fit.backend, fit.options)?;
+            ready.then_some(&*f)
         }
         _ => None,
     };
+    let frontier_values = ready.and_then(|f| Some((f.values(&inputs[0])?, f.ranges().to_vec())));
     let ranges = match &frontier_values {
         Some((_, r)) => r.clone(),
         None => ranges,
