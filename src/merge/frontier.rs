@@ -59,7 +59,7 @@ impl Frontier {
     /// ran; `values(target)` then holds them. False, now and from then on, where it cannot: a
     /// node holding a subgraph (what it reads is not in its inputs), a value it needs that it
     /// no longer holds, a node reading the target already run (targets out of graph order),
-    /// or more held values than its limit.
+    /// a step the engine cannot run, or more held values than its limit.
     pub fn advance(
         &mut self,
         model: &Model,
@@ -76,7 +76,16 @@ impl Frontier {
             self.give_up();
             return Ok(false);
         };
-        let computed = self.run(model, &step, inputs, &input_names, backend, options)?;
+        let computed = match self.run(model, &step, inputs, &input_names, backend, options) {
+            Ok(computed) => computed,
+            // An engine that cannot run a step leaves the layers to their prefix passes, which
+            // ask it only for a layer's input: tract, asked for a shape computation's result
+            // that later nodes read, has no such output (its dimensions are symbolic).
+            Err(_) => {
+                self.give_up();
+                return Ok(false);
+            }
+        };
         // Mark the step's nodes run; hold what later nodes read (and the target, for
         // `values`), past the limit give up.
         for (d, n) in self.done.iter_mut().zip(&step.new) {
@@ -496,6 +505,40 @@ mod tests {
             set_weight(&mut m, "W1", f32::NAN);
             assert!(f.advance(&m, "y", fed, kind, &options).unwrap());
             let want = whole(&reference, "y", &x, &ranges, kind);
+            assert_close(f.values("y").expect("y"), &want, "y");
+        }
+    }
+
+    /// A step the engine cannot run gives up instead of failing the merge: tract does not
+    /// return a shape computation's result (a `Shape` read again by a later `Reshape`), which
+    /// ONNX Runtime returns like any value.
+    #[test]
+    fn a_step_the_engine_cannot_run_gives_up() {
+        let mut m = model();
+        let graph = m.proto.graph.as_mut().expect("a graph");
+        // h1 = Reshape(Relu(a1), Shape(x)) and y = Reshape(h2 + h1, Shape(x)): the shape is
+        // computed for h1 and read again for y.
+        graph.node[1] = node("Relu", &["a1"], "r1");
+        graph.node.insert(0, node("Shape", &["x"], "s"));
+        graph.node.insert(3, node("Reshape", &["r1", "s"], "h1"));
+        graph.node[6] = node("Add", &["h2", "h1"], "sum");
+        graph.node.insert(7, node("Reshape", &["sum", "s"], "y"));
+        let x = TensorData::F32(ArrayD::from_elem(vec![5, 4], 0.5f32));
+        let fed = std::slice::from_ref(&x);
+        let options = BackendOptions::default();
+        let mut f = Frontier::new(&m, vec![(0, 5)], 1 << 20);
+        let tract = f.advance(&m, "h1", fed, BackendKind::Tract, &options);
+        assert!(!tract.expect("no error"), "tract gives up");
+        assert!(!f
+            .advance(&m, "y", fed, BackendKind::Tract, &options)
+            .unwrap());
+        if cfg!(feature = "ort") {
+            let mut f = Frontier::new(&m, vec![(0, 5)], 1 << 20);
+            assert!(f
+                .advance(&m, "h1", fed, BackendKind::Ort, &options)
+                .unwrap());
+            assert!(f.advance(&m, "y", fed, BackendKind::Ort, &options).unwrap());
+            let want = whole(&m, "y", &x, &[(0, 5)], BackendKind::Ort);
             assert_close(f.values("y").expect("y"), &want, "y");
         }
     }
