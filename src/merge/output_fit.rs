@@ -107,8 +107,9 @@ pub enum RefitLayers {
     /// The output layers alone.
     Output,
     /// Every linear layer whose output units are fixed or one group in order, in graph order,
-    /// each on the merged model as refitted so far: one merged-model pass per layer, and one
-    /// pass of every endpoint too where calibration cannot keep their outputs.
+    /// each on the merged model as refitted so far: each node of the merged model run once
+    /// across the layers (`frontier`; a pass up to each layer where it gives up), and one pass
+    /// of every endpoint per layer where calibration cannot keep their outputs.
     All,
     /// Every layer where calibration can keep the endpoints' outputs of all of them over the
     /// refit's samples (within `calib::KEEP_BYTES`: the bundled models), else the output
@@ -325,11 +326,12 @@ pub fn auto_conv_budget(
 }
 
 /// Most bytes of merged model that the refit of every layer may open under
-/// `RefitLayers::Auto`, summed over its layers: each refitted layer opens the merged model in
-/// the engine once (the prefix up to its input must see the layers refitted before it). A
-/// timm ViT-B/16 pair (330 MB a model) from 8 calibration images refitted its 49 token layers
-/// in 107 s, on a merge whose other phases took 81 s; the bundled models (≤ 2 MB, ≤ 25 layers)
-/// open a few MB in all.
+/// `RefitLayers::Auto`, summed over its layers: each refitted layer opened the merged model in
+/// the engine once (the prefix up to its input must see the layers refitted before it), and
+/// still does where the frontier gives up (`frontier`: else each step opens only the nodes it
+/// runs). A timm ViT-B/16 pair (330 MB a model) from 8 calibration images refitted its 49 token
+/// layers in 107 s, before the frontier, on a merge whose other phases took 81 s; the bundled
+/// models (≤ 2 MB, ≤ 25 layers) open a few MB in all.
 pub const AUTO_SESSION_BYTES: usize = 2 << 30;
 
 /// Whether the refit of `layers`, each opening a merged model of `model_bytes`, stays within
