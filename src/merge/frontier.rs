@@ -72,7 +72,10 @@ impl Frontier {
             return Ok(false);
         }
         let input_names = crate::runtime::graph_input_names(model)?;
-        let Some(step) = self.plan(model, target, &input_names) else {
+        let step = (inputs.len() == input_names.len())
+            .then(|| self.plan(model, target, &input_names))
+            .flatten();
+        let Some(step) = step else {
             self.give_up();
             return Ok(false);
         };
