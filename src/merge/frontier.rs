@@ -16,6 +16,7 @@ use crate::onnx::proto::{
     tensor_shape_proto, type_proto, GraphProto, TensorShapeProto, TypeProto, ValueInfoProto,
 };
 use crate::onnx::{Model, TensorData};
+use crate::runtime::prune::kept_nodes;
 use crate::runtime::{open_session, BackendKind, BackendOptions};
 
 /// Values computed once across the refit's layers, batch by batch.
@@ -26,7 +27,7 @@ pub struct Frontier {
     done: Vec<bool>,
     /// Computed values that a node not yet computed reads, per batch.
     held: HashMap<String, Vec<TensorData>>,
-    /// Most bytes `held` may take; past it the frontier gives up (`advance` returns `None`
+    /// Most bytes `held` may take; past it the frontier gives up (`advance` returns false
     /// from then on) and the refit runs prefixes again.
     limit: usize,
     given_up: bool,
@@ -130,7 +131,7 @@ impl Frontier {
         if stale {
             return None;
         }
-        let needed = needed_nodes(graph, target)?;
+        let needed = crate::runtime::prune::producers(graph, &[target.to_string()])?;
         let new: Vec<bool> = needed
             .iter()
             .zip(&self.done)
@@ -141,13 +142,13 @@ impl Frontier {
             .iter()
             .filter_map(|t| t.name.as_deref())
             .collect();
-        let produced: HashSet<&str> = nodes(graph, &new)
+        let produced: HashSet<&str> = kept_nodes(graph, &new)
             .flat_map(|n| n.output.iter().map(String::as_str))
             .collect();
         let available =
             |name: &str| self.held.contains_key(name) || input_names.iter().any(|i| i == name);
         let mut feeds: Vec<String> = Vec::new();
-        for name in nodes(graph, &new).flat_map(|n| n.input.iter()) {
+        for name in kept_nodes(graph, &new).flat_map(|n| n.input.iter()) {
             let outside = !name.is_empty()
                 && !produced.contains(name.as_str())
                 && !initializers.contains(name.as_str());
@@ -252,25 +253,6 @@ struct Step {
     later: HashSet<String>,
 }
 
-/// Per node, whether `target` needs it (all of them included); `None` where a node holds a
-/// subgraph.
-fn needed_nodes(graph: &GraphProto, target: &str) -> Option<Vec<bool>> {
-    if graph.node.iter().any(crate::runtime::prune::has_subgraph) {
-        return None;
-    }
-    Some(
-        crate::runtime::prune::needed_nodes(graph, &[target.to_string()])
-            .unwrap_or_else(|| vec![true; graph.node.len()]),
-    )
-}
-
-fn nodes<'g>(
-    graph: &'g GraphProto,
-    keep: &'g [bool],
-) -> impl Iterator<Item = &'g crate::onnx::proto::NodeProto> {
-    graph.node.iter().zip(keep).filter(|p| *p.1).map(|p| p.0)
-}
-
 /// The model of one step: the `new` nodes and the initializers they read, the values they
 /// read from outside (`feeds`: graph inputs as declared, held values by their element type)
 /// as its inputs, `wanted` as its outputs.
@@ -283,7 +265,7 @@ fn step_model(
     input_names: &[String],
 ) -> Model {
     let graph = model.graph();
-    let read: HashSet<&str> = nodes(graph, new)
+    let read: HashSet<&str> = kept_nodes(graph, new)
         .flat_map(|n| n.input.iter().map(String::as_str))
         .collect();
     let input = feeds
@@ -308,7 +290,7 @@ fn step_model(
     let proto = crate::runtime::prune::with_graph(
         &model.proto,
         GraphProto {
-            node: nodes(graph, new).cloned().collect(),
+            node: kept_nodes(graph, new).cloned().collect(),
             initializer: graph
                 .initializer
                 .iter()

@@ -801,8 +801,12 @@ pub fn refit(
                 .unwrap_or(end),
             false => end,
         };
-        let slice =
-            || -> Vec<TensorData> { fit.calib.iter().map(|t| t.slice_rows(start, end)).collect() };
+        // The calibration batch, for the merged model's pass and the endpoints' (none runs
+        // where the frontier and calibration's kept outputs serve).
+        let slice: Vec<TensorData> = match merged_session.is_some() || kept.is_none() {
+            true => fit.calib.iter().map(|t| t.slice_rows(start, end)).collect(),
+            false => Vec::new(),
+        };
         let x_all: Vec<std::borrow::Cow<TensorData>> = match (&frontier_values, &mut merged_session)
         {
             // The frontier's batch, cut to the samples a convolution's pass reads.
@@ -810,7 +814,7 @@ pub fn refit(
                 true => std::borrow::Cow::Owned(values[b].slice_rows(0, end - start)),
                 false => std::borrow::Cow::Borrowed(&values[b]),
             }],
-            (None, Some(session)) => named(session.as_mut(), &slice(), &inputs)?
+            (None, Some(session)) => named(session.as_mut(), &slice, &inputs)?
                 .into_iter()
                 .map(std::borrow::Cow::Owned)
                 .collect(),
@@ -846,7 +850,7 @@ pub fn refit(
             None => endpoints
                 .iter_mut()
                 .map(|(s, outs)| {
-                    named(s.as_mut(), &slice(), outs)?
+                    named(s.as_mut(), &slice, outs)?
                         .iter()
                         .zip(outs.iter().zip(layers.iter().zip(&active)))
                         .map(|(t, (name, (l, &on)))| {

@@ -20,9 +20,16 @@ const MODEL_GRAPH: u32 = 7;
 const GRAPH_INITIALIZER: u32 = 5;
 
 /// Per node of `graph`, whether computing `outputs` needs it; `None` when every node is
-/// needed, or when a node holds a subgraph (its body may read any outer value by name, so
-/// what it needs is not in its inputs).
+/// needed (nothing to prune), or when a node holds a subgraph (`producers`).
+#[cfg_attr(not(feature = "ort"), allow(dead_code))] // ONNX Runtime's sessions only
 pub(crate) fn needed_nodes(graph: &GraphProto, outputs: &[String]) -> Option<Vec<bool>> {
+    producers(graph, outputs).filter(|needed| !needed.iter().all(|&n| n))
+}
+
+/// Per node of `graph`, whether computing `outputs` needs it (every node included); `None`
+/// when a node holds a subgraph (its body may read any outer value by name, so what it needs
+/// is not in its inputs).
+pub(crate) fn producers(graph: &GraphProto, outputs: &[String]) -> Option<Vec<bool>> {
     if graph.node.iter().any(has_subgraph) {
         return None;
     }
@@ -43,10 +50,18 @@ pub(crate) fn needed_nodes(graph: &GraphProto, outputs: &[String]) -> Option<Vec
             pending.extend(graph.node[k].input.iter().map(String::as_str));
         }
     }
-    (!needed.iter().all(|&n| n)).then_some(needed)
+    Some(needed)
 }
 
-pub(crate) fn has_subgraph(node: &NodeProto) -> bool {
+/// The nodes of `graph` that `keep` marks, in order.
+pub(crate) fn kept_nodes<'g>(
+    graph: &'g GraphProto,
+    keep: &'g [bool],
+) -> impl Iterator<Item = &'g NodeProto> {
+    graph.node.iter().zip(keep).filter(|p| *p.1).map(|p| p.0)
+}
+
+fn has_subgraph(node: &NodeProto) -> bool {
     node.attribute
         .iter()
         .any(|a| a.g.is_some() || !a.graphs.is_empty())
@@ -56,12 +71,8 @@ pub(crate) fn has_subgraph(node: &NodeProto) -> bool {
 /// as inputs (they would otherwise become inputs to feed) and those asked for as `outputs`.
 #[cfg_attr(not(feature = "ort"), allow(dead_code))] // ONNX Runtime's sessions only
 fn kept_initializers(graph: &GraphProto, keep: &[bool], outputs: &[String]) -> HashSet<String> {
-    graph
-        .node
-        .iter()
-        .zip(keep)
-        .filter(|p| *p.1)
-        .flat_map(|p| p.0.input.iter())
+    kept_nodes(graph, keep)
+        .flat_map(|n| n.input.iter())
         .chain(graph.input.iter().filter_map(|i| i.name.as_ref()))
         .chain(outputs)
         .cloned()
@@ -77,13 +88,7 @@ pub(crate) fn encode_pruned(model: &ModelProto, keep: &[bool], outputs: &[String
     let Some(graph) = model.graph.as_ref() else {
         return model.encode_to_vec();
     };
-    let nodes: Vec<NodeProto> = graph
-        .node
-        .iter()
-        .zip(keep)
-        .filter(|p| *p.1)
-        .map(|p| p.0.clone())
-        .collect();
+    let nodes: Vec<NodeProto> = kept_nodes(graph, keep).cloned().collect();
     let read = kept_initializers(graph, keep, outputs);
     let shell = with_graph(
         model,
