@@ -277,3 +277,39 @@ fn convolutions_are_refitted_over_their_patches() {
         "folded {folded:.4} and kept {kept:.4} exports refit differently"
     );
 }
+
+/// Statistics repair leaves the layers the refit fits afterwards to it: on pairs where every
+/// repaired layer is refitted (the ViT's token layers, the GroupNorm ResNet-20's
+/// convolutions) nothing is repaired, and the merged model ends as close to
+/// the endpoints' mean direction on held-out images as when each was repaired first (the
+/// refit replaces what repair set: squared distances within 2 % of each other, measured
+/// 0.0 and 0.3 %).
+#[test]
+fn layers_the_refit_fits_are_not_repaired_first() {
+    for name in ["vit", "resnet20_gn"] {
+        let (models, calib, test) = pair(name);
+        let run = |repair_refitted: bool| {
+            let opts = MergeOptions {
+                backend: BackendKind::Ort,
+                repair_refitted,
+                ..Default::default()
+            };
+            merge(&models, &calib, &opts, &mut |_, _, _| {}).unwrap()
+        };
+        let ((left, report), (repaired, reference)) = (run(false), run(true));
+        assert!(report.refitted_layers.len() > 1, "{name}");
+        assert_eq!(report.refitted_layers, reference.refitted_layers, "{name}");
+        assert_eq!(report.repaired_layers, 0, "{name}");
+        assert!(reference.repaired_layers > 1, "{name}");
+        let goal = mean_direction(&models, &test);
+        let (d_left, d_repaired) = (
+            distance(&goal, &test, &left),
+            distance(&goal, &test, &repaired),
+        );
+        eprintln!("{name}: squared distance {d_left:.5} left to the refit, {d_repaired:.5} repaired first");
+        assert!(
+            (d_left - d_repaired).abs() < 0.02 * d_left.max(d_repaired),
+            "{name}: {d_left:.5} left to the refit against {d_repaired:.5} repaired first"
+        );
+    }
+}

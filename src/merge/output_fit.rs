@@ -90,6 +90,22 @@ pub struct OutputLayer {
     pub segments: Vec<Segment>,
 }
 
+impl OutputLayer {
+    /// Whether `refit` fits it under matchings `m`: a group's layer only where its units
+    /// were matched by a permutation.
+    pub fn fits(&self, m: &Matchings) -> bool {
+        self.segments
+            .iter()
+            .all(|s| m.p.contains_key(&s.group) && !m.linear.contains_key(&s.group))
+    }
+
+    /// The initializers a refit of it sets, as statistics repair names the layers it
+    /// corrects (`repair::Layers`): its weight, and the running mean of its BatchNorm.
+    pub fn initializers(&self) -> impl Iterator<Item = &String> {
+        std::iter::once(&self.weight).chain(self.norm.as_ref().map(|n| &n.mean))
+    }
+}
+
 /// A BatchNormalization's parameter initializers and epsilon: per channel it scales by
 /// `s = γ/√(σ² + ε)` and shifts by `β − s·μ`.
 #[derive(Debug, Clone)]
@@ -697,16 +713,7 @@ pub fn refit(
     fit: &Fit,
     frontier: Option<&mut Frontier>,
 ) -> Result<Vec<String>> {
-    // A group's layer is refitted only where its units were matched by a permutation.
-    let layers: Vec<OutputLayer> = layers
-        .iter()
-        .filter(|l| {
-            l.segments
-                .iter()
-                .all(|s| m.p.contains_key(&s.group) && !m.linear.contains_key(&s.group))
-        })
-        .cloned()
-        .collect();
+    let layers: Vec<OutputLayer> = layers.iter().filter(|l| l.fits(m)).cloned().collect();
     let layers = &layers[..];
     if layers.is_empty() || fit.samples == 0 || crate::data::sample_count(fit.calib) == 0 {
         return Ok(Vec::new());
