@@ -278,38 +278,81 @@ fn convolutions_are_refitted_over_their_patches() {
     );
 }
 
+/// mudsc-zip on ONNX Runtime, the layers the refit fits left to it (the default) or repaired
+/// before it too.
+fn merged_repairing(
+    models: &[Model],
+    calib: &[TensorData],
+    refitted: bool,
+) -> (Model, MergeReport) {
+    let opts = MergeOptions {
+        backend: BackendKind::Ort,
+        repair_refitted: refitted,
+        ..Default::default()
+    };
+    merge(models, calib, &opts, &mut |_, _, _| {}).unwrap()
+}
+
 /// Statistics repair leaves the layers the refit fits afterwards to it: on pairs where every
 /// repaired layer is refitted (the ViT's token layers, the GroupNorm ResNet-20's
-/// convolutions) nothing is repaired, and the merged model ends as close to
-/// the endpoints' mean direction on held-out images as when each was repaired first (the
-/// refit replaces what repair set: squared distances within 2 % of each other, measured
-/// 0.0 and 0.3 %).
+/// convolutions) nothing is repaired, and the merged model ends as close to the endpoints'
+/// mean direction on held-out images as when each was repaired first (the refit replaces
+/// what repair set: squared distances within 2 % of each other), and the bias-free layers to
+/// which repair gave a bias get one from the refit.
 #[test]
 fn layers_the_refit_fits_are_not_repaired_first() {
     for name in ["vit", "resnet20_gn"] {
         let (models, calib, test) = pair(name);
-        let run = |repair_refitted: bool| {
-            let opts = MergeOptions {
-                backend: BackendKind::Ort,
-                repair_refitted,
-                ..Default::default()
-            };
-            merge(&models, &calib, &opts, &mut |_, _, _| {}).unwrap()
-        };
-        let ((left, report), (repaired, reference)) = (run(false), run(true));
+        let ((left, report), (repaired, reference)) = (
+            merged_repairing(&models, &calib, false),
+            merged_repairing(&models, &calib, true),
+        );
         assert!(report.refitted_layers.len() > 1, "{name}");
         assert_eq!(report.refitted_layers, reference.refitted_layers, "{name}");
         assert_eq!(report.repaired_layers, 0, "{name}");
         assert!(reference.repaired_layers > 1, "{name}");
+        // The bias-free layers repair gave a bias have one from the refit.
+        let names = |m: &Model| -> Vec<String> {
+            let mut n: Vec<String> = m
+                .graph()
+                .initializer
+                .iter()
+                .filter_map(|t| t.name.clone())
+                .collect();
+            n.sort();
+            n
+        };
+        assert_eq!(names(&left), names(&repaired), "{name}");
         let goal = mean_direction(&models, &test);
         let (d_left, d_repaired) = (
             distance(&goal, &test, &left),
             distance(&goal, &test, &repaired),
         );
-        eprintln!("{name}: squared distance {d_left:.5} left to the refit, {d_repaired:.5} repaired first");
+        eprintln!(
+            "{name}: squared distance {d_left:.5} left to the refit, {d_repaired:.5} repaired first"
+        );
         assert!(
             (d_left - d_repaired).abs() < 0.02 * d_left.max(d_repaired),
             "{name}: {d_left:.5} left to the refit against {d_repaired:.5} repaired first"
         );
     }
+}
+
+/// Where repair's pass runs anyway (on the BN-kept ResNet-20, BatchNorms whose shift is shared
+/// with another are not fitted with their convolution), every layer is repaired in it as
+/// before: the merge is the one that repairs the refitted layers too.
+#[test]
+fn a_repair_pass_that_runs_anyway_corrects_every_layer() {
+    let (models, calib, _) = pair("resnet20_bn_kept");
+    let ((left, report), (repaired, reference)) = (
+        merged_repairing(&models, &calib, false),
+        merged_repairing(&models, &calib, true),
+    );
+    assert!(report.reset_batch_norms > 0);
+    assert_eq!(
+        (report.repaired_layers, report.reset_batch_norms),
+        (reference.repaired_layers, reference.reset_batch_norms)
+    );
+    assert_eq!(report.refitted_layers, reference.refitted_layers);
+    assert_same_initializers(&left, &repaired);
 }

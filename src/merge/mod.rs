@@ -224,7 +224,7 @@ pub struct MergeOptions {
     /// mudsc-zip on the bundled `vit` from 50.8 to 58.1 % task mean and on `vit_mha` from
     /// 46.4 to 49.6 % (joint +1.9 and +0.2 points).
     pub repair_token_layers: bool,
-    /// Repair also the layers the output refit fits after it (`repair::Layers::Except`):
+    /// Repair also the layers the output refit fits after it (`repair::Layers::Unless`):
     /// off by default, since the fit replaces what repair sets there; kept as the reference
     /// the default is tested against.
     pub repair_refitted: bool,
@@ -549,7 +549,7 @@ pub fn merge(
     } else {
         output_fit::Plan::default()
     };
-    // Layers the refit will fit need no repair before it (`repair::Layers::Except`), nor their
+    // Layers the refit will fit need no repair before it (`repair::Layers::Unless`), nor their
     // endpoint statistics from calibration. CCA's linearly aligned groups are not refitted.
     let left_to_refit: HashSet<String> = fit_plan
         .layers
@@ -566,7 +566,7 @@ pub fn merge(
             &prep.disc.slots,
             &prep.disc.groups,
             scope,
-            &repair::Layers::Except(&left_to_refit),
+            &repair::Layers::Unless(&left_to_refit),
             opts.repair_token_layers,
         )
     } else {
@@ -669,6 +669,7 @@ pub fn merge(
     timer.lap("rewrite");
 
     let (mut repaired_layers, mut reset_batch_norms) = (0, 0);
+    let mut left_unrepaired = HashSet::new();
     let subset = repair_samples(calib, opts);
     let passes = repair_passes(&subset, opts, prep.sample_bytes);
     let repair = |merged: &mut Model, layers: &repair::Layers| {
@@ -697,9 +698,10 @@ pub fn merge(
         .flat_map(|l| l.initializers().cloned())
         .collect();
     if opts.repair_samples > 0 {
-        let r = repair(&mut merged, &repair::Layers::Except(&refit_sets))?;
+        let r = repair(&mut merged, &repair::Layers::Unless(&refit_sets))?;
         repaired_layers = r.layers;
         reset_batch_norms = r.batch_norms;
+        left_unrepaired = r.left;
         timer.lap("repair");
     }
     let fit = output_fit::Fit {
@@ -709,6 +711,7 @@ pub fn merge(
         backend: opts.backend,
         options: &opts.backend_options,
         batch: opts.batch,
+        repair_anchors: &left_unrepaired,
     };
     let refitted_layers = if fit_plan.every_layer {
         // In graph order, each fitted on the merged model as the layers before it left it.
