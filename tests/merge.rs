@@ -392,6 +392,8 @@ fn statistics_repair_is_neutral_when_exact_and_helps_a_real_merge() {
     let opts = MergeOptions {
         method: Method::ActAlign,
         repair_samples: 64,
+        // Repair also the layers the refit then fits (by default they are left to it).
+        repair_refitted: true,
         ..Default::default()
     };
     let (merged, report) = merge(&[a.clone(), b], &inputs, &opts, &mut |_, _, _| {}).unwrap();

@@ -136,6 +136,8 @@ fn token_layer_repair_in_one_pass_matches_the_sequential_scheme() {
                 repair_passes: passes,
                 repair_batch: 128,
                 repair_token_layers: tokens,
+                // Repair itself, also where the refit fits the layers after it.
+                repair_refitted: true,
                 ..Default::default()
             };
             merge(&models, &calib, &opts, &mut |_, _, _| {}).unwrap()
@@ -301,23 +303,36 @@ fn repair_keeps_float16_and_float64_graphs_valid() {
         ];
         let calib =
             data::bind_inputs(&data::read(&calib_path).unwrap(), &models[0], &calib_path).unwrap();
-        let opts = MergeOptions {
-            repair_samples: 64,
-            ..Default::default()
-        };
-        let (m, report) = merge(&models, &calib, &opts, &mut |_, _, _| {}).unwrap();
-        // fc1 (fc2 writes the graph output, whose units stay).
-        assert_eq!(report.repaired_layers, 1, "{name}");
-        let out = dir.path().join(format!("{name}_m.onnx"));
-        onnx::save(&m.proto, &out, &Default::default()).unwrap();
-        common::python(&[
-            "-c",
-            "import sys, onnx; onnx.checker.check_model(onnx.load(sys.argv[1]), full_check=True)",
-            out.to_str().unwrap(),
-        ]);
-        let ort = common::ort_python_outputs(&out, &calib_path);
-        let y = ort.get("y").unwrap().to_f32();
-        assert!(y.iter().all(|v| v.is_finite()), "{name}");
+        // Repaired, and left to the refit (which gives a bias-free fc1 its bias then).
+        for repair_refitted in [true, false] {
+            let opts = MergeOptions {
+                repair_samples: 64,
+                repair_refitted,
+                ..Default::default()
+            };
+            let (m, report) = merge(&models, &calib, &opts, &mut |_, _, _| {}).unwrap();
+            // fc1 (fc2 writes the graph output, whose units stay).
+            assert_eq!(
+                report.repaired_layers,
+                usize::from(repair_refitted),
+                "{name}"
+            );
+            assert!(
+                report.refitted_layers.contains(&"w1".to_string()),
+                "{name}: {:?}",
+                report.refitted_layers
+            );
+            let out = dir.path().join(format!("{name}_{repair_refitted}_m.onnx"));
+            onnx::save(&m.proto, &out, &Default::default()).unwrap();
+            common::python(&[
+                "-c",
+                "import sys, onnx; onnx.checker.check_model(onnx.load(sys.argv[1]), full_check=True)",
+                out.to_str().unwrap(),
+            ]);
+            let ort = common::ort_python_outputs(&out, &calib_path);
+            let y = ort.get("y").unwrap().to_f32();
+            assert!(y.iter().all(|v| v.is_finite()), "{name}");
+        }
     }
 }
 
