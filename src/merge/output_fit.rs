@@ -413,11 +413,15 @@ impl Anchor {
                 .collect();
         }
         for ((sum, squares), t) in self.sums.iter_mut().zip(outputs) {
+            // Unit by unit along each row: independent sums, which the compiler vectorises.
             for row in t.rows().into_iter().take(rows) {
-                for ((s, q), &v) in sum.iter_mut().zip(squares.iter_mut()).zip(&row) {
-                    *s += v;
-                    *q += v * v;
-                }
+                ndarray::Zip::from(&mut *sum)
+                    .and(&mut *squares)
+                    .and(&row)
+                    .for_each(|s, q, &v| {
+                        *s += v;
+                        *q += v * v;
+                    });
             }
         }
         self.rows += rows;
