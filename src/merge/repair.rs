@@ -119,7 +119,7 @@ pub enum Layers<'a> {
     /// refit's ridge leans on, which it now computes itself (`output_fit::Fit::
     /// repair_anchors`). Bundled BN-folded ResNet-20 2.3 → 1.9 s; over eight methods on
     /// eleven bundled pairs every task mean within 0.05 points, but the GroupNorm ResNet-20's
-    /// (−0.55 to +0.45, mean −0.05), whose convolutions' fits hang on their ridge. Where other
+    /// (−0.55 to +0.45, mean −0.05), whose fits follow the ridge's anchor. Where other
     /// layers need the pass, all are corrected in it as before: leaving only some to the
     /// refit moved a BN-kept ResNet-20's baselines by −1.1 points (the BatchNorms still reset
     /// were measured on a model whose others were not).
