@@ -310,7 +310,9 @@ pub fn zip_owned(sim: Array2<f64>, models: usize, a: f64, b: f64, target: usize)
             }
         }
     }
-    let mut p = Array2::zeros((o, target));
+    // The assignment in the similarity's allocation (`match_unit` gives it back in turn).
+    crate::stats::spare::give_back(s);
+    let mut p = crate::stats::spare::zeros(o, target);
     for (col, k) in (0..o).filter(|&k| alive[k]).enumerate() {
         for &unit in &clusters[k] {
             p[[unit, col]] = 1.0;

@@ -1262,6 +1262,8 @@ fn find_matchings(
     progress: &mut dyn FnMut(&str, usize, usize),
     timer: &mut Timer,
 ) -> Result<Matching> {
+    // The similarity matrices' recycled allocation (`stats::spare`) lives as long as this.
+    let _spare = crate::stats::spare::Released;
     let Later {
         repair_taps,
         refit_outputs: keep,
@@ -1732,6 +1734,7 @@ fn find_matchings(
             v.1 = format!("{} (cca: kept a permutation: {why})", v.1);
         }
     }
+    crate::stats::spare::release();
     timer.lap("matching");
     Ok(Matching {
         m,
@@ -2080,10 +2083,13 @@ fn match_unit(
                 let target = targets.get(&g).copied().unwrap_or(groups[g].width);
                 matching::zip_owned(s, n, opts.zip_a, opts.zip_b, target)
             } else {
-                align(s.view(), n)?
+                let matched = align(s.view(), n)?;
+                crate::stats::spare::give_back(s);
+                matched
             };
             m.p.insert(g, Unmerge::from_dense(&matched.p));
             values.insert(g, (matched.value, how));
+            crate::stats::spare::give_back(matched.p);
         }
         _ => {
             // Blocked: sum every group's head-level scores so that they share one block order,

@@ -5,6 +5,7 @@
 use ndarray::{Array1, Array2, ArrayView2, ArrayViewMut2, Axis};
 
 mod row_block;
+pub mod spare;
 mod symmetric;
 
 pub use row_block::{

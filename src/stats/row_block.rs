@@ -379,7 +379,7 @@ pub fn row_correlation_upper_of_blocks(blocks: &[&RowBlock]) -> Array2<f64> {
     // Σ over blocks of Σ zzᵀ = G_c + f·(c cᵀ + d cᵀ + c dᵀ) = G_c + f·(m mᵀ − d dᵀ), with G_c
     // the Gram about the block's centre c, m its mean and d = m − c (0 unless the block was
     // updated): the uncentred Gram of the whole.
-    let mut gram = Array2::<f64>::zeros((units, units));
+    let mut gram = super::spare::zeros(units, units);
     add_pair_grams(blocks, gram.view_mut());
     // Per unit and block, √f·m and √f·d: the rank-`blocks` terms f·(m mᵀ − d dᵀ), added by
     // two thin GEMMs (an element-by-element dot product over the blocks was 16 % of a
