@@ -129,8 +129,13 @@ pub enum Layers<'a> {
 }
 
 impl Layers<'_> {
-    /// Those of `initializers` (one per layer or BatchNorm) to correct.
-    fn pick(&self, initializers: &[&str]) -> Vec<bool> {
+    /// Which of `producers`, then of `norms`, to correct.
+    fn pick(&self, producers: &[Producer], norms: &[Norm]) -> Vec<bool> {
+        let initializers: Vec<&str> = producers
+            .iter()
+            .map(|p| p.weight.as_str())
+            .chain(norms.iter().map(|n| n.mean.as_str()))
+            .collect();
         match self {
             Layers::All => vec![true; initializers.len()],
             Layers::Unless(left) => {
@@ -180,12 +185,7 @@ pub fn repair(
                 || p.segments.iter().all(|s| !m.linear.contains_key(&s.group)))
     });
     let mut norms: Vec<Norm> = batch_norms(&Graph::new(merged)?, &in_scope);
-    let initializers: Vec<&str> = producers
-        .iter()
-        .map(|p| p.weight.as_str())
-        .chain(norms.iter().map(|n| n.mean.as_str()))
-        .collect();
-    let picked = layers.pick(&initializers);
+    let picked = layers.pick(&producers, &norms);
     if !picked.contains(&true) {
         return Ok(RepairReport {
             left: match layers {
@@ -306,13 +306,7 @@ pub fn endpoint_taps(
     let in_scope = |n: usize| scope.is_none_or(|s| s.contains(&n));
     let mut producers = find_producers(graph, layout, slots, groups, token_layers);
     producers.retain(|p| in_scope(p.node));
-    let norms = batch_norms(graph, &in_scope);
-    let initializers: Vec<&str> = producers
-        .iter()
-        .map(|p| p.weight.as_str())
-        .chain(norms.iter().map(|n| n.mean.as_str()))
-        .collect();
-    let picked = layers.pick(&initializers);
+    let picked = layers.pick(&producers, &batch_norms(graph, &in_scope));
     producers
         .into_iter()
         .zip(picked)
