@@ -737,13 +737,14 @@ pub fn merge(
     if !refitted_layers.is_empty() {
         timer.lap("refit");
     }
-    // A layer left to the refit that it did not refit (no finite solution) is repaired now,
-    // after the layers that read it were fitted on it unrepaired: late, but as it would
-    // otherwise stay.
+    // A layer left unrepaired to the refit that it did not refit (no finite solution) is
+    // repaired now, after the layers that read it were fitted on it unrepaired: late, but
+    // as it would otherwise stay.
     let missed: HashSet<String> = refits
         .iter()
         .filter(|l| !refitted_layers.contains(&l.weight))
         .flat_map(|l| l.initializers().cloned())
+        .filter(|i| left_unrepaired.contains(i))
         .collect();
     if opts.repair_samples > 0 && !missed.is_empty() {
         let r = repair(&mut merged, &repair::Layers::Only(&missed))?;

@@ -84,9 +84,9 @@ pub(super) fn cluster_columns(
 pub struct RepairReport {
     pub layers: usize,
     pub batch_norms: usize,
-    /// The weights of the layers it would have corrected and left to the refit
-    /// (`Layers::Unless`): the refit leans on their corrected weights instead
-    /// (`output_fit::Fit::repair_anchors`).
+    /// What it would have corrected and left to the refit (`Layers::Unless`), as `Layers`
+    /// names it (layers' weights, BatchNorms' running means): the refit leans on those
+    /// layers' corrected weights instead (`output_fit::Fit::repair_anchors`).
     pub left: HashSet<String>,
 }
 
@@ -189,7 +189,11 @@ pub fn repair(
     if !picked.contains(&true) {
         return Ok(RepairReport {
             left: match layers {
-                Layers::Unless(_) => producers.into_iter().map(|p| p.weight).collect(),
+                Layers::Unless(_) => producers
+                    .into_iter()
+                    .map(|p| p.weight)
+                    .chain(norms.into_iter().map(|n| n.mean))
+                    .collect(),
                 _ => HashSet::new(),
             },
             ..Default::default()
