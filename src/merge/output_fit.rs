@@ -1459,7 +1459,10 @@ fn apply(
         w0.slice_mut(ndarray::s![..inputs, ..]).assign(&w_in_out);
         w0.row_mut(inputs)
             .assign(&ndarray::ArrayView1::from(&composite_bias[units.clone()]));
-        if let Some((mean, sd)) = repair_goal.filter(|_| norm.is_none()) {
+        // A goal narrower than the layer's units leaves the anchor at the merged weights.
+        if let Some((mean, sd)) =
+            repair_goal.filter(|(mean, sd)| norm.is_none() && mean.len().min(sd.len()) >= units.end)
+        {
             let (mean, sd) = (
                 mean.slice(ndarray::s![units.clone()]).to_owned(),
                 sd.slice(ndarray::s![units.clone()]).to_owned(),
