@@ -1264,7 +1264,7 @@ fn find_matchings(
     timer: &mut Timer,
 ) -> Result<Matching> {
     // The similarity matrices' recycled allocation (`stats::spare`) lives as long as this.
-    let _spare = crate::stats::spare::Released;
+    let spare = crate::stats::spare::Released;
     let Later {
         repair_taps,
         refit_outputs: keep,
@@ -1735,7 +1735,7 @@ fn find_matchings(
             v.1 = format!("{} (cca: kept a permutation: {why})", v.1);
         }
     }
-    crate::stats::spare::release();
+    drop(spare);
     timer.lap("matching");
     Ok(Matching {
         m,

@@ -44,6 +44,7 @@ use super::conv_patches::{group_weights, ConvGeometry};
 use super::frontier::Frontier;
 use super::repair::Segment;
 use super::store_float;
+use super::taps::UnitMoments;
 use super::units::{Layout, Matchings};
 use super::weights::as_f64;
 use crate::error::{Error, Result};
@@ -392,39 +393,22 @@ pub struct Fit<'a> {
     pub repair_anchors: &'a HashSet<String>,
 }
 
-/// Per endpoint, per output unit, Σt and Σt² over a layer's fit rows: the statistics repair
-/// would have corrected it to (`repair::cluster_goal_of`).
-struct Anchor {
-    sums: Vec<(ndarray::Array1<f64>, ndarray::Array1<f64>)>,
-    rows: usize,
-}
+/// Per endpoint, its output units' moments over a layer's fit rows: the statistics repair
+/// would have corrected the layer to (`repair::cluster_goal_of`).
+struct Anchor(Vec<UnitMoments>);
 
 impl Anchor {
-    fn add(&mut self, outputs: &[&Array2<f64>], rows: usize) {
-        if self.sums.is_empty() {
-            self.sums = outputs
+    fn add(&mut self, outputs: &[&Array2<f64>], rows: usize, name: &str) -> Result<()> {
+        if self.0.is_empty() {
+            self.0 = outputs
                 .iter()
-                .map(|t| {
-                    (
-                        ndarray::Array1::zeros(t.ncols()),
-                        ndarray::Array1::zeros(t.ncols()),
-                    )
-                })
+                .map(|t| UnitMoments::new(t.ncols()))
                 .collect();
         }
-        for ((sum, squares), t) in self.sums.iter_mut().zip(outputs) {
-            // Unit by unit along each row: independent sums, which the compiler vectorises.
-            for row in t.rows().into_iter().take(rows) {
-                ndarray::Zip::from(&mut *sum)
-                    .and(&mut *squares)
-                    .and(&row)
-                    .for_each(|s, q, &v| {
-                        *s += v;
-                        *q += v * v;
-                    });
-            }
+        for (moments, t) in self.0.iter_mut().zip(outputs) {
+            moments.add_rows(t.slice(ndarray::s![..rows.min(t.nrows()), ..]), name)?;
         }
-        self.rows += rows;
+        Ok(())
     }
 
     /// Per merged unit, the repair goal (mean, standard deviation).
@@ -433,16 +417,7 @@ impl Anchor {
         layer: &OutputLayer,
         m: &Matchings,
     ) -> (ndarray::Array1<f64>, ndarray::Array1<f64>) {
-        let n = self.rows.max(1) as f64;
-        let stats: Vec<_> = self
-            .sums
-            .iter()
-            .map(|(sum, squares)| {
-                let mean = sum / n;
-                let sd = (squares / n - &mean * &mean).mapv(|v| v.max(0.0).sqrt());
-                (mean, sd)
-            })
-            .collect();
+        let stats: Vec<_> = self.0.iter().map(UnitMoments::mean_std).collect();
         super::repair::cluster_goal_of(&stats, &layer.segments, m)
     }
 }
@@ -850,10 +825,9 @@ pub fn refit(
     let mut anchors: Vec<Option<Anchor>> = layers
         .iter()
         .map(|l| {
-            fit.repair_anchors.contains(&l.weight).then(|| Anchor {
-                sums: Vec::new(),
-                rows: 0,
-            })
+            fit.repair_anchors
+                .contains(&l.weight)
+                .then(|| Anchor(Vec::new()))
         })
         .collect();
     for (b, &(start, end)) in ranges.iter().enumerate() {
@@ -961,7 +935,7 @@ pub fn refit(
             }
             let rows = target.nrows();
             if let Some(anchor) = anchors[k].as_mut() {
-                anchor.add(&outputs, rows);
+                anchor.add(&outputs, rows, &layer.output)?;
             }
             match &layer.patches {
                 Some(geometry) => {
@@ -1293,8 +1267,7 @@ impl System {
         if n == 0.0 || w0.nrows() != d + 1 {
             return;
         }
-        let gram = Array2::from_shape_fn((d + 1, d + 1), |(i, j)| self.gram.get(i, j));
-        let gw = gram.dot(&*w0);
+        let gw = self.gram.to_full().dot(&*w0);
         let mean = gw.row(d).mapv(|v| v / n);
         let sd: ndarray::Array1<f64> = (0..w0.ncols())
             .map(|j| {

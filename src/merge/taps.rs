@@ -347,6 +347,31 @@ impl UnitMoments {
         Ok(())
     }
 
+    /// Folds in rows of f64 values, one unit per column (a layer's output as the refit reads
+    /// it). NaN and ±inf count as 0.
+    pub fn add_rows(&mut self, rows: ndarray::ArrayView2<'_, f64>, name: &str) -> Result<()> {
+        if rows.ncols() != self.sum.len() {
+            return Err(Error::tensor(
+                name,
+                format!("{} units, expected {}", rows.ncols(), self.sum.len()),
+            ));
+        }
+        let finite = |x: f64| if x.is_finite() { x } else { 0.0 };
+        // Unit by unit along each row: independent sums, which the compiler vectorises.
+        for row in rows.rows() {
+            ndarray::Zip::from(&mut self.sum)
+                .and(&mut self.sumsq)
+                .and(&row)
+                .for_each(|s, q, &x| {
+                    let x = finite(x);
+                    *s += x;
+                    *q += x * x;
+                });
+        }
+        self.count += rows.nrows() as u64;
+        Ok(())
+    }
+
     /// Folds in one batch's per-unit mean and (biased) variance over `n` samples: pooled, the
     /// batches give the moments of all of them.
     pub fn add_batch(&mut self, n: u64, mean: &[f32], var: &[f32]) {
