@@ -92,13 +92,12 @@ impl RowBlock {
 
     fn build(z: ArrayView2<f64>, models: usize, keep: bool) -> RowBlock {
         let models = parts(z.nrows(), models);
-        let (mean, sumsq) = row_moments(z);
-        let centred = centre_rows(z, &mean);
+        let read = read_rows(z, None, keep.then_some(models), Vec::new());
         let w = z.nrows() / models;
         let mut pairs = Vec::new();
         for a in 0..models {
             for b in a..models {
-                let gram = pair_gram(a, b, w, centred.view());
+                let gram = pair_gram(a, b, w, read.centred.view());
                 pairs.push(Pair {
                     a,
                     b,
@@ -107,18 +106,13 @@ impl RowBlock {
                 });
             }
         }
-        let columns = keep.then(|| {
-            let hashes = (0..models)
-                .map(|k| column_hashes(centred.slice(s![k * w..(k + 1) * w, ..])))
-                .collect();
-            (centred, hashes)
-        });
+        let columns = read.hashes.map(|hashes| (read.centred, hashes));
         RowBlock {
             models,
             pairs,
-            centre: mean.clone(),
-            mean,
-            sumsq,
+            centre: read.mean.clone(),
+            mean: read.mean,
+            sumsq: read.sumsq,
             features: z.ncols(),
             columns,
         }
@@ -142,11 +136,14 @@ impl RowBlock {
             *self = RowBlock::updatable(z, self.models);
             return z.ncols();
         };
-        let new = centre_rows_into(z, &self.centre, std::mem::take(spare));
+        let read = read_rows(
+            z,
+            Some(&self.centre),
+            Some(self.models),
+            std::mem::take(spare),
+        );
+        let (new, hashes) = (read.centred, read.hashes.unwrap_or_default());
         let w = z.nrows() / self.models;
-        let hashes: Vec<Vec<Hash>> = (0..self.models)
-            .map(|k| column_hashes(part(&new, k, w)))
-            .collect();
         let mut touched = vec![false; z.ncols()];
         for pair in &mut self.pairs {
             let (a, b) = (pair.a, pair.b);
@@ -167,22 +164,21 @@ impl RowBlock {
                 touched.fill(true);
                 continue;
             }
-            let (old_a, old_b) = (part(&old, a, w), part(&old, b, w));
-            let (new_a, new_b) = (part(&new, a, w), part(&new, b, w));
-            pair.gram.add(
-                columns_of(old_a, &removed).view(),
-                columns_of(old_b, &removed).view(),
-                -1.0,
-            );
-            pair.gram.add(
-                columns_of(new_a, &added).view(),
-                columns_of(new_b, &added).view(),
-                1.0,
-            );
+            // A pair within one part reads its columns once (`add` reads `x` alone there).
+            let gather = |x: &Array2<f32>, idx: &[usize]| {
+                let of_a = columns_of(part(x, a, w), idx);
+                let of_b = (a != b).then(|| columns_of(part(x, b, w), idx));
+                (of_a, of_b)
+            };
+            for (x, idx, beta) in [(&old, &removed, -1.0), (&new, &added, 1.0)] {
+                let (of_a, of_b) = gather(x, idx);
+                let of_b = of_b.as_ref().unwrap_or(&of_a);
+                pair.gram.add(of_a.view(), of_b.view(), beta);
+            }
             pair.updates += 1;
             added.iter().for_each(|&j| touched[j] = true);
         }
-        (self.mean, self.sumsq) = row_moments(z);
+        (self.mean, self.sumsq) = (read.mean, read.sumsq);
         self.columns = Some((new, hashes));
         *spare = old.into_raw_vec_and_offset().0;
         touched.iter().filter(|&&t| t).count()
@@ -301,44 +297,62 @@ fn column_difference<K: std::hash::Hash + Eq>(
     (added, removed)
 }
 
-/// Two independent multiplicative hashes of each column's bits, built row by row (a column of
-/// a row-major matrix is strided: reading columns one by one cost more than the Gram update
-/// it saves).
-fn column_hashes(x: ArrayView2<f32>) -> Vec<Hash> {
-    let mut h = vec![(0xcbf2_9ce4_8422_2325u64, 0x9e37_79b9_7f4a_7c15u64); x.ncols()];
-    for row in x.rows() {
-        for (h, v) in h.iter_mut().zip(row) {
-            let bits = u64::from(v.to_bits());
-            h.0 = (h.0 ^ bits).wrapping_mul(0x0000_0100_0000_01b3);
-            h.1 = (h.1 ^ bits.rotate_left(17)).wrapping_mul(0xff51_afd7_ed55_8ccd);
+/// A column's two independent multiplicative hashes before any value.
+const HASH_SEED: Hash = (0xcbf2_9ce4_8422_2325, 0x9e37_79b9_7f4a_7c15);
+
+/// Folds one value's bits into its column's hashes (rows in order).
+fn hash_value(h: &mut Hash, v: f32) {
+    let bits = u64::from(v.to_bits());
+    h.0 = (h.0 ^ bits).wrapping_mul(0x0000_0100_0000_01b3);
+    h.1 = (h.1 ^ bits.rotate_left(17)).wrapping_mul(0xff51_afd7_ed55_8ccd);
+}
+
+/// Σv and Σv² of a row (non-finite values as 0), in eight interleaved sums: one running sum
+/// waited on each addition's latency, and was most of `read_rows`' time.
+fn row_sums(row: &[f64]) -> (f64, f64) {
+    const LANES: usize = 8;
+    let finite = |v: f64| if v.is_finite() { v } else { 0.0 };
+    let (mut s, mut q) = ([0.0; LANES], [0.0; LANES]);
+    let chunks = row.chunks_exact(LANES);
+    let tail = chunks.remainder();
+    for chunk in chunks {
+        for k in 0..LANES {
+            let v = finite(chunk[k]);
+            s[k] += v;
+            q[k] += v * v;
         }
     }
-    h
+    for (k, &v) in tail.iter().enumerate() {
+        let v = finite(v);
+        s[k] += v;
+        q[k] += v * v;
+    }
+    (s.iter().sum(), q.iter().sum())
 }
 
-/// Per row: the mean and Σv² (non-finite values as 0).
-fn row_moments(z: ArrayView2<f64>) -> (Vec<f64>, Vec<f64>) {
-    let n = z.ncols().max(1) as f64;
-    z.rows()
-        .into_iter()
-        .map(|row| {
-            let (s, q) = row.iter().fold((0.0, 0.0), |(s, q), &v| {
-                let v = if v.is_finite() { v } else { 0.0 };
-                (s + v, q + v * v)
-            });
-            (s / n, q)
-        })
-        .unzip()
+/// What one read of member vectors `z` gives a block: per row the mean and Σv² (non-finite
+/// values as 0), the rows minus their centre as f32, and (where asked) each part's column
+/// hashes.
+struct Read {
+    centred: Array2<f32>,
+    hashes: Option<Vec<Vec<Hash>>>,
+    mean: Vec<f64>,
+    sumsq: Vec<f64>,
 }
 
-/// `z` minus `centre` per row, as f32 (non-finite values as 0).
-fn centre_rows(z: ArrayView2<f64>, centre: &[f64]) -> Array2<f32> {
-    centre_rows_into(z, centre, Vec::new())
-}
-
-/// `centre_rows` written into `buffer`'s allocation, unless that is far larger: the block
-/// keeps what it is given, and its bytes count the columns, not the allocation.
-fn centre_rows_into(z: ArrayView2<f64>, centre: &[f64], mut buffer: Vec<f32>) -> Array2<f32> {
+/// Reads `z` row by row, each row while it is in cache: its moments, then the row minus
+/// `centre` (its own mean where `centre` is `None`; zeros past `centre`'s end) into `buffer`'s
+/// allocation, and with `parts` the column hashes of each of that many equal row parts. Three
+/// passes over the whole matrix (moments, centring, hashing) were a fifth of a ResNet-18
+/// pair's matching; the row's sequential f64 sum, whose order the moments keep, now hides
+/// the rest. The buffer is dropped where it is far larger than `z`: the block keeps what it
+/// is given, and its bytes count the columns, not the allocation.
+fn read_rows(
+    z: ArrayView2<f64>,
+    centre: Option<&[f64]>,
+    parts: Option<usize>,
+    mut buffer: Vec<f32>,
+) -> Read {
     if buffer.capacity() > z.len() + z.len() / 8 {
         buffer = Vec::new();
     }
@@ -346,17 +360,46 @@ fn centre_rows_into(z: ArrayView2<f64>, centre: &[f64], mut buffer: Vec<f32>) ->
     // of a ResNet-18 pair's matching.
     buffer.clear();
     buffer.reserve(z.len());
-    let centred = |c: f64| move |&v: &f64| ((if v.is_finite() { v } else { 0.0 }) - c) as f32;
-    for (k, src) in z.rows().into_iter().enumerate() {
-        match (centre.get(k), src.as_slice()) {
-            (Some(&c), Some(row)) => buffer.extend(row.iter().map(centred(c))),
-            (Some(&c), None) => buffer.extend(src.iter().map(centred(c))),
-            (None, _) => buffer.extend(std::iter::repeat_n(0.0, src.len())),
+    let w = parts.map_or(0, |p| z.nrows() / p.max(1));
+    let mut hashes = parts.map(|p| vec![vec![HASH_SEED; z.ncols()]; p.max(1)]);
+    let n = z.ncols().max(1) as f64;
+    let (mut mean, mut sumsq) = (Vec::with_capacity(z.nrows()), Vec::with_capacity(z.nrows()));
+    let finite = |v: f64| if v.is_finite() { v } else { 0.0 };
+    let mut strided = Vec::new();
+    for (k, row) in z.rows().into_iter().enumerate() {
+        // A slice, so that the centring below is a vectorised copy (ndarray's iterator
+        // into `extend` was pushed element by element).
+        let src = match row.as_slice() {
+            Some(src) => src,
+            None => {
+                strided.clear();
+                strided.extend(row.iter());
+                &strided[..]
+            }
+        };
+        let (s, q) = row_sums(src);
+        mean.push(s / n);
+        sumsq.push(q);
+        let start = buffer.len();
+        match centre.map_or(Some(s / n), |c| c.get(k).copied()) {
+            Some(c) => buffer.extend(src.iter().map(|&v| (finite(v) - c) as f32)),
+            None => buffer.extend(std::iter::repeat_n(0.0, src.len())),
+        }
+        if let Some(h) = hashes.as_mut().and_then(|h| h.get_mut(k / w.max(1))) {
+            for (h, &v) in h.iter_mut().zip(&buffer[start..]) {
+                hash_value(h, v);
+            }
         }
     }
-    match Array2::from_shape_vec(z.dim(), buffer) {
+    let centred = match Array2::from_shape_vec(z.dim(), buffer) {
         Ok(out) => out,
         Err(_) => unreachable!("one value per row and column"),
+    };
+    Read {
+        centred,
+        hashes,
+        mean,
+        sumsq,
     }
 }
 
@@ -491,6 +534,54 @@ mod tests {
                 + 0.2 * j as f64
                 + 0.01 * (i * j) as f64 % 0.3
         })
+    }
+
+    /// One read per row gives what separate passes give: the moments (non-finite values as
+    /// 0), the rows minus the given centre (or their own mean), and each part's column
+    /// hashes, equal for equal columns and apart for others; a strided view reads alike.
+    #[test]
+    fn one_read_gives_the_passes_it_replaced() {
+        let mut z = stacked(4, 21);
+        z[[1, 3]] = f64::NAN;
+        z[[6, 20]] = f64::INFINITY;
+        let two = z.column(2).to_owned();
+        z.column_mut(7).assign(&two); // equal columns hash alike
+        let finite = |v: f64| if v.is_finite() { v } else { 0.0 };
+        let centre: Vec<f64> = (0..8).map(|i| 0.5 * i as f64 - 1.0).collect();
+        for given in [None, Some(&centre[..])] {
+            let read = read_rows(z.view(), given, Some(2), Vec::new());
+            for (i, row) in z.rows().into_iter().enumerate() {
+                let s: f64 = row.iter().map(|&v| finite(v)).sum();
+                let q: f64 = row.iter().map(|&v| finite(v) * finite(v)).sum();
+                assert!((read.mean[i] - s / 21.0).abs() < 1e-12, "mean of row {i}");
+                assert!(
+                    (read.sumsq[i] - q).abs() < 1e-9 * q.max(1.0),
+                    "Σv² of row {i}"
+                );
+                let c = given.map_or(s / 21.0, |c| c[i]);
+                for (j, &v) in row.iter().enumerate() {
+                    assert_eq!(read.centred[[i, j]], (finite(v) - c) as f32, "({i}, {j})");
+                }
+            }
+            let hashes = read.hashes.expect("asked for");
+            for (k, part) in hashes.iter().enumerate() {
+                let rows = read.centred.slice(s![k * 4..(k + 1) * 4, ..]);
+                for (j, column) in rows.columns().into_iter().enumerate() {
+                    let mut h = HASH_SEED;
+                    column.iter().for_each(|&v| hash_value(&mut h, v));
+                    assert_eq!(part[j], h, "hash of column {j} of part {k}");
+                }
+                assert_eq!(part[7], part[2]);
+                assert_ne!(part[7], part[3]);
+            }
+        }
+        // A strided (transposed twice over a copy) view reads as the contiguous one.
+        let t = z.t().to_owned();
+        let strided = read_rows(t.t(), None, None, Vec::new());
+        let contiguous = read_rows(z.view(), None, None, Vec::new());
+        assert!(strided.hashes.is_none());
+        assert_eq!(strided.mean, contiguous.mean);
+        assert_eq!(strided.centred, contiguous.centred);
     }
 
     #[test]
