@@ -159,8 +159,7 @@ pub fn member_vectors(
             .filter(|&(d, _)| d != member.axis)
             .map(|(_, &n)| n)
             .product();
-        let d =
-            *dims.get_or_insert_with(|| zeroed(out, (weights.len() * g.width, lanes[0] * lane)));
+        let d = *dims.get_or_insert_with(|| sized(out, (weights.len() * g.width, lanes[0] * lane)));
         let mut out = ArrayViewMut2::from_shape(d, &mut out[..]).ok()?;
         let rows = Lanes {
             axis: member.axis,
@@ -177,9 +176,11 @@ pub fn member_vectors(
     dims
 }
 
-/// `buffer` as `dims.0 × dims.1` zeros (its allocation kept when it is large enough).
-fn zeroed(buffer: &mut Vec<f64>, dims: (usize, usize)) -> (usize, usize) {
-    buffer.clear();
+/// `buffer` holding `dims.0 × dims.1` values, whatever they are: every lane's scatter writes
+/// (or zeroes, then adds into) all of its row's values, while they are in cache. Zeroing the
+/// whole buffer first was a pass through memory of its own (5 % of a ResNet-18 pair's
+/// matching).
+fn sized(buffer: &mut Vec<f64>, dims: (usize, usize)) -> (usize, usize) {
     buffer.resize(dims.0 * dims.1, 0.0);
     dims
 }
@@ -203,7 +204,7 @@ struct Lanes<'a> {
 }
 
 impl Lanes<'_> {
-    /// Writes `w`'s lanes into `out` (zeros there), with `mapped` (an axis, its lanes' single
+    /// Writes `w`'s lanes into `out` (every value of their rows), with `mapped` (an axis, its lanes' single
     /// entries, its new width) scattered on the way: the values `apply_axis` and a copy give,
     /// by the same f64 additions in the same order (into each new index, from 0, its source
     /// lanes in ascending order). Reads `w`'s contiguous runs in place (a lane of a consumer's
@@ -252,6 +253,7 @@ impl Lanes<'_> {
             if entries.len() != shape[b] {
                 return None;
             }
+            dst.fill(0.0);
             for p in 0..pre {
                 for (l, hit) in entries.iter().enumerate() {
                     let Some((j, v)) = *hit else { continue };
@@ -331,6 +333,7 @@ impl Lanes<'_> {
             // [pre, lanes, across]: lane k is `pre` contiguous runs of `across`.
             for (k, start) in starts.iter().enumerate() {
                 let Some(start) = *start else { continue };
+                out.get_mut(start..start + self.lane)?.fill(0.0);
                 for p in 0..pre {
                     let from = src.get((p * lanes + k) * across..(p * lanes + k + 1) * across)?;
                     let to = out.get_mut(start + p * m.new..start + (p + 1) * m.new)?;
@@ -346,6 +349,9 @@ impl Lanes<'_> {
         // [pre, across, lanes]: lane k is element k of every source row.
         for k0 in (0..lanes).step_by(BLOCK) {
             let k1 = (k0 + BLOCK).min(lanes);
+            for start in starts[k0..k1].iter().flatten() {
+                out.get_mut(*start..*start + self.lane)?.fill(0.0);
+            }
             for p in 0..pre {
                 for (l, hit) in m.entries.iter().enumerate() {
                     let Some((j, v)) = *hit else { continue };
@@ -549,7 +555,8 @@ mod tests {
                     .filter(|&d| d != member)
                     .map(|d| out_shape[d])
                     .product();
-                let mut out = ndarray::Array2::<f64>::zeros((width, lanes * lane));
+                // Stale values (NaN) where the rows go: every one must be written.
+                let mut out = ndarray::Array2::<f64>::from_elem((width, lanes * lane), f64::NAN);
                 let rows = Lanes {
                     axis: member,
                     units: &units,
