@@ -9,6 +9,10 @@
 # docs/benchmarks-real.md.
 #
 # usage: scripts/bench-real.sh [--samples N] [--models resnet18,resnet50,vit_b16] [--write]
+#        scripts/bench-real.sh --bundled resnet20_bn_folded[,vit,...]
+#   --bundled: the same table for bundled pairs (fixtures/models/<pair>_a/_b.onnx over all of
+#   fixtures/data/calib.npz, mudsc's defaults), with no model generation and no PyTorch: it
+#   uses $BENCH_PYTHON, else .venv (scripts/setup.sh), for numpy and onnx.
 # environment: BENCH_CACHE (models and calibration set; default
 #   ${XDG_CACHE_HOME:-$HOME/.cache}/mudsc-bench), BENCH_THREADS (PyTorch threads while
 #   generating, default 1), GEMM_GFLOPS and GEMM_GFLOPS_F32 (the f64 and f32 GEMM peaks in
@@ -34,6 +38,7 @@ cd "$root"
 samples=256
 models=resnet18,resnet50,vit_b16
 write=0
+bundled=0
 while [ $# -gt 0 ]; do
     case "$1" in
         --samples) samples="$2"; shift 2 ;;
@@ -41,10 +46,16 @@ while [ $# -gt 0 ]; do
         --models) models="$2"; shift 2 ;;
         --models=*) models="${1#*=}"; shift ;;
         --write) write=1; shift ;;
+        --bundled) bundled=1; models="$2"; shift 2 ;;
+        --bundled=*) bundled=1; models="${1#*=}"; shift ;;
         -h|--help) sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//'; exit 0 ;;
         *) echo "bench-real.sh: unknown argument '$1' (see --help)" >&2; exit 2 ;;
     esac
 done
+if [ "$bundled" = 1 ] && [ "$write" = 1 ]; then
+    echo "bench-real.sh: --write saves the real-size table; print the bundled one instead" >&2
+    exit 2
+fi
 cache="${BENCH_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/mudsc-bench}"
 mudsc="$root/target/release/mudsc"
 if [ ! -x "$mudsc" ]; then
@@ -70,6 +81,9 @@ revision="commit $(git -C "$root" rev-parse --short HEAD 2>/dev/null || echo unk
 # The virtual environment, (re)installed when the pins change, unless $BENCH_PYTHON is given.
 if [ -n "${BENCH_PYTHON:-}" ]; then
     py="$BENCH_PYTHON"
+elif [ "$bundled" = 1 ]; then
+    py="$root/.venv/bin/python"
+    [ -x "$py" ] || { echo "bench-real.sh: --bundled needs .venv (bash scripts/setup.sh) or \$BENCH_PYTHON" >&2; exit 1; }
 else
     venv="$root/.venv-bench"
     pins="$root/scripts/bench/requirements.txt"
@@ -102,14 +116,24 @@ else
 fi
 echo "$gemm_note" >&2
 
-start=$(date +%s)
-"$py" "$root/scripts/bench/make_real.py" "$cache" --models "$models" --samples "$samples" >&2
-echo "Models and calibration set ready in $cache ($(( $(date +%s) - start )) s)." >&2
+if [ "$bundled" = 1 ]; then
+    # The bundled pairs and calibration set (every sample of it, as a merge takes by default).
+    cache="$root/fixtures/models"
+    calib="$root/fixtures/data/calib.npz"
+    samples="$("$py" -c "import numpy as np, sys; print(len(np.load(sys.argv[1])['input']))" "$calib")"
+else
+    start=$(date +%s)
+    "$py" "$root/scripts/bench/make_real.py" "$cache" --models "$models" --samples "$samples" >&2
+    echo "Models and calibration set ready in $cache ($(( $(date +%s) - start )) s)." >&2
+    calib="$cache/calib.npz"
+fi
 
 work="$(mktemp -d)"
 trap 'rm -rf "$work"' EXIT
 "$py" -c "import numpy as np, sys; np.savez(sys.argv[2], input=np.load(sys.argv[1])['input'][:1])" \
-    "$cache/calib.npz" "$work/one.npz"
+    "$calib" "$work/one.npz"
+# One sample's input shape, for the groups' tap shapes.
+shape="$("$py" -c "import numpy as np, sys; print(','.join(map(str, np.load(sys.argv[1])['input'].shape)))" "$work/one.npz")"
 
 pairs=()
 IFS=, read -r -a pairs <<< "$models"
@@ -120,7 +144,7 @@ for pair in "${pairs[@]}"; do
     a="$cache/${pair}_a.onnx"
     b="$cache/${pair}_b.onnx"
     # Groups and the shapes of their calibration taps (one image through model A).
-    "$mudsc" groups "$a" --json --shape input=1,3,224,224 > "$d/groups.json"
+    "$mudsc" groups "$a" --json --shape "input=$shape" > "$d/groups.json"
     taps="$("$py" -c "import json, sys; print(','.join(sorted({g['tap'] for g in json.load(open(sys.argv[1]))['groups'] if g.get('tap')})))" "$d/groups.json")"
     extra=()
     [ -z "$taps" ] || extra=(--extra "$taps")
@@ -129,13 +153,13 @@ for pair in "${pairs[@]}"; do
     for s in a b; do
         echo "$pair: forward passes of model ${s^^} over $samples samples ..." >&2
         /usr/bin/time -f "%e %M" -o "$d/bare_$s.time" \
-            "$mudsc" run "$cache/${pair}_$s.onnx" --input "$cache/calib.npz" --backend ort "${batch_args[@]}" > /dev/null
+            "$mudsc" run "$cache/${pair}_$s.onnx" --input "$calib" --backend ort "${batch_args[@]}" > /dev/null
         echo "  $(cat "$d/bare_$s.time") (s, KiB)" >&2
     done
     # The merge.
     echo "$pair: merge ..." >&2
     /usr/bin/time -f "%e %M" -o "$d/merge.time" \
-        "$mudsc" merge "$a" "$b" -o "$d/merged.onnx" --calib "$cache/calib.npz" --backend ort \
+        "$mudsc" merge "$a" "$b" -o "$d/merged.onnx" --calib "$calib" --backend ort \
         "${batch_args[@]}" --report "$d/report.json" > "$d/merge.log" 2>&1 || {
             echo "bench-real.sh: the merge of $pair failed:" >&2
             grep -v '^Command exited' "$d/merge.log" | tail -5 | tee "$d/failed" >&2
@@ -145,6 +169,12 @@ for pair in "${pairs[@]}"; do
     echo "  $(tail -1 "$d/merge.time") (s, KiB)" >&2
     # A CUDA provider that did not start leaves the merge on the CPU with a warning: show it.
     grep -i 'cuda' "$d/merge.log" >&2 || true
+    # The bare forward pass of the merged model: the one more pass that repair (and a refit
+    # that runs one) needs, for the limit that counts it.
+    echo "$pair: forward passes of the merged model over $samples samples ..." >&2
+    /usr/bin/time -f "%e %M" -o "$d/bare_merged.time" \
+        "$mudsc" run "$d/merged.onnx" --input "$calib" --backend ort "${batch_args[@]}" > /dev/null
+    echo "  $(cat "$d/bare_merged.time") (s, KiB)" >&2
     rm -f "$d/merged.onnx"
 done
 
@@ -182,7 +212,10 @@ if [ "$write" = 1 ]; then
         echo "  (2·width)² flops (the joint A‖B matrix, full: the issue's definition; mudsc computes its upper triangle, about half),"
         echo "  at the kernel's f64 peak · at its f32 peak (calibration multiplies in f32, sums in f64)."
         echo "- limit: bare passes + Σxxᵀ at peak, f64 · f32. The repair's forward passes are not in it."
-        echo "- calibration, matching, repair: \`mudsc merge --backend ort\` (mudsc-zip, batch $batch),"
+        echo "- merged pass s: \`mudsc run\` of the merged model over the calibration set, the one pass"
+        echo "  of it that repair needs (counted where the merge repaired or refitted a layer); ÷ limit"
+        echo "  with it: total ÷ (the f64 limit + that pass)."
+        echo "- calibration, matching, repair, refit: \`mudsc merge --backend ort\` (mudsc-zip, batch $batch),"
         echo "  seconds of those phases in its report; other: the rest (read, discovery, statistics,"
         echo "  rewrite, write, ...); total: the sum of all phases."
         echo "- peak RSS: the merge process's peak resident memory; ÷ model bytes: over both model files."

@@ -8,6 +8,7 @@ Per pair directory (``WORK/<pair>``):
   ``taps.npz``      ``mudsc run A.onnx --extra <taps>`` on one image: each tap's shape
   ``bare_a.time``, ``bare_b.time``  ``/usr/bin/time -f "%e %M"`` of ``mudsc run`` over the
                     calibration set (the bare forward passes of each endpoint)
+  ``bare_merged.time``  the same for the merged model (optional: older runs lack it)
   ``report.json``   ``mudsc merge --report``: seconds per phase, peak resident memory
 and the models themselves, ``CACHE/<pair>_a.onnx`` and ``_b.onnx``.
 
@@ -18,7 +19,9 @@ the issue's definition; mudsc computes its upper triangle, about half), one row 
 calibration sample and tap position (every element of the tap that is neither the batch nor
 the unit axis), 2 flops per multiply-add:
     Σ_groups 2 · samples · positions · (2·width)²  /  GEMM flop/s.
-It leaves out the repair's forward passes, so the repair counts as overhead. Two peaks give two
+It leaves out the repair's forward passes, so the repair counts as overhead. A merge that
+repairs (or refits a layer) needs one pass of the merged model besides: the column "÷ limit with it"
+divides by the f64 limit plus that pass, measured as the endpoints' are. Two peaks give two
 limits, shown as "f64 · f32" in one cell: the f64 peak (moments accumulated in f64, the
 issue's reading) and the f32 peak (calibration multiplies in f32, so this is the limit its
 own kernel could reach, the stricter one).
@@ -34,8 +37,8 @@ import sys
 import numpy as np
 import onnx
 
-PHASES_SHOWN = ("calibration", "matching", "repair")
-COLUMNS = 15
+PHASES_SHOWN = ("calibration", "matching", "repair", "refit")
+COLUMNS = 18
 
 
 def parameters(path: str) -> int:
@@ -94,6 +97,10 @@ def row(cache: str, work: str, pair: str, samples: int, peaks: tuple[float, floa
     flops, notes = statistics_flops(groups, taps, used)
     stats_s = [flops / (gflops * 1e9) for gflops in peaks]
     limits = [bare + s for s in stats_s]
+    merged_time = os.path.join(d, "bare_merged.time")
+    merged = float(_last_line(merged_time).split()[0]) if os.path.exists(merged_time) else None
+    needs_merged = report.get("repaired_layers", 0) > 0 or bool(report.get("refitted_layers"))
+    with_merged = limits[0] + (merged if needs_merged else 0.0) if merged is not None else None
     seconds = report["seconds"]
     total = sum(seconds.values())
     shown = [seconds.get(p, 0.0) for p in PHASES_SHOWN]
@@ -112,6 +119,8 @@ def row(cache: str, work: str, pair: str, samples: int, peaks: tuple[float, floa
         "%.1f" % other,
         "%.1f" % total,
         " · ".join("%.2f" % (total / l) if l > 0 else "–" for l in limits),
+        "–" if merged is None else "%.1f" % merged + ("" if needs_merged else " (not needed)"),
+        "–" if not with_merged else "%.2f" % (total / with_merged),
         "%.0f" % peak,
         "%.2f" % (peak * 2**20 / (size_a + size_b)),
     ]
@@ -132,8 +141,9 @@ def row(cache: str, work: str, pair: str, samples: int, peaks: tuple[float, floa
 
 HEADER = (
     "| pair | params per model (M) | model MiB | samples | bare passes s | Σxxᵀ at peak s (f64 · f32) | limit s (f64 · f32) "
-    "| calibration | matching | repair | other | total s | total ÷ limit (f64 · f32) | peak RSS MiB | peak ÷ model bytes |\n"
-    "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"
+    "| calibration | matching | repair | refit | other | total s | total ÷ limit (f64 · f32) | merged pass s | ÷ limit with it | peak RSS MiB "
+    "| peak ÷ model bytes |\n"
+    "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"
 )
 
 
