@@ -204,12 +204,12 @@ struct Lanes<'a> {
 }
 
 impl Lanes<'_> {
-    /// Writes `w`'s lanes into `out` (every value of their rows), with `mapped` (an axis, its lanes' single
-    /// entries, its new width) scattered on the way: the values `apply_axis` and a copy give,
-    /// by the same f64 additions in the same order (into each new index, from 0, its source
-    /// lanes in ascending order). Reads `w`'s contiguous runs in place (a lane of a consumer's
-    /// input axis is strided). `None` where `w` is not in standard layout or the shapes
-    /// disagree (the caller checks the layout).
+    /// Writes `w`'s lanes into `out` (every value of their rows), with `mapped` (an axis, its
+    /// lanes' single entries, its new width) scattered on the way: the values `apply_axis`
+    /// and a copy give, by the same f64 additions in the same order (into each new index,
+    /// from 0, its source lanes in ascending order). Reads `w`'s contiguous runs in place (a
+    /// lane of a consumer's input axis is strided). `None` where `w` is not in standard
+    /// layout or the shapes disagree (the caller checks the layout).
     fn scatter<T: Copy>(
         &self,
         w: &ArrayD<T>,

@@ -343,10 +343,10 @@ struct Read {
 /// Reads `z` row by row, each row while it is in cache: its moments, then the row minus
 /// `centre` (its own mean where `centre` is `None`; zeros past `centre`'s end) into `buffer`'s
 /// allocation, and with `parts` the column hashes of each of that many equal row parts. Three
-/// passes over the whole matrix (moments, centring, hashing) were a fifth of a ResNet-18
-/// pair's matching; the row's sequential f64 sum, whose order the moments keep, now hides
-/// the rest. The buffer is dropped where it is far larger than `z`: the block keeps what it
-/// is given, and its bytes count the columns, not the allocation.
+/// passes over the whole matrix (moments, centring, hashing) went through memory three times
+/// and were a fifth of a ResNet-18 pair's matching. The buffer is dropped where it is far
+/// larger than `z`: the block keeps what it is given, and its bytes count the columns, not
+/// the allocation.
 fn read_rows(
     z: ArrayView2<f64>,
     centre: Option<&[f64]>,
