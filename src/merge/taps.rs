@@ -157,8 +157,14 @@ pub fn add_joint(
                             (Some(src), Some(dst)) => {
                                 copy_run(&mut sums, shift, unit, filled, src, dst)
                             }
-                            _ => {
-                                // A strided view (`positions` keeps every k-th one).
+                            (None, Some(dst)) => {
+                                // A strided view (`positions` keeps every k-th one): gathered,
+                                // then copied straight into the chunk's row.
+                                strided.clear();
+                                strided.extend(src.iter());
+                                copy_run(&mut sums, shift, unit, filled, &strided, dst);
+                            }
+                            (_, None) => {
                                 strided.clear();
                                 strided.extend(src.iter());
                                 out.resize(run, 0.0);
