@@ -114,7 +114,7 @@ pub fn add_joint(
         )
         .expect("the buffer holds the chunk");
         let (mut o, mut i, mut taken) = (0, 0, 0);
-        let (mut strided, mut out) = (Vec::new(), Vec::new());
+        let mut strided = Vec::new();
         while o < outer {
             let rows = rows_per_chunk.min(samples - taken);
             // Once the moments have their shift (after their first chunk), each run is
@@ -151,27 +151,22 @@ pub fn add_joint(
                         let src = v.slice(ndarray::s![o, u, i..i + run]);
                         let mut dst =
                             chunk.slice_mut(ndarray::s![k * width + u, filled..filled + run]);
+                        let Some(dst) = dst.as_slice_mut() else {
+                            unreachable!("a row of the standard-layout chunk is contiguous")
+                        };
                         let unit = k * width + u;
                         let shift = shift.as_ref().map(|c| c[unit]);
-                        match (src.as_slice(), dst.as_slice_mut()) {
-                            (Some(src), Some(dst)) => {
-                                copy_run(&mut sums, shift, unit, filled, src, dst)
-                            }
-                            (None, Some(dst)) => {
+                        let src = match src.as_slice() {
+                            Some(src) => src,
+                            None => {
                                 // A strided view (`positions` keeps every k-th one): gathered,
                                 // then copied straight into the chunk's row.
                                 strided.clear();
                                 strided.extend(src.iter());
-                                copy_run(&mut sums, shift, unit, filled, &strided, dst);
+                                &strided[..]
                             }
-                            (_, None) => {
-                                strided.clear();
-                                strided.extend(src.iter());
-                                out.resize(run, 0.0);
-                                copy_run(&mut sums, shift, unit, filled, &strided, &mut out);
-                                dst.assign(&ndarray::ArrayView1::from(&out[..]));
-                            }
-                        }
+                        };
+                        copy_run(&mut sums, shift, unit, filled, src, dst);
                     }
                 }
                 filled += run;
