@@ -156,16 +156,9 @@ pub fn add_joint(
                         };
                         let unit = k * width + u;
                         let shift = shift.as_ref().map(|c| c[unit]);
-                        let src = match src.as_slice() {
-                            Some(src) => src,
-                            None => {
-                                // A strided view (`positions` keeps every k-th one): gathered,
-                                // then copied straight into the chunk's row.
-                                strided.clear();
-                                strided.extend(src.iter());
-                                &strided[..]
-                            }
-                        };
+                        // A strided view (`positions` keeps every k-th one) is gathered,
+                        // then copied straight into the chunk's row.
+                        let src = crate::stats::contiguous(&src, &mut strided);
                         copy_run(&mut sums, shift, unit, filled, src, dst);
                     }
                 }

@@ -300,6 +300,23 @@ fn centre_f32(mut row: ndarray::ArrayViewMut1<f32>, c: f64) -> f64 {
     sum
 }
 
+/// `v` as a slice: in place where it is contiguous, else gathered into `scratch` (a strided
+/// row or run). Slices go to vectorised loops; ndarray's iterator into `extend` or `zip` was
+/// pushed element by element.
+pub fn contiguous<'a, T: Copy>(
+    v: &'a ndarray::ArrayView1<'_, T>,
+    scratch: &'a mut Vec<T>,
+) -> &'a [T] {
+    match v.as_slice() {
+        Some(s) => s,
+        None => {
+            scratch.clear();
+            scratch.extend(v.iter());
+            scratch
+        }
+    }
+}
+
 /// Pearson correlation between the rows of `z` ([units, features]), each row a sample of its
 /// unit's values (weight vectors).
 pub fn row_correlation(z: ArrayView2<f64>) -> Array2<f64> {

@@ -367,16 +367,8 @@ fn read_rows(
     let finite = |v: f64| if v.is_finite() { v } else { 0.0 };
     let mut strided = Vec::new();
     for (k, row) in z.rows().into_iter().enumerate() {
-        // A slice, so that the centring below is a vectorised copy (ndarray's iterator
-        // into `extend` was pushed element by element).
-        let src = match row.as_slice() {
-            Some(src) => src,
-            None => {
-                strided.clear();
-                strided.extend(row.iter());
-                &strided[..]
-            }
-        };
+        // A slice, so that the centring below is a vectorised copy.
+        let src = super::contiguous(&row, &mut strided);
         let (s, q) = row_sums(src);
         mean.push(s / n);
         sumsq.push(q);
