@@ -1,14 +1,16 @@
 #!/usr/bin/env bash
-# Benchmarks mudsc on real-size model pairs at 224×224: torchvision resnet18 and resnet50 and
-# timm vit_base_patch16_224, two random-init seeds each (scripts/bench/make_real.py). Per pair:
+# Benchmarks mudsc on real-size model pairs at their real input sizes: torchvision resnet18 and
+# resnet50 and timm vit_base_patch16_224 at 224×224, and transformers' bert-base (12 layers,
+# d 768) on 128-token sequences, two random-init seeds each (scripts/bench/make_real.py;
+# bert_base only when asked for by --models). Per pair:
 # the bare forward passes of both endpoints over the calibration set (`mudsc run`, ONNX
 # Runtime, same batch as the merge), the merge (`mudsc merge --backend ort`, default method
 # mudsc-zip) with its report (seconds per phase, peak memory), and the physical limit: bare
 # passes + the Σxxᵀ statistics arithmetic at the machine's GEMM peak (see
-# scripts/bench/real_table.py). Prints a markdown table; --write also saves it to
-# docs/benchmarks-real.md.
+# scripts/bench/real_table.py). Prints a markdown table; --write also saves it as the first
+# section of docs/benchmarks-real.md (the sections after it are kept).
 #
-# usage: scripts/bench-real.sh [--samples N] [--models resnet18,resnet50,vit_b16] [--write]
+# usage: scripts/bench-real.sh [--samples N] [--models resnet18,resnet50,vit_b16,bert_base] [--write]
 #        scripts/bench-real.sh --bundled resnet20_bn_folded[,vit,...]
 #   --bundled: the same table for bundled pairs (fixtures/models/<pair>_a/_b.onnx over all of
 #   fixtures/data/calib.npz, mudsc's defaults), with no model generation and no PyTorch: it
@@ -130,10 +132,6 @@ fi
 
 work="$(mktemp -d)"
 trap 'rm -rf "$work"' EXIT
-"$py" -c "import numpy as np, sys; np.savez(sys.argv[2], input=np.load(sys.argv[1])['input'][:1])" \
-    "$calib" "$work/one.npz"
-# One sample's input shape, for the groups' tap shapes.
-shape="$("$py" -c "import numpy as np, sys; print(','.join(map(str, np.load(sys.argv[1])['input'].shape)))" "$work/one.npz")"
 
 pairs=()
 IFS=, read -r -a pairs <<< "$models"
@@ -143,8 +141,17 @@ for pair in "${pairs[@]}"; do
     mkdir -p "$d"
     a="$cache/${pair}_a.onnx"
     b="$cache/${pair}_b.onnx"
-    # Groups and the shapes of their calibration taps (one image through model A).
-    "$mudsc" groups "$a" --json --shape "input=$shape" > "$d/groups.json"
+    # The pair's calibration set: the images', or BERT's token sequences.
+    pcalib="$calib"
+    [ "$bundled" = 1 ] || [ "$pair" != bert_base ] || pcalib="$cache/bert_calib.npz"
+    # One sample of it, and its inputs' shapes, for the groups' tap shapes.
+    "$py" -c "import numpy as np, sys; z = np.load(sys.argv[1]); np.savez(sys.argv[2], **{k: z[k][:1] for k in z.files})" \
+        "$pcalib" "$work/one.npz"
+    shapes=()
+    while read -r spec; do shapes+=(--shape "$spec"); done < <(
+        "$py" -c "import numpy as np, sys; z = np.load(sys.argv[1]); print('\n'.join(k + '=' + ','.join(map(str, z[k].shape)) for k in z.files))" "$work/one.npz")
+    # Groups and the shapes of their calibration taps (one sample through model A).
+    "$mudsc" groups "$a" --json "${shapes[@]}" > "$d/groups.json"
     taps="$("$py" -c "import json, sys; print(','.join(sorted({g['tap'] for g in json.load(open(sys.argv[1]))['groups'] if g.get('tap')})))" "$d/groups.json")"
     extra=()
     [ -z "$taps" ] || extra=(--extra "$taps")
@@ -153,13 +160,13 @@ for pair in "${pairs[@]}"; do
     for s in a b; do
         echo "$pair: forward passes of model ${s^^} over $samples samples ..." >&2
         /usr/bin/time -f "%e %M" -o "$d/bare_$s.time" \
-            "$mudsc" run "$cache/${pair}_$s.onnx" --input "$calib" --backend ort "${batch_args[@]}" > /dev/null
+            "$mudsc" run "$cache/${pair}_$s.onnx" --input "$pcalib" --backend ort "${batch_args[@]}" > /dev/null
         echo "  $(cat "$d/bare_$s.time") (s, KiB)" >&2
     done
     # The merge.
     echo "$pair: merge ..." >&2
     /usr/bin/time -f "%e %M" -o "$d/merge.time" \
-        "$mudsc" merge "$a" "$b" -o "$d/merged.onnx" --calib "$calib" --backend ort \
+        "$mudsc" merge "$a" "$b" -o "$d/merged.onnx" --calib "$pcalib" --backend ort \
         "${batch_args[@]}" --report "$d/report.json" > "$d/merge.log" 2>&1 || {
             echo "bench-real.sh: the merge of $pair failed:" >&2
             grep -v '^Command exited' "$d/merge.log" | tail -5 | tee "$d/failed" >&2
@@ -173,7 +180,7 @@ for pair in "${pairs[@]}"; do
     # that runs one) needs, for the limit that counts it.
     echo "$pair: forward passes of the merged model over $samples samples ..." >&2
     /usr/bin/time -f "%e %M" -o "$d/bare_merged.time" \
-        "$mudsc" run "$d/merged.onnx" --input "$calib" --backend ort "${batch_args[@]}" > /dev/null
+        "$mudsc" run "$d/merged.onnx" --input "$pcalib" --backend ort "${batch_args[@]}" > /dev/null
     echo "  $(cat "$d/bare_merged.time") (s, KiB)" >&2
     rm -f "$d/merged.onnx"
 done
@@ -193,7 +200,12 @@ echo
 sed 's/^/- /' "$work/notes.txt"
 
 if [ "$write" = 1 ]; then
-    versions="$("$py" -c "import torch, torchvision, timm, onnx, onnxruntime, numpy; print(f'torch {torch.__version__}, torchvision {torchvision.__version__}, timm {timm.__version__}, onnx {onnx.__version__}, onnxruntime (Python, for export checks) {onnxruntime.__version__}, numpy {numpy.__version__}')")"
+    # The table replaces the file's first section (up to its first "## " heading); the
+    # sessions' notes below it are kept.
+    doc="$root/docs/benchmarks-real.md"
+    kept=""
+    [ ! -f "$doc" ] || kept="$(awk 'NR > 1 && /^## / { p = 1 } p' "$doc")"
+    versions="$("$py" -c "import torch, torchvision, timm, transformers, onnx, onnxruntime, numpy; print(f'torch {torch.__version__}, torchvision {torchvision.__version__}, timm {timm.__version__}, transformers {transformers.__version__}, onnx {onnx.__version__}, onnxruntime (Python, for export checks) {onnxruntime.__version__}, numpy {numpy.__version__}')")"
     {
         echo "# Benchmarks on real-size models"
         echo
@@ -203,8 +215,10 @@ if [ "$write" = 1 ]; then
         echo "10 classes; ResNet BatchNorm statistics recomputed on random images, then folded by the"
         echo "exporter; ViT norm parameters and biases given a little noise), exported at 224×224 with"
         echo "\`torch.onnx.export(dynamo=False, opset_version=17)\` by \`scripts/bench/make_real.py\`"
-        echo "($versions)."
-        echo "Calibration set: $samples standard-normal images. mudsc: $revision."
+        echo "($versions); bert_base, where listed: transformers' bert-base sizes, random init, the"
+        echo "ViT's noise, on 128-token sequences."
+        echo "Calibration set: $samples standard-normal images (bert_base: $samples random token sequences"
+        echo "of 16–128 tokens, padded and masked). mudsc: $revision."
         echo
         echo "- bare passes: \`mudsc run\` of model A, then of model B, over the calibration set on ONNX"
         echo "  Runtime (batch $batch; wall clock including loading each model)."
@@ -227,6 +241,8 @@ if [ "$write" = 1 ]; then
         echo "$table"
         echo
         sed 's/^/- /' "$work/notes.txt"
-    } > "$root/docs/benchmarks-real.md"
-    echo "Wrote docs/benchmarks-real.md" >&2
+        [ -z "$kept" ] || printf '\n%s\n' "$kept"
+    } > "$doc.tmp"
+    mv "$doc.tmp" "$doc"
+    echo "Wrote the first section of docs/benchmarks-real.md" >&2
 fi

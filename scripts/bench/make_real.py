@@ -1,5 +1,6 @@
 #!/usr/bin/env python3
-"""Real-size model pairs for `scripts/bench-real.sh`, exported to ONNX at 224×224.
+"""Real-size model pairs for `scripts/bench-real.sh`, exported to ONNX at their real input
+sizes (224×224 images; 128-token sequences).
 
 For each requested architecture, two models that differ only in their random seed (model A:
 seed 0, model B: seed 1), untrained, with a 10-class head:
@@ -16,19 +17,26 @@ seed 0, model B: seed 1), untrained, with a 10-class head:
   block's units together (mudsc then finds no free group at all). Trained models never have
   equal biases. Attention is exported unfused (``q @ kᵀ``, Softmax, ``@ v``) rather than
   through ``scaled_dot_product_attention``, the form mudsc's head discovery reads.
+- ``bert_base``: transformers ``BertForSequenceClassification`` with ``BertConfig()``'s
+  bert-base-uncased sizes (12 post-LN layers, d 768, 12 heads, MLP 3072, vocabulary 30,522),
+  default initialisation, eager attention, the same noise on the LayerNorm parameters and
+  Linear biases as the ViT (for the same reason). Inputs ``input_ids``, ``attention_mask``,
+  ``token_type_ids`` (int64 [batch, 128]).
 
 Each model is exported with ``torch.onnx.export(dynamo=False, opset_version=17)``, input
-``input`` [batch, 3, 224, 224] with a dynamic batch axis, output ``logits`` [batch, 10]; it is
-checked with the ONNX checker and against ONNX Runtime on two images. Files are written as
+``input`` [batch, 3, 224, 224] (or BERT's three) with a dynamic batch axis, output ``logits``
+[batch, 10]; it is checked with the ONNX checker and against ONNX Runtime on two inputs. Files are written as
 ``OUT_DIR/<arch>_a.onnx`` and ``<arch>_b.onnx``; existing ones are kept.
 
 The calibration set ``OUT_DIR/calib.npz`` holds ``--samples`` standard-normal images under
 the key ``input`` (float32, seed 2); an existing one is kept when it has that many samples
-and rewritten otherwise.
+and rewritten otherwise. BERT's is ``OUT_DIR/bert_calib.npz``: ``--samples`` sequences of
+random token ids (seed 2) between ``[CLS]`` and ``[SEP]``, of lengths uniform in 16–128, padded
+with 0 and masked, token types 0.
 
 PyTorch's thread count comes from $BENCH_THREADS (default 1).
 
-Usage: make_real.py OUT_DIR [--models resnet18,resnet50,vit_b16] [--samples 256]
+Usage: make_real.py OUT_DIR [--models resnet18,resnet50,vit_b16,bert_base] [--samples 256]
 Takes about 1 minute per ResNet pair and 2 minutes for the ViT pair on 2 cores.
 """
 
@@ -51,7 +59,12 @@ warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
 
 SIZE = 224
 CLASSES = 10
-KNOWN = ("resnet18", "resnet50", "vit_b16")
+KNOWN = ("resnet18", "resnet50", "vit_b16", "bert_base")
+# BERT's sequence length, vocabulary and special tokens (bert-base-uncased's).
+SEQ = 128
+VOCAB = 30522
+CLS, SEP = 101, 102
+TOKEN_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
 SEEDS = {"a": 0, "b": 1}
 CALIB_SEED = 2
 # BatchNorm statistics: batches × images of random input, in train mode.
@@ -73,7 +86,25 @@ def build(arch: str, seed: int) -> torch.nn.Module:
         # The plain attention path: explicit MatMul / Softmax rather than SDPA.
         timm.layers.set_fused_attn(False)
         return timm.create_model("vit_base_patch16_224", pretrained=False, num_classes=CLASSES)
+    if arch == "bert_base":
+        from transformers import BertConfig, BertForSequenceClassification
+
+        config = BertConfig(num_labels=CLASSES)
+        # The plain attention path, as for the ViT.
+        config._attn_implementation = "eager"
+        return BertForSequenceClassification(config)
     raise ValueError(arch)
+
+
+def tokens(samples: int, seed: int) -> dict:
+    """`samples` random sequences as BERT's three inputs (see the module docstring)."""
+    rng = np.random.default_rng(seed)
+    ids = rng.integers(1000, VOCAB, size=(samples, SEQ), dtype=np.int64)
+    mask = np.zeros((samples, SEQ), dtype=np.int64)
+    for i, n in enumerate(rng.integers(16, SEQ + 1, size=samples)):
+        ids[i, 0], ids[i, n - 1], ids[i, n:] = CLS, SEP, 0
+        mask[i, :n] = 1
+    return {"input_ids": ids, "attention_mask": mask, "token_type_ids": np.zeros_like(ids)}
 
 
 def recompute_bn_stats(model: torch.nn.Module, seed: int) -> None:
@@ -111,28 +142,35 @@ def export(arch: str, suffix: str, path: str) -> None:
     seed = SEEDS[suffix]
     model = build(arch, seed)
     recompute_bn_stats(model, seed)
-    if arch == "vit_b16":
+    if arch in ("vit_b16", "bert_base"):
         perturb_constant_params(model)
     model.eval()
-    x = torch.randn(2, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(99))
+    if arch == "bert_base":
+        feed = tokens(2, 99)
+        names = list(TOKEN_INPUTS)
+    else:
+        feed = {"input": np.random.default_rng(99).standard_normal((2, 3, SIZE, SIZE), dtype=np.float32)}
+        names = ["input"]
+    x = tuple(torch.from_numpy(feed[n]) for n in names)
     tmp = path + ".tmp"
     with torch.no_grad():
-        ref = model(x).numpy()
+        out = model(*x)
+        ref = (out.logits if hasattr(out, "logits") else out).numpy()
         torch.onnx.export(
             model,
-            (x,),
+            x,
             tmp,
             dynamo=False,
             opset_version=17,
-            input_names=["input"],
+            input_names=names,
             output_names=["logits"],
-            dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}},
+            dynamic_axes={n: {0: "batch"} for n in names + ["logits"]},
         )
     onnx.checker.check_model(tmp, full_check=True)
     so = ort.SessionOptions()
     so.intra_op_num_threads = THREADS
     sess = ort.InferenceSession(tmp, so, providers=["CPUExecutionProvider"])
-    (out,) = sess.run(None, {"input": x.numpy()})
+    (out,) = sess.run(None, feed)
     diff = float(np.abs(out - ref).max())
     scale = float(np.abs(ref).max())
     if not diff <= 1e-3 * max(1.0, scale):
@@ -162,10 +200,22 @@ def write_calib(path: str, samples: int) -> None:
     print(f"{os.path.basename(path)}: {samples} images, {os.path.getsize(path) / 2**20:.0f} MiB", flush=True)
 
 
+def write_token_calib(path: str, samples: int) -> None:
+    """`samples` random sequences (`tokens`), unless `path` already holds exactly that many."""
+    if os.path.exists(path):
+        with np.load(path) as z:
+            if all(k in z and z[k].shape == (samples, SEQ) for k in TOKEN_INPUTS):
+                return
+    tmp = path + ".tmp.npz"
+    np.savez(tmp, **tokens(samples, CALIB_SEED))
+    os.replace(tmp, path)
+    print(f"{os.path.basename(path)}: {samples} sequences of {SEQ} tokens", flush=True)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("out_dir")
-    p.add_argument("--models", default="resnet18,resnet50,vit_b16")
+    p.add_argument("--models", default="resnet18,resnet50,vit_b16,bert_base")
     p.add_argument("--samples", type=int, default=256)
     args = p.parse_args()
     if args.samples < 1:
@@ -180,7 +230,10 @@ def main() -> None:
             path = os.path.join(args.out_dir, f"{arch}_{suffix}.onnx")
             if not os.path.exists(path):
                 export(arch, suffix, path)
-    write_calib(os.path.join(args.out_dir, "calib.npz"), args.samples)
+    if any(a != "bert_base" for a in archs):
+        write_calib(os.path.join(args.out_dir, "calib.npz"), args.samples)
+    if "bert_base" in archs:
+        write_token_calib(os.path.join(args.out_dir, "bert_calib.npz"), args.samples)
 
 
 if __name__ == "__main__":
