@@ -300,3 +300,36 @@ fn patience_ends_the_same_loop_earlier() {
     );
     assert_eq!(short, long[..short.len()].to_vec());
 }
+
+/// A `--max-memory` below what calibration or the matching cannot do without is said on
+/// stderr, once each, and the merge still completes; the default budget (half the RAM) says
+/// neither on a small pair.
+#[test]
+fn a_budget_the_merge_cannot_keep_is_announced() {
+    let dir = tempfile::tempdir().unwrap();
+    let calib = common::calib_set();
+    let run = |extra: &[&str]| {
+        let out = dir.path().join("m.onnx");
+        let _ = std::fs::remove_file(&out);
+        let mut args = vec!["--calib", calib.to_str().unwrap(), "--repair-samples", "0"];
+        args.extend(extra);
+        let o = common::merge_cli(
+            &common::fixture("mlp_a.onnx"),
+            &common::fixture("mlp_b.onnx"),
+            &out,
+            &args,
+        );
+        assert!(o.status.success(), "{extra:?}: {}", stderr(&o));
+        assert!(out.is_file(), "{extra:?}: no merged model");
+        stderr(&o)
+    };
+    let tight = run(&["--max-memory", "1M"]);
+    for floor in [
+        "below what calibration holds",
+        "below what the matching holds",
+    ] {
+        assert_eq!(tight.matches(floor).count(), 1, "{floor}: {tight}");
+    }
+    let roomy = run(&[]);
+    assert!(!roomy.contains("--max-memory"), "{roomy}");
+}

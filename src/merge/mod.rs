@@ -1532,6 +1532,7 @@ fn find_matchings(
             &prep.folded,
         )
         .with_capacity(weight_cache_bytes(&disc.groups, n, opts));
+        warn_if_matching_exceeds(&disc.groups, n, opts);
         trace_memory("weight similarities ready");
         // Start: activations where the method uses them.
         if opts.method.uses_activations() {
@@ -1905,11 +1906,48 @@ fn spills_correlations(
 
 /// The most any one group holds while it is matched (`budget::group_bytes`' peak).
 fn widest_group_bytes(groups: &[symmetry::Group], models: usize, method: Method) -> u64 {
+    widest_group(groups, models, method).map_or(0, |(_, bytes)| bytes)
+}
+
+/// The group that holds the most while it is matched, and those bytes.
+fn widest_group(
+    groups: &[symmetry::Group],
+    models: usize,
+    method: Method,
+) -> Option<(&symmetry::Group, u64)> {
     groups
         .iter()
-        .map(|g| budget::group_bytes(g, models, method).0)
-        .max()
-        .unwrap_or(0)
+        .map(|g| (g, budget::group_bytes(g, models, method).0))
+        .max_by_key(|&(_, bytes)| bytes)
+}
+
+/// Warns, as calibration does for its own floor, when `--max-memory` is below what the
+/// matching cannot do without: what the process holds now (the models' weights, the
+/// correlations it keeps) and the widest group's matrices while it is matched. A BERT-base
+/// pair under `--max-memory 2G` peaked at 2.4 GB in its matching, unannounced: its MLP groups'
+/// 6,144 × 6,144 matrices alone are over a gigabyte.
+fn warn_if_matching_exceeds(groups: &[symmetry::Group], models: usize, opts: &MergeOptions) {
+    let Some(budget) = opts.max_memory else {
+        return;
+    };
+    let Some((widest, matrices)) = widest_group(groups, models, opts.method) else {
+        return;
+    };
+    let held = resident_bytes();
+    if held.saturating_add(matrices) > budget {
+        crate::runtime::warn_once(&format!(
+            "--max-memory {} MiB is below what the matching holds, about {} MiB (the process \
+             now, with the models' weights, {} MiB; group g{}'s matrices while it is matched, \
+             {} MiB for {} models × {} units): the merge will go over it",
+            budget >> 20,
+            held.saturating_add(matrices) >> 20,
+            held >> 20,
+            widest.id,
+            matrices >> 20,
+            models,
+            widest.width
+        ));
+    }
 }
 
 /// What the weight similarities' cache may hold under `--max-memory`: the budget less what
