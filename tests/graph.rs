@@ -150,3 +150,51 @@ fn fixture_pairs_share_an_architecture_and_different_ones_are_named() {
         .to_string();
     assert!(e.contains(&name) && e.contains("attributes"), "{e}");
 }
+
+/// Shapes inferred without the large weights' values (the merge's path: those weights enter
+/// tract as inputs of their shape) are the shapes inferred from the whole model: on every
+/// bundled model and every model of the architecture zoo, each shape found without the values
+/// is the one found with them, and where every value got one (the path the merge then takes)
+/// the maps are equal. That path is taken on most bundled models, so the comparison is not
+/// vacuous.
+#[test]
+fn shapes_without_the_weights_values_are_the_shapes_with_them() {
+    let mut paths = Vec::new();
+    for dir in ["fixtures/models", "fixtures/zoo"] {
+        for entry in std::fs::read_dir(common::root().join(dir)).unwrap() {
+            let path = entry.unwrap().path();
+            if path.extension().is_some_and(|e| e == "onnx") {
+                paths.push(path);
+            }
+        }
+    }
+    paths.sort();
+    let mut lighter = 0;
+    for path in &paths {
+        let m = onnx::load(path).unwrap();
+        let inputs = mudsc::data::input_shapes(&m, None, &[], 1).unwrap();
+        let with = mudsc::graph::infer_shapes_with_weights(&m, &inputs).unwrap();
+        assert_eq!(
+            infer_shapes(&m, &inputs).unwrap(),
+            with,
+            "{}",
+            path.display()
+        );
+        let Some(without) = mudsc::graph::infer_shapes_without_weights(&m, &inputs) else {
+            continue;
+        };
+        let without = without.unwrap();
+        for (name, shape) in &without {
+            assert_eq!(Some(shape), with.get(name), "{}: {name}", path.display());
+        }
+        if without.len() == with.len() {
+            lighter += 1;
+        }
+    }
+    assert!(paths.len() > 40, "{} models", paths.len());
+    assert!(
+        lighter > 20,
+        "{lighter} of {} models without the values",
+        paths.len()
+    );
+}

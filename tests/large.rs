@@ -2,8 +2,8 @@
 //! `cargo test --release --test large -- --ignored --nocapture`.
 //! - A ViT-B-sized pair (86 M parameters, 12 heads, MLP 3072) merges end to end, and the
 //!   merge's peak memory stays within 1.25 × (twice the models' bytes plus the statistics).
-//! - A model over 2 GiB (external data) loads, merges and saves (external data again), and
-//!   the merged file loads and runs.
+//! - A model over 2 GiB (external data) loads, merges and saves (external data again), the
+//!   merged file loads and runs, and the merge's peak stays within 1.1 × twice the models.
 //! - A ViT-L-sized pair (304 M parameters, 24 blocks of MLP 4096) merges on a 23 GiB machine
 //!   within 2 × models + statistics.
 //!
@@ -159,11 +159,19 @@ fn model_over_two_gib_loads_merges_and_saves() {
     let data = dir.path().join("wide-conv_merged.onnx.data");
     assert!(data.is_file(), "external data beside the merged model");
     runs(dir.path(), "wide-conv");
+    let peak = report["peak_rss_mib"].as_f64().unwrap() * 1048576.0;
     eprintln!(
         "wide-conv: models {:.0} MiB, peak {:.0} MiB, seconds {}",
         models / 1048576.0,
-        report["peak_rss_mib"].as_f64().unwrap(),
+        peak / 1048576.0,
         report["seconds"]
+    );
+    // The bound, 2 × models + the largest group's statistics (here 2 × 1,024 units:
+    // 32 MiB), within a tenth: the weights held at their own precision, not as f64 (19.9 GB
+    // for these 4.2 GiB of models when they were).
+    assert!(
+        peak <= 1.1 * (2.0 * models),
+        "peak memory beyond 1.1 × (2 × models)"
     );
 }
 

@@ -14,7 +14,10 @@ use crate::onnx::proto::{GraphProto, NodeProto, TensorProto, ValueInfoProto};
 use crate::onnx::Model;
 
 pub use compare::{same_architecture, value_map};
-pub use shapes::{declared as shapes_declared, infer_shapes, Dim, ShapeMap};
+pub use shapes::{
+    declared as shapes_declared, infer_shapes, infer_shapes_with_weights,
+    infer_shapes_without_weights, Dim, ShapeMap,
+};
 
 /// Where a value comes from.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -65,13 +65,53 @@ pub const TYPED_NODE_LIMIT: usize = 10_000;
 /// Infers the concrete shape of every named value for the given input shapes (graph inputs
 /// not listed must be fully static in the file).
 pub fn infer_shapes(model: &Model, inputs: &HashMap<String, Vec<usize>>) -> Result<ShapeMap> {
+    // First without the large weights' values; those shapes are taken only when every value
+    // got one, since a value left without one there might have had one from the weights.
+    if let Some(Ok(shapes)) = infer_shapes_without_weights(model, inputs) {
+        let every_value = model
+            .graph()
+            .node
+            .iter()
+            .flat_map(|n| &n.output)
+            .all(|o| o.is_empty() || shapes.contains_key(o));
+        if every_value {
+            return Ok(shapes);
+        }
+    }
+    infer_shapes_with_weights(model, inputs)
+}
+
+/// `infer_shapes` with every float initializer over 64 KiB given to tract as an input of its
+/// shape, without its values (`tract::shape_model`); `None` when the model has none.
+pub fn infer_shapes_without_weights(
+    model: &Model,
+    inputs: &HashMap<String, Vec<usize>>,
+) -> Option<Result<ShapeMap>> {
+    let tm = tract_backend::shape_model(model)?;
+    Some(tm.and_then(|tm| shapes_of(tm, model, inputs)))
+}
+
+/// `infer_shapes` from the whole model, every weight's values included: the reference the
+/// shapes without them are tested against, and the fallback where those are not complete.
+pub fn infer_shapes_with_weights(
+    model: &Model,
+    inputs: &HashMap<String, Vec<usize>>,
+) -> Result<ShapeMap> {
+    shapes_of(tract_backend::inference_model(model)?, model, inputs)
+}
+
+/// The shapes tract infers on `tm` (parsed from `model` or from its lighter copy).
+fn shapes_of(
+    mut tm: InferenceModel,
+    model: &Model,
+    inputs: &HashMap<String, Vec<usize>>,
+) -> Result<ShapeMap> {
     let err = |reason: String| {
         tract_backend::model_fault(format!(
             "shape inference on {}: {reason}",
             model.display_name()
         ))
     };
-    let mut tm = tract_backend::inference_model(model)?;
     let graph = crate::graph::Graph::new(model)?;
     let mut input_shapes = ShapeMap::new();
     for (i, vi) in graph.inputs().iter().enumerate() {

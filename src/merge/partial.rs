@@ -351,7 +351,7 @@ pub fn split(
         for t in &new_inits {
             let name = t.name.clone().unwrap_or_default();
             if !listed.contains(&name) && !old.contains(name.as_str()) {
-                g.input.push(tensor_input(t));
+                g.input.push(crate::onnx::initializer_input(t));
             }
         }
     }
@@ -361,31 +361,6 @@ pub fn split(
     g.value_info
         .retain(|v| !renamed.contains(v.name.as_deref().unwrap_or("")));
     Ok(())
-}
-
-/// A graph-input entry for an initializer (its dtype and shape), as IR < 4 requires.
-fn tensor_input(t: &crate::onnx::proto::TensorProto) -> ValueInfoProto {
-    use crate::onnx::proto::{tensor_shape_proto, type_proto, TensorShapeProto, TypeProto};
-    ValueInfoProto {
-        name: t.name.clone(),
-        r#type: Some(TypeProto {
-            value: Some(type_proto::Value::TensorType(type_proto::Tensor {
-                elem_type: t.data_type,
-                shape: Some(TensorShapeProto {
-                    dim: t
-                        .dims
-                        .iter()
-                        .map(|&d| tensor_shape_proto::Dimension {
-                            value: Some(tensor_shape_proto::dimension::Value::DimValue(d)),
-                            ..Default::default()
-                        })
-                        .collect(),
-                }),
-            })),
-            ..Default::default()
-        }),
-        ..Default::default()
-    }
 }
 
 /// The trunk's nodes in their original order.

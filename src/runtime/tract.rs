@@ -29,12 +29,90 @@ fn err(model: &Model, what: &str, e: impl std::fmt::Display) -> Error {
 /// the exporter with symbolic batch names (`N`, `s0`, ...), and tract would refuse to unify them
 /// with the concrete batch shape each plan is optimised for.
 pub fn inference_model(model: &Model) -> Result<InferenceModel> {
-    let mut proto = model.proto.clone();
+    // Our own structural checks first: tract panics or loops on some malformed graphs.
+    crate::graph::Graph::new(model)?;
+    parse(model, model.proto.clone())
+}
+
+/// Float initializers over this many bytes reach shape inference without their values
+/// (`shape_model`). Shape-carrying constants (Reshape targets, Slice bounds, Resize scales)
+/// are integers or a few floats, far below it.
+const SHAPE_ONLY_BYTES: u64 = 1 << 16;
+
+/// `inference_model` for shape inference alone: every float initializer over
+/// `SHAPE_ONLY_BYTES` becomes a graph input of its type and shape, after the model's own
+/// inputs (whose facts are set by position), so its values are neither copied nor parsed.
+/// Parsing the whole model for its shapes copied every weight four times over (our clone, its
+/// encoding, tract's parse, tract's tensors): 12 s of a merge of two 2.2 GB models. A shape
+/// that depended on such a weight's values would be left unknown, not wrong:
+/// `graph::infer_shapes` takes these shapes only when every value got one. `None` when no
+/// initializer is that large.
+pub fn shape_model(model: &Model) -> Option<Result<InferenceModel>> {
+    use crate::onnx::proto::{GraphProto, ModelProto, TensorProto};
+    let g = model.graph();
+    let large = |t: &TensorProto| {
+        let width: u64 = match DataType::from_onnx(t.data_type.unwrap_or(0)) {
+            Some(DataType::F32) => 4,
+            Some(DataType::F64) => 8,
+            Some(DataType::F16 | DataType::BF16) => 2,
+            _ => return false,
+        };
+        let elements = t
+            .dims
+            .iter()
+            .fold(1u64, |n, &d| n.saturating_mul(d.max(0) as u64));
+        elements.saturating_mul(width) > SHAPE_ONLY_BYTES
+    };
+    let moved: std::collections::HashSet<&str> = g
+        .initializer
+        .iter()
+        .filter(|t| large(t))
+        .filter_map(|t| t.name.as_deref())
+        .collect();
+    if moved.is_empty() {
+        return None;
+    }
+    let mut input: Vec<_> = g
+        .input
+        .iter()
+        .filter(|i| !moved.contains(i.name.as_deref().unwrap_or("")))
+        .cloned()
+        .collect();
+    input.extend(
+        g.initializer
+            .iter()
+            .filter(|t| large(t))
+            .map(crate::onnx::initializer_input),
+    );
+    let proto = ModelProto {
+        ir_version: model.proto.ir_version,
+        opset_import: model.proto.opset_import.clone(),
+        functions: model.proto.functions.clone(),
+        graph: Some(GraphProto {
+            name: g.name.clone(),
+            node: g.node.clone(),
+            input,
+            output: g.output.clone(),
+            initializer: g
+                .initializer
+                .iter()
+                .filter(|t| !large(t))
+                .cloned()
+                .collect(),
+            sparse_initializer: g.sparse_initializer.clone(),
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    Some(crate::graph::Graph::new(model).and_then(|_| parse(model, proto)))
+}
+
+/// tract's inference model of `proto` (`model`'s, or a lighter copy), without the declared
+/// shapes of intermediate values.
+fn parse(model: &Model, mut proto: crate::onnx::proto::ModelProto) -> Result<InferenceModel> {
     if let Some(g) = proto.graph.as_mut() {
         g.value_info.clear();
     }
-    // Our own structural checks first: tract panics or loops on some malformed graphs.
-    crate::graph::Graph::new(model)?;
     let bytes = proto.encode_to_vec();
     guarded(&model.display_name(), "loading", || {
         tract_onnx::onnx()
