@@ -1003,20 +1003,26 @@ fn repair_passes<'a>(
 
 /// How alike the models' weights are unit for unit, before any matching: see
 /// [`crate::same_base::Kinship`].
+/// f32 weights are read in place: each tensor went through an f64 copy and two more vectors
+/// of it, 13 GB of allocations and 7 s for two 2.2 GB models.
 fn identity_correlation(weights: &weights::Weights) -> Option<f64> {
     let mut kinship = crate::same_base::Kinship::default();
     let mut names: Vec<&String> = weights[0].keys().collect();
     names.sort();
     for w in &weights[1..] {
         for name in &names {
-            if let Some(other) = w.get(*name) {
-                let (a, b) = (weights[0][*name].to_f64(), other.to_f64());
-                if a.shape() == b.shape() {
-                    kinship.add(
-                        &a.iter().copied().collect::<Vec<_>>(),
-                        &b.iter().copied().collect::<Vec<_>>(),
-                    );
-                }
+            let (a, Some(b)) = (&weights[0][*name], w.get(*name)) else {
+                continue;
+            };
+            if a.shape() != b.shape() {
+                continue;
+            }
+            match (a.as_f32_slice(), b.as_f32_slice()) {
+                (Some(a), Some(b)) => kinship.add(a, b),
+                _ => kinship.add(
+                    &a.to_f64().iter().copied().collect::<Vec<_>>(),
+                    &b.to_f64().iter().copied().collect::<Vec<_>>(),
+                ),
             }
         }
     }

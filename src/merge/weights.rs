@@ -41,6 +41,14 @@ impl Stored {
         }
     }
 
+    /// An f32 tensor's values in standard order, in place; `None` for f64 or strided ones.
+    pub fn as_f32_slice(&self) -> Option<&[f32]> {
+        match self {
+            Stored::F32(a) => a.as_slice(),
+            Stored::F64(_) => None,
+        }
+    }
+
     pub fn to_f64(&self) -> ArrayD<f64> {
         match self {
             Stored::F32(a) => a.mapv(f64::from),

@@ -23,7 +23,7 @@ pub struct Kinship {
 impl Kinship {
     /// Adds one tensor pair (same length). Constant tensors (in either model) and tiny ones
     /// are left out.
-    pub fn add(&mut self, a: &[f64], b: &[f64]) {
+    pub fn add<T: Copy + Into<f64>>(&mut self, a: &[T], b: &[T]) {
         if a.len() < MIN_ENTRIES {
             return;
         }
@@ -39,13 +39,15 @@ impl Kinship {
     }
 }
 
-/// Pearson correlation in f64; `None` for a constant or non-finite tensor.
-pub fn correlation(a: &[f64], b: &[f64]) -> Option<f64> {
+/// Pearson correlation in f64 (of f32 or f64 values, read in place); `None` for a constant or
+/// non-finite tensor.
+pub fn correlation<T: Copy + Into<f64>>(a: &[T], b: &[T]) -> Option<f64> {
     let n = a.len() as f64;
-    let (ma, mb) = (a.iter().sum::<f64>() / n, b.iter().sum::<f64>() / n);
+    let sum = |v: &[T]| v.iter().map(|&x| x.into()).sum::<f64>();
+    let (ma, mb) = (sum(a) / n, sum(b) / n);
     let (mut sab, mut saa, mut sbb) = (0.0, 0.0, 0.0);
-    for (x, y) in a.iter().zip(b) {
-        let (dx, dy) = (x - ma, y - mb);
+    for (&x, &y) in a.iter().zip(b) {
+        let (dx, dy) = (x.into() - ma, y.into() - mb);
         sab += dx * dy;
         saa += dx * dx;
         sbb += dy * dy;
