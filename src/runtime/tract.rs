@@ -63,27 +63,21 @@ pub fn shape_model(model: &Model) -> Option<Result<InferenceModel>> {
             .fold(1u64, |n, &d| n.saturating_mul(d.max(0) as u64));
         elements.saturating_mul(width) > SHAPE_ONLY_BYTES
     };
-    let moved: std::collections::HashSet<&str> = g
-        .initializer
-        .iter()
-        .filter(|t| large(t))
-        .filter_map(|t| t.name.as_deref())
-        .collect();
+    let (moved, kept): (Vec<&TensorProto>, Vec<&TensorProto>) =
+        g.initializer.iter().partition(|t| large(t));
     if moved.is_empty() {
         return None;
     }
+    let names: std::collections::HashSet<&str> =
+        moved.iter().filter_map(|t| t.name.as_deref()).collect();
+    // The model's own inputs first, in their order (their facts are set by position).
     let mut input: Vec<_> = g
         .input
         .iter()
-        .filter(|i| !moved.contains(i.name.as_deref().unwrap_or("")))
+        .filter(|i| !names.contains(i.name.as_deref().unwrap_or("")))
         .cloned()
         .collect();
-    input.extend(
-        g.initializer
-            .iter()
-            .filter(|t| large(t))
-            .map(crate::onnx::initializer_input),
-    );
+    input.extend(moved.into_iter().map(crate::onnx::initializer_input));
     let proto = ModelProto {
         ir_version: model.proto.ir_version,
         opset_import: model.proto.opset_import.clone(),
@@ -93,12 +87,7 @@ pub fn shape_model(model: &Model) -> Option<Result<InferenceModel>> {
             node: g.node.clone(),
             input,
             output: g.output.clone(),
-            initializer: g
-                .initializer
-                .iter()
-                .filter(|t| !large(t))
-                .cloned()
-                .collect(),
+            initializer: kept.into_iter().cloned().collect(),
             sparse_initializer: g.sparse_initializer.clone(),
             ..Default::default()
         }),
