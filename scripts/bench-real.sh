@@ -30,7 +30,8 @@
 #   the merge. On 2 cores (mudsc of 2026-11-26) with 64 samples: resnet18 1 minute, resnet50
 #   5 minutes, vit_b16 15 minutes, 22 minutes in all; peak memory 2, 7 and 16 GB. Calibration
 #   and memory grow with --samples (default 256): at 256, resnet50 and vit_b16 need more than
-#   the 23 GB of that machine unless BATCH is smaller.
+#   the 23 GB of that machine unless BATCH is smaller. bert_base (2026-11-29, 256 samples):
+#   about 9 minutes, peak 4.5 GB.
 # Needs target/release/mudsc built with the `ort` feature and the ONNX Runtime library
 # (scripts/fetch-onnxruntime.sh); it does not build it.
 set -euo pipefail
