@@ -27,11 +27,9 @@
 #   library, given by ORT_DYLIB_PATH).
 # time: the first run creates .venv-bench (~2 minutes, ~3 GB: PyTorch from PyPI brings its
 #   CUDA libraries) and generates the models (~30 s per pair); then, per pair, the passes and
-#   the merge. On 2 cores (mudsc of 2026-11-26) with 64 samples: resnet18 1 minute, resnet50
-#   5 minutes, vit_b16 15 minutes, 22 minutes in all; peak memory 2, 7 and 16 GB. Calibration
-#   and memory grow with --samples (default 256): at 256, resnet50 and vit_b16 need more than
-#   the 23 GB of that machine unless BATCH is smaller. bert_base (2026-11-29, 256 samples):
-#   about 9 minutes, peak 4.5 GB.
+#   the merge. On 2 cores (mudsc of 2026-11-29) with 256 samples: resnet18 under 1 minute,
+#   resnet50 2 minutes, vit_b16 about 14 minutes, bert_base about 9 minutes; peak memory of
+#   the merges 1.6, 1.6, 3.7 and 4.5 GB.
 # Needs target/release/mudsc built with the `ort` feature and the ONNX Runtime library
 # (scripts/fetch-onnxruntime.sh); it does not build it.
 set -euo pipefail
