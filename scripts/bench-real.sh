@@ -143,9 +143,14 @@ for pair in "${pairs[@]}"; do
     # The pair's calibration set: the images', or BERT's token sequences.
     pcalib="$calib"
     [ "$bundled" = 1 ] || [ "$pair" != bert_base ] || pcalib="$cache/bert_calib.npz"
-    # One sample of it, and its inputs' shapes, for the groups' tap shapes.
-    "$py" -c "import numpy as np, sys; z = np.load(sys.argv[1]); np.savez(sys.argv[2], **{k: z[k][:1] for k in z.files})" \
-        "$pcalib" "$work/one.npz"
+    # One sample of the model's inputs (not the labels a bundled set also holds), and their
+    # shapes, for the groups' tap shapes.
+    "$py" -c "
+import numpy as np, onnx, sys
+inputs = {i.name for i in onnx.load(sys.argv[3], load_external_data=False).graph.input}
+z = np.load(sys.argv[1])
+np.savez(sys.argv[2], **{k: z[k][:1] for k in z.files if k in inputs})" \
+        "$pcalib" "$work/one.npz" "$a"
     shapes=()
     while read -r spec; do shapes+=(--shape "$spec"); done < <(
         "$py" -c "import numpy as np, sys; z = np.load(sys.argv[1]); print('\n'.join(k + '=' + ','.join(map(str, z[k].shape)) for k in z.files))" "$work/one.npz")
