@@ -3,7 +3,7 @@
 //! - A ViT-B-sized pair (86 M parameters, 12 heads, MLP 3072) merges end to end, and the
 //!   merge's peak memory stays within 1.25 × (twice the models' bytes plus the statistics).
 //! - A model over 2 GiB (external data) loads, merges and saves (external data again), the
-//!   merged file loads and runs, and the merge's peak stays within 1.1 × twice the models.
+//!   merged file loads and runs, and the merge's peak stays within twice the models.
 //! - A ViT-L-sized pair (304 M parameters, 24 blocks of MLP 4096) merges on a 23 GiB machine
 //!   within 2 × models + statistics.
 //!
@@ -166,13 +166,11 @@ fn model_over_two_gib_loads_merges_and_saves() {
         peak / 1048576.0,
         report["seconds"]
     );
-    // The bound, 2 × models + the largest group's statistics (here 2 × 1,024 units:
-    // 32 MiB), within a tenth: the weights held at their own precision, not as f64 (19.9 GB
-    // for these 4.2 GiB of models when they were).
-    assert!(
-        peak <= 1.1 * (2.0 * models),
-        "peak memory beyond 1.1 × (2 × models)"
-    );
+    // Within the bound, 2 × models + the largest group's statistics (here 2 × 1,024
+    // units: 32 MiB), without them: the weights held at their own precision, not as f64
+    // (19.9 GB for these 4.2 GiB of models when they were), and the mapped pages given back
+    // while they are copied (8.8 GB when both models' pages stayed until the end; 7.5 GB).
+    assert!(peak <= 2.0 * models, "peak memory beyond 2 × models");
 }
 
 #[test]
