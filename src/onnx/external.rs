@@ -163,7 +163,7 @@ fn confined(base: &Path, file: &Path) -> std::result::Result<PathBuf, String> {
 }
 
 /// Byte size implied by a tensor's dims and dtype.
-pub(super) fn expected_bytes(t: &TensorProto) -> Option<u64> {
+pub(crate) fn expected_bytes(t: &TensorProto) -> Option<u64> {
     let dtype = DataType::from_onnx(t.data_type?)?;
     t.dims.iter().try_fold(dtype.size() as u64, |acc, &d| {
         acc.checked_mul(u64::try_from(d).ok()?)

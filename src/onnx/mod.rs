@@ -7,6 +7,7 @@ pub mod proto;
 mod save;
 mod tensor;
 
+pub(crate) use external::expected_bytes;
 pub use load::{load, load_bytes, Model, MAX_IR_VERSION};
 pub use save::{data_file_for, save, ExternalData, SaveOptions, Saved};
 pub use tensor::{onnx_dtype_name, DataType, Element, IntoTensorData, TensorData};

@@ -48,20 +48,14 @@ const SHAPE_ONLY_BYTES: u64 = 1 << 16;
 /// `graph::infer_shapes` takes these shapes only when every value got one. `None` when no
 /// initializer is that large.
 pub fn shape_model(model: &Model) -> Option<Result<InferenceModel>> {
-    use crate::onnx::proto::{GraphProto, ModelProto, TensorProto};
+    use crate::onnx::proto::{GraphProto, TensorProto};
     let g = model.graph();
     let large = |t: &TensorProto| {
-        let width: u64 = match DataType::from_onnx(t.data_type.unwrap_or(0)) {
-            Some(DataType::F32) => 4,
-            Some(DataType::F64) => 8,
-            Some(DataType::F16 | DataType::BF16) => 2,
-            _ => return false,
-        };
-        let elements = t
-            .dims
-            .iter()
-            .fold(1u64, |n, &d| n.saturating_mul(d.max(0) as u64));
-        elements.saturating_mul(width) > SHAPE_ONLY_BYTES
+        let float = matches!(
+            DataType::from_onnx(t.data_type.unwrap_or(0)),
+            Some(DataType::F32 | DataType::F64 | DataType::F16 | DataType::BF16)
+        );
+        float && crate::onnx::expected_bytes(t).is_some_and(|b| b > SHAPE_ONLY_BYTES)
     };
     let (moved, kept): (Vec<&TensorProto>, Vec<&TensorProto>) =
         g.initializer.iter().partition(|t| large(t));
@@ -78,21 +72,15 @@ pub fn shape_model(model: &Model) -> Option<Result<InferenceModel>> {
         .cloned()
         .collect();
     input.extend(moved.into_iter().map(crate::onnx::initializer_input));
-    let proto = ModelProto {
-        ir_version: model.proto.ir_version,
-        opset_import: model.proto.opset_import.clone(),
-        functions: model.proto.functions.clone(),
-        graph: Some(GraphProto {
-            name: g.name.clone(),
+    let proto = super::prune::with_graph(
+        &model.proto,
+        GraphProto {
             node: g.node.clone(),
             input,
-            output: g.output.clone(),
             initializer: kept.into_iter().cloned().collect(),
-            sparse_initializer: g.sparse_initializer.clone(),
-            ..Default::default()
-        }),
-        ..Default::default()
-    };
+            ..super::prune::graph_fields(g)
+        },
+    );
     Some(crate::graph::Graph::new(model).and_then(|_| parse(model, proto)))
 }
 
