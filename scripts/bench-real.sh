@@ -143,17 +143,17 @@ for pair in "${pairs[@]}"; do
     # The pair's calibration set: the images', or BERT's token sequences.
     pcalib="$calib"
     [ "$bundled" = 1 ] || [ "$pair" != bert_base ] || pcalib="$cache/bert_calib.npz"
-    # One sample of the model's inputs (not the labels a bundled set also holds), and their
-    # shapes, for the groups' tap shapes.
-    "$py" -c "
+    # One sample of the model's inputs (not the labels a bundled set also holds), written for
+    # the tap shapes below, and each input's shape as a `--shape` argument.
+    shapes=()
+    while read -r spec; do shapes+=(--shape "$spec"); done < <("$py" -c "
 import numpy as np, onnx, sys
 inputs = {i.name for i in onnx.load(sys.argv[3], load_external_data=False).graph.input}
 z = np.load(sys.argv[1])
-np.savez(sys.argv[2], **{k: z[k][:1] for k in z.files if k in inputs})" \
-        "$pcalib" "$work/one.npz" "$a"
-    shapes=()
-    while read -r spec; do shapes+=(--shape "$spec"); done < <(
-        "$py" -c "import numpy as np, sys; z = np.load(sys.argv[1]); print('\n'.join(k + '=' + ','.join(map(str, z[k].shape)) for k in z.files))" "$work/one.npz")
+one = {k: z[k][:1] for k in z.files if k in inputs}
+np.savez(sys.argv[2], **one)
+print('\n'.join(k + '=' + ','.join(map(str, v.shape)) for k, v in one.items()))" \
+        "$pcalib" "$work/one.npz" "$a")
     # Groups and the shapes of their calibration taps (one sample through model A).
     "$mudsc" groups "$a" --json "${shapes[@]}" > "$d/groups.json"
     taps="$("$py" -c "import json, sys; print(','.join(sorted({g['tap'] for g in json.load(open(sys.argv[1]))['groups'] if g.get('tap')})))" "$d/groups.json")"
